@@ -1,0 +1,19 @@
+"""Qwen2.5-VL / Qwen2 models: config, flax.linen module, Hugging Face checkpoint I/O."""
+
+from jaxvlm.models.checkpoint import CheckpointMismatchError, load_pretrained, save_pretrained
+from jaxvlm.models.config import ModelConfig, TextConfig, VisionConfig, load_hf_config, preset
+from jaxvlm.models.qwen2_5_vl import Qwen25VL, abstract_params, init_params
+
+__all__ = [
+    "CheckpointMismatchError",
+    "ModelConfig",
+    "Qwen25VL",
+    "TextConfig",
+    "VisionConfig",
+    "abstract_params",
+    "init_params",
+    "load_hf_config",
+    "load_pretrained",
+    "preset",
+    "save_pretrained",
+]

@@ -1,0 +1,503 @@
+"""Qwen2.5-VL (and text-only Qwen2 / Qwen2.5) as a pure-functional flax.linen model.
+
+Params are a plain nested dict whose paths mirror the Hugging Face module names (see `checkpoint.py`), with the
+decoder layers and vision blocks stacked on a leading layer axis (`nn.scan`), so compile time does not grow with
+depth and per-layer rematerialisation is one flag.
+
+Shapes are static inside jit. Everything data-dependent is computed on the host and passed in as arrays:
+* `vision_inputs` (window permutation, segment ids, rotary coordinates) from `jaxvlm.processing.vision_inputs`;
+* `position_ids` [3, B, T] (M-RoPE) from `jaxvlm.processing.get_rope_index`.
+Called eagerly with concrete numpy inputs, the model computes both itself, so a transformers processor's output
+(`input_ids`, `attention_mask`, `pixel_values`, `image_grid_thw`) can be fed directly.
+
+Numerics follow transformers: RMSNorm and softmax in float32, vision RoPE in float32, M-RoPE angles in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxvlm.models.config import ModelConfig, TextConfig, VisionConfig
+
+Array = jax.Array
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+_INIT = nn.initializers.normal(stddev=0.02)  # transformers' initializer_range
+
+
+def _activation(name: str):
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"hidden_act={name!r} is not supported (supported: {sorted(_ACTIVATIONS)})")
+    return _ACTIVATIONS[name]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale, normalised in float32 then cast back (transformers' Qwen2RMSNorm)."""
+
+    eps: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+def _dense(features: int, use_bias: bool, dtype, param_dtype, name: str) -> nn.Dense:
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=_INIT, name=name)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU: down(act(gate(x)) * up(x)); the vision tower's has biases, the decoder's does not."""
+
+    hidden_size: int
+    intermediate_size: int
+    use_bias: bool
+    act: str
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        dense = functools.partial(_dense, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        gate = dense(self.intermediate_size, name="gate_proj")(x)
+        up = dense(self.intermediate_size, name="up_proj")(x)
+        return dense(self.hidden_size, name="down_proj")(_activation(self.act)(gate) * up)
+
+
+def rotate_half(x: Array) -> Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
+    """x [..., T, H, D] rotated by cos/sin [..., T, D] (broadcast over heads), computed in float32."""
+    xf = x.astype(jnp.float32)
+    out = xf * cos[..., None, :] + rotate_half(xf) * sin[..., None, :]
+    return out.astype(x.dtype)
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Grouped-query attention with a boolean mask; scores and softmax in float32.
+
+    Args:
+      q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K (query head h reads kv head h // (H/K)).
+      mask: bool [B, T, S], True where query t may attend to key s.
+    Returns [B, T, H, D]. A fully masked row gets uniform weights (finite, like transformers' eager path);
+    callers ignore such rows (padding).
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+def _inv_freq(dim: int, theta: float) -> np.ndarray:
+    """1 / theta^(2i/dim), i < dim/2, in float32 as transformers computes it."""
+    return (1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(
+        np.float32
+    )
+
+
+def mrope_cos_sin(position_ids: Array, head_dim: int, theta: float, mrope_section) -> tuple[Array, Array]:
+    """Multimodal RoPE tables.
+
+    Args:
+      position_ids: int [3, B, T] (t, h, w positions) or [B, T] (text only: same position on every axis).
+      mrope_section: how the head_dim/2 frequencies are split between the t, h and w axes (chunk i reads axis
+        i % 3, as transformers does), or None for plain 1-D RoPE.
+    Returns cos, sin: float32 [B, T, head_dim].
+    """
+    if position_ids.ndim == 2:
+        position_ids = jnp.broadcast_to(position_ids[None], (3, *position_ids.shape))
+    half = head_dim // 2
+    if mrope_section is None:
+        axis_of_freq = np.zeros(half, np.int32)
+    else:
+        axis_of_freq = np.concatenate([np.full(s, i % 3, np.int32) for i, s in enumerate(mrope_section)])
+    pos = position_ids.astype(jnp.float32)[axis_of_freq]  # [half, B, T]
+    freqs = jnp.moveaxis(pos, 0, -1) * _inv_freq(head_dim, theta)  # [B, T, half]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def vision_cos_sin(rotary_pos: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+    """2-D RoPE of the vision tower: rotary_pos int [P, 2] (h, w) -> cos, sin float32 [P, head_dim]."""
+    inv = _inv_freq(head_dim // 2, theta)  # [head_dim / 4]
+    freqs = rotary_pos.astype(jnp.float32)[..., None] * inv  # [P, 2, head_dim / 4]
+    freqs = freqs.reshape(freqs.shape[0], -1)  # h frequencies then w frequencies
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def _maybe_remat(layer_cls, policy: str):
+    if policy == "none":
+        return layer_cls
+    saveable = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "dots" else None
+    return nn.remat(layer_cls, prevent_cse=False, policy=saveable)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Vision tower
+# ----------------------------------------------------------------------------------------------------------
+
+
+class VisionAttention(nn.Module):
+    config: VisionConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
+        """x [P, D], cos/sin [P, Dh], mask bool [P, P] -> [P, D]."""
+        c = self.config
+        qkv = _dense(3 * c.hidden_size, True, self.dtype, self.param_dtype, "qkv")(x)
+        q, k, v = jnp.moveaxis(qkv.reshape(x.shape[0], 3, c.num_heads, c.head_dim), 1, 0)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = dot_product_attention(q[None], k[None], v[None], mask[None])[0]
+        return _dense(c.hidden_size, True, self.dtype, self.param_dtype, "proj")(out.reshape(x.shape))
+
+
+class VisionBlock(nn.Module):
+    """Pre-norm ViT block; attends within its window, or within the whole image on full-attention blocks."""
+
+    config: VisionConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, cos, sin, full_segment_ids, window_segment_ids, is_full_attention):
+        c = self.config
+        segments = jnp.where(is_full_attention, full_segment_ids, window_segment_ids)
+        mask = segments[:, None] == segments[None, :]
+        norm = functools.partial(RMSNorm, c.rms_norm_eps, self.dtype, self.param_dtype)
+        x = x + VisionAttention(c, self.dtype, self.param_dtype, name="attn")(norm(name="norm1")(x), cos, sin, mask)
+        mlp = GatedMLP(c.hidden_size, c.intermediate_size, True, c.hidden_act, self.dtype, self.param_dtype, name="mlp")
+        x = x + mlp(norm(name="norm2")(x))
+        return x, None
+
+
+class PatchMerger(nn.Module):
+    """RMSNorm, then each 2x2 merge unit (4 consecutive patches) -> Linear -> GELU -> Linear(out_hidden_size)."""
+
+    config: VisionConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = self.config
+        width = c.hidden_size * c.merge_unit
+        x = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="ln_q")(x).reshape(-1, width)
+        x = _dense(width, True, self.dtype, self.param_dtype, "fc1")(x)
+        x = jax.nn.gelu(x, approximate=False)
+        return _dense(c.out_hidden_size, True, self.dtype, self.param_dtype, "fc2")(x)
+
+
+class VisionTower(nn.Module):
+    config: VisionConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(self, pixel_values: Array, vision_inputs: dict[str, Array]) -> Array:
+        """pixel_values [P, C*T*p*p] in processor order -> merged image features [P / merge_unit, out_hidden_size],
+        in processor order (image after image), ready to be spliced at the image-token positions."""
+        c = self.config
+        # The Conv3d patch embedding (kernel = stride = (T, p, p), no bias) is a matmul over the flattened patch.
+        x = _dense(c.hidden_size, False, self.dtype, self.param_dtype, "patch_embed")(pixel_values.astype(self.dtype))
+        x = x[vision_inputs["patch_order"]]  # window order
+        cos, sin = vision_cos_sin(vision_inputs["rotary_pos"], c.head_dim, c.rope_theta)
+        is_full = jnp.asarray([i in c.fullatt_block_indexes for i in range(c.depth)])
+        blocks = nn.scan(
+            _maybe_remat(VisionBlock, self.remat),
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            length=c.depth,
+        )(c, self.dtype, self.param_dtype, name="blocks")
+        x, _ = blocks(x, cos, sin, vision_inputs["full_segment_ids"], vision_inputs["window_segment_ids"], is_full)
+        merged = PatchMerger(c, self.dtype, self.param_dtype, name="merger")(x)
+        return merged[vision_inputs["merge_inverse"]]  # back to processor order
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Text decoder
+# ----------------------------------------------------------------------------------------------------------
+
+
+class TextAttention(nn.Module):
+    config: TextConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
+        """x [B, T, D], cos/sin [B, T, Dh], mask bool [B, T, T] -> [B, T, D]."""
+        c = self.config
+        hd, b, t = c.resolved_head_dim, x.shape[0], x.shape[1]
+        dense = functools.partial(_dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        q = dense(c.num_attention_heads * hd, True, name="q_proj")(x).reshape(b, t, c.num_attention_heads, hd)
+        k = dense(c.num_key_value_heads * hd, True, name="k_proj")(x).reshape(b, t, c.num_key_value_heads, hd)
+        v = dense(c.num_key_value_heads * hd, True, name="v_proj")(x).reshape(b, t, c.num_key_value_heads, hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = dot_product_attention(q, k, v, mask).reshape(b, t, -1)
+        return dense(c.hidden_size, False, name="o_proj")(out)
+
+
+class DecoderLayer(nn.Module):
+    config: TextConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask):
+        c = self.config
+        norm = functools.partial(RMSNorm, c.rms_norm_eps, self.dtype, self.param_dtype)
+        attn = TextAttention(c, self.dtype, self.param_dtype, name="self_attn")
+        x = x + attn(norm(name="input_layernorm")(x), cos, sin, mask)
+        mlp = GatedMLP(
+            c.hidden_size, c.intermediate_size, False, c.hidden_act, self.dtype, self.param_dtype, name="mlp"
+        )
+        x = x + mlp(norm(name="post_attention_layernorm")(x))
+        return x, None
+
+
+class TextModel(nn.Module):
+    config: TextConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    remat: str = "none"
+
+    def setup(self):
+        c = self.config
+        self.embed_tokens = nn.Embed(
+            c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, embedding_init=_INIT
+        )
+        self.layers = nn.scan(
+            _maybe_remat(DecoderLayer, self.remat),
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.num_hidden_layers,
+        )(c, self.dtype, self.param_dtype)
+        self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
+
+    def embed(self, input_ids: Array) -> Array:
+        return self.embed_tokens(input_ids)
+
+    def attend(self, hidden: Array) -> Array:
+        """Tied LM head: hidden [..., D] @ embedding.T -> [..., V]."""
+        return self.embed_tokens.attend(hidden)
+
+    def __call__(self, inputs_embeds: Array, position_ids: Array, attention_mask: Array) -> Array:
+        """inputs_embeds [B, T, D], position_ids int [3, B, T] or [B, T], attention_mask [B, T] -> [B, T, D]."""
+        c = self.config
+        cos, sin = mrope_cos_sin(position_ids, c.resolved_head_dim, c.rope_theta, c.mrope_section)
+        t = inputs_embeds.shape[1]
+        causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
+        mask = causal[None] & attention_mask.astype(jnp.bool_)[:, None, :]
+        x, _ = self.layers(inputs_embeds.astype(self.dtype), cos, sin, mask)
+        return self.norm(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The full model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def splice_image_features(embeds: Array, input_ids: Array, features: Array, image_token_id: int) -> Array:
+    """Replace the embeddings at image-token positions, in row-major order, by consecutive image features.
+
+    embeds [B, T, D], input_ids [B, T], features [Q, D] (Q >= number of image tokens) -> [B, T, D].
+    """
+    is_image = input_ids == image_token_id
+    index = jnp.cumsum(is_image.reshape(-1)) - 1
+    gathered = features[jnp.clip(index, 0, features.shape[0] - 1)].reshape(embeds.shape)
+    return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
+
+
+def _concrete(x, name: str, hint: str) -> np.ndarray:
+    if isinstance(x, jax.core.Tracer):
+        raise ValueError(f"{name} is traced (inside jit): {hint}")
+    return np.asarray(x)
+
+
+class Qwen25VL(nn.Module):
+    """Qwen2.5-VL for conditional generation; with `config.vision=None` a text-only Qwen2 causal LM.
+
+    `model.apply({"params": params}, input_ids, attention_mask, pixel_values, image_grid_thw)` returns logits
+    [B, T, V] in the compute dtype. Other entry points (`method=`): `encode` (final hidden states [B, T, D]),
+    `lm_logits` (hidden -> logits), `image_features` (vision tower only).
+    """
+
+    config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        if cfg.vision is not None:
+            self.visual = VisionTower(cfg.vision, dtype, param_dtype, cfg.remat)
+        self.language_model = TextModel(cfg.text, dtype, param_dtype, cfg.remat)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _dense(cfg.text.vocab_size, False, dtype, param_dtype, "lm_head")
+
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        pixel_values: Array | None = None,
+        image_grid_thw=None,
+        position_ids: Array | None = None,
+        *,
+        vision_inputs: dict[str, Array] | None = None,
+        **unused_processor_outputs,
+    ) -> Array:
+        """Logits [B, T, V]. See `encode` for the arguments."""
+        hidden = self.encode(
+            input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_inputs=vision_inputs
+        )
+        return self.lm_logits(hidden)
+
+    def lm_logits(self, hidden: Array) -> Array:
+        """hidden [..., D] -> logits [..., V]."""
+        if self.config.tie_word_embeddings:
+            return self.language_model.attend(hidden)
+        return self.lm_head(hidden)
+
+    def image_features(self, pixel_values: Array, image_grid_thw=None, *, vision_inputs=None) -> Array:
+        """pixel_values [P, patch_dim] -> merged features [P / merge_unit, D_text] in processor order."""
+        if self.config.vision is None:
+            raise ValueError("this is a text-only model (model_type='qwen2'): it cannot take pixel_values")
+        if vision_inputs is None:
+            if image_grid_thw is None:
+                raise ValueError("pixel_values needs image_grid_thw (or precomputed vision_inputs)")
+            from jaxvlm.processing.vision import vision_inputs as make_vision_inputs
+
+            grid = _concrete(
+                image_grid_thw, "image_grid_thw", "pass vision_inputs=jaxvlm.processing.vision_inputs(grid, cfg)"
+            )
+            vision_inputs = make_vision_inputs(grid, self.config.vision, pad_to=pixel_values.shape[0])
+        return self.visual(pixel_values, vision_inputs)
+
+    def encode(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        pixel_values: Array | None = None,
+        image_grid_thw=None,
+        position_ids: Array | None = None,
+        *,
+        vision_inputs: dict[str, Array] | None = None,
+        **unused_processor_outputs,
+    ) -> Array:
+        """Final-norm hidden states [B, T, D].
+
+        Args:
+          input_ids: int [B, T], left- or right-padded.
+          attention_mask: [B, T], 1 for real tokens (default: all ones).
+          pixel_values: float [P, C*T*p*p], all images of the batch in order (P may include bucket padding).
+          image_grid_thw: int [n, 3]; needed on the host unless `vision_inputs` and `position_ids` are given.
+          position_ids: int [3, B, T] M-RoPE positions, or [B, T]. Default: `get_rope_index` when there are images
+            (host side), else positions counted from the first real token (jittable).
+          vision_inputs: precomputed `jaxvlm.processing.vision_inputs(image_grid_thw, config.vision)`.
+        """
+        cfg = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        embeds = self.language_model.embed(input_ids)
+        if pixel_values is not None:
+            features = self.image_features(pixel_values, image_grid_thw, vision_inputs=vision_inputs)
+            if image_grid_thw is not None and not isinstance(input_ids, jax.core.Tracer):
+                _check_image_token_count(np.asarray(input_ids), np.asarray(image_grid_thw), cfg)
+            embeds = splice_image_features(embeds, input_ids, features, cfg.image_token_id)
+        if position_ids is None:
+            position_ids = self._default_position_ids(input_ids, attention_mask, image_grid_thw)
+        return self.language_model(embeds, position_ids, attention_mask)
+
+    def _default_position_ids(self, input_ids, attention_mask, image_grid_thw):
+        if image_grid_thw is None:
+            return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+        from jaxvlm.processing.rope import get_rope_index
+
+        hint = "pass position_ids from jaxvlm.processing.get_rope_index (the Processor returns them)"
+        position_ids, _ = get_rope_index(
+            _concrete(input_ids, "input_ids", hint),
+            _concrete(attention_mask, "attention_mask", hint),
+            _concrete(image_grid_thw, "image_grid_thw", hint),
+            image_token_id=self.config.image_token_id,
+            spatial_merge_size=self.config.vision.spatial_merge_size,
+        )
+        return jnp.asarray(position_ids)
+
+
+def _check_image_token_count(input_ids: np.ndarray, grid: np.ndarray, cfg: ModelConfig) -> None:
+    n_tokens = int((input_ids == cfg.image_token_id).sum())
+    n_features = int(np.asarray(grid).reshape(-1, 3).prod(-1).sum()) // cfg.vision.merge_unit
+    if n_tokens != n_features:
+        raise ValueError(
+            f"Image features and image tokens do not match: {n_tokens} image tokens (id {cfg.image_token_id}) in "
+            f"input_ids but image_grid_thw gives {n_features} features (was the prompt truncated?)"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Initialisation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _init_inputs(cfg: ModelConfig) -> dict:
+    """Smallest inputs that touch every parameter: one image of one merge unit plus two text tokens."""
+    from jaxvlm.processing.vision import vision_inputs
+
+    if cfg.vision is None:
+        ids = np.zeros((1, 2), np.int32)
+        return dict(input_ids=ids, attention_mask=np.ones_like(ids), position_ids=np.zeros((3, 1, 2), np.int32))
+    m = cfg.vision.spatial_merge_size
+    grid = np.array([[1, m, m]])
+    ids = np.array([[0, cfg.image_token_id, 0]], np.int32)
+    return dict(
+        input_ids=ids,
+        attention_mask=np.ones_like(ids),
+        pixel_values=np.zeros((m * m, cfg.vision.patch_dim), np.float32),
+        position_ids=np.zeros((3, 1, 3), np.int32),
+        vision_inputs=vision_inputs(grid, cfg.vision),
+    )
+
+
+def init_params(config: ModelConfig, rng: Array | int = 0) -> dict:
+    """Random parameters (normal(0.02) weights, zero biases, unit norms) as a nested dict."""
+    model = Qwen25VL(config)
+    rng = jax.random.key(rng) if isinstance(rng, int) else rng
+    inputs = _init_inputs(config)
+    return jax.jit(lambda r: model.init(r, **inputs)["params"])(rng)
+
+
+def abstract_params(config: ModelConfig) -> dict:
+    """Shapes and dtypes of the parameters (jax.ShapeDtypeStruct leaves), without allocating them."""
+    model = Qwen25VL(config)
+    inputs = _init_inputs(config)
+    return jax.eval_shape(lambda r: model.init(r, **inputs)["params"], jax.random.key(0))

@@ -1,0 +1,21 @@
+"""Host-side processing (numpy): images, vision metadata, M-RoPE positions, tokenizer + images -> model batch.
+
+Nothing here imports torch; the math equals transformers' Qwen2VLImageProcessor, `get_vision_window_index` and
+`Qwen2_5_VLModel.get_rope_index`, and the tests check it against them.
+"""
+
+from jaxvlm.processing.image import ImageProcessor, smart_resize
+from jaxvlm.processing.processor import Processor
+from jaxvlm.processing.rope import get_rope_index, text_position_ids
+from jaxvlm.processing.vision import VISION_INPUT_KEYS, vision_inputs, vision_window_index
+
+__all__ = [
+    "VISION_INPUT_KEYS",
+    "ImageProcessor",
+    "Processor",
+    "get_rope_index",
+    "smart_resize",
+    "text_position_ids",
+    "vision_inputs",
+    "vision_window_index",
+]

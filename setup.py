@@ -1,0 +1,33 @@
+"""jaxvlm: post-training small vision-language models in JAX (SFT and RL with verifiable rewards)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="jaxvlm",
+    version="0.1.0",
+    description="JAX/Flax post-training (SFT, GRPO, DyME, Curr-ReFT, CLGRPO, Infi-MMR) for small VLMs",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["jaxvlm", "jaxvlm.*"]),
+    python_requires=">=3.11",
+    # Ranges that we test at both ends: jax 0.10.2 / flax 0.12.8 (CPU CI, Python 3.11) and jax 0.11.2 (GPU
+    # machines, Python 3.12). constraints.txt pins the exact set CI runs.
+    install_requires=[
+        "jax>=0.10.2,<0.12",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "grain>=0.2.18",
+        "ml-collections>=1.1.0",
+        "transformers>=5.0,<6",
+        "tensorflow-datasets>=4.9.10",
+        "numpy>=2.0",
+        "pillow>=10.0",
+        "ml_dtypes>=0.5",
+        "absl-py>=2.0",
+    ],
+    extras_require={
+        # torch is only the parity oracle of the tests (and the PyTorch baseline of the benchmarks).
+        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0"],
+    },
+)

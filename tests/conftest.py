@@ -1,0 +1,161 @@
+"""Shared test helpers: tiny random Hugging Face checkpoints built locally (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+# Parity tests compare float32 numbers at 1e-4: keep matmuls in full precision on every backend.
+jax.config.update("jax_default_matmul_precision", "highest")
+
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 290, 291, 292, 293
+TEXT_VOCAB = 280  # ordinary text ids are drawn below this
+
+# Several shapes of the architecture: GQA ratios, head dims, M-RoPE sections, window sizes, full-attention
+# blocks, tied and untied heads.
+VL_CONFIGS = {
+    "gqa2_tied_win56": dict(
+        text=dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, mrope_section=[2, 1, 1]),
+        vision=dict(depth=3, hidden_size=32, num_heads=4, window_size=56, fullatt_block_indexes=[1]),
+        tie=True,
+    ),
+    "gqa6_untied_win112": dict(
+        text=dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=1, mrope_section=[1, 2, 1]),
+        vision=dict(depth=4, hidden_size=32, num_heads=2, window_size=112, fullatt_block_indexes=[0, 3]),
+        tie=False,
+    ),
+    "mha_untied_win28_nofull": dict(
+        text=dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, mrope_section=[4, 2, 2]),
+        vision=dict(depth=2, hidden_size=48, num_heads=3, window_size=28, fullatt_block_indexes=[]),
+        tie=False,
+    ),
+}
+
+
+def randomize_(torch_model, seed: int = 0) -> None:
+    """Re-draw weights at a scale where activations are O(1), so a 1e-4 logit tolerance means something."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in torch_model.named_parameters():
+            if p.ndim == 1 and ("norm" in name or "ln_q" in name):
+                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+            elif p.ndim == 1:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+            else:
+                fan_in = int(np.prod(p.shape[1:]))
+                p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
+
+
+def hf_vl_config(name: str):
+    from transformers import Qwen2_5_VLConfig
+
+    spec = VL_CONFIGS[name]
+    t, v = spec["text"], spec["vision"]
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=300, hidden_size=t["hidden_size"], intermediate_size=2 * t["hidden_size"], num_hidden_layers=2,
+            num_attention_heads=t["num_attention_heads"], num_key_value_heads=t["num_key_value_heads"],
+            rope_parameters=dict(rope_type="default", mrope_section=t["mrope_section"], rope_theta=10000.0),
+            max_position_embeddings=1024, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None,
+        ),
+        vision_config=dict(
+            depth=v["depth"], hidden_size=v["hidden_size"], intermediate_size=v["hidden_size"] + 16,
+            num_heads=v["num_heads"], out_hidden_size=t["hidden_size"], window_size=v["window_size"],
+            fullatt_block_indexes=v["fullatt_block_indexes"], patch_size=14, spatial_merge_size=2,
+            temporal_patch_size=2, tokens_per_second=2,
+        ),
+        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END, tie_word_embeddings=spec["tie"],
+    )
+
+
+def make_hf_vl_checkpoint(path, name: str, seed: int = 0):
+    """A random tiny Qwen2.5-VL saved with transformers' own save_pretrained; returns the torch model."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(hf_vl_config(name)).eval()
+    randomize_(model, seed)
+    model.save_pretrained(path)
+    return model
+
+
+def make_hf_qwen2_checkpoint(path, seed: int = 0, tie: bool = False):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=512, rope_parameters=dict(rope_type="default", rope_theta=1e5),
+        tie_word_embeddings=tie, bos_token_id=None, eos_token_id=None,
+    )
+    model = Qwen2ForCausalLM(cfg).eval()
+    randomize_(model, seed)
+    model.save_pretrained(path)
+    return model
+
+
+def hf_logits(torch_model, batch: dict) -> np.ndarray:
+    """transformers' forward on a numpy batch (adds the mm_token_type_ids its processor would)."""
+    import torch
+
+    kwargs = {k: torch.as_tensor(np.asarray(v)) for k, v in batch.items() if v is not None}
+    if "pixel_values" in kwargs:
+        kwargs["mm_token_type_ids"] = (kwargs["input_ids"] == IMAGE_TOKEN).int()
+    with torch.no_grad():
+        return torch_model(**kwargs).logits.float().numpy()
+
+
+def image_batch(images_per_row, grids, text_len=5, seed=0, pad_to=None):
+    """A left-padded batch whose row i holds images_per_row[i] images (grids consumed in order).
+
+    Each image is wrapped as <vision_start> <image_pad>*n <vision_end> between random text tokens.
+    Returns dict(input_ids, attention_mask, pixel_values, image_grid_thw) as numpy (pixel_values absent when no image).
+    """
+    rng = np.random.default_rng(seed)
+    grids = np.asarray(grids, np.int64).reshape(-1, 3)
+    rows, g = [], 0
+    for n_images in images_per_row:
+        row = list(rng.integers(0, TEXT_VOCAB, text_len))
+        for _ in range(n_images):
+            n = int(grids[g].prod()) // 4
+            row += [VISION_START] + [IMAGE_TOKEN] * n + [VISION_END] + list(rng.integers(0, TEXT_VOCAB, 2))
+            g += 1
+        rows.append(row)
+    assert g == len(grids), "grids left over"
+    t = max(map(len, rows)) if pad_to is None else pad_to
+    ids = np.zeros((len(rows), t), np.int64)
+    mask = np.zeros((len(rows), t), np.int64)
+    for i, row in enumerate(rows):
+        ids[i, t - len(row) :], mask[i, t - len(row) :] = row, 1
+    batch = dict(input_ids=ids, attention_mask=mask)
+    if len(grids):
+        batch["pixel_values"] = rng.standard_normal((int(grids.prod(-1).sum()), 1176)).astype(np.float32)
+        batch["image_grid_thw"] = grids
+    return batch
+
+
+def max_diff_on_valid(a, b, mask) -> float:
+    m = np.asarray(mask).astype(bool)
+    return float(np.abs(np.asarray(a, np.float32)[m] - np.asarray(b, np.float32)[m]).max())
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """{name: (torch_model, path)} for every VL_CONFIGS entry, built once per test session."""
+    out = {}
+    for name in VL_CONFIGS:
+        path = str(tmp_path_factory.mktemp(name))
+        out[name] = (make_hf_vl_checkpoint(path, name), path)
+    return out
