@@ -55,14 +55,18 @@ def randomize_(torch_model, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
 
 
-def hf_vl_config(name: str):
+def hf_vl_config(name: str, vocab_size: int = 300, token_ids: dict | None = None):
+    """transformers config of VL_CONFIGS[name]; token_ids overrides the image / vision-marker ids."""
     from transformers import Qwen2_5_VLConfig
 
+    ids = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+               vision_end_token_id=VISION_END)
+    ids.update(token_ids or {})
     spec = VL_CONFIGS[name]
     t, v = spec["text"], spec["vision"]
     return Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=300, hidden_size=t["hidden_size"], intermediate_size=2 * t["hidden_size"], num_hidden_layers=2,
+            vocab_size=vocab_size, hidden_size=t["hidden_size"], intermediate_size=2 * t["hidden_size"], num_hidden_layers=2,
             num_attention_heads=t["num_attention_heads"], num_key_value_heads=t["num_key_value_heads"],
             rope_parameters=dict(rope_type="default", mrope_section=t["mrope_section"], rope_theta=10000.0),
             max_position_embeddings=1024, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None,
@@ -73,18 +77,17 @@ def hf_vl_config(name: str):
             fullatt_block_indexes=v["fullatt_block_indexes"], patch_size=14, spatial_merge_size=2,
             temporal_patch_size=2, tokens_per_second=2,
         ),
-        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END, tie_word_embeddings=spec["tie"],
+        **ids, tie_word_embeddings=spec["tie"],
     )
 
 
-def make_hf_vl_checkpoint(path, name: str, seed: int = 0):
+def make_hf_vl_checkpoint(path, name: str, seed: int = 0, **config_kwargs):
     """A random tiny Qwen2.5-VL saved with transformers' own save_pretrained; returns the torch model."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(hf_vl_config(name)).eval()
+    model = Qwen2_5_VLForConditionalGeneration(hf_vl_config(name, **config_kwargs)).eval()
     randomize_(model, seed)
     model.save_pretrained(path)
     return model

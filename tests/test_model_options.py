@@ -123,10 +123,34 @@ def test_config_validation_names_the_field(field, value, message):
         CFG.replace(**{field: value})
 
 
+def test_unknown_keyword_is_not_silently_ignored():
+    model, params = models.Qwen25VL(CFG), models.init_params(CFG, 0)
+    with pytest.raises(TypeError, match="attention_masks"):
+        model.apply({"params": params}, BATCH["input_ids"], attention_masks=BATCH["attention_mask"])
+
+
 def test_config_validation_of_shapes():
+    with pytest.raises(ValueError, match="text.hidden_act='relu' is not supported"):
+        CFG.replace(text=dataclasses.replace(CFG.text, hidden_act="relu"))
     with pytest.raises(ValueError, match="mrope_section=.* must sum to head_dim/2=8"):
         CFG.replace(text=dataclasses.replace(CFG.text, mrope_section=(2, 2, 2)))
     with pytest.raises(ValueError, match="not a multiple of text.num_key_value_heads=3"):
         CFG.replace(text=dataclasses.replace(CFG.text, num_key_value_heads=3))
     with pytest.raises(ValueError, match="fullatt_block_indexes \\[5\\] out of range"):
         CFG.replace(vision=dataclasses.replace(CFG.vision, fullatt_block_indexes=(5,)))
+
+
+def test_3b_preset_has_qwen2_5_vl_3b_parameter_counts():
+    """Shapes only (eval_shape): vision 668.7 M + LM 3,085.9 M (tied) = 3.755 B, as counted from the HF modules."""
+    shapes = models.abstract_params(models.preset("qwen2_5_vl_3b"))
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731
+    assert round(count(shapes["visual"]) / 1e5) == 6687
+    assert round(count(shapes["language_model"]) / 1e5) == 30859
+    assert "lm_head" not in shapes  # tied
+
+
+def test_every_supported_activation_is_implemented():
+    from jaxvlm.models.config import SUPPORTED_ACTIVATIONS
+    from jaxvlm.models.qwen2_5_vl import _ACTIVATIONS
+
+    assert set(_ACTIVATIONS) == set(SUPPORTED_ACTIVATIONS)

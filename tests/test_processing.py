@@ -18,7 +18,7 @@ from PIL import Image
 
 from jaxvlm.processing.image import ImageProcessor, smart_resize
 from jaxvlm.processing.processor import Processor
-from jaxvlm.processing.rope import get_rope_index, text_position_ids, vision_position_ids
+from jaxvlm.processing.rope import get_rope_index, image_mrope_positions, text_position_ids
 from jaxvlm.tokenizer import (
     CHAT_TEMPLATE,
     CONTROL_TOKENS,
@@ -412,8 +412,8 @@ def test_rope_back_to_back_images_split_by_grid_sizes():
     np.testing.assert_array_equal(deltas, [[0]])
 
 
-def test_vision_position_ids_layout():
-    positions = vision_position_ids(10, (2, 4, 6), spatial_merge_size=2)
+def test_image_mrope_positions_layout():
+    positions = image_mrope_positions(10, (2, 4, 6), spatial_merge_size=2)
     assert positions.shape == (3, 2 * 2 * 3)
     np.testing.assert_array_equal(positions[0], [10] * 6 + [11] * 6)
     np.testing.assert_array_equal(positions[1], [10, 10, 10, 11, 11, 11] * 2)

@@ -19,6 +19,7 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2")
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: debugging parity (needs jax_enable_x64)
 REMAT_POLICIES = ("none", "full", "dots")
+SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "quick_gelu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +124,9 @@ def validate(cfg: ModelConfig) -> None:
             f"text.num_attention_heads={t.num_attention_heads} is not a multiple of "
             f"text.num_key_value_heads={t.num_key_value_heads}"
         )
+    for where, act in (("text", t.hidden_act), ("vision", cfg.vision.hidden_act if cfg.vision else "silu")):
+        if act not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(f"{where}.hidden_act={act!r} is not supported (supported: {SUPPORTED_ACTIVATIONS})")
     hd = t.resolved_head_dim
     if hd % 2:
         raise ValueError(f"text head_dim={hd} must be even for RoPE")

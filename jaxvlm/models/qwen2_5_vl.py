@@ -26,7 +26,7 @@ from jaxvlm.models.config import ModelConfig, TextConfig, VisionConfig
 
 Array = jax.Array
 
-_ACTIVATIONS = {
+_ACTIVATIONS = {  # keys must equal config.SUPPORTED_ACTIVATIONS
     "silu": jax.nn.silu,
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
@@ -36,9 +36,7 @@ _INIT = nn.initializers.normal(stddev=0.02)  # transformers' initializer_range
 
 
 def _activation(name: str):
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"hidden_act={name!r} is not supported (supported: {sorted(_ACTIVATIONS)})")
-    return _ACTIVATIONS[name]
+    return _ACTIVATIONS[name]  # validated by config.validate
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -374,7 +372,8 @@ class Qwen25VL(nn.Module):
         position_ids: Array | None = None,
         *,
         vision_inputs: dict[str, Array] | None = None,
-        **unused_processor_outputs,
+        rope_deltas: Array | None = None,
+        mm_token_type_ids: Array | None = None,
     ) -> Array:
         """Logits [B, T, V]. See `encode` for the arguments."""
         hidden = self.encode(
@@ -412,7 +411,8 @@ class Qwen25VL(nn.Module):
         position_ids: Array | None = None,
         *,
         vision_inputs: dict[str, Array] | None = None,
-        **unused_processor_outputs,
+        rope_deltas: Array | None = None,
+        mm_token_type_ids: Array | None = None,
     ) -> Array:
         """Final-norm hidden states [B, T, D].
 
@@ -424,7 +424,10 @@ class Qwen25VL(nn.Module):
           position_ids: int [3, B, T] M-RoPE positions, or [B, T]. Default: `get_rope_index` when there are images
             (host side), else positions counted from the first real token (jittable).
           vision_inputs: precomputed `jaxvlm.processing.vision_inputs(image_grid_thw, config.vision)`.
+          rope_deltas, mm_token_type_ids: accepted so processor outputs can be splatted in, and unused (deltas
+            matter only when decoding with a cache; image positions are read off input_ids).
         """
+        del rope_deltas, mm_token_type_ids
         cfg = self.config
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)

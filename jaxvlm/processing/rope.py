@@ -28,7 +28,7 @@ def text_position_ids(attention_mask: np.ndarray) -> np.ndarray:
     return np.where(valid, positions, 0).astype(np.int32)
 
 
-def vision_position_ids(start: int, grid_thw: tuple[int, int, int], spatial_merge_size: int) -> np.ndarray:
+def image_mrope_positions(start: int, grid_thw: tuple[int, int, int], spatial_merge_size: int) -> np.ndarray:
     """3-D positions of one image's LLM tokens, int64 `[3, t * (h // m) * (w // m)]`.
 
     Rows are (temporal, height, width); tokens are enumerated in `(t, h, w)`
@@ -102,7 +102,7 @@ def _row_positions(
                     f"row {row}: {remaining} image tokens but image_grid_thw[{next_grid}] = {[t, h, w]} needs "
                     f"{needed} (run of image tokens at valid tokens {index}..{end - 1})"
                 )
-            pieces.append(vision_position_ids(current, (t, h, w), spatial_merge_size))
+            pieces.append(image_mrope_positions(current, (t, h, w), spatial_merge_size))
             current += max(h, w) // spatial_merge_size
             index += needed
             next_grid += 1
