@@ -49,7 +49,7 @@ def randomize_(torch_model, seed: int = 0) -> None:
             elif p.ndim == 1:
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
             elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))  # also the tied head: logits O(10)
             else:
                 fan_in = int(np.prod(p.shape[1:]))
                 p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
