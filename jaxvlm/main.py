@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from jaxvlm import models
 from jaxvlm.processing.image import ImageProcessor
+from jaxvlm.processing.processor import pad_sequences
 from jaxvlm.processing.rope import get_rope_index
 from jaxvlm.processing.vision import vision_inputs
 
@@ -57,12 +58,7 @@ def synthetic_batch(model_cfg: models.ModelConfig, demo, seed: int) -> dict:
             row += [model_cfg.vision_end_token_id]
             images.append(image)
         rows.append(row + list(rng.integers(0, vocab, demo.text_tokens - demo.text_tokens // 2)))
-    t = max(map(len, rows))
-    input_ids = np.zeros((len(rows), t), np.int32)
-    attention_mask = np.zeros((len(rows), t), np.int32)
-    for i, row in enumerate(rows):
-        input_ids[i, t - len(row) :] = row
-        attention_mask[i, t - len(row) :] = 1
+    input_ids, attention_mask = pad_sequences(rows, 0, padding_side="left", length=max(map(len, rows)))
     batch = dict(input_ids=input_ids, attention_mask=attention_mask)
     if images:
         pixels = processor(images)

@@ -164,7 +164,7 @@ def _hf_base(path: tuple[str, ...]) -> tuple[str, tuple[str, ...] | None, int]:
     for prefix, hf in _STACKED.items():
         if path[: len(prefix)] == prefix:
             return hf, path[len(prefix) :], 1
-    for prefix, hf in sorted(_RENAMES.items(), key=lambda kv: -len(kv[0])):
+    for prefix, hf in _RENAMES.items():  # no prefix of _RENAMES is a prefix of another
         if path[: len(prefix)] == prefix:
             return ".".join((hf, *path[len(prefix) :])), None, 0
     return ".".join(path), None, 0

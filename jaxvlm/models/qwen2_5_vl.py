@@ -26,17 +26,13 @@ from jaxvlm.models.config import ModelConfig, TextConfig, VisionConfig
 
 Array = jax.Array
 
-_ACTIVATIONS = {  # keys must equal config.SUPPORTED_ACTIVATIONS
+_ACTIVATIONS = {  # keys must equal config.SUPPORTED_ACTIVATIONS, which validate() checks against
     "silu": jax.nn.silu,
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
 }
 _INIT = nn.initializers.normal(stddev=0.02)  # transformers' initializer_range
-
-
-def _activation(name: str):
-    return _ACTIVATIONS[name]  # validated by config.validate
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -78,7 +74,7 @@ class GatedMLP(nn.Module):
         dense = functools.partial(_dense, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
         gate = dense(self.intermediate_size, name="gate_proj")(x)
         up = dense(self.intermediate_size, name="up_proj")(x)
-        return dense(self.hidden_size, name="down_proj")(_activation(self.act)(gate) * up)
+        return dense(self.hidden_size, name="down_proj")(_ACTIVATIONS[self.act](gate) * up)
 
 
 def rotate_half(x: Array) -> Array:
