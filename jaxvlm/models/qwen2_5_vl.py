@@ -243,14 +243,56 @@ class VisionTower(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def cached_attention(
+    q: Array, prompt_k: Array, prompt_v: Array, prompt_mask: Array, gen_k: Array, gen_v: Array, gen_mask: Array
+) -> Array:
+    """One decode step of grouped-query attention over a prompt cache shared by a group and a per-row cache.
+
+    The G rollouts of a prompt read that prompt's keys once (a [G, D] x [D, T] matmul per kv head) instead of G
+    copies of them, so the prompt cache is stored once per prompt, not once per rollout.
+
+    Args:
+      q: [B*G, H, D] queries of the new token (rows grouped prompt-major: row b*G + g is rollout g of prompt b).
+      prompt_k, prompt_v: [B, T, K, D]; prompt_mask: bool [B, T] (False at left padding).
+      gen_k, gen_v: [B*G, N, K, D] keys/values of the generated tokens (including the new one);
+      gen_mask: bool [N], True at the positions written so far.
+    Returns [B*G, H, D]. Scores and softmax in float32.
+    """
+    b, t, kv_heads, d = prompt_k.shape
+    bg, h = q.shape[0], q.shape[1]
+    g, n = bg // b, gen_k.shape[1]
+    q = q.reshape(b, g, kv_heads, h // kv_heads, d)
+    gen_k = gen_k.reshape(b, g, n, kv_heads, d)
+    gen_v = gen_v.reshape(b, g, n, kv_heads, d)
+    scale = d**-0.5
+    s_prompt = jnp.einsum("bgkhd,btkd->bgkht", q, prompt_k, preferred_element_type=jnp.float32) * scale
+    s_gen = jnp.einsum("bgkhd,bgnkd->bgkhn", q, gen_k, preferred_element_type=jnp.float32) * scale
+    neg = jnp.finfo(jnp.float32).min
+    s_prompt = jnp.where(prompt_mask[:, None, None, None, :], s_prompt, neg)
+    s_gen = jnp.where(gen_mask, s_gen, neg)
+    probs = jax.nn.softmax(jnp.concatenate([s_prompt, s_gen], axis=-1), axis=-1).astype(prompt_v.dtype)
+    out = jnp.einsum("bgkht,btkd->bgkhd", probs[..., :t], prompt_v) + jnp.einsum(
+        "bgkhn,bgnkd->bgkhd", probs[..., t:], gen_v
+    )
+    return out.reshape(bg, h, d)
+
+
 class TextAttention(nn.Module):
     config: TextConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
-        """x [B, T, D], cos/sin [B, T, Dh], mask bool [B, T, T] -> [B, T, D]."""
+    def __call__(self, x: Array, cos: Array, sin: Array, ctx: dict, layer, cache):
+        """Self-attention in one of two modes, chosen by the (static) structure of `cache`:
+
+        * `cache is None` (training, scoring, prefill): causal attention over `x` [B, T, D] with `ctx["mask"]`
+          bool [B, T, T]; returns (out [B, T, D], (k, v) [B, T, K, Dh] each, the new cache entries).
+        * decode: `x` [B*G, 1, D] is one new token per row; `cache` = (gen_k, gen_v) [L, B*G, N, K, Dh] for all
+          layers (carried through the layer scan so the write is in place), `layer` = (layer index, prompt_k,
+          prompt_v [B, T, K, Dh]); `ctx` holds `prompt_mask` [B, T], `step` (write position) and `gen_mask` [N].
+          Returns (out [B*G, 1, D], updated cache).
+        """
         c = self.config
         hd, b, t = c.resolved_head_dim, x.shape[0], x.shape[1]
         dense = functools.partial(_dense, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -258,8 +300,19 @@ class TextAttention(nn.Module):
         k = dense(c.num_key_value_heads * hd, True, name="k_proj")(x).reshape(b, t, c.num_key_value_heads, hd)
         v = dense(c.num_key_value_heads * hd, True, name="v_proj")(x).reshape(b, t, c.num_key_value_heads, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = dot_product_attention(q, k, v, mask).reshape(b, t, -1)
-        return dense(c.hidden_size, False, name="o_proj")(out)
+        if cache is None:
+            out, new = dot_product_attention(q, k, v, ctx["mask"]), (k, v)
+        else:
+            index, prompt_k, prompt_v = layer
+            gen_k, gen_v = cache
+            at = (index, 0, ctx["step"], 0, 0)
+            gen_k = jax.lax.dynamic_update_slice(gen_k, k[None].astype(gen_k.dtype), at)
+            gen_v = jax.lax.dynamic_update_slice(gen_v, v[None].astype(gen_v.dtype), at)
+            out = cached_attention(
+                q[:, 0], prompt_k, prompt_v, ctx["prompt_mask"], gen_k[index], gen_v[index], ctx["gen_mask"]
+            )[:, None]
+            new = (gen_k, gen_v)
+        return dense(c.hidden_size, False, name="o_proj")(out.reshape(b, t, -1)), new
 
 
 class DecoderLayer(nn.Module):
@@ -268,16 +321,21 @@ class DecoderLayer(nn.Module):
     param_dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, carry, cos, sin, ctx, layer):
+        """carry = (x, decode cache or None); see `TextAttention` for the modes. Returns (carry, (k, v) or None)."""
+        x, cache = carry
         c = self.config
         norm = functools.partial(RMSNorm, c.rms_norm_eps, self.dtype, self.param_dtype)
         attn = TextAttention(c, self.dtype, self.param_dtype, name="self_attn")
-        x = x + attn(norm(name="input_layernorm")(x), cos, sin, mask)
+        out, new = attn(norm(name="input_layernorm")(x), cos, sin, ctx, layer, cache)
+        x = x + out
         mlp = GatedMLP(
             c.hidden_size, c.intermediate_size, False, c.hidden_act, self.dtype, self.param_dtype, name="mlp"
         )
         x = x + mlp(norm(name="post_attention_layernorm")(x))
-        return x, None
+        if cache is None:
+            return (x, None), new  # per-layer (k, v), stacked by the scan into [L, B, T, K, Dh]
+        return (x, new), None
 
 
 class TextModel(nn.Module):
@@ -295,7 +353,7 @@ class TextModel(nn.Module):
             _maybe_remat(DecoderLayer, self.remat),
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=c.num_hidden_layers,
         )(c, self.dtype, self.param_dtype)
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
@@ -307,15 +365,37 @@ class TextModel(nn.Module):
         """Tied LM head: hidden [..., D] @ embedding.T -> [..., V]."""
         return self.embed_tokens.attend(hidden)
 
-    def __call__(self, inputs_embeds: Array, position_ids: Array, attention_mask: Array) -> Array:
-        """inputs_embeds [B, T, D], position_ids int [3, B, T] or [B, T], attention_mask [B, T] -> [B, T, D]."""
+    def __call__(self, inputs_embeds: Array, position_ids: Array, attention_mask: Array, *, return_kv: bool = False):
+        """inputs_embeds [B, T, D], position_ids int [3, B, T] or [B, T], attention_mask [B, T] -> hidden [B, T, D]
+        (and, with `return_kv`, the keys and values of every layer, [L, B, T, K, Dh] each: a prefill cache).
+        When the cache is not returned, jit drops it (dead code), so training does not pay for it."""
         c = self.config
         cos, sin = mrope_cos_sin(position_ids, c.resolved_head_dim, c.rope_theta, c.mrope_section)
         t = inputs_embeds.shape[1]
         causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
         mask = causal[None] & attention_mask.astype(jnp.bool_)[:, None, :]
-        x, _ = self.layers(inputs_embeds.astype(self.dtype), cos, sin, mask)
-        return self.norm(x)
+        (x, _), kv = self.layers((inputs_embeds.astype(self.dtype), None), cos, sin, {"mask": mask}, None)
+        x = self.norm(x)
+        return (x, kv) if return_kv else x
+
+    def decode(self, inputs_embeds: Array, position_ids: Array, cache: dict) -> tuple[Array, dict]:
+        """One cached decode step for every row.
+
+        Args:
+          inputs_embeds: [B*G, 1, D], the embedding of each row's newest token.
+          position_ids: int [3, B*G, 1] (or [B*G, 1]) M-RoPE position of that token.
+          cache: `prompt_k`, `prompt_v` [L, B, T, K, Dh], `prompt_mask` bool [B, T], `gen_k`, `gen_v`
+            [L, B*G, N, K, Dh], `step` int32 scalar (where the new token's keys are written).
+        Returns (hidden [B*G, 1, D], cache with `gen_k`/`gen_v` updated at `step`).
+        """
+        c = self.config
+        cos, sin = mrope_cos_sin(position_ids, c.resolved_head_dim, c.rope_theta, c.mrope_section)
+        n = cache["gen_k"].shape[2]
+        ctx = {"prompt_mask": cache["prompt_mask"], "step": cache["step"], "gen_mask": jnp.arange(n) <= cache["step"]}
+        layer = (jnp.arange(c.num_hidden_layers), cache["prompt_k"], cache["prompt_v"])
+        carry = (inputs_embeds.astype(self.dtype), (cache["gen_k"], cache["gen_v"]))
+        (x, (gen_k, gen_v)), _ = self.layers(carry, cos, sin, ctx, layer)
+        return self.norm(x), {**cache, "gen_k": gen_k, "gen_v": gen_v}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -424,6 +504,42 @@ class Qwen25VL(nn.Module):
             matter only when decoding with a cache; image positions are read off input_ids).
         """
         del rope_deltas, mm_token_type_ids
+        embeds, position_ids, attention_mask = self._embed_inputs(
+            input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_inputs
+        )
+        return self.language_model(embeds, position_ids, attention_mask)
+
+    def prefill(
+        self,
+        input_ids: Array,
+        attention_mask: Array,
+        pixel_values: Array | None = None,
+        image_grid_thw=None,
+        position_ids: Array | None = None,
+        *,
+        vision_inputs: dict[str, Array] | None = None,
+    ) -> tuple[Array, tuple[Array, Array]]:
+        """Run the prompt (vision tower included) once; the start of cached generation.
+
+        Prompts must be left-padded so every row's last column is a real token. Arguments as for `encode`.
+        Returns (logits of the last position [B, V], (keys, values) [L, B, T, K, Dh] each).
+        """
+        embeds, position_ids, attention_mask = self._embed_inputs(
+            input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_inputs
+        )
+        hidden, kv = self.language_model(embeds, position_ids, attention_mask, return_kv=True)
+        return self.lm_logits(hidden[:, -1]), kv
+
+    def decode_step(self, token_ids: Array, position_ids: Array, cache: dict) -> tuple[Array, dict]:
+        """token_ids int [B*G], position_ids int [3, B*G] -> (next-token logits [B*G, V], updated cache).
+
+        See `TextModel.decode` for the cache layout; `jaxvlm.sampling` builds and owns it."""
+        embeds = self.language_model.embed(token_ids[:, None])
+        hidden, cache = self.language_model.decode(embeds, position_ids[..., None], cache)
+        return self.lm_logits(hidden[:, 0]), cache
+
+    def _embed_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_inputs):
+        """Token embeddings with image features spliced in, plus positions and mask (defaults filled in)."""
         cfg = self.config
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
@@ -435,7 +551,7 @@ class Qwen25VL(nn.Module):
             embeds = splice_image_features(embeds, input_ids, features, cfg.image_token_id)
         if position_ids is None:
             position_ids = self._default_position_ids(input_ids, attention_mask, image_grid_thw)
-        return self.language_model(embeds, position_ids, attention_mask)
+        return embeds, position_ids, attention_mask
 
     def _default_position_ids(self, input_ids, attention_mask, image_grid_thw):
         if image_grid_thw is None:
