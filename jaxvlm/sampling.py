@@ -302,6 +302,8 @@ def prepare_prompts(config: ModelConfig, batch: dict[str, Any]) -> dict[str, Any
     if pixel_values is not None and grid is None and batch.get("vision_inputs") is None:
         raise ValueError("pixel_values needs image_grid_thw (or precomputed vision_inputs)")
     position_ids, rope_deltas = batch.get("position_ids"), batch.get("rope_deltas")
+    if position_ids is None and pixel_values is not None and grid is None:
+        raise ValueError("image prompts need image_grid_thw or precomputed M-RoPE position_ids")
     if position_ids is None:
         if grid is not None:
             position_ids, rope_deltas = get_rope_index(
@@ -379,6 +381,9 @@ def generate(
         "data" and "fsdp"); B must be divisible by their size. Params already placed on the mesh keep their
         sharding; params elsewhere (e.g. on one device) are replicated over it.
     Returns a `Rollout` of device arrays with B * num_generations rows.
+
+    One compilation per distinct (B, T, number of patches) and sampling settings: bucket prompt lengths and
+    image sizes on the host (the data pipeline does) to keep the number of compilations small.
     """
     config = model.config if isinstance(model, Qwen25VL) else model
     stops = resolve_stop_ids(config, stop_token_ids, use_eos)

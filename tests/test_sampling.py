@@ -447,6 +447,10 @@ def test_bad_prompts_and_settings_are_rejected(loaded):
         batch = make_batch("image")
         del batch["image_grid_thw"]
         sampling.generate(model, params, batch, jax.random.key(0), max_new_tokens=2)
+    with pytest.raises(ValueError, match="position_ids"):  # vision inputs given, but no way to place the image
+        batch = make_batch("image")
+        batch["vision_inputs"] = vision_inputs(batch.pop("image_grid_thw"), model.config.vision)
+        sampling.generate(model, params, batch, jax.random.key(0), max_new_tokens=2)
 
 
 def test_decode_completions_with_the_built_in_tokenizer(tmp_path):
@@ -468,3 +472,15 @@ def test_decode_completions_with_the_built_in_tokenizer(tmp_path):
     )
     assert sampling.decode_completions(tok, rollout) == ["red circle", "blue"]
     assert sampling.decode_completions(tok, rollout, skip_special_tokens=False)[0] == "red circle<|im_end|>"
+
+
+def test_decode_benchmark_runs_on_both_sides(tmp_path):
+    """Smoke test of `python -m jaxvlm.bench.decode` pieces (measures nothing; checks they run and report)."""
+    from jaxvlm.bench import decode as bench
+
+    cfg = models.preset("tiny")
+    model, params = models.Qwen25VL(cfg), models.init_params(cfg, 0)
+    models.save_pretrained(model, params, str(tmp_path))
+    batch = bench._prompts(2, 8, cfg.text.vocab_size)
+    for result in (bench.bench_jax(model, params, batch, 4, 1), bench.bench_torch(str(tmp_path), batch, 4, 1)):
+        assert result["prefill_tok_s"] > 0 and result["decode_tok_s"] > 0

@@ -348,6 +348,18 @@ PRESETS: dict[str, ModelConfig] = {
         ),
         image_token_id=1000, video_token_id=1001, vision_start_token_id=1002, vision_end_token_id=1003,
     ),
+    # ~30M parameters: big enough that matmuls dominate a CPU step, small enough to benchmark on a laptop.
+    "small": ModelConfig(
+        text=TextConfig(
+            vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+            num_key_value_heads=2, rope_theta=1000000.0, mrope_section=(16, 8, 8), max_position_embeddings=8192,
+        ),
+        vision=VisionConfig(
+            depth=4, hidden_size=256, intermediate_size=512, num_heads=4, window_size=112, fullatt_block_indexes=(3,),
+            out_hidden_size=512,
+        ),
+        image_token_id=8000, video_token_id=8001, vision_start_token_id=8002, vision_end_token_id=8003,
+    ),
 }
 
 

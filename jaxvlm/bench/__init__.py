@@ -1,0 +1,1 @@
+"""Benchmarks (measurements, never assertions). `python -m jaxvlm.bench.decode` times the sampler."""
