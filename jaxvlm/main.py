@@ -100,7 +100,7 @@ def run_forward(cfg, workdir: str | None) -> dict:
         f"{result['image_patches']} image patches -> logits {result['logits_shape']} "
         f"(compile {compile_s:.2f}s, forward {step_s * 1e3:.1f}ms on {result['backend']})"
     )
-    if workdir:
+    if workdir and jax.process_index() == 0:  # one writer in multi-process runs
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "forward.json"), "w") as f:
             json.dump(result, f, indent=2)
@@ -111,6 +111,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
+    from jaxvlm import distributed
+
+    distributed.initialize()  # multi-process runs (launch/); a no-op for a single process
     result = run_forward(_CONFIG.value, _WORKDIR.value)
     if not result["logits_finite"]:
         raise SystemExit("non-finite logits")

@@ -1,0 +1,415 @@
+"""Loss kernels for GRPO-family RL and SFT: pure, jittable, float32 inside.
+
+Shapes: B rows (completions), T completion tokens per row (right-padded), V vocabulary size, N = P * G rewards
+for P prompts with G generations each, grouped contiguously (rows g*G .. g*G+G-1 belong to prompt g, the
+layout `jaxvlm.sampling.generate` returns). A mask is 1 on completion tokens and 0 on padding (any dtype; every
+nonzero entry counts as 1). Every kernel casts its inputs to float32 and accumulates in float32. String and
+integer settings are static: bad values raise `ValueError` at trace time.
+
+Group-relative advantages (GRPO, as TRL computes them)
+    r_i   = sum_k w_k r_ik                       (NaN columns skipped; a row whose columns are all NaN is NaN)
+    A_i   = (r_i - mean_g) / (std + eps)         mean_g over the valid rows of i's group, std Bessel-corrected:
+            std = std_g  ("group")  |  std over the whole batch ("batch")  |  no division, A_i = r_i - mean_g ("none")
+    Rows with a NaN reward get A_i = 0; a group whose valid rewards are all equal gets A = 0 exactly.
+
+KL estimators of KL(pi || pi_ref) per token (Schulman, "Approximating KL divergence"), with
+l = clip(ref_logp - logp, -clamp, clamp):
+    k1 = -l        k2 = l^2 / 2        k3 = exp(l) - l - 1
+
+Clipped policy-gradient term per token (PPO / GRPO / DAPO clip-higher / two-sided GRPO, coded as TRL codes it):
+    l_t = clip(logp_t - old_logp_t, -c, c)
+    r_t = exp(l_t)                                           importance="token"
+    r_t = exp(sum_t m_t l_t / max(sum_t m_t, 1))              importance="sequence" (GSPO), same for every token
+    L_t = -min(c1 * A, c2 * A) + beta * KL_t,   c1 = min(r_t, delta) (c1 = r_t without delta),
+                                                c2 = clip(r_t, 1 - eps_low, 1 + eps_high)
+On policy (old_logp = stop_gradient(logp)), r = 1 and grad L_t = -A grad logp_t.
+
+Aggregation: kernels return (loss_sum, normalizer) so that gradient accumulation over micro-batches is exact:
+    loss = sum over micro-batches of loss_sum / max(sum over micro-batches of normalizer, 1)
+    "grpo"     loss_sum = sum_i (sum_t m L / max(sum_t m, 1))   normalizer = B        (mean of sequence means)
+    "bnpo"     loss_sum = sum m L / max(sum m, 1)               normalizer = 1        (mean of micro-batch token means)
+    "dr_grpo"  loss_sum = sum m L                                normalizer = B * max_completion_length
+    "dapo"     loss_sum = sum m L                                normalizer = sum m    (global token mean)
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+ADVANTAGE_SCALES = ("group", "batch", "none")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+IMPORTANCE_LEVELS = ("token", "sequence")
+POLICY_AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
+SFT_AGGREGATIONS = ("token", "sequence")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# static-argument checks (trace time)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_positive(name: str, value) -> None:
+    if not isinstance(value, numbers.Real) or not value > 0:
+        raise ValueError(f"{name} must be a positive number (static), got {value!r}")
+
+
+def _check_shape(name: str, x: Array, shape: tuple[int, ...]) -> None:
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def _float_mask(mask: Array) -> Array:
+    """0/1 float32 mask: every nonzero entry counts as one token."""
+    return (jnp.asarray(mask) != 0).astype(jnp.float32)
+
+
+def _safe_div(num: Array, den: Array) -> Array:
+    return num / jnp.maximum(den, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# group-relative advantages
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _combined_rewards(rewards: Array, weights) -> Array:
+    """[N] or [N, R] -> [N] float32: sum_k w_k r_k skipping NaN entries; NaN where a row is all NaN."""
+    rewards = jnp.asarray(rewards, jnp.float32)
+    if rewards.ndim not in (1, 2):
+        raise ValueError(f"rewards must have shape [N] or [N, R], got {tuple(rewards.shape)}")
+    if rewards.ndim == 1:
+        rewards = rewards[:, None]
+    num_columns = rewards.shape[1]
+    weights = jnp.ones((num_columns,), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
+    _check_shape("weights", weights, (num_columns,))
+    present = ~jnp.isnan(rewards)
+    total = jnp.sum(jnp.where(present, rewards * weights, 0.0), axis=1)
+    return jnp.where(jnp.any(present, axis=1), total, jnp.nan)
+
+
+def _num_groups(num_rows: int, group_size) -> int:
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
+        raise ValueError(f"group_size must be a Python int, got {group_size!r}")
+    if group_size < 2:
+        raise ValueError(
+            f"group_size must be >= 2, got {group_size}: a group of one completion has no baseline "
+            "(its advantage would always be 0)")
+    if num_rows % group_size:
+        raise ValueError(f"number of rewards N={num_rows} is not divisible by group_size G={group_size}")
+    return num_rows // group_size
+
+
+def _nan_moments(values: Array, axis: int) -> tuple[Array, Array, Array, Array]:
+    """mean, Bessel-corrected std, valid count and "all valid values equal" along `axis`, ignoring NaN.
+
+    Fewer than two valid values give std 0; no valid value gives mean 0 and std 0.
+    """
+    valid = ~jnp.isnan(values)
+    count = jnp.sum(valid, axis=axis)
+    zeroed = jnp.where(valid, values, 0.0)
+    mean = _safe_div(jnp.sum(zeroed, axis=axis), count)
+    centered = jnp.where(valid, values - jnp.expand_dims(mean, axis), 0.0)
+    variance = jnp.sum(centered**2, axis=axis) / jnp.maximum(count - 1, 1)
+    largest = jnp.max(jnp.where(valid, values, -jnp.inf), axis=axis)
+    smallest = jnp.min(jnp.where(valid, values, jnp.inf), axis=axis)
+    all_equal = (count < 2) | (largest == smallest)
+    std = jnp.where(all_equal, 0.0, jnp.sqrt(variance))
+    return mean, std, count, all_equal
+
+
+def group_reward_stats(rewards: Array, group_size: int, *, weights: Array | None = None) -> dict[str, Array]:
+    """Per-group reward statistics for logging.
+
+    Args:
+      rewards: [N] or [N, R] rewards (R reward columns), N = P * G, groups contiguous; NaN = missing.
+      group_size: G, a Python int >= 2.
+      weights: [R] column weights (default ones).
+
+    Returns:
+      dict with `mean` [P] and `std` [P] (Bessel-corrected, NaN rows ignored; 0 for fewer than two valid rows)
+      and scalar `zero_std_fraction`: the fraction of groups whose valid rewards are all equal (TRL's
+      frac_reward_zero_std; those groups give zero advantages and no learning signal).
+    """
+    combined = _combined_rewards(rewards, weights)
+    num_groups = _num_groups(combined.shape[0], group_size)
+    mean, std, _, all_equal = _nan_moments(combined.reshape(num_groups, group_size), axis=1)
+    return dict(mean=mean, std=std, zero_std_fraction=jnp.mean(all_equal.astype(jnp.float32)))
+
+
+def group_advantages(rewards: Array, group_size: int, *, weights: Array | None = None, scale: str = "group",
+                     eps: float = 1e-4) -> Array:
+    """Group-relative advantages A_i = (r_i - mean_group) / (std + eps).
+
+    Args:
+      rewards: [N] or [N, R] rewards, N = P * G, rows g*G .. g*G+G-1 are prompt g's group. NaN entries are
+        skipped in the weighted sum; a row with all columns NaN is excluded from its group's statistics.
+      group_size: G, a Python int >= 2.
+      weights: [R] column weights w_k of r_i = sum_k w_k r_ik (default ones).
+      scale: "group" (std of the group), "batch" (std of all valid rewards; mean still per group) or "none".
+      eps: added to the std.
+
+    Returns:
+      [N] float32 advantages; 0 for rows whose reward is NaN and for every row of a group whose valid rewards are
+      all equal.
+    """
+    _check_choice("scale", scale, ADVANTAGE_SCALES)
+    combined = _combined_rewards(rewards, weights)
+    num_groups = _num_groups(combined.shape[0], group_size)
+    grouped = combined.reshape(num_groups, group_size)
+    mean, group_std, _, all_equal = _nan_moments(grouped, axis=1)
+    centered = jnp.where(all_equal[:, None], 0.0, grouped - mean[:, None])
+    if scale == "group":
+        centered = centered / (group_std[:, None] + eps)
+    elif scale == "batch":
+        _, batch_std, _, _ = _nan_moments(combined, axis=0)
+        centered = centered / (batch_std + eps)
+    advantages = jnp.where(jnp.isnan(grouped), 0.0, centered)
+    return advantages.reshape(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# KL penalty
+# ----------------------------------------------------------------------------------------------------------
+
+
+def kl_penalty(logp: Array, ref_logp: Array, estimator: str = "k3", clamp: float = 20.0) -> Array:
+    """Per-token estimate of KL(pi || pi_ref) from log-probs of tokens sampled from pi.
+
+    Args:
+      logp: [B, T] log pi(token). ref_logp: [B, T] log pi_ref(token).
+      estimator: "k1" = -l, "k2" = l^2 / 2, "k3" = exp(l) - l - 1, with l = clip(ref_logp - logp, -clamp, clamp)
+        (the clamp keeps exp finite).
+
+    Returns:
+      [B, T] float32 (k2 and k3 are >= 0; k1 is unbiased but can be negative).
+    """
+    _check_choice("estimator", estimator, KL_ESTIMATORS)
+    _check_positive("clamp", clamp)
+    log_ratio = jnp.clip(jnp.asarray(ref_logp, jnp.float32) - jnp.asarray(logp, jnp.float32), -clamp, clamp)
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    return jnp.exp(log_ratio) - log_ratio - 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# clipped policy loss
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_policy_settings(eps_low, eps_high, delta, importance, beta, ref_logp, aggregation,
+                           max_completion_length, log_ratio_clamp) -> None:
+    _check_choice("importance", importance, IMPORTANCE_LEVELS)
+    _check_choice("aggregation", aggregation, POLICY_AGGREGATIONS)
+    _check_positive("log_ratio_clamp", log_ratio_clamp)
+    if not isinstance(eps_low, numbers.Real) or not 0 <= eps_low < 1:
+        raise ValueError(f"eps_low must be in [0, 1), got {eps_low!r}")
+    if not isinstance(eps_high, numbers.Real) or not eps_high >= 0:
+        raise ValueError(f"eps_high must be >= 0, got {eps_high!r}")
+    if delta is not None and (not isinstance(delta, numbers.Real) or not delta > 1 + eps_high):
+        raise ValueError(f"delta (two-sided clip) must be > 1 + eps_high = {1 + eps_high}, got {delta!r}")
+    if ref_logp is None and not (isinstance(beta, numbers.Real) and beta == 0):
+        raise ValueError(f"beta={beta!r} adds a KL penalty, which needs ref_logp (got None)")
+    if aggregation == "dr_grpo" and (isinstance(max_completion_length, bool)
+                                     or not isinstance(max_completion_length, numbers.Integral)
+                                     or max_completion_length < 1):
+        raise ValueError(f"aggregation='dr_grpo' needs max_completion_length, a positive int; "
+                         f"got {max_completion_length!r}")
+
+
+def _importance_ratio(log_ratio: Array, mask: Array, importance: str) -> Array:
+    """[B, T] ratio pi / pi_old: per token, or GSPO's exp(masked mean log-ratio) broadcast over the row."""
+    if importance == "token":
+        return jnp.exp(log_ratio)
+    sequence_log_ratio = _safe_div(jnp.sum(log_ratio * mask, axis=1), jnp.sum(mask, axis=1))
+    return jnp.broadcast_to(jnp.exp(sequence_log_ratio)[:, None], log_ratio.shape)
+
+
+def _aggregate(per_token: Array, mask: Array, aggregation: str, max_completion_length) -> tuple[Array, Array]:
+    """(loss_sum, normalizer) of a masked [B, T] per-token loss (see the module docstring)."""
+    num_rows = per_token.shape[0]
+    masked_sum = jnp.sum(per_token * mask)
+    tokens = jnp.sum(mask)
+    if aggregation == "grpo":
+        loss_sum = jnp.sum(_safe_div(jnp.sum(per_token * mask, axis=1), jnp.sum(mask, axis=1)))
+        return loss_sum, jnp.float32(num_rows)
+    if aggregation == "bnpo":
+        return _safe_div(masked_sum, tokens), jnp.float32(1.0)
+    if aggregation == "dr_grpo":
+        return masked_sum, jnp.float32(num_rows * max_completion_length)
+    return masked_sum, tokens
+
+
+def _masked_mean(x: Array, mask: Array) -> Array:
+    return _safe_div(jnp.sum(x * mask), jnp.sum(mask))
+
+
+def _policy_metrics(ratio, advantages, mask, valid, eps_low, eps_high, kl, entropy) -> dict[str, Array]:
+    """Masked scalar diagnostics; 0 (never NaN) when there is no token."""
+    tokens = jnp.sum(mask)
+    any_token = tokens > 0
+    low = (ratio < 1 - eps_low) & (advantages < 0)
+    high = (ratio > 1 + eps_high) & (advantages > 0)
+    metrics = dict(
+        clip_low_fraction=_masked_mean(low.astype(jnp.float32), mask),
+        clip_high_fraction=_masked_mean(high.astype(jnp.float32), mask),
+        clip_region_fraction=_masked_mean((low | high).astype(jnp.float32), mask),
+        ratio_min=jnp.where(any_token, jnp.min(jnp.where(valid, ratio, jnp.inf)), 0.0),
+        ratio_mean=_masked_mean(ratio, mask),
+        ratio_max=jnp.where(any_token, jnp.max(jnp.where(valid, ratio, -jnp.inf)), 0.0),
+        kl=jnp.float32(0.0) if kl is None else _masked_mean(kl, mask),
+        tokens=tokens,
+    )
+    if entropy is not None:
+        metrics["entropy"] = _masked_mean(entropy, mask)
+    return jax.lax.stop_gradient(metrics)
+
+
+def policy_loss(logp: Array, old_logp: Array, advantages: Array, mask: Array, *, eps_low: float = 0.2,
+                eps_high: float = 0.2, delta: float | None = None, importance: str = "token",
+                ref_logp: Array | None = None, beta: float = 0.0, kl_estimator: str = "k3",
+                aggregation: str = "grpo", max_completion_length: int | None = None,
+                entropy: Array | None = None, log_ratio_clamp: float = 20.0) -> tuple[Array, Array, dict[str, Array]]:
+    """Clipped surrogate loss of GRPO and its variants (DAPO, Dr. GRPO, BNPO, GSPO, two-sided clip).
+
+    Args:
+      logp: [B, T] log pi_theta of the completion tokens (the only input gradients should flow through).
+      old_logp: [B, T] log pi_old of the same tokens (sampler log-probs, or stop_gradient(logp) on policy).
+      advantages: [B] per-completion advantages (e.g. `group_advantages`).
+      mask: [B, T] completion mask, nonzero on completion tokens. Masked positions never affect the loss.
+      eps_low, eps_high: c2 = clip(r, 1 - eps_low, 1 + eps_high) (DAPO's clip-higher when eps_high > eps_low).
+      delta: two-sided clip: c1 = min(r, delta) caps the ratio of negative-advantage tokens (> 1 + eps_high).
+      importance: "token" ratios, or "sequence" (GSPO: exp of the row's masked mean log-ratio).
+      ref_logp: [B, T] reference-model log-probs; needed when beta != 0, and enables the `kl` metric.
+      beta: KL coefficient; adds beta * kl_penalty(logp, ref_logp, kl_estimator) per token.
+      kl_estimator: "k1", "k2" or "k3".
+      aggregation: "grpo", "bnpo", "dr_grpo" or "dapo" (see the module docstring).
+      max_completion_length: int, the Dr. GRPO constant (required for "dr_grpo").
+      entropy: optional [B, T] per-token entropies, only for the `entropy` metric.
+      log_ratio_clamp: log pi - log pi_old is clipped to +-this before exp.
+
+    Returns:
+      (loss_sum, normalizer, metrics): float32 scalars with loss = loss_sum / max(normalizer, 1) for one batch, and
+      sum(loss_sum) / max(sum(normalizer), 1) over accumulated micro-batches. metrics (float32 scalars, no
+      gradient): clip_low_fraction, clip_high_fraction, clip_region_fraction, ratio_min, ratio_mean, ratio_max,
+      kl (masked mean, 0 without ref_logp), entropy (only when given), tokens (sum of the mask).
+    """
+    _check_policy_settings(eps_low, eps_high, delta, importance, beta, ref_logp, aggregation,
+                           max_completion_length, log_ratio_clamp)
+    _check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    logp = jnp.asarray(logp, jnp.float32)
+    if logp.ndim != 2:
+        raise ValueError(f"logp must have shape [B, T], got {tuple(logp.shape)}")
+    for name, x in (("old_logp", old_logp), ("mask", mask), ("ref_logp", ref_logp), ("entropy", entropy)):
+        if x is not None:
+            _check_shape(name, jnp.asarray(x), logp.shape)
+    _check_shape("advantages", jnp.asarray(advantages), logp.shape[:1])
+
+    mask_f = _float_mask(mask)
+    valid = mask_f > 0
+    # Masked positions are replaced by 0 before any arithmetic, so padding values (even inf / NaN) cannot reach the
+    # loss or its gradient.
+    log_ratio = jnp.where(valid, logp - jnp.asarray(old_logp, jnp.float32), 0.0)
+    log_ratio = jnp.clip(log_ratio, -log_ratio_clamp, log_ratio_clamp)
+    ratio = _importance_ratio(log_ratio, mask_f, importance)
+    adv = jnp.asarray(advantages, jnp.float32)[:, None]
+    clipped_ratio = jnp.clip(ratio, 1 - eps_low, 1 + eps_high)
+    capped_ratio = ratio if delta is None else jnp.minimum(ratio, delta)
+    per_token = -jnp.minimum(capped_ratio * adv, clipped_ratio * adv)
+
+    kl = None
+    if ref_logp is not None:
+        safe_logp = jnp.where(valid, logp, 0.0)
+        safe_ref = jnp.where(valid, jnp.asarray(ref_logp, jnp.float32), 0.0)
+        kl = kl_penalty(safe_logp, safe_ref, kl_estimator, log_ratio_clamp)
+        if not (isinstance(beta, numbers.Real) and beta == 0):
+            per_token = per_token + beta * kl
+    if entropy is not None:
+        entropy = jnp.where(valid, jnp.asarray(entropy, jnp.float32), 0.0)
+
+    loss_sum, normalizer = _aggregate(per_token, mask_f, aggregation, max_completion_length)
+    metrics = _policy_metrics(ratio, adv, mask_f, valid, eps_low, eps_high, kl, entropy)
+    return loss_sum, normalizer, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# supervised fine-tuning
+# ----------------------------------------------------------------------------------------------------------
+
+
+def sft_loss(logp: Array, mask: Array, *, aggregation: str = "token") -> tuple[Array, Array]:
+    """Masked negative log-likelihood of the completion tokens.
+
+    Args:
+      logp: [B, T] log-probs of the target tokens. mask: [B, T], nonzero on completion tokens.
+      aggregation: "token": (sum -m logp, sum m), a token mean over everything accumulated;
+        "sequence": (sum_i sum_t -m logp / max(sum_t m, 1), B), a mean of per-sequence token means.
+
+    Returns:
+      (loss_sum, normalizer), float32 scalars; loss = sum(loss_sum) / max(sum(normalizer), 1).
+    """
+    _check_choice("aggregation", aggregation, SFT_AGGREGATIONS)
+    logp = jnp.asarray(logp, jnp.float32)
+    if logp.ndim != 2:
+        raise ValueError(f"logp must have shape [B, T], got {tuple(logp.shape)}")
+    _check_shape("mask", jnp.asarray(mask), logp.shape)
+    mask_f = _float_mask(mask)
+    nll = jnp.where(mask_f > 0, -logp, 0.0)
+    if aggregation == "token":
+        return jnp.sum(nll), jnp.sum(mask_f)
+    return jnp.sum(_safe_div(jnp.sum(nll, axis=1), jnp.sum(mask_f, axis=1))), jnp.float32(logp.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# log-probs and entropy from logits
+# ----------------------------------------------------------------------------------------------------------
+
+
+def logprobs_from_logits(logits: Array, targets: Array, temperature: float = 1.0) -> Array:
+    """log softmax(logits / temperature) at the target ids, as z[target] - logsumexp(z), in float32.
+
+    Args:
+      logits: [B, T, V] (any float dtype). targets: [B, T] integer ids; ids outside [0, V) (e.g. -100 padding)
+        are clipped into range and give a finite, meaningless value: mask them.
+      temperature: static, > 0.
+
+    Returns:
+      [B, T] float32. Only the gathered [B, T] values are cast eagerly; under jit the float32 cast and the division
+      fuse into the logsumexp reduction, so no second [B, T, V] array is kept.
+    """
+    _check_positive("temperature", temperature)
+    logits = jnp.asarray(logits)
+    targets = jnp.asarray(targets)
+    _check_shape("targets", targets, logits.shape[:-1])
+    ids = jnp.clip(targets, 0, logits.shape[-1] - 1).astype(jnp.int32)
+    picked = jnp.take_along_axis(logits, ids[..., None], axis=-1)[..., 0].astype(jnp.float32) / temperature
+    return picked - jax.nn.logsumexp(logits.astype(jnp.float32) / temperature, axis=-1)
+
+
+def entropy_from_logits(logits: Array, temperature: float = 1.0) -> Array:
+    """Entropy of softmax(logits / temperature): H = logsumexp(z) - sum_v p_v z_v, in float32.
+
+    Args:
+      logits: [B, T, V] (any float dtype; -inf entries, i.e. banned tokens, contribute 0).
+      temperature: static, > 0.
+
+    Returns:
+      [B, T] float32, in [0, log V].
+    """
+    _check_positive("temperature", temperature)
+    z = jnp.asarray(logits).astype(jnp.float32) / temperature
+    log_normalizer = jax.nn.logsumexp(z, axis=-1)
+    probs = jnp.exp(z - log_normalizer[..., None])
+    expected_logit = jnp.sum(probs * jnp.where(probs > 0, z, 0.0), axis=-1)
+    return log_normalizer - expected_logit

@@ -1,0 +1,414 @@
+"""Training steps: pure functions `(state, batch) -> (state, metrics)` for SFT, GRPO and DyME.
+
+Batch layout (host-built, static shapes). Every sequence is a left-padded prompt of T tokens followed by a
+right-padded completion of N tokens — the sampler's layout — so the N completion log-probs come from the static
+slice of hidden states at columns T-1 .. T+N-2 and the LM head never runs over the prompt:
+
+    prompt_ids, prompt_mask            int [.., b, T]
+    completion_ids, completion_mask    int [.., b, N]    (the mask is the loss mask: SFT targets / sampled tokens)
+    position_ids                       int [.., 3, b, T+N]  (`jaxvlm.sampling.rollout_sequences` builds them)
+    pixel_values, vision_inputs        optional: the micro-batch's images (not per row; replicated)
+    advantages [.., b], old_logp / ref_logp [.., b, N]        (GRPO)
+    rewards, accuracy [.., b], reference_ids / reference_mask [.., b, N]   (DyME, see `dyme_plan`)
+
+Leading axes: SFT `[M, b, ...]` with M gradient-accumulation micro-batches; GRPO and DyME `[K, M, b, ...]` with K
+mini-batches of one rollout batch (each mini-batch is one optimizer update; all K are repeated
+`num_iterations` = μ times, so from the second update on the ratio to the sampler's `old_logp` moves and the
+clip binds). Losses return a sum and a normaliser (see `jaxvlm.losses`); micro-batch gradients of the sums are
+added and divided by the summed normaliser, so accumulation is exact for every aggregation mode.
+
+A non-finite loss or gradient norm skips the update (params and optimizer state unchanged, `update_skipped`=1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxvlm import losses
+from jaxvlm.models.qwen2_5_vl import Qwen25VL
+from jaxvlm.sharding import path_str
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: Array  # int32 scalar: optimizer updates applied
+    params: Any  # float32 master weights
+    opt_state: Any
+    rng: Array  # typed PRNG key (rollout sampling, dropout-free model)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimizer
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    learning_rate: float = 1e-5
+    schedule: str = "cosine"  # "cosine" (linear warmup, cosine decay) | "constant" (linear warmup, then flat)
+    warmup_steps: int = 0
+    total_steps: int = 1000  # for the cosine decay
+    final_lr_ratio: float = 0.0  # cosine ends at learning_rate * final_lr_ratio
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    frozen: tuple[str, ...] = ()  # regexes on param paths never updated, e.g. ("^visual/",) freezes the vision tower
+    no_decay: tuple[str, ...] = (r"bias$", r"scale$")  # HF Trainer: no weight decay on biases and norm weights
+
+
+def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
+    if cfg.schedule == "constant":
+        if cfg.warmup_steps <= 0:
+            return optax.constant_schedule(cfg.learning_rate)
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps), optax.constant_schedule(cfg.learning_rate)],
+            [cfg.warmup_steps],
+        )
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+            decay_steps=max(cfg.total_steps, cfg.warmup_steps + 1), end_value=cfg.learning_rate * cfg.final_lr_ratio,
+        )
+    raise ValueError(f"optimizer.schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
+
+
+def _path_labels(params, patterns: tuple[str, ...]):
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: any(re.search(r, path_str(p)) for r in patterns), params
+    )
+
+
+def trainable_mask(params, frozen: tuple[str, ...]):
+    """Pytree of bools: True where a parameter is trained (its path matches none of `frozen`)."""
+    return jax.tree.map(lambda f: not f, _path_labels(params, frozen))
+
+
+def make_optimizer(cfg: OptimizerConfig, params) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW on the warmup + cosine schedule; frozen subtrees get zero updates and no
+    optimizer state. `params` (or their abstract shapes) give the tree structure for the masks."""
+    frozen = _path_labels(params, cfg.frozen)
+    if cfg.frozen and not any(jax.tree.leaves(frozen)):
+        raise ValueError(f"optimizer.frozen patterns {cfg.frozen} match no parameter")
+    decay = jax.tree.map(lambda nd: not nd, _path_labels(params, cfg.no_decay))
+    adamw = optax.adamw(
+        learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay
+    )
+    train = adamw if cfg.max_grad_norm is None else optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
+    if not cfg.frozen:
+        return train
+    labels = jax.tree.map(lambda f: "frozen" if f else "train", frozen)
+    # Clipping sees only the trained gradients (the frozen ones are dropped by multi_transform first).
+    return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
+
+
+def create_train_state(params, optimizer: optax.GradientTransformation, seed: int | Array = 0) -> TrainState:
+    rng = jax.random.key(seed) if isinstance(seed, int) else seed
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=rng)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loss configuration
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Static loss settings (hashable: they are closed over by the jitted steps)."""
+
+    temperature: float = 1.0  # logits are divided by the sampling temperature before the log-softmax (TRL)
+    # GRPO
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    delta: float | None = None  # dual clip (TRL's form: min(ratio, delta))
+    importance: str = "token"  # "token" | "sequence" (GSPO)
+    beta: float = 0.0  # KL coefficient; 0 needs no reference model
+    kl_estimator: str = "k3"
+    aggregation: str = "grpo"  # grpo | bnpo | dr_grpo | dapo
+    num_iterations: int = 1  # μ: passes over one rollout batch
+    # SFT
+    sft_aggregation: str = "token"  # "token" (mean over all target tokens) | "sequence" (mean of per-row means)
+    # DyME
+    dyme_granularity: str = "prompt"  # "prompt" (authors' code) | "batch" (whole step switches)
+    dyme_sft_threshold: float = 0.5  # "batch": SFT when the share of no-correct groups is >= this
+    dyme_correct_threshold: float = 0.5  # a rollout is correct when its accuracy reward > this
+    # Advantages
+    group_size: int = 2
+    advantage_scale: str = "group"  # group | batch | none
+
+    def validate(self) -> None:
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
+        if self.dyme_granularity not in ("prompt", "batch"):
+            raise ValueError(f"dyme_granularity must be 'prompt' or 'batch', got {self.dyme_granularity!r}")
+        if self.sft_aggregation not in ("token", "sequence"):
+            raise ValueError(f"sft_aggregation must be 'token' or 'sequence', got {self.sft_aggregation!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for scoring, got {self.temperature}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward: completion log-probs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def completion_logprobs(model: Qwen25VL, params, batch: dict, temperature: float = 1.0, with_entropy: bool = False):
+    """log π(completion token | prefix) [b, N] (and the entropy [b, N]) of one micro-batch, in float32."""
+    prompt_len = batch["prompt_ids"].shape[-1]
+    n = batch["completion_ids"].shape[-1]
+    ids = jnp.concatenate([batch["prompt_ids"], batch["completion_ids"]], axis=-1)
+    mask = jnp.concatenate([batch["prompt_mask"], batch["completion_mask"]], axis=-1)
+    hidden = model.apply(
+        {"params": params}, ids, mask, batch.get("pixel_values"), None, batch["position_ids"],
+        vision_inputs=batch.get("vision_inputs"), method=Qwen25VL.encode,
+    )
+    logits = model.apply({"params": params}, hidden[:, prompt_len - 1 : prompt_len + n - 1], method=Qwen25VL.lm_logits)
+    logp = losses.logprobs_from_logits(logits, batch["completion_ids"], temperature)
+    if not with_entropy:
+        return logp
+    return logp, losses.entropy_from_logits(logits, temperature)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Accumulation and update
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _tree_zeros(tree):
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+
+
+def accumulate_gradients(loss_fn, params, microbatches: dict):
+    """Sum `loss_fn(params, mb) -> (loss_sum, (normaliser, metrics))` and its gradient over the leading axis.
+
+    Returns (grads, loss, metrics): grads = Σ ∇loss_sum / Σ normaliser, loss = Σ loss_sum / Σ normaliser,
+    metrics averaged over micro-batches. Gradients accumulate in float32.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    first = jax.tree.map(lambda x: x[0], microbatches)
+    metrics_shape = jax.eval_shape(lambda p, mb: loss_fn(p, mb)[1][1], params, first)
+
+    def micro(carry, mb):
+        grads, total, norm, metrics = carry
+        (loss_sum, (normaliser, m)), g = grad_fn(params, mb)
+        grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+        metrics = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), metrics, m)
+        return (grads, total + loss_sum, norm + normaliser, metrics), None
+
+    init = (_tree_zeros(params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), _tree_zeros(metrics_shape))
+    (grads, total, norm, metrics), _ = jax.lax.scan(micro, init, microbatches)
+    num_micro = jax.tree.leaves(microbatches)[0].shape[0]
+    safe = jnp.maximum(norm, 1.0)  # as losses.py: loss = sum / max(normaliser, 1)
+    grads = jax.tree.map(lambda g: g / safe, grads)
+    return grads, total / safe, jax.tree.map(lambda m: m / num_micro, metrics)
+
+
+def apply_gradients(state: TrainState, grads, loss: Array, optimizer, schedule) -> tuple[TrainState, dict]:
+    """One optimizer update, skipped (state unchanged except nothing) when the loss or gradients are not finite."""
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_state = state.replace(
+        step=state.step + finite.astype(jnp.int32),
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+    )
+    metrics = {
+        "loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
+        "update_skipped": (~finite).astype(jnp.float32),
+    }
+    return new_state, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SFT
+# ----------------------------------------------------------------------------------------------------------
+
+
+def sft_loss_fn(params, mb, *, model: Qwen25VL, cfg: LossConfig):
+    logp = completion_logprobs(model, params, mb, 1.0)
+    mask = mb["completion_mask"]
+    loss_sum, normaliser = losses.sft_loss(logp, mask, aggregation=cfg.sft_aggregation)
+    tokens = jnp.sum(mask).astype(jnp.float32)
+    metrics = {"tokens": tokens, "nll_per_token": jax.lax.stop_gradient(-jnp.sum(logp * mask) / jnp.maximum(tokens, 1))}
+    return loss_sum, (normaliser, metrics)
+
+
+def sft_step(state: TrainState, batch: dict, *, model, optimizer, schedule, cfg: LossConfig):
+    """One optimizer update on `batch` [M, b, ...] (M accumulated micro-batches)."""
+    loss_fn = functools.partial(sft_loss_fn, model=model, cfg=cfg)
+    grads, loss, metrics = accumulate_gradients(loss_fn, state.params, batch)
+    state, update_metrics = apply_gradients(state, grads, loss, optimizer, schedule)
+    return state, {**metrics, **update_metrics}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GRPO
+# ----------------------------------------------------------------------------------------------------------
+
+
+def grpo_loss_fn(params, mb, *, model: Qwen25VL, cfg: LossConfig):
+    """Clipped-surrogate loss of one micro-batch. Rows flagged `on_policy` (DyME's spliced references) use
+    old_logp = stop_gradient(logp): ratio 1 in value, gradient -A ∇log π. A scalar `sft_mode` (DyME "batch")
+    replaces the loss by the per-sequence SFT mean over the `on_policy` rows."""
+    logp, entropy = completion_logprobs(model, params, mb, cfg.temperature, with_entropy=True)
+    mask = mb["completion_mask"]
+    old = mb["old_logp"]
+    on_policy = mb.get("on_policy")
+    if on_policy is not None:
+        old = jnp.where(on_policy[:, None], jax.lax.stop_gradient(logp), old)
+    loss_sum, normaliser, metrics = losses.policy_loss(
+        logp, old, mb["advantages"], mask,
+        eps_low=cfg.eps_low, eps_high=cfg.eps_high, delta=cfg.delta, importance=cfg.importance,
+        ref_logp=mb.get("ref_logp"), beta=cfg.beta, kl_estimator=cfg.kl_estimator, aggregation=cfg.aggregation,
+        max_completion_length=mask.shape[-1], entropy=jax.lax.stop_gradient(entropy),
+    )
+    if "sft_mode" in mb:
+        ref_rows = on_policy.astype(jnp.float32)
+        sft_sum, _ = losses.sft_loss(logp, mask * ref_rows[:, None], aggregation="sequence")
+        loss_sum = jnp.where(mb["sft_mode"], sft_sum, loss_sum)
+        normaliser = jnp.where(mb["sft_mode"], jnp.sum(ref_rows), normaliser)
+    return loss_sum, (normaliser, metrics)
+
+
+def _policy_updates(state: TrainState, batch: dict, loss_fn, optimizer, schedule, num_iterations: int):
+    """μ passes over the K mini-batches of `batch` [K, M, b, ...]: K * μ optimizer updates, metrics averaged."""
+    k = jax.tree.leaves(batch)[0].shape[0]
+
+    def update(state, i):
+        minibatch = jax.tree.map(lambda x: x[i % k], batch)
+        grads, loss, metrics = accumulate_gradients(loss_fn, state.params, minibatch)
+        state, update_metrics = apply_gradients(state, grads, loss, optimizer, schedule)
+        return state, {**metrics, **update_metrics}
+
+    state, metrics = jax.lax.scan(update, state, jnp.arange(k * num_iterations))
+    summary = jax.tree.map(jnp.mean, metrics)
+    summary["updates"] = jnp.asarray(k * num_iterations, jnp.float32)
+    summary["update_skipped"] = jnp.sum(metrics["update_skipped"])
+    return state, summary
+
+
+def grpo_step(state: TrainState, batch: dict, *, model, optimizer, schedule, cfg: LossConfig):
+    """GRPO on one rollout batch [K, M, b, ...] with precomputed `advantages` (see `losses.group_advantages`)."""
+    loss_fn = functools.partial(grpo_loss_fn, model=model, cfg=cfg)
+    return _policy_updates(state, batch, loss_fn, optimizer, schedule, cfg.num_iterations)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DyME
+# ----------------------------------------------------------------------------------------------------------
+
+MODE_SKIP, MODE_EXPLORE, MODE_MEMORIZE = 0, 1, 2
+
+
+def dyme_plan(rewards: Array, accuracy: Array, cfg: LossConfig) -> dict:
+    """DyME's per-group mode decision, as traced data (the step compiles once).
+
+    Args: rewards [R] (total reward, for the GRPO advantages), accuracy [R] (accuracy reward), R = groups * G,
+      groups contiguous.
+    Per group, c = #{rollouts with accuracy > dyme_correct_threshold}:
+      * "prompt" granularity (DyME's code): c == 0 -> memorise: row 0 becomes the reference answer with advantage 1,
+        the other rows advantage 0 (they stay in the denominator); c == G -> all advantages 0; otherwise the
+        group-normalised GRPO advantages.
+      * "batch" granularity: if the share of c == 0 groups is >= dyme_sft_threshold the whole step is SFT on every
+        group's reference (row 0 of each group, per-sequence token mean over those rows only); otherwise GRPO
+        advantages for every group (all-correct groups get 0 as always).
+    Returns advantages [R], use_reference [R] bool (rows whose completion is replaced by the reference),
+    sft_mode bool scalar, mode [groups] int32, and metrics.
+    """
+    g = cfg.group_size
+    r = rewards.shape[0]
+    correct = (accuracy > cfg.dyme_correct_threshold).reshape(r // g, g).sum(-1)
+    none_correct, all_correct = correct == 0, correct == g
+    grpo_adv = losses.group_advantages(rewards, g, scale=cfg.advantage_scale)
+    first_row = (jnp.arange(r) % g) == 0
+    memorize_rows = jnp.repeat(none_correct, g) & first_row
+    if cfg.dyme_granularity == "prompt":
+        sft_mode = jnp.zeros((), jnp.bool_)
+        use_reference = memorize_rows
+        explore = jnp.repeat(~none_correct & ~all_correct, g)
+        advantages = jnp.where(use_reference, 1.0, jnp.where(explore, grpo_adv, 0.0))
+        mode = jnp.where(none_correct, MODE_MEMORIZE, jnp.where(all_correct, MODE_SKIP, MODE_EXPLORE))
+    else:
+        sft_mode = jnp.mean(none_correct.astype(jnp.float32)) >= cfg.dyme_sft_threshold
+        use_reference = sft_mode & first_row
+        advantages = jnp.where(
+            sft_mode, jnp.where(first_row, 1.0, 0.0), jnp.where(jnp.repeat(all_correct, g), 0.0, grpo_adv)
+        )
+        mode = jnp.where(
+            sft_mode, MODE_MEMORIZE, jnp.where(all_correct, MODE_SKIP, MODE_EXPLORE)
+        ) * jnp.ones_like(correct)
+    metrics = {
+        "dyme/memorize_fraction": jnp.mean((mode == MODE_MEMORIZE).astype(jnp.float32)),
+        "dyme/explore_fraction": jnp.mean((mode == MODE_EXPLORE).astype(jnp.float32)),
+        "dyme/skip_fraction": jnp.mean((mode == MODE_SKIP).astype(jnp.float32)),
+        "dyme/sft_mode": sft_mode.astype(jnp.float32),
+        "accuracy": jnp.mean((accuracy > cfg.dyme_correct_threshold).astype(jnp.float32)),
+        "reward": jnp.mean(rewards),
+    }
+    return dict(advantages=advantages.astype(jnp.float32), use_reference=use_reference, sft_mode=sft_mode, mode=mode,
+                metrics=metrics)
+
+
+def dyme_step(state: TrainState, batch: dict, *, model, optimizer, schedule, cfg: LossConfig):
+    """DyME on one rollout batch [K, M, b, ...] with `rewards`, `accuracy`, `reference_ids`, `reference_mask`
+    (each row carries its prompt's reference). Decides per group (`dyme_plan`), splices references, updates."""
+    lead = batch["rewards"].shape  # (K, M, b)
+    flat = lambda x: x.reshape(-1)  # noqa: E731
+    plan = dyme_plan(flat(batch["rewards"]), flat(batch["accuracy"]), cfg)
+    use_ref = plan["use_reference"].reshape(lead)
+    batch = dict(batch)
+    batch["completion_ids"] = jnp.where(use_ref[..., None], batch.pop("reference_ids"), batch["completion_ids"])
+    batch["completion_mask"] = jnp.where(use_ref[..., None], batch.pop("reference_mask"), batch["completion_mask"])
+    batch["advantages"] = plan["advantages"].reshape(lead)
+    batch["on_policy"] = use_ref
+    batch["sft_mode"] = jnp.broadcast_to(plan["sft_mode"], lead[:2])
+    del batch["rewards"], batch["accuracy"]
+    loss_fn = functools.partial(grpo_loss_fn, model=model, cfg=cfg)
+    state, metrics = _policy_updates(state, batch, loss_fn, optimizer, schedule, cfg.num_iterations)
+    return state, {**metrics, **plan["metrics"]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compilation with explicit shardings
+# ----------------------------------------------------------------------------------------------------------
+
+# Axis of the batch rows in each field, per leading layout; fields absent here use the default row axis.
+def batch_row_axes(num_leading: int) -> dict[str, int | None]:
+    """Row axis of each batch field when the batch has `num_leading` leading axes ([M] for SFT, [K, M] for RL)."""
+    return {"position_ids": num_leading + 1, "pixel_values": None, "vision_inputs": None, "patch_order": None,
+            "rotary_pos": None, "full_segment_ids": None, "window_segment_ids": None, "merge_inverse": None}
+
+
+def state_shardings(state: TrainState, mesh) -> TrainState:
+    from jaxvlm.sharding import replicated, tree_shardings
+
+    return TrainState(
+        step=replicated(mesh), params=tree_shardings(state.params, mesh), opt_state=tree_shardings(state.opt_state, mesh),
+        rng=replicated(mesh),
+    )
+
+
+def jit_step(step_fn, mesh, state_sharding: TrainState, batch_example: dict, num_leading: int, **static):
+    """`step_fn` with its static arguments bound, jitted with explicit in/out shardings and the state donated."""
+    from jaxvlm.sharding import batch_shardings, replicated
+
+    batch_sharding = batch_shardings(batch_example, mesh, batch_row_axes(num_leading), default_axis=num_leading)
+    fn = functools.partial(step_fn, **static)
+    return jax.jit(
+        fn, in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated(mesh)),
+        donate_argnums=(0,),
+    ), batch_sharding
