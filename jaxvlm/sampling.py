@@ -26,6 +26,7 @@ covers tokens up to and including that token, later columns hold `pad_token_id`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -258,7 +259,15 @@ def rollout_sequences(inputs: dict[str, Array], rollout: Rollout, num_generation
     }
 
 
-_generate_jit = jax.jit(generate_from_inputs, static_argnames=("config", "sp", "batch_sharding"))
+@functools.lru_cache(maxsize=None)
+def _generate_jit(batch_sharding: NamedSharding | None):
+    """The sampler jitted for one placement: explicit output shardings (rows over the batch axes) on a mesh."""
+    out_shardings = None
+    if batch_sharding is not None:
+        rows, repl = batch_sharding, NamedSharding(batch_sharding.mesh, P())
+        out_shardings = Rollout(tokens=rows, mask=rows, logprobs=rows, lengths=rows, truncated=rows, steps=repl)
+    fn = functools.partial(generate_from_inputs, batch_sharding=batch_sharding)
+    return jax.jit(fn, static_argnames=("config", "sp"), out_shardings=out_shardings)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -409,7 +418,7 @@ def generate(
             )
         inputs = _place_inputs(inputs, sharding)
         params = _on_mesh(params, mesh)
-    return _generate_jit(params, inputs, key, config=config, sp=sp, batch_sharding=sharding)
+    return _generate_jit(sharding)(params, inputs, key, config=config, sp=sp)
 
 
 def default_suppressed_ids(config: ModelConfig) -> tuple[int, ...]:

@@ -356,6 +356,7 @@ def dyme_plan(rewards: Array, accuracy: Array, cfg: LossConfig) -> dict:
         "dyme/explore_fraction": jnp.mean((mode == MODE_EXPLORE).astype(jnp.float32)),
         "dyme/skip_fraction": jnp.mean((mode == MODE_SKIP).astype(jnp.float32)),
         "dyme/sft_mode": sft_mode.astype(jnp.float32),
+        "frac_reward_zero_std": losses.group_reward_stats(rewards, g)["zero_std_fraction"],
         "accuracy": jnp.mean((accuracy > cfg.dyme_correct_threshold).astype(jnp.float32)),
         "reward": jnp.mean(rewards),
     }

@@ -215,6 +215,13 @@ def test_bitwise_resume_of_real_sft_steps_and_restore_across_meshes(tmp_path):
         resumed, _ = step(resumed, batch)
     assert_trees_equal(resumed, straight)
 
+    # Any checkpoint exports to the Hugging Face format (and loads back unchanged).
+    from jaxvlm import models
+
+    models.save_pretrained(MODEL, resumed.params, str(tmp_path / "hf"))
+    _, exported = models.load_pretrained(str(tmp_path / "hf"))
+    assert_trees_equal(exported, resumed.params)
+
     # Saved sharded over (2, 2, 2), restored onto one device, and the reverse.
     mesh = sharding.make_mesh((2, 2, 2))
     state_sh = train_steps.state_shardings(straight, mesh)

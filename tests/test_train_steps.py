@@ -244,31 +244,51 @@ def test_every_parameter_has_a_rule_and_splits_where_it_should():
         sharding.make_mesh((2, 2, 4))
 
 
+@functools.lru_cache(maxsize=None)
+def steps_on_mesh(shape):
+    """An SFT step then a GRPO step (μ = 2, two mini-batches) on a mesh of `shape`: (params, metrics) on the host."""
+    mesh = sharding.make_mesh(shape, jax.devices()[: int(np.prod(shape))])
+    state, optimizer, schedule = make_state()
+    state_sh = train_steps.state_shardings(state, mesh)
+    state = jax.device_put(state, state_sh)
+    out = {}
+    for step_fn, lead, batch in (
+        (train_steps.sft_step, 1, policy_batch((2,), 8, seed=5)),
+        (train_steps.grpo_step, 2, policy_batch((1, 2), 8, seed=6)),
+    ):
+        fn, batch_sh = train_steps.jit_step(step_fn, mesh, state_sh, batch, lead, model=MODEL, optimizer=optimizer,
+                                            schedule=schedule, cfg=train_steps.LossConfig(num_iterations=2))
+        state, metrics = fn(state, jax.device_put(batch, batch_sh))
+        out[step_fn.__name__] = jax.device_get(metrics)
+    leaf = state.params["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]
+    assert len(leaf.sharding.device_set) == int(np.prod(shape))
+    return jax.device_get(state.params), out
+
+
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
 def test_sharded_steps_match_single_device(mesh_shape):
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices (conftest sets XLA_FLAGS)")
-    cfg = train_steps.LossConfig(num_iterations=2, beta=0.0)
-    results = {}
-    for name, shape in (("single", (1, 1, 1)), ("sharded", mesh_shape)):
-        mesh = sharding.make_mesh(shape, jax.devices()[: int(np.prod(shape))])
+    single, sharded = steps_on_mesh((1, 1, 1)), steps_on_mesh(mesh_shape)
+    assert max_tree_diff(single[0], sharded[0]) < 1e-5
+    for step, values in single[1].items():
+        for key, value in values.items():
+            np.testing.assert_allclose(sharded[1][step][key], value, atol=1e-5, rtol=1e-5, err_msg=f"{step}/{key}")
+
+
+def test_bfloat16_compute_keeps_float32_master_weights():
+    """dtype=bfloat16, param_dtype=float32: the step computes in bf16, updates fp32 params, and its loss agrees
+    with the float32 step to bf16 precision."""
+    model16 = Qwen25VL(CFG.replace(dtype="bfloat16"))
+    batch = policy_batch((1,), 4, seed=9)
+    losses_by_dtype = {}
+    for name, model in (("float32", MODEL), ("bfloat16", model16)):
         state, optimizer, schedule = make_state()
-        state_sh = train_steps.state_shardings(state, mesh)
-        state = jax.device_put(state, state_sh)
-        out = {}
-        for step_fn, lead, batch in (
-            (train_steps.sft_step, 1, policy_batch((2,), 8, seed=5)),
-            (train_steps.grpo_step, 2, policy_batch((1, 2), 8, seed=6)),
-        ):
-            fn, batch_sh = train_steps.jit_step(step_fn, mesh, state_sh, batch, lead, model=MODEL, optimizer=optimizer,
-                                                schedule=schedule, cfg=cfg)
-            state, metrics = fn(state, jax.device_put(batch, batch_sh))
-            out[step_fn.__name__] = jax.device_get(metrics)
-        if name == "sharded":
-            leaf = state.params["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]
-            assert len(leaf.sharding.device_set) == 8
-        results[name] = (jax.device_get(state.params), out)
-    assert max_tree_diff(results["single"][0], results["sharded"][0]) < 1e-5
-    for step in results["single"][1]:
-        for key, value in results["single"][1][step].items():
-            np.testing.assert_allclose(results["sharded"][1][step][key], value, atol=1e-5, rtol=1e-5, err_msg=key)
+        fn = jax.jit(functools.partial(train_steps.sft_step, model=model, optimizer=optimizer, schedule=schedule,
+                                       cfg=train_steps.LossConfig()))
+        new, metrics = fn(state, batch)
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.params))
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.opt_state) if hasattr(x, "dtype") and x.ndim)
+        losses_by_dtype[name] = float(metrics["loss"])
+    assert np.isfinite(losses_by_dtype["bfloat16"])
+    assert abs(losses_by_dtype["bfloat16"] - losses_by_dtype["float32"]) < 0.05 * abs(losses_by_dtype["float32"])
