@@ -441,17 +441,13 @@ def _on_mesh(params: Any, mesh: Mesh) -> Any:
 
 
 def _place_inputs(inputs: dict[str, Any], sharding: NamedSharding) -> dict[str, Any]:
-    """Per-prompt arrays sharded on their batch axis; image arrays (not per prompt) replicated."""
-    replicated = NamedSharding(sharding.mesh, P())
-    placed = {}
-    for name, value in inputs.items():
-        if name == "position_ids":
-            placed[name] = jax.device_put(value, NamedSharding(sharding.mesh, P(None, sharding.spec[0])))
-        elif name in ("input_ids", "attention_mask", "rope_deltas"):
-            placed[name] = jax.device_put(value, sharding)
-        else:
-            placed[name] = jax.device_put(value, replicated)
-    return placed
+    """Per-prompt arrays sharded on their row axis; image arrays (not per prompt) replicated."""
+    from jaxvlm import sharding as shard_rules
+    from jaxvlm.processing.vision import VISION_INPUT_KEYS
+
+    row_axes = {"position_ids": 1, "pixel_values": None, **{k: None for k in VISION_INPUT_KEYS}}
+    placements = shard_rules.batch_shardings(inputs, sharding.mesh, row_axes, axes=tuple(sharding.spec[0]))
+    return jax.device_put(inputs, placements)
 
 
 def decode_completions(tokenizer, rollout: Rollout, *, skip_special_tokens: bool = True) -> list[str]:

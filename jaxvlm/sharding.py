@@ -117,29 +117,34 @@ def tree_shardings(tree: Any, mesh: Mesh, rules=PARAM_RULES) -> Any:
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def batch_spec(ndim: int, batch_axis: int = 0) -> P:
+def batch_spec(ndim: int, batch_axis: int = 0, axes: tuple[str, ...] = BATCH_AXES) -> P:
     spec = [None] * ndim
-    spec[batch_axis] = BATCH_AXES
+    spec[batch_axis] = axes
     return P(*spec)
 
 
-def batch_shardings(batch: Any, mesh: Mesh, batch_axes: dict[str, int] | None = None, default_axis: int = 0) -> Any:
-    """Shardings for a batch dict: the row axis (`batch_axes[name]`, else `default_axis`) over data x fsdp.
-    Leaves listed with axis None (e.g. pixel patches, which are not per row) are replicated."""
-    batch_axes = batch_axes or {}
+def batch_shardings(
+    batch: Any, mesh: Mesh, row_axes: dict[str, int | None] | None = None, default_axis: int = 0,
+    axes: tuple[str, ...] = BATCH_AXES,
+) -> Any:
+    """Shardings for a batch dict: each leaf's row axis (`row_axes[name]`, else `default_axis`) over the mesh's
+    batch `axes` (data x fsdp). Leaves listed with axis None (e.g. pixel patches and vision metadata, which are
+    not per row) and scalars are replicated."""
+    row_axes = row_axes or {}
+    size = _axis_size(mesh, tuple(axes))
 
     def one(path, leaf):
         name = path_str(path).split("/")[-1]
-        axis = batch_axes.get(name, default_axis)
-        if axis is None or not getattr(leaf, "ndim", 0):
+        axis = row_axes.get(name, default_axis)
+        if axis is None or getattr(leaf, "ndim", 0) <= axis:
             return NamedSharding(mesh, P())
         rows = leaf.shape[axis]
-        if rows % _axis_size(mesh, BATCH_AXES):
+        if rows % size:
             raise ValueError(
                 f"batch field {path_str(path)!r} has {rows} rows on axis {axis}, not divisible by the "
-                f"{_axis_size(mesh, BATCH_AXES)} data-parallel devices of mesh {dict(mesh.shape)}"
+                f"{size} data-parallel devices of mesh {dict(mesh.shape)}"
             )
-        return NamedSharding(mesh, batch_spec(leaf.ndim, axis))
+        return NamedSharding(mesh, batch_spec(leaf.ndim, axis, tuple(axes)))
 
     return jax.tree_util.tree_map_with_path(one, batch)
 

@@ -387,11 +387,12 @@ def dyme_step(state: TrainState, batch: dict, *, model, optimizer, schedule, cfg
 # Compilation with explicit shardings
 # ----------------------------------------------------------------------------------------------------------
 
-# Axis of the batch rows in each field, per leading layout; fields absent here use the default row axis.
 def batch_row_axes(num_leading: int) -> dict[str, int | None]:
-    """Row axis of each batch field when the batch has `num_leading` leading axes ([M] for SFT, [K, M] for RL)."""
-    return {"position_ids": num_leading + 1, "pixel_values": None, "vision_inputs": None, "patch_order": None,
-            "rotary_pos": None, "full_segment_ids": None, "window_segment_ids": None, "merge_inverse": None}
+    """Row axis of the batch fields that differ from the default (`num_leading`: [M] for SFT, [K, M] for RL):
+    position_ids [.., 3, b, S]; images and vision metadata are not per row (replicated)."""
+    from jaxvlm.processing.vision import VISION_INPUT_KEYS
+
+    return {"position_ids": num_leading + 1, "pixel_values": None, **{k: None for k in VISION_INPUT_KEYS}}
 
 
 def state_shardings(state: TrainState, mesh) -> TrainState:

@@ -22,8 +22,7 @@ def free_port():
 
 
 def test_two_processes_match_one_process(tmp_path):
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 devices (conftest sets XLA_FLAGS)")
+    assert jax.device_count() >= 8, "conftest sets XLA_FLAGS=--xla_force_host_platform_device_count=8"
     from multihost_worker import run_steps
 
     out, port = str(tmp_path / "params.npz"), free_port()

@@ -394,8 +394,7 @@ def test_prompt_and_images_are_prefilled_once_per_group(loaded, monkeypatch):
 
 
 def test_sharded_generation_equals_single_device(loaded):
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8, set by conftest)")
+    assert jax.device_count() >= 8, "conftest sets XLA_FLAGS=--xla_force_host_platform_device_count=8"
     _, model, params = loaded["gqa6_untied_win112"]
     batch = image_batch([1, 0, 1, 0, 0, 1, 0, 0], [[1, 4, 4], [1, 6, 4], [1, 4, 8]], seed=6)
     kw = dict(num_generations=3, max_new_tokens=8, temperature=1.0, top_p=0.95)
