@@ -1,0 +1,176 @@
+"""The one record format every jaxvlm dataset produces: a plain dict called an *example*.
+
+The gym (`jaxvlm.data.gym`), its tensorflow-datasets builder and the JSONL reader (`jaxvlm.data.jsonl`) all yield
+examples; the pipeline (`jaxvlm.data.pipeline`) turns them into model batches, and the reward library
+(`jaxvlm.rewards`) scores completions against them. Fields:
+
+  id           str, unique within a dataset ("gym/train/count/17", "data.jsonl:12").
+  question     str, the bare question (no format instructions: the prompt style adds those).
+  answer       str, the reference answer, canonical for its `answer_type` (see ANSWER_TYPES).
+  answer_type  str, how the answer is scored: one of ANSWER_TYPES.
+  task         str, the task family ("exists", "count", "grounding", ...; free-form for JSONL data).
+  images       list of uint8 arrays [H, W, 3] (RGB); empty for text-only examples.
+  reasoning    str, a reference chain of thought ("" if none): SFT targets, DyME's memorisation rows.
+  caption      str, a description of the image(s) ("" if none): Infi-MMR's caption-augmented phase.
+  difficulty   int, a graded level >= 0 (0 when unknown).
+  bbox         list of 4 floats [x1, y1, x2, y2] in pixels of the (first) image, or [] (grounding answers).
+  options      list of str, the option texts of choice questions, in letter order A, B, ... (else []).
+  source       str, where the example came from ("gym" or "path/to/file.jsonl:LINE"), for error messages.
+
+Canonical answers by `answer_type`:
+  yesno         "yes" | "no"
+  choice        one option letter, "B"
+  multi_choice  sorted distinct letters joined by ",", "A,C"
+  number        a decimal number, "3", "-2.5"
+  math          a math expression (scored with math-verify when installed, else as a number), "\\frac{1}{2}"
+  string        free text, compared after normalisation, "red"
+  bbox          "[x1, y1, x2, y2]" (the `bbox` field holds the same four numbers)
+  labels        one or more labels joined by ", ", "calm" or "calm, warm" (scored by Jaccard overlap)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+ANSWER_TYPES = ("yesno", "choice", "multi_choice", "number", "math", "string", "bbox", "labels")
+
+REQUIRED_FIELDS = ("question", "answer")
+DEFAULTS: dict[str, Any] = {
+    "id": "",
+    "answer_type": "string",
+    "task": "",
+    "reasoning": "",
+    "caption": "",
+    "difficulty": 0,
+    "bbox": [],
+    "options": [],
+    "source": "",
+}
+FIELDS = ("id", "question", "answer", "answer_type", "task", "images", "reasoning", "caption", "difficulty",
+          "bbox", "options", "source")
+
+OPTION_LETTERS = "ABCDEFGHIJ"
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+
+
+class ExampleError(ValueError):
+    """A malformed example; the message names where it came from (`source`) and the offending field."""
+
+
+def _fail(where: str, field: str, message: str) -> ExampleError:
+    return ExampleError(f"{where or '<example>'}: field {field!r}: {message}")
+
+
+def canonical_answer(answer_type: str, answer: str, where: str = "") -> str:
+    """`answer` rewritten in the canonical form of `answer_type`; raises ExampleError if it has none."""
+    text = str(answer).strip()
+    if answer_type == "yesno":
+        low = text.lower().rstrip(".")
+        if low not in ("yes", "no"):
+            raise _fail(where, "answer", f"a yesno answer must be 'yes' or 'no', got {answer!r}")
+        return low
+    if answer_type in ("choice", "multi_choice"):
+        letters = [part.strip().upper() for part in re.split(r"[,\s]+", text) if part.strip()]
+        if not letters or any(len(x) != 1 or x not in OPTION_LETTERS for x in letters):
+            raise _fail(where, "answer", f"a {answer_type} answer must be option letters like 'B' or 'A,C', "
+                        f"got {answer!r}")
+        if answer_type == "choice" and len(letters) != 1:
+            raise _fail(where, "answer", f"a choice answer is one letter, got {answer!r} (use multi_choice)")
+        return ",".join(sorted(set(letters)))
+    if answer_type == "number":
+        if not _NUMBER.match(text.replace(",", "")):
+            raise _fail(where, "answer", f"a number answer must be a decimal number, got {answer!r}")
+        return text.replace(",", "")
+    if answer_type == "bbox":
+        box = parse_box_field(text, where, "answer")
+        return format_box(box)
+    if answer_type == "labels":
+        labels = [x.strip() for x in re.split(r"[,，、]+", text) if x.strip()]
+        if not labels:
+            raise _fail(where, "answer", "a labels answer needs at least one label")
+        return ", ".join(labels)
+    if answer_type in ("math", "string"):
+        if not text:
+            raise _fail(where, "answer", "the answer is empty")
+        return text
+    raise _fail(where, "answer_type", f"must be one of {ANSWER_TYPES}, got {answer_type!r}")
+
+
+def format_box(box) -> str:
+    """`[x1, y1, x2, y2]` with integers printed without a decimal point."""
+    return "[" + ", ".join(str(int(v)) if float(v).is_integer() else f"{float(v):g}" for v in box) + "]"
+
+
+def parse_box_field(value, where: str, field: str) -> list[float]:
+    """A box given as a list of 4 numbers or the string "[x1, y1, x2, y2]", checked for x1<=x2, y1<=y2."""
+    if isinstance(value, str):
+        numbers = re.findall(r"[+-]?\d+(?:\.\d+)?", value)
+        values = [float(x) for x in numbers]
+    else:
+        try:
+            values = [float(x) for x in value]
+        except (TypeError, ValueError):
+            raise _fail(where, field, f"a box must be 4 numbers [x1, y1, x2, y2], got {value!r}") from None
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise _fail(where, field, f"a box must be 4 finite numbers [x1, y1, x2, y2], got {value!r}")
+    x1, y1, x2, y2 = values
+    if x2 < x1 or y2 < y1:
+        raise _fail(where, field, f"a box needs x1 <= x2 and y1 <= y2, got {value!r}")
+    return values
+
+
+def validate_example(example: Mapping[str, Any]) -> dict[str, Any]:
+    """A complete, checked copy of `example` (defaults filled in, answer canonical); raises ExampleError.
+
+    Images must already be decoded (uint8 [H, W, 3]); the JSONL reader loads them before calling this.
+    """
+    where = str(example.get("source") or example.get("id") or "")
+    unknown = set(example) - set(FIELDS)
+    if unknown:
+        raise _fail(where, sorted(unknown)[0], f"unknown field (known: {', '.join(FIELDS)})")
+    for field in REQUIRED_FIELDS:
+        value = example.get(field)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise _fail(where, field, "missing or empty")
+    out = {**DEFAULTS, **{k: v for k, v in example.items() if v is not None}}
+    for field in ("id", "question", "task", "reasoning", "caption", "source", "answer_type"):
+        if not isinstance(out[field], str):
+            raise _fail(where, field, f"must be a string, got {type(out[field]).__name__}")
+    if not isinstance(out["answer"], (str, int, float)) or isinstance(out["answer"], bool):
+        raise _fail(where, "answer", f"must be a string or a number, got {type(out['answer']).__name__}")
+    out["answer"] = canonical_answer(out["answer_type"], out["answer"], where)
+    difficulty = out["difficulty"]
+    if isinstance(difficulty, bool) or not isinstance(difficulty, (int, np.integer)) or difficulty < 0:
+        raise _fail(where, "difficulty", f"must be an int >= 0, got {difficulty!r}")
+    out["difficulty"] = int(difficulty)
+    out["bbox"] = [] if len(out["bbox"]) == 0 else parse_box_field(out["bbox"], where, "bbox")
+    if out["answer_type"] == "bbox" and not out["bbox"]:
+        out["bbox"] = parse_box_field(out["answer"], where, "answer")
+    options = out["options"]
+    if not isinstance(options, (list, tuple)) or not all(isinstance(x, str) for x in options):
+        raise _fail(where, "options", "must be a list of strings")
+    if len(options) > len(OPTION_LETTERS):
+        raise _fail(where, "options", f"at most {len(OPTION_LETTERS)} options")
+    out["options"] = list(options)
+    if options and out["answer_type"] in ("choice", "multi_choice"):
+        for letter in out["answer"].split(","):
+            if OPTION_LETTERS.index(letter) >= len(options):
+                raise _fail(where, "answer", f"letter {letter} but only {len(options)} options")
+    images = example.get("images", [])
+    if images is None:
+        images = []
+    if not isinstance(images, (list, tuple)):
+        raise _fail(where, "images", f"must be a list of images, got {type(images).__name__}")
+    checked = []
+    for k, image in enumerate(images):
+        array = np.asarray(image)
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3 or min(array.shape[:2]) < 1:
+            raise _fail(where, "images", f"image {k} must be uint8 [H, W, 3], got {array.dtype} {array.shape}")
+        checked.append(array)
+    out["images"] = checked
+    return out
