@@ -28,6 +28,8 @@ setup(
     ],
     extras_require={
         # torch is only the parity oracle of the tests (and the PyTorch baseline of the benchmarks).
-        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0"],
+        # math-verify scores math answers (jaxvlm.rewards falls back to numeric / string match without it).
+        "math": ["math-verify>=0.9.0"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "math-verify>=0.9.0"],
     },
 )

@@ -1,0 +1,641 @@
+"""Verifiable rewards: score completion strings against examples (`jaxvlm.data.example`), on the host.
+
+Pure Python + numpy (no jax): the trainer decodes the sampled completions, calls `compute_rewards` and feeds the
+float32 [N, R] matrix to `jaxvlm.losses`. `completions[i]` is scored against `examples[i]`; the trainer repeats
+each prompt's example G times.
+
+Registry: a reward is `fn(completion: str, example: Mapping, **kwargs) -> float`, registered by name with
+`@register("name")`; `parse_reward_specs` turns config entries into `RewardSpec(name, weight, kwargs)`. Built in:
+format_think_answer and format_think_answer_bbox (Curr-ReFT), format_dyme (DyME), format_answer_tag (an answer block
+alone, for format-only stages such as CLGRPO's stage 2), accuracy (dispatched on `answer_type`), iou (continuous)
+and think_f1 (DyME's local thinking reward).
+
+Departures from the papers' code (each also stated where it happens):
+  * Tags: no complete `<answer>` block, or several, is no answer (Curr-ReFT uses the whole text / the first block);
+    the format reward wants each tag once (Curr-ReFT's `.*?` regex accepts `<answer>1</answer><answer>2</answer>`).
+  * Detection format: a bare `[x1, y1, x2, y2]` (Curr-ReFT wants it inside `{...}`), decimals allowed, one box only.
+  * DyME: no "answer:" is no answer (DyME compares the whole text, which almost never matches).
+  * Yes/no: the no-words need word boundaries too ("nothing" is not "no"); yes- and no-words together score 0.
+  * Choice: letter sets (order-insensitive), A-J (Curr-ReFT: ordered string, A-E); a lone lowercase letter counts.
+  * Numbers: exactly one distinct number ("3 or 4" scores 0). Tolerance 0 by default, as DyME trains.
+  * Math: math-verify with (gold, prediction) in its documented order, else numbers then exact strings; never
+    Curr-ReFT's stage-3 fallbacks (empty option-letter lists compare equal, substring containment), which give
+    `<answer>7</answer>` vs "5" a reward of 1.
+  * IoU: exactly one predicted box (Curr-ReFT reads the first); plain area formula unless `inclusive=True`.
+  * Jaccard: surrounding punctuation stripped from each label.
+  * think_f1: no spaCy (stopword list + rule lemmatiser instead of POS filter + lemmas); exact F1 (DyME adds 1e-6).
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import dataclasses
+import inspect
+import logging
+import math
+import re
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+RewardFn = Callable[..., float]
+REWARDS: dict[str, RewardFn] = {}
+
+
+def register(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Decorator: add `fn(completion, example, **kwargs) -> float` to `REWARDS` under `name` (names are unique)."""
+    def decorate(fn: RewardFn) -> RewardFn:
+        if name in REWARDS:
+            raise ValueError(f"reward {name!r} is already registered")
+        REWARDS[name] = fn
+        return fn
+    return decorate
+
+
+def get_reward(name: str) -> RewardFn:
+    """The reward registered as `name`; KeyError listing the known names otherwise."""
+    try:
+        return REWARDS[name]
+    except KeyError:
+        raise KeyError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Answer extraction
+
+_DYME_FLAG = re.compile(r"answer:", re.IGNORECASE)
+
+
+def _single_block(completion: str, tag: str) -> str | None:
+    """Content of the one `<tag>...</tag>` block, or None when there is none, an unclosed one, or several."""
+    if completion.count(f"<{tag}>") != 1 or completion.count(f"</{tag}>") != 1:
+        return None
+    match = re.search(f"<{tag}>(.*?)</{tag}>", completion, re.DOTALL)
+    return match.group(1).strip() if match else None
+
+
+def extract_answer(completion: str, style: str = "tags") -> str | None:
+    """The predicted answer in `completion`, or None when there is none.
+
+    "tags": the content of the single `<answer>...</answer>` block (Curr-ReFT / R1-V prompts); None without a complete
+            block and None when there are several (ambiguous). Curr-ReFT uses the whole completion in the first case
+            and the first block in the second.
+    "dyme": the first non-empty line after the LAST "answer:" (any case), with markdown `*` and whitespace stripped
+            (DyME's `ExplicitPromptRelaxedCorrectness._get_final_answer`); None when "answer:" is absent.
+    "raw":  the whole completion, stripped.
+    """
+    if style == "tags":
+        return _single_block(completion, "answer")
+    if style == "dyme":
+        flags = list(_DYME_FLAG.finditer(completion))
+        if not flags:
+            return None
+        lines = (line.strip().strip("*").strip() for line in completion[flags[-1].end():].split("\n"))
+        return next((line for line in lines if line), "")
+    if style == "raw":
+        return completion.strip()
+    raise ValueError(f"unknown answer extraction style {style!r} (expected 'tags', 'dyme' or 'raw')")
+
+
+def dyme_thinking(completion: str) -> str:
+    """DyME's thinking text: everything before the first "answer:" (any case); the whole text when it is absent."""
+    match = _DYME_FLAG.search(completion)
+    return (completion[:match.start()] if match else completion).strip()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Format rewards
+
+_THINK_ANSWER = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+_NUM = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
+_BOX = re.compile(rf"\[\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\]")
+
+
+@register("format_think_answer")
+def format_think_answer(completion: str, example: Mapping | None = None) -> float:
+    """Curr-ReFT's format reward: `re.fullmatch(r"<think>.*?</think>\\s*<answer>.*?</answer>", text, DOTALL)` on the
+    stripped completion, AND each of the four tags exactly once. The count check is stricter than Curr-ReFT: its lazy
+    `.*?` still lets `<think>..</think><answer>1</answer><answer>2</answer>` match, and we do not reward two answers."""
+    text = completion.strip()
+    if not _THINK_ANSWER.fullmatch(text):
+        return 0.0
+    tags = ("<think>", "</think>", "<answer>", "</answer>")
+    return float(all(text.count(tag) == 1 for tag in tags))
+
+
+@register("format_think_answer_bbox")
+def format_think_answer_bbox(completion: str, example: Mapping | None = None) -> float:
+    """Curr-ReFT's detection format reward: `format_think_answer` and exactly one `[x1, y1, x2, y2]` list of numbers
+    in the answer. Curr-ReFT's regex wants the list inside a JSON-ish `{...}` and integer coordinates; we also accept
+    the bare list and decimals, but not several boxes."""
+    if not format_think_answer(completion):
+        return 0.0
+    answer = _single_block(completion, "answer")
+    return float(answer is not None and len(_BOX.findall(answer)) == 1)
+
+
+@register("format_dyme")
+def format_dyme(completion: str, example: Mapping | None = None) -> float:
+    """DyME's format reward (`RewardCalculatorLocal.get_format_reward`, min_thinking_length 0): "answer:" in any case
+    occurs exactly once."""
+    return float(len(_DYME_FLAG.findall(completion)) == 1)
+
+
+@register("format_answer_tag")
+def format_answer_tag(completion: str, example: Mapping | None = None) -> float:
+    """Exactly one complete `<answer>...</answer>` block; no `<think>` needed (format-only stages)."""
+    return float(_single_block(completion, "answer") is not None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Accuracy scorers: (extracted prediction, reference) -> score in [0, 1]
+
+_YES = re.compile(r"(?<![a-z])(yes|true|correct)(?![a-z])")
+_NO = re.compile(r"(?<![a-z])(no|false|incorrect)(?![a-z])")
+
+
+def yesno_label(pred: str) -> str | None:
+    """"yes", "no" or None (unknown, or both yes- and no-words: ambiguous).
+
+    Curr-ReFT stage 1 lowercases and tries `(?<![a-z])(yes|true|correct)(?![a-z])`, then `(no|false|incorrect)`. The
+    lookbehind keeps "incorrect" from matching "correct". Departures: the no-words get the same boundaries (else
+    "nothing" or "know" read as "no"), and a text with both kinds ("yes and no") is ambiguous, not "yes".
+    """
+    text = pred.lower()
+    has_yes, has_no = bool(_YES.search(text)), bool(_NO.search(text))
+    if has_yes == has_no:
+        return None
+    return "yes" if has_yes else "no"
+
+
+def yesno_score(pred: str, gt: str) -> float:
+    """1.0 iff `yesno_label(pred)` equals the canonical "yes"/"no" answer."""
+    label = yesno_label(pred)
+    return float(label is not None and label == gt.strip().lower().rstrip("."))
+
+
+_LETTER = re.compile(r"(?<![A-Za-z0-9_])([A-J])(?![A-Za-z0-9_])")
+
+
+def choice_letters(text: str) -> list[str]:
+    """Ordered, deduplicated standalone option letters A-J (Curr-ReFT's `get_final_answer`, which uses A-E).
+
+    "A", "(B)", "B.", "A, C" count; the A of "Answer" and the lowercase article "a" do not. A text that is nothing
+    but one lowercase letter ("b", "(c).") counts as that letter. Caveat: a standalone capital "I" counts as option I.
+    """
+    letters = list(dict.fromkeys(_LETTER.findall(text)))
+    if not letters:
+        bare = text.strip().strip("().:*[] ")
+        if len(bare) == 1 and bare in "abcdefghij":
+            letters = [bare.upper()]
+    return letters
+
+
+def choice_score(pred: str, gt: str, partial_credit: float = 0.0) -> float:
+    """Set match of option letters: equal sets → 1; no overlap or empty prediction → 0; partial overlap →
+    `partial_credit`. Curr-ReFT's released stage 2 has no partial credit (0.0, the default); its experimental
+    `calculate_list_hard_reward` gives 0.2. Sets, so "C, A" matches "A,C" (Curr-ReFT compares ordered strings)."""
+    predicted, expected = set(choice_letters(pred)), set(choice_letters(gt))
+    if not predicted or not expected or not predicted & expected:
+        return 0.0
+    return 1.0 if predicted == expected else float(partial_credit)
+
+
+_NUMBER_TOKEN = re.compile(r"(?<![\w.])[+-]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?:[eE][+-]?\d+)?(?!\d)")
+_FRACTION = re.compile(r"\\d?frac\{\s*([+-]?\d+(?:\.\d+)?)\s*\}\{\s*([+-]?\d+(?:\.\d+)?)\s*\}|"
+                       r"([+-]?\d+(?:\.\d+)?)\s*/\s*([+-]?\d+(?:\.\d+)?)")
+
+
+def parse_single_number(text: str) -> float | None:
+    """The one number in `text` ("1,000" = 1000; words around it allowed); None if there is none or several
+    distinct values ("3 or 4": no hedging)."""
+    values = {float(token.replace(",", "")) for token in _NUMBER_TOKEN.findall(text)}
+    if len(values) != 1:
+        return None
+    (value,) = values
+    return value if math.isfinite(value) else None
+
+
+def number_score(pred: str, gt: str, rel_tol: float = 0.0, abs_tol: float = 0.0) -> float:
+    """1.0 iff the prediction holds exactly one number and it is `math.isclose(.., rel_tol, abs_tol)` to the answer.
+
+    Tolerance 0 is exact: DyME trains with relative tolerance 0 (`eval_one_chart(.., 0)`); ChartQA evaluation uses
+    rel_tol=0.05. A reference that is not a number is compared as a string (`string_score`).
+    """
+    expected = parse_single_number(gt)
+    if expected is None:
+        return string_score(pred, gt)
+    value = parse_single_number(pred)
+    return float(value is not None and math.isclose(value, expected, rel_tol=rel_tol, abs_tol=abs_tol))
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_EDGE_PUNCTUATION = " \t\n\"'`.,;:!?()[]{}*_"
+
+
+def normalize_text(text: str) -> str:
+    """Lowercase, drop the articles a/an/the, collapse whitespace, strip surrounding punctuation."""
+    text = _ARTICLES.sub(" ", text.lower())
+    return " ".join(text.split()).strip(_EDGE_PUNCTUATION)
+
+
+def string_score(pred: str, gt: str) -> float:
+    """Normalised exact match (`normalize_text`); an empty prediction scores 0."""
+    predicted = normalize_text(pred)
+    return float(bool(predicted) and predicted == normalize_text(gt))
+
+
+def math_verify_available() -> bool:
+    try:
+        import math_verify  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _latex_wrapped(text: str) -> str:
+    """`$text$` unless the text already has math delimiters or \\boxed: math-verify then parses the whole answer as
+    one expression ("3 or 5" becomes the set {3, 5}, not its last number)."""
+    return text if re.search(r"\$|\\boxed|\\\(|\\\[", text) else f"${text}$"
+
+
+def _unwrap_math(text: str) -> str:
+    """`text` without surrounding `$`, `\\boxed{...}`, whitespace and a trailing '.'."""
+    text = text.strip().strip("$").strip()
+    boxed = re.fullmatch(r"\\boxed\{(.*)\}", text)
+    return (boxed.group(1) if boxed else text).strip().rstrip(".")
+
+
+def _simple_number(text: str) -> float | None:
+    """A plain number, `a/b` or `\\frac{a}{b}` (the math fallback's numbers), else None."""
+    text = _unwrap_math(text)
+    fraction = _FRACTION.fullmatch(text)
+    if fraction:
+        parts = fraction.group(1, 2) if fraction.group(1) else fraction.group(3, 4)
+        numerator, denominator = float(parts[0]), float(parts[1])
+        return numerator / denominator if denominator else None
+    return parse_single_number(text) if _NUMBER_TOKEN.fullmatch(text.replace(" ", "")) else None
+
+
+def _math_string(text: str) -> str:
+    return re.sub(r"\s+", "", _unwrap_math(text)).lower()
+
+
+def math_score(pred: str, gt: str, *, use_math_verify: bool | None = None) -> float:
+    """Math answer check. Never substring containment, never option letters unless the reference is a letter.
+
+    With math-verify (`use_math_verify` None = when importable): `verify(parse(gold), parse(prediction))`, gold first
+    as its API asks (R1-V's reward code passes them the other way round), both wrapped in `$...$` when they have no math
+    delimiters. Parsing timeouts (signal-based) are only used on the main thread. A reference math-verify cannot parse
+    falls back to the path below. Without math-verify: both sides as numbers (plain, `a/b`, `\\frac{a}{b}`, `\\boxed`),
+    else exact match after removing `$`, `\\boxed{}`, whitespace, case and a trailing '.'.
+    Curr-ReFT's stage-3 bug gave `<answer>7</answer>` vs "5" (and "" or "1" vs "12") a reward of 1; all score 0 here.
+    """
+    if not pred.strip():
+        return 0.0
+    if use_math_verify is None:
+        use_math_verify = math_verify_available()
+    if use_math_verify:
+        import math_verify
+
+        main = threading.current_thread() is threading.main_thread()
+        gold = math_verify.parse(_latex_wrapped(gt), parsing_timeout=5 if main else None)
+        if gold:
+            predicted = math_verify.parse(_latex_wrapped(pred), parsing_timeout=5 if main else None)
+            verified = bool(predicted) and math_verify.verify(gold, predicted, timeout_seconds=5 if main else None)
+            return float(verified or _math_string(pred) == _math_string(gt))
+    expected, value = _simple_number(gt), _simple_number(pred)
+    if expected is not None:
+        return float(value is not None and math.isclose(value, expected, rel_tol=1e-9, abs_tol=1e-12))
+    return float(bool(_math_string(pred)) and _math_string(pred) == _math_string(gt))
+
+
+def iou(box_a: Sequence[float], box_b: Sequence[float], inclusive: bool = False) -> float:
+    """IoU of two pixel boxes [x1, y1, x2, y2]; 0 when the union has no area.
+
+    Plain area formula by default. `inclusive=True` is Curr-ReFT's inclusive-pixel formula: widths and heights
+    are x2 - x1 + 1 (a box covers the pixels x1..x2 inclusive).
+    """
+    ax1, ay1, ax2, ay2 = (float(v) for v in box_a)
+    bx1, by1, bx2, by2 = (float(v) for v in box_b)
+    pad = 1.0 if inclusive else 0.0
+    inter = (max(0.0, min(ax2, bx2) - max(ax1, bx1) + pad) * max(0.0, min(ay2, by2) - max(ay1, by1) + pad))
+    union = (ax2 - ax1 + pad) * (ay2 - ay1 + pad) + (bx2 - bx1 + pad) * (by2 - by1 + pad) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def parse_boxes(text: str) -> list[list[float]]:
+    """Every `[x1, y1, x2, y2]` list of 4 numbers in `text`."""
+    return [[float(v) for v in match] for match in _BOX.findall(text)]
+
+
+def _reference_box(example: Mapping) -> list[float]:
+    box = list(example.get("bbox") or [])
+    if not box:
+        boxes = parse_boxes(str(example.get("answer", "")))
+        box = boxes[0] if len(boxes) == 1 else []
+    if len(box) != 4:
+        raise ValueError(f"example {example.get('id', '')!r} has no reference box")
+    return [float(v) for v in box]
+
+
+def iou_score(pred: str, example: Mapping, threshold: float | None = None, *, inclusive: bool = False) -> float:
+    """IoU of the one box in `pred` with the example's `bbox` (or the box in its `answer`).
+
+    Exactly one box is required: none or several score 0, so listing many boxes cannot game the reward (Curr-ReFT
+    reads the first). A box with x2 < x1 or y2 < y1 scores 0. With `threshold`, Curr-ReFT's rule: 1.0 iff IoU >
+    threshold (strictly; IoU exactly 0.5 gives 0 at threshold 0.5).
+    """
+    boxes = parse_boxes(pred)
+    if len(boxes) != 1:
+        return 0.0
+    (box,) = boxes
+    if box[2] < box[0] or box[3] < box[1]:
+        return 0.0
+    value = iou(box, _reference_box(example), inclusive=inclusive)
+    return value if threshold is None else float(value > threshold)
+
+
+def label_set(text: str) -> set[str]:
+    """Lowercased labels: `ast.literal_eval` of a list when the text holds '[', else split on `[,，、\\s]+` (Curr-ReFT's
+    rule; a multi-word label becomes several words, on both sides alike). Surrounding punctuation is stripped."""
+    items = [text]
+    if "[" in text:
+        try:
+            parsed = ast.literal_eval(text[text.index("["): text.rindex("]") + 1])
+            if isinstance(parsed, (list, tuple)):
+                items = [str(x) for x in parsed]
+        except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+            pass
+    labels = (part.strip(_EDGE_PUNCTUATION).lower() for item in items for part in re.split(r"[,，、\s]+", item))
+    return {label for label in labels if label}
+
+
+def jaccard_score(pred: str, gt: str) -> float:
+    """|P ∩ G| / |P ∪ G| of the label sets (Curr-ReFT stage-3 classification); an empty prediction scores 0."""
+    predicted, expected = label_set(pred), label_set(gt)
+    if not predicted or not expected:
+        return 0.0
+    return len(predicted & expected) / len(predicted | expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DyME thinking reward without spaCy
+
+STOPWORDS = frozenset("""
+a about above across after afterwards again against all almost along already also although always am among an and
+another any anyone anything are around as at be because been before being below beside besides between beyond both
+but by can cannot could did do does doing done down during each either else enough etc even ever every everything
+few for from further had has have having he hence her here hers herself him himself his how however i if in indeed
+into is it its itself just least less let lets like may me might more moreover most mostly much must my myself
+neither never nevertheless no none nor not nothing now of off often on once only onto or other others otherwise our
+ours ourselves out over own per perhaps quite rather really same shall she should since so some something somewhat
+still such than that the their theirs them themselves then there thereby therefore these they this those though
+through throughout thus to together too toward towards under unless until up upon us very via was we well were what
+whatever when whenever where whereas wherever whether which while who whom whose why will with within without would
+yet you your yours yourself yourselves s t d ll m re ve
+""".split())
+_WORD = re.compile(r"[a-z]+|\d+(?:\.\d+)?")
+_DOUBLED = set("bdgmnprt")
+
+
+def lemma(word: str) -> str:
+    """A small deterministic lemmatiser (both sides of the F1 go through it, so consistency matters more than
+    linguistics): plural -ies/-es/-s, then -ing/-ed when a stem of >= 3 letters with a vowel remains (doubled final
+    consonant undone: running → run), then a final -e is dropped (make/making/makes → mak)."""
+    if len(word) <= 3 or not word.isalpha():
+        return word
+    if word.endswith(("ies", "ied")) and len(word) > 4:
+        stem = word[:-3] + "y"
+    else:
+        stem = word
+        if stem.endswith(("sses", "shes", "ches", "xes", "zes")):
+            stem = stem[:-2]
+        elif stem.endswith("s") and not stem.endswith(("ss", "us", "is")):
+            stem = stem[:-1]
+        for suffix in ("ing", "ed"):
+            if stem.endswith(suffix) and not stem.endswith("eed"):
+                base = stem[: -len(suffix)]
+                if len(base) >= 3 and re.search(r"[aeiouy]", base):
+                    undouble = len(base) >= 4 and base[-1] == base[-2] and base[-1] in _DOUBLED
+                    stem = base[:-1] if undouble else base
+                break
+    return stem[:-1] if len(stem) > 3 and stem.endswith("e") else stem
+
+
+def content_lemmas(text: str) -> set[str]:
+    """Lemmas of the non-stopword tokens (`[a-z]+` words and numbers) of the lowercased text."""
+    return {lemma(token) for token in _WORD.findall(text.lower()) if token not in STOPWORDS}
+
+
+def think_f1(thinking: str, reference: str) -> float:
+    """DyME's local thinking reward: F1 = 2PR/(P+R) between the content-lemma sets of `thinking` and `reference`;
+    0 when either set is empty.
+
+    DyME (`RewardCalculatorLocal`) keeps spaCy `en_core_web_sm` lemmas of NOUN/PROPN/VERB/ADJ/NUM tokens that are not
+    stop words, and adds 1e-6 to the P and R denominators. We have no spaCy: a built-in stopword list (which also
+    holds common adverbs/pronouns spaCy's POS filter would drop) and the rule lemmatiser `lemma` stand in, and F1 is
+    exact (identical texts give 1.0).
+    """
+    predicted, expected = content_lemmas(thinking), content_lemmas(reference)
+    common = len(predicted & expected)
+    if not predicted or not expected or not common:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registered answer rewards
+
+_DYME_NORMALISED_TYPES = ("yesno", "number", "string", "labels")
+
+
+@register("accuracy")
+def accuracy(completion: str, example: Mapping, *, extract: str = "tags", partial_credit: float = 0.0,
+             rel_tol: float = 0.0, abs_tol: float = 0.0, iou_threshold: float | None = 0.5,
+             inclusive_iou: bool = False, use_math_verify: bool | None = None) -> float:
+    """Answer correctness, dispatched on `example["answer_type"]`:
+
+    yesno → yesno_score, choice/multi_choice → choice_score(partial_credit), number → number_score(rel_tol, abs_tol),
+    math → math_score, string → string_score, bbox → iou_score(iou_threshold; None = continuous IoU, inclusive_iou),
+    labels → jaccard_score. The prediction comes from `extract_answer(completion, extract)`; none → 0. With
+    extract="dyme" the prediction of yes/no, number, string and labels answers gets DyME's normalisation (lowercase,
+    trailing '.' stripped) first.
+    """
+    pred = extract_answer(completion, extract)
+    if pred is None:
+        return 0.0
+    answer_type, gt = example.get("answer_type", "string"), str(example["answer"])
+    if extract == "dyme" and answer_type in _DYME_NORMALISED_TYPES:
+        pred = pred.lower().strip().rstrip(".")
+    if answer_type == "yesno":
+        return yesno_score(pred, gt)
+    if answer_type in ("choice", "multi_choice"):
+        return choice_score(pred, gt, partial_credit)
+    if answer_type == "number":
+        return number_score(pred, gt, rel_tol=rel_tol, abs_tol=abs_tol)
+    if answer_type == "math":
+        return math_score(pred, gt, use_math_verify=use_math_verify)
+    if answer_type == "string":
+        return string_score(pred, gt)
+    if answer_type == "bbox":
+        return iou_score(pred, example, iou_threshold, inclusive=inclusive_iou)
+    if answer_type == "labels":
+        return jaccard_score(pred, gt)
+    raise ValueError(f"unknown answer_type {answer_type!r}")
+
+
+@register("iou")
+def iou_reward(completion: str, example: Mapping, *, extract: str = "tags", inclusive: bool = False) -> float:
+    """Continuous IoU of the one predicted box with the example's box (no threshold)."""
+    pred = extract_answer(completion, extract)
+    return 0.0 if pred is None else iou_score(pred, example, None, inclusive=inclusive)
+
+
+@register("think_f1")
+def think_f1_reward(completion: str, example: Mapping, *, extract: str = "dyme") -> float:
+    """DyME's thinking reward: `think_f1` of the thinking against `example["reasoning"]`. The thinking is the text
+    before the first "answer:" (extract="dyme") or the single `<think>` block (extract="tags"; none → 0)."""
+    if extract == "dyme":
+        thinking: str | None = dyme_thinking(completion)
+    elif extract == "tags":
+        thinking = _single_block(completion, "think")
+    else:
+        raise ValueError(f"think_f1: extract must be 'dyme' or 'tags', got {extract!r}")
+    return 0.0 if not thinking else think_f1(thinking, str(example.get("reasoning", "")))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Specs and the batched combiner
+
+@dataclasses.dataclass(frozen=True)
+class RewardSpec:
+    """One reward column: registered `name`, `weight` in the total, keyword arguments for the function."""
+    name: str
+    weight: float = 1.0
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _plain(value: Any) -> Any:
+    """ml_collections ConfigDicts (not Mappings) as plain dicts."""
+    return value.to_dict() if hasattr(value, "to_dict") and not isinstance(value, Mapping) else value
+
+
+def _checked_spec(name: Any, weight: Any, kwargs: Any, entry: Any) -> RewardSpec:
+    if not isinstance(name, str) or name not in REWARDS:
+        known = ", ".join(sorted(REWARDS))
+        raise ValueError(f"reward entry {entry!r}: unknown reward {name!r}; known rewards: {known}")
+    try:
+        weight = float("bool" if isinstance(weight, bool) else weight)
+    except (TypeError, ValueError):
+        raise ValueError(f"reward entry {entry!r}: weight must be a number, got {weight!r}") from None
+    if not math.isfinite(weight):
+        raise ValueError(f"reward entry {entry!r}: weight must be finite, got {weight}")
+    kwargs = _plain(kwargs)
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"reward entry {entry!r}: kwargs must be a mapping, got {type(kwargs).__name__}")
+    try:
+        inspect.signature(REWARDS[name]).bind("", {}, **kwargs)
+    except TypeError as error:
+        raise ValueError(f"reward entry {entry!r}: bad kwargs for {name!r}: {error}") from None
+    return RewardSpec(name, weight, dict(kwargs))
+
+
+def parse_reward_specs(value: Any) -> tuple[RewardSpec, ...]:
+    """RewardSpecs from a config value: a sequence of RewardSpec, dicts `{"name", "weight"?, "kwargs"?}` or strings
+    "name" / "name:weight"; a single such entry, or one string of comma-separated entries, also works. Unknown names,
+    bad weights, unknown keys or kwargs the function does not take → ValueError naming the entry."""
+    if value is None:
+        return ()
+    value = _plain(value)
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    elif isinstance(value, (RewardSpec, Mapping)):
+        value = [value]
+    specs = []
+    for entry in value:
+        entry = _plain(entry)
+        if isinstance(entry, RewardSpec):
+            specs.append(_checked_spec(entry.name, entry.weight, entry.kwargs, entry))
+        elif isinstance(entry, str):
+            name, _, weight = entry.strip().partition(":")
+            specs.append(_checked_spec(name.strip(), weight.strip() if weight else 1.0, {}, entry))
+        elif isinstance(entry, Mapping):
+            unknown = set(entry) - {"name", "weight", "kwargs"}
+            if unknown:
+                raise ValueError(f"reward entry {entry!r}: unknown keys {sorted(unknown)} (use name, weight, kwargs)")
+            specs.append(_checked_spec(entry.get("name"), entry.get("weight", 1.0), entry.get("kwargs") or {}, entry))
+        else:
+            raise ValueError(f"reward entry {entry!r}: expected a RewardSpec, a dict or a 'name[:weight]' string")
+    return tuple(specs)
+
+
+def display_names(specs: Sequence[RewardSpec]) -> tuple[str, ...]:
+    """Each spec's name, or `name#k` (k = 0, 1, ... in order) for every spec of a name that occurs more than once."""
+    counts, seen, names = collections.Counter(spec.name for spec in specs), collections.Counter(), []
+    for spec in specs:
+        names.append(spec.name if counts[spec.name] == 1 else f"{spec.name}#{seen[spec.name]}")
+        seen[spec.name] += 1
+    return tuple(names)
+
+
+@dataclasses.dataclass
+class RewardResult:
+    """What `compute_rewards` returns."""
+    per_reward: np.ndarray   # float32 [N, R], unweighted values per reward spec
+    total: np.ndarray        # float32 [N], sum_r weight_r * per_reward[:, r]
+    names: tuple[str, ...]   # R display names
+    failures: dict[str, int]  # per display name: samples whose function raised or returned a non-finite value
+
+    def metrics(self) -> dict[str, float]:
+        """`rewards/<name>/mean`, `/std`, `/failures` per column and `rewards/total/mean`, `/std` (NaN when N = 0)."""
+        def stats(column: np.ndarray) -> tuple[float, float]:
+            return (float(column.mean()), float(column.std())) if column.size else (math.nan, math.nan)
+        out: dict[str, float] = {}
+        for r, name in enumerate(self.names):
+            out[f"rewards/{name}/mean"], out[f"rewards/{name}/std"] = stats(self.per_reward[:, r])
+            out[f"rewards/{name}/failures"] = float(self.failures.get(name, 0))
+        out["rewards/total/mean"], out["rewards/total/std"] = stats(self.total)
+        return out
+
+
+_warned: set[str] = set()
+
+
+def compute_rewards(specs: Any, completions: Sequence[str], examples: Sequence[Mapping]) -> RewardResult:
+    """Score `completions[i]` against `examples[i]` with every spec (anything `parse_reward_specs` takes).
+
+    A function that raises, or returns something that is not a finite number, gives 0 for that sample and counts in
+    `failures` (a warning is logged once per reward name per process); the batch always completes.
+    """
+    specs = parse_reward_specs(specs)
+    if len(completions) != len(examples):
+        raise ValueError(f"{len(completions)} completions but {len(examples)} examples")
+    names = display_names(specs)
+    per_reward = np.zeros((len(completions), len(specs)), np.float32)
+    failures = dict.fromkeys(names, 0)
+    for r, (spec, name) in enumerate(zip(specs, names)):
+        fn = REWARDS[spec.name]
+        for i, (completion, example) in enumerate(zip(completions, examples)):
+            try:
+                value = float(fn(completion, example, **spec.kwargs))
+                if not math.isfinite(value):
+                    raise ValueError(f"non-finite reward {value}")
+            except Exception as error:  # noqa: BLE001 - one bad sample must not stop the batch
+                failures[name] += 1
+                if spec.name not in _warned:
+                    _warned.add(spec.name)
+                    logger.warning("reward %r failed on example %r (scored 0; further failures are only counted): "
+                                   "%s: %s", spec.name, example.get("id", i) if isinstance(example, Mapping) else i,
+                                   type(error).__name__, error)
+                continue
+            per_reward[i, r] = value
+    weights = np.asarray([spec.weight for spec in specs], np.float32)
+    total = (per_reward * weights).sum(axis=1, dtype=np.float32)
+    return RewardResult(per_reward, total, names, failures)
