@@ -21,6 +21,7 @@ loads it exactly like a real checkpoint's tokenizer.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable
 
@@ -195,3 +196,69 @@ def special_token_ids(tokenizer) -> dict[str, int]:
         "eos_token_id": int(tokenizer.eos_token_id),
         "pad_token_id": int(tokenizer.pad_token_id),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The built-in model's tokenizer (trained on the gym) and the model config that matches it
+# ----------------------------------------------------------------------------------------------------------
+
+BUILTIN_VOCAB_SIZE = 1024
+_BUILTIN_STAMP = "jaxvlm_builtin_tokenizer.json"
+
+
+def builtin_corpus(gym_config=None, num_examples: int = 1500) -> list[str]:
+    """Training text of the built-in tokenizer: the gym's questions, reasoning, captions and answers (all
+    tasks, train split) plus every prompt style's fixed wording, so prompts tokenize compactly."""
+    from jaxvlm.data import gym, prompts
+
+    config = gym_config if gym_config is not None else gym.GymConfig()
+    fixed = [prompts.R1_INSTRUCTION, prompts.DYME_TEMPLATE, *prompts.R1_SUFFIX.values(), DEFAULT_SYSTEM_PROMPT,
+             "Caption: ", "Answer: ", "user", "assistant", "system"]
+    return fixed + gym.corpus_texts(config, num_examples=num_examples)
+
+
+def builtin_tokenizer(directory: str | os.PathLike, *, vocab_size: int = BUILTIN_VOCAB_SIZE, gym_config=None,
+                      num_examples: int = 1500):
+    """The built-in model's tokenizer, trained on `builtin_corpus` and saved in `directory`.
+
+    A directory that already holds one built with the same settings is loaded instead of retrained (a stamp
+    file records the settings). Loading goes through `AutoTokenizer.from_pretrained`, exactly as for a real
+    checkpoint's tokenizer.
+    """
+    import json
+
+    from transformers import AutoTokenizer
+
+    directory = os.fspath(directory)
+    settings = {"vocab_size": int(vocab_size), "num_examples": int(num_examples),
+                "gym_config": repr(gym_config) if gym_config is not None else "default"}
+    stamp = os.path.join(directory, _BUILTIN_STAMP)
+    if os.path.isfile(stamp):
+        with open(stamp) as f:
+            if json.load(f) == settings:
+                return AutoTokenizer.from_pretrained(directory)
+    build_tokenizer(builtin_corpus(gym_config, num_examples), directory, vocab_size=vocab_size)
+    with open(stamp, "w") as f:
+        json.dump(settings, f)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def configure_model_for_tokenizer(model_config, tokenizer):
+    """`model_config` with its token ids (image/video/vision markers, eos, pad) taken from `tokenizer`.
+
+    For models built from a preset with random weights (the built-in tokenizer places its special tokens after
+    its BPE vocabulary). The vocabulary must fit: `len(tokenizer) <= vocab_size`, else ValueError.
+    """
+    ids = special_token_ids(tokenizer)
+    if len(tokenizer) > model_config.text.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model_config.text.vocab_size}"
+        )
+    text = dataclasses.replace(model_config.text, eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"])
+    return model_config.replace(
+        text=text,
+        image_token_id=ids["image_token_id"],
+        video_token_id=ids["video_token_id"],
+        vision_start_token_id=ids["vision_start_token_id"],
+        vision_end_token_id=ids["vision_end_token_id"],
+    )

@@ -390,3 +390,115 @@ def test_bucket_rules():
     assert pipeline._bucket(5, (), "x", multiple=4) == 8 and pipeline._bucket(9, (), "x", multiple=4) == 16
     with pytest.raises(ValueError, match="exceeds the largest bucket"):
         pipeline._bucket(50, (8, 24, 40), "patch count")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The built-in tokenizer and the gym through the whole pipeline
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_builtin_tokenizer_is_cached_loads_through_autotokenizer_and_fits_the_tiny_model(tmp_path):
+    from transformers import AutoTokenizer
+
+    from jaxvlm.data import gym
+    from jaxvlm.models import config as model_config_lib
+    from jaxvlm.tokenizer import QWEN_SPECIAL_TOKENS, builtin_tokenizer
+
+    tok = builtin_tokenizer(tmp_path / "tok", num_examples=300)
+    stamp = os.path.getmtime(tmp_path / "tok" / "tokenizer.json")
+    again = builtin_tokenizer(tmp_path / "tok", num_examples=300)  # same settings: loaded, not retrained
+    assert os.path.getmtime(tmp_path / "tok" / "tokenizer.json") == stamp
+    auto = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    for token in QWEN_SPECIAL_TOKENS:
+        assert len(auto.encode(token, add_special_tokens=False)) == 1
+    examples = [gym.GymSource("validation", 9)[k] for k in range(9)]
+    for ex in examples:
+        for style in ("r1", "dyme"):
+            text = auto.apply_chat_template(prompts.prompt_messages(ex, style), tokenize=False,
+                                            add_generation_prompt=True) + prompts.target_text(ex, style)
+            ids = auto.encode(text, add_special_tokens=False)
+            assert ids == again.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False)
+            assert auto.decode(ids, skip_special_tokens=False) == text
+    answer_text = "<think>a b</think>\n<answer>3</answer>"
+    assert auto.decode(auto.encode(answer_text), skip_special_tokens=True) == answer_text  # tags stay visible
+    tiny = configure_model_for_tokenizer(model_config_lib.preset("tiny"), auto)
+    assert tiny.image_token_id == auto.convert_tokens_to_ids("<|image_pad|>")
+    assert tiny.text.eos_token_id == auto.eos_token_id and max(auto.get_vocab().values()) < tiny.text.vocab_size
+    with pytest.raises(ValueError, match="vocab_size"):
+        configure_model_for_tokenizer(model_config_lib.preset("tiny", text=model_config_lib.TextConfig(
+            vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, mrope_section=(2, 3, 3))), auto)
+    # a different setting retrains
+    other = builtin_tokenizer(tmp_path / "tok", num_examples=200, vocab_size=600)
+    assert len(other) <= 600
+
+
+def test_gym_and_jsonl_sources_from_config_entries(tmp_path, tokenizer, model_config):
+    from jaxvlm.data import sources
+
+    write_png(tmp_path / "a.png")
+    write_jsonl(tmp_path / "d.jsonl", [{"image": "a.png", "question": f"q{k}", "answer": str(k),
+                                       "reasoning": "r"} for k in range(6)])
+    data = {
+        "sources": [
+            {"kind": "gym", "split": "train", "num_examples": 12, "tasks": ["exists", "count"], "weight": 2.0},
+            {"kind": "jsonl", "path": str(tmp_path / "d.jsonl"), "answer_type": "number", "weight": 1.0},
+        ],
+        "batch_size": 6, "prompt_style": "r1", "prefetch": 0, "num_threads": 1,
+    }
+    it = iter(sources.input_pipeline(data, tokenizer, IMAGE_PROCESSOR, model_config, with_targets=True,
+                                     max_target_length=256))
+    rows = [ex for _ in range(4) for ex in next(it)["examples"]]
+    from_gym = [ex for ex in rows if ex["source"] == "gym"]
+    assert {ex["task"] for ex in from_gym} == {"exists", "count"}
+    assert abs(len(from_gym) / len(rows) - 2 / 3) < 0.1
+    with pytest.raises(ValueError, match=r"data.sources\[0\]: unknown key\(s\) \['taks'\]"):
+        sources.input_pipeline({"sources": [{"kind": "gym", "num_examples": 4, "taks": ["count"]}], "batch_size": 2},
+                               tokenizer, IMAGE_PROCESSOR, model_config)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        sources.make_source({"kind": "hub", "name": "x"})
+    with pytest.raises(ValueError, match="unknown data config key"):
+        sources.input_pipeline({"sources": data["sources"][:1], "batchsize": 2}, tokenizer, IMAGE_PROCESSOR,
+                               model_config)
+
+
+def test_train_checkpointer_saves_and_restores_the_iterator_state(tmp_path, tokenizer, model_config):
+    from jaxvlm.checkpoint import TrainCheckpointer
+    from jaxvlm.data.gym import GymSource
+
+    source = GymSource("train", 24)
+    kwargs = dict(batch_size=4, prefetch=2, with_targets=True, max_target_length=512, seed=5)
+    it = iter(make_pipeline([source], tokenizer, model_config, **kwargs))
+    take(it, 2)
+    state = {"w": jnp.arange(3.0)}
+    with TrainCheckpointer(tmp_path / "ckpt", save_every=1, async_save=False) as ckpt:
+        ckpt.save(2, state, data_state={"iterator": it.get_state()})
+    expected = take(it, 3)
+    with TrainCheckpointer(tmp_path / "ckpt", save_every=1) as ckpt:
+        _, data_state, _ = ckpt.restore(jax.eval_shape(lambda: state))
+    resumed = iter(make_pipeline([source], tokenizer, model_config, **kwargs))
+    resumed.set_state(data_state["iterator"])
+    got = take(resumed, 3)
+    assert ids_of(got) == ids_of(expected)
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a["prompts"]["pixel_values"], b["prompts"]["pixel_values"])
+
+
+def test_gym_exported_as_jsonl_reads_back_identically(tmp_path):
+    from jaxvlm.data import export
+    from jaxvlm.data.gym import GymConfig, GymSource
+
+    path = export.main(["--out", str(tmp_path), "--split", "validation", "--num_examples", "12",
+                        "--tasks", "exists,grounding,word_arithmetic,colors_present"])
+    gym = GymSource("validation", 12, GymConfig(tasks=("exists", "grounding", "word_arithmetic", "colors_present")))
+    read = JsonlSource(path)
+    assert len(read) == 12
+    for k in range(12):
+        a, b = gym[k], read[k]
+        assert b["source"] == f"{path}:{k + 1}" and b["id"] == a["id"]
+        for field in ("question", "answer", "answer_type", "task", "reasoning", "caption", "difficulty", "bbox",
+                      "options"):
+            assert a[field] == b[field], field
+        assert len(a["images"]) == len(b["images"])
+        for x, y in zip(a["images"], b["images"]):
+            np.testing.assert_array_equal(x, y)

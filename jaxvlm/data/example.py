@@ -62,6 +62,14 @@ class ExampleError(ValueError):
     """A malformed example; the message names where it came from (`source`) and the offending field."""
 
 
+def example_location(example: Mapping[str, Any]) -> str:
+    """Where an example came from, for error messages: "file.jsonl:12", or "gym [gym/train/count/3]"."""
+    source, ident = str(example.get("source") or ""), str(example.get("id") or "")
+    if source and ident and ident != source:
+        return f"{source} [{ident}]"
+    return source or ident or "<example>"
+
+
 def _fail(where: str, field: str, message: str) -> ExampleError:
     return ExampleError(f"{where or '<example>'}: field {field!r}: {message}")
 
@@ -129,7 +137,7 @@ def validate_example(example: Mapping[str, Any]) -> dict[str, Any]:
 
     Images must already be decoded (uint8 [H, W, 3]); the JSONL reader loads them before calling this.
     """
-    where = str(example.get("source") or example.get("id") or "")
+    where = example_location(example)
     unknown = set(example) - set(FIELDS)
     if unknown:
         raise _fail(where, sorted(unknown)[0], f"unknown field (known: {', '.join(FIELDS)})")

@@ -34,7 +34,7 @@ import numpy as np
 from absl import logging
 
 from jaxvlm.data import prompts
-from jaxvlm.data.example import ExampleError
+from jaxvlm.data.example import ExampleError, example_location
 from jaxvlm.data.jsonl import DataError
 from jaxvlm.processing.image import ImageProcessor
 from jaxvlm.processing.processor import expand_image_placeholders, pad_sequences
@@ -156,7 +156,7 @@ class ExampleEncoder:
         int64 [k, 3], `target_ids` int32 [n] (with targets) and `meta` (`example_metadata`).
         """
         cfg = self.config
-        where = example.get("source") or example.get("id") or "<example>"
+        where = example_location(example)
         images = list(example.get("images", ()))
         if images and self.image_processor is None:
             raise DataError(f"{where}: field 'images': the model is text-only but the example has images")

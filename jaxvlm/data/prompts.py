@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from jaxvlm.data.example import ExampleError
+from jaxvlm.data.example import ExampleError, example_location
 
 PROMPT_STYLES = ("r1", "dyme", "plain")
 
@@ -61,7 +61,7 @@ def user_text(example: Mapping[str, Any], style: str, *, with_caption: bool = Fa
         caption = example.get("caption", "").strip()
         if not caption:
             raise ExampleError(
-                f"{example.get('source') or example.get('id') or '<example>'}: field 'caption': empty, but the "
+                f"{example_location(example)}: field 'caption': empty, but the "
                 "prompt asks for captions (data.with_caption=True)"
             )
         question = f"Caption: {caption}\n{question}"
@@ -92,7 +92,7 @@ def target_text(example: Mapping[str, Any], style: str) -> str:
     reasoning = example.get("reasoning", "").strip()
     if not reasoning:
         raise ExampleError(
-            f"{example.get('source') or example.get('id') or '<example>'}: field 'reasoning': empty, but prompt "
+            f"{example_location(example)}: field 'reasoning': empty, but prompt "
             f"style {style!r} trains on a reasoning target"
         )
     if style == "r1":

@@ -1,0 +1,93 @@
+"""Data sources from config entries, and the whole input pipeline from a config's `data` section.
+
+A source entry is a dict with a `kind`:
+
+    {"kind": "gym", "split": "train", "num_examples": 2000, "tasks": ["exists", "count"], "image_size": 56,
+     "seed": 0, "difficulties": [0, 1], "weight": 1.0}
+    {"kind": "jsonl", "path": "/data/train.jsonl", "record_format": "jaxvlm" | "r1v", "answer_type": "number",
+     "image_root": "", "weight": 1.0}
+    {"kind": "tfds", "data_dir": "/data/tfds", "split": "train", "image_size": 56,
+     "num_examples": {"train": 2000, "validation": 200, "test": 200}, "weight": 1.0}
+
+Several entries are mixed by `weight`. A wrong kind or key fails here, naming the entry, before any training.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from jaxvlm.data.pipeline import BatchCollator, ExampleEncoder, PipelineConfig, build_dataset
+
+SOURCE_KINDS = ("gym", "jsonl", "tfds")
+_COMMON_KEYS = ("kind", "weight")
+
+
+def _gym_config_keys() -> tuple[str, ...]:
+    from jaxvlm.data.gym import GymConfig
+
+    return tuple(inspect.signature(GymConfig).parameters)
+
+
+def _check_keys(entry: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
+    unknown = sorted(set(entry) - set(allowed) - set(_COMMON_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; a {entry['kind']!r} source takes "
+                         f"{sorted(set(allowed) | set(_COMMON_KEYS))}")
+
+
+def make_source(entry: Mapping[str, Any], where: str = "data.sources[0]"):
+    """A random-access source (len + getitem -> example dict) for one config entry."""
+    entry = dict(entry)
+    kind = entry.get("kind")
+    if kind not in SOURCE_KINDS:
+        raise ValueError(f"{where}: kind must be one of {SOURCE_KINDS}, got {kind!r}")
+    if kind == "gym":
+        from jaxvlm.data.gym import GymConfig, GymSource
+
+        gym_keys = _gym_config_keys()
+        _check_keys(entry, ("split", "num_examples", *gym_keys), where)
+        if "num_examples" not in entry:
+            raise ValueError(f"{where}: a gym source needs num_examples")
+        config = GymConfig(**{k: v for k, v in entry.items() if k in gym_keys})
+        return GymSource(entry.get("split", "train"), int(entry["num_examples"]), config)
+    if kind == "jsonl":
+        from jaxvlm.data.jsonl import JsonlSource
+
+        _check_keys(entry, ("path", "record_format", "answer_type", "image_root"), where)
+        if not entry.get("path"):
+            raise ValueError(f"{where}: a jsonl source needs path")
+        return JsonlSource(entry["path"], record_format=entry.get("record_format", "jaxvlm"),
+                           answer_type=entry.get("answer_type", "string"), image_root=entry.get("image_root") or None)
+    from jaxvlm.data import tfds_gym
+
+    gym_keys = _gym_config_keys()
+    _check_keys(entry, ("data_dir", "split", "num_examples", "name", *gym_keys), where)
+    if not entry.get("data_dir"):
+        raise ValueError(f"{where}: a tfds source needs data_dir")
+    return tfds_gym.gym_data_source(**{k: v for k, v in entry.items() if k not in _COMMON_KEYS})
+
+
+def source_weights(entries: Sequence[Mapping[str, Any]]) -> list[float] | None:
+    """The mixing weights of the entries (None for a single source)."""
+    if len(entries) < 2:
+        return None
+    return [float(entry.get("weight", 1.0)) for entry in entries]
+
+
+def input_pipeline(data_config: Mapping[str, Any], tokenizer, image_processor, model_config, **overrides):
+    """The grain `IterDataset` of batches for a config's `data` section (`sources` + PipelineConfig fields).
+
+    `overrides` replace PipelineConfig fields (e.g. `with_targets=True` for an SFT stage).
+    """
+    values = dict(data_config)
+    entries = [dict(e) for e in values.pop("sources", ())]
+    if not entries:
+        raise ValueError("data.sources is empty: give at least one source")
+    config = PipelineConfig.from_dict({**values, **overrides})
+    sources = [make_source(entry, f"data.sources[{k}]") for k, entry in enumerate(entries)]
+    encoder = ExampleEncoder(tokenizer, image_processor if model_config.vision is not None else None, config)
+    collator = BatchCollator(config, pad_token_id=tokenizer.pad_token_id, image_token_id=model_config.image_token_id,
+                             vision_config=model_config.vision)
+    return build_dataset(sources, config, encoder, collator, weights=source_weights(entries))
