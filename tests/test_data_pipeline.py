@@ -502,3 +502,33 @@ def test_gym_exported_as_jsonl_reads_back_identically(tmp_path):
         assert len(a["images"]) == len(b["images"])
         for x, y in zip(a["images"], b["images"]):
             np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("style", ["r1", "dyme"])
+def test_gym_reference_targets_earn_full_reward_and_wrong_answers_none(style):
+    """The contract between gym answers, prompt styles and the reward library, over every task."""
+    from jaxvlm import rewards
+    from jaxvlm.data.gym import TASKS, GymSource
+
+    source = GymSource("train", 6 * len(TASKS))
+    examples = [source[k] for k in range(len(source))]
+    if style == "r1":
+        specs = rewards.parse_reward_specs(["format_think_answer", "accuracy"])
+    else:
+        specs = rewards.parse_reward_specs(["format_dyme", {"name": "accuracy", "kwargs": {"extract": "dyme"}},
+                                            {"name": "think_f1", "kwargs": {"extract": "dyme"}}])
+    targets = [prompts.target_text(ex, style) for ex in examples]
+    result = rewards.compute_rewards(specs, targets, examples)
+    assert not any(result.failures.values())
+    bad = [(ex["id"], t) for ex, t, r in zip(examples, targets, result.total) if r != len(specs)]
+    assert not bad, bad[:3]
+    # The same completions scored against another example of the same task with a different answer get
+    # no accuracy (grounding: a different box of IoU <= 0.5).
+    shuffled = []
+    for k, ex in enumerate(examples):
+        other = next(o for o in examples[k + 1:] + examples[:k] if o["task"] == ex["task"] and o["answer"] != ex["answer"])
+        shuffled.append(other)
+    accuracy = rewards.compute_rewards(specs[1:2], targets, shuffled).per_reward[:, 0]
+    overlapping = [k for k, ex in enumerate(examples) if ex["task"] == "grounding"
+                   and rewards.iou(ex["bbox"], shuffled[k]["bbox"]) > 0.5]
+    assert all(accuracy[k] == 0 for k in range(len(examples)) if k not in overlapping)

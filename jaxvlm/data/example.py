@@ -15,6 +15,8 @@ examples; the pipeline (`jaxvlm.data.pipeline`) turns them into model batches, a
   difficulty   int, a graded level >= 0 (0 when unknown).
   bbox         list of 4 floats [x1, y1, x2, y2] in pixels of the (first) image, or [] (grounding answers).
   options      list of str, the option texts of choice questions, in letter order A, B, ... (else []).
+  target       str, a verbatim reference completion ("" if none); when set it is the SFT target instead of the
+               prompt style's reasoning + answer (rejection-sampling SFT trains on the model's own best samples).
   source       str, where the example came from ("gym" or "path/to/file.jsonl:LINE"), for error messages.
 
 Canonical answers by `answer_type`:
@@ -49,10 +51,11 @@ DEFAULTS: dict[str, Any] = {
     "difficulty": 0,
     "bbox": [],
     "options": [],
+    "target": "",
     "source": "",
 }
 FIELDS = ("id", "question", "answer", "answer_type", "task", "images", "reasoning", "caption", "difficulty",
-          "bbox", "options", "source")
+          "bbox", "options", "target", "source")
 
 OPTION_LETTERS = "ABCDEFGHIJ"
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
@@ -146,7 +149,7 @@ def validate_example(example: Mapping[str, Any]) -> dict[str, Any]:
         if value is None or (isinstance(value, str) and not value.strip()):
             raise _fail(where, field, "missing or empty")
     out = {**DEFAULTS, **{k: v for k, v in example.items() if v is not None}}
-    for field in ("id", "question", "task", "reasoning", "caption", "source", "answer_type"):
+    for field in ("id", "question", "task", "reasoning", "caption", "target", "source", "answer_type"):
         if not isinstance(out[field], str):
             raise _fail(where, field, f"must be a string, got {type(out[field]).__name__}")
     if not isinstance(out["answer"], (str, int, float)) or isinstance(out["answer"], bool):

@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 
 EXPORTED_FIELDS = ("id", "question", "answer", "answer_type", "task", "reasoning", "caption", "difficulty", "bbox",
-                   "options")
+                   "options", "target")
 
 
 def write_jsonl_dataset(examples: Iterable[dict[str, Any]], out_dir: str | os.PathLike, *,
@@ -31,7 +31,7 @@ def write_jsonl_dataset(examples: Iterable[dict[str, Any]], out_dir: str | os.Pa
     path = os.path.join(out_dir, name)
     with open(path, "w") as f:
         for line, example in enumerate(examples, start=1):
-            record = {field: example[field] for field in EXPORTED_FIELDS if field in example}
+            record = {field: example[field] for field in EXPORTED_FIELDS if example.get(field) not in (None, "")}
             paths = []
             for k, image in enumerate(example.get("images", ())):
                 relative = os.path.join(image_dir, f"{line:07d}_{k}.png")

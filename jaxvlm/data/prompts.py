@@ -82,10 +82,13 @@ def prompt_messages(example: Mapping[str, Any], style: str, *, with_caption: boo
 def target_text(example: Mapping[str, Any], style: str) -> str:
     """The reference completion for SFT and DyME memorisation rows (without the end-of-turn token).
 
-    Styles with a reasoning part need `example["reasoning"]`; an empty one is an ExampleError naming the
-    example (never a silent answer-only target).
+    An example with a `target` (a verbatim completion, e.g. a kept rejection sample) returns it unchanged. Styles
+    with a reasoning part need `example["reasoning"]`; an empty one is an ExampleError naming the example (never a
+    silent answer-only target).
     """
     _check_style(style)
+    if example.get("target"):
+        return example["target"]
     answer = example["answer"]
     if style == "plain":
         return answer
