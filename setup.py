@@ -25,6 +25,7 @@ setup(
         "pillow>=10.0",
         "ml_dtypes>=0.5",
         "absl-py>=2.0",
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     ],
     extras_require={
         # torch is only the parity oracle of the tests (and the PyTorch baseline of the benchmarks).

@@ -114,7 +114,20 @@ def main(argv):
     from jaxvlm import distributed
 
     distributed.initialize()  # multi-process runs (launch/); a no-op for a single process
-    result = run_forward(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    if "stages" in config:
+        from jaxvlm import trainer
+
+        if not _WORKDIR.value:
+            raise app.UsageError("--workdir is required for training (checkpoints, metrics, resume)")
+        try:
+            result = trainer.run(config, _WORKDIR.value)
+        except trainer.TrainingDiverged as error:
+            raise SystemExit(f"training stopped: {error}") from None
+        if not result["finished"]:
+            print(f"stopped by a signal; checkpoint written. Re-run the same command to resume ({_WORKDIR.value})")
+        return
+    result = run_forward(config, _WORKDIR.value)
     if not result["logits_finite"]:
         raise SystemExit("non-finite logits")
 

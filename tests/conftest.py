@@ -9,6 +9,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
+# One persistent XLA compilation cache per test session (a fresh directory: nothing leaks between runs). Tests
+# compile the same tiny-model programs many times (every trainer run, every resumed run, child processes, which
+# inherit the environment); on CPU, compilation is most of their time.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxvlm-test-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -165,3 +178,28 @@ def hf_checkpoints(tmp_path_factory):
         path = str(tmp_path_factory.mktemp(name))
         out[name] = (make_hf_vl_checkpoint(path, name), path)
     return out
+
+
+# Data tests: a tokenizer trained on a few sentences and the tiny model configured for it.
+CORPUS = [
+    "How many circles are there? Is there a red triangle in the image? What colour is the largest shape?",
+    "<think>I count the shapes. There are 3 circles.</think>\n<answer>3</answer>",
+    "The image shows a large red circle. Answer: 3. yes no A B C D",
+] * 30
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """A small Qwen-style tokenizer (data and batching tests)."""
+    from jaxvlm.tokenizer import build_tokenizer
+
+    return build_tokenizer(CORPUS, tmp_path_factory.mktemp("tok"), vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def model_config(tokenizer):
+    """The tiny preset with `tokenizer`'s special-token ids."""
+    from jaxvlm.models import config as model_config_lib
+    from jaxvlm.tokenizer import configure_model_for_tokenizer
+
+    return configure_model_for_tokenizer(model_config_lib.preset("tiny"), tokenizer)

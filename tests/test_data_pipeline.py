@@ -17,26 +17,7 @@ from jaxvlm.data.example import ExampleError, validate_example
 from jaxvlm.data.jsonl import DataError, JsonlSource
 from jaxvlm.processing.image import ImageProcessor
 from jaxvlm.processing.rope import get_rope_index
-from jaxvlm.tokenizer import build_tokenizer, configure_model_for_tokenizer
-
-CORPUS = [
-    "How many circles are there? Is there a red triangle in the image? What colour is the largest shape?",
-    "<think>I count the shapes. There are 3 circles.</think>\n<answer>3</answer>",
-    "The image shows a large red circle. Answer: 3. yes no A B C D",
-] * 30
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return build_tokenizer(CORPUS, tmp_path_factory.mktemp("tok"), vocab_size=400)
-
-
-@pytest.fixture(scope="module")
-def model_config(tokenizer):
-    from jaxvlm.models import config as model_config_lib
-
-    return configure_model_for_tokenizer(model_config_lib.preset("tiny"), tokenizer)
-
+from jaxvlm.tokenizer import configure_model_for_tokenizer
 
 IMAGE_PROCESSOR = ImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56)
 

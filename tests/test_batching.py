@@ -1,0 +1,85 @@
+"""Host assembly of micro-batches: each micro-batch carries exactly its rows' images, and scoring a micro-batch
+gives the same log-probs as a batch built from those rows alone."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxvlm import batching, models, train_steps
+from jaxvlm.data import pipeline
+from jaxvlm.processing.vision import vision_inputs
+from test_data_pipeline import make_example, make_pipeline
+
+
+def test_position_ids_and_rows_reshape():
+    rows = {
+        "completion_ids": np.arange(12 * 3).reshape(12, 3),
+        "position_ids": np.arange(3 * 12 * 5).reshape(3, 12, 5),
+    }
+    out = batching.microbatches(rows, (2, 3))
+    assert out["completion_ids"].shape == (2, 3, 2, 3) and out["position_ids"].shape == (2, 3, 3, 2, 5)
+    np.testing.assert_array_equal(out["completion_ids"][1, 2, 0], rows["completion_ids"][10])
+    np.testing.assert_array_equal(out["position_ids"][1, 2, :, 1], rows["position_ids"][:, 11])
+    with pytest.raises(ValueError, match="cannot be cut"):
+        batching.microbatches(rows, (5,))
+
+
+def test_patch_bucket():
+    assert batching.patch_bucket(5, 4) == 8 and batching.patch_bucket(16, 4) == 16 and batching.patch_bucket(17, 4) == 32
+    assert batching.patch_bucket(20, 4, (16, 24, 64)) == 24
+    with pytest.raises(ValueError, match="exceed the largest"):
+        batching.patch_bucket(100, 4, (16, 64))
+
+
+def test_each_microbatch_carries_its_rows_images(tokenizer, model_config):
+    examples = [make_example(k, images=(0, 1, 2, 1)[k % 4]) for k in range(8)]
+    batch = next(iter(make_pipeline([examples], tokenizer, model_config, shuffle=False, batch_size=8,
+                                    with_targets=True, max_target_length=32)))
+    per_row = batching.pixels_per_row(batch["prompts"], [ex["num_images"] for ex in batch["examples"]])
+    assert [len(g) for _, g in per_row] == [ex["num_images"] for ex in batch["examples"]]
+    rows = {k: v for k, v in pipeline.sft_batch(batch).items() if k not in ("pixel_values", "vision_inputs")}
+    mb = batching.microbatches(rows, (4,), row_pixels=per_row, vision_config=model_config.vision)
+    total = mb["pixel_values"].shape[1]
+    for i in range(4):
+        chunk = per_row[2 * i: 2 * i + 2]
+        pixels = np.concatenate([p for p, _ in chunk])
+        grid = np.concatenate([g for _, g in chunk if len(g)])
+        np.testing.assert_array_equal(mb["pixel_values"][i, : len(pixels)], pixels)
+        assert not mb["pixel_values"][i, len(pixels):].any()
+        expected = vision_inputs(grid, model_config.vision, pad_to=total)
+        for key, value in expected.items():
+            np.testing.assert_array_equal(mb["vision_inputs"][key][i], value)
+    # micro-batch 0 = rows 0 (no image) and 1 (one image); a text-only chunk gets one dummy image
+    text_only = batching.microbatches(
+        {k: v[:, :2] if k == "position_ids" else v[:2] for k, v in rows.items()}, (2,),
+        row_pixels=[per_row[0], per_row[1]], vision_config=model_config.vision)
+    assert text_only["pixel_values"].shape[0] == 2
+
+
+def test_microbatch_logprobs_equal_a_batch_of_those_rows_alone(tokenizer, model_config):
+    examples = [make_example(k, images=(1, 2, 0, 1)[k % 4]) for k in range(4)]
+    model = models.Qwen25VL(model_config)
+    params = models.init_params(model_config, 1)
+    full = next(iter(make_pipeline([examples], tokenizer, model_config, shuffle=False, batch_size=4,
+                                   with_targets=True, max_target_length=32, prompt_buckets=(256,),
+                                   max_prompt_length=256)))
+    per_row = batching.pixels_per_row(full["prompts"], [ex["num_images"] for ex in full["examples"]])
+    rows = {k: v for k, v in pipeline.sft_batch(full).items() if k not in ("pixel_values", "vision_inputs")}
+    mb = batching.microbatches(rows, (2,), row_pixels=per_row, vision_config=model_config.vision)
+    score = jax.jit(lambda p, b: train_steps.completion_logprobs(model, p, b))
+    for i in range(2):
+        alone = next(iter(make_pipeline([examples[2 * i: 2 * i + 2]], tokenizer, model_config, shuffle=False,
+                                        batch_size=2, with_targets=True, max_target_length=32,
+                                        prompt_buckets=(256,), max_prompt_length=256)))
+        expected = score(params, jax.tree.map(jnp.asarray, pipeline.sft_batch(alone)))
+        got = score(params, jax.tree.map(lambda x: jnp.asarray(x[i]), mb))
+        mask = alone["targets"]["completion_mask"].astype(bool)
+        np.testing.assert_allclose(np.asarray(got)[mask], np.asarray(expected)[mask], atol=2e-5)
+
+
+def test_repeat_rows_is_prompt_major():
+    a, b = (np.ones((4, 3)), np.ones((1, 3))), (np.zeros((0, 3)), np.zeros((0, 3)))
+    assert batching.repeat_rows([a, b], 3) == [a, a, a, b, b, b]
