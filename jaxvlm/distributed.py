@@ -111,3 +111,29 @@ def feed_global_batch(full_batch: Any, shardings: Any) -> Any:
         return x[(slice(None),) * axis + (local_rows(sharding, x.shape, axis),)]
 
     return global_batch(jax.tree.map(local, full_batch, shardings), shardings)
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+    """Place a pytree whose full value every process holds (params from the same seed or checkpoint) onto
+    `shardings`, which may span several processes (where `jax.device_put` refuses). Single-process: a device_put."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def put(x, sharding):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global: reshard on the devices
+            return x if x.sharding == sharding else jax.device_put(x, sharding)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def host_value(x: Any) -> np.ndarray:
+    """The full value of a (possibly multi-process) array as numpy, on every process."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    if x.sharding.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -446,8 +446,10 @@ def _place_inputs(inputs: dict[str, Any], sharding: NamedSharding) -> dict[str, 
     from jaxvlm.processing.vision import VISION_INPUT_KEYS
 
     row_axes = {"position_ids": 1, "pixel_values": None, **{k: None for k in VISION_INPUT_KEYS}}
+    from jaxvlm.distributed import feed_global_batch
+
     placements = shard_rules.batch_shardings(inputs, sharding.mesh, row_axes, axes=tuple(sharding.spec[0]))
-    return jax.device_put(inputs, placements)
+    return feed_global_batch(inputs, placements)  # every process holds all prompts; each feeds its devices' rows
 
 
 def decode_completions(tokenizer, rollout: Rollout, *, skip_special_tokens: bool = True) -> list[str]:

@@ -100,9 +100,13 @@ def setup(config, workdir: str) -> Runtime:
     """Tokenizer, model (checkpoint or preset with random weights), image processor, mesh, metrics writer."""
     from jaxvlm.tokenizer import configure_model_for_tokenizer
 
+    m = config.model
+    if not m.path and not m.preset:
+        raise configuration.ConfigError(
+            "config.model.path: this config trains a real checkpoint; set --config.model.path=/path/to/checkpoint "
+            "(or --config.model.preset=tiny for a random-weight toy model)")
     os.makedirs(workdir, exist_ok=True)
     tokenizer = _tokenizer(config, workdir)
-    m = config.model
     if m.path:
         model, params = models.load_pretrained(m.path, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
     else:
@@ -128,13 +132,7 @@ def setup(config, workdir: str) -> Runtime:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def to_host(x) -> np.ndarray:
-    """A (possibly multi-process sharded) array as a full numpy array on every process."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
+to_host = distributed.host_value
 
 
 def _any_process(flag: bool) -> bool:
@@ -243,10 +241,17 @@ def plan_stage(rt: Runtime, name: str, data_sources: list | None = None) -> Stag
 
 
 def _fresh_state(rt: Runtime, plan: StagePlan, params):
+    """The stage's optimizer and a train state born sharded on the mesh (also across processes)."""
     optimizer = train_steps.make_optimizer(plan.optimizer_cfg, params)
-    state = train_steps.create_train_state(params, optimizer, jax.random.key(rt.config.seed))
-    shardings = train_steps.state_shardings(state, rt.mesh)
-    return optimizer, jax.device_put(state, shardings), shardings
+    seed = rt.config.seed
+
+    def init(p):
+        return train_steps.create_train_state(p, optimizer, jax.random.key(seed))
+
+    shardings = train_steps.state_shardings(jax.eval_shape(init, params), rt.mesh)
+    params = distributed.put_global(params, shardings.params)
+    state = jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+    return optimizer, state, shardings
 
 
 def _checkpoint_tree(state, ref_params):
@@ -668,9 +673,10 @@ def run(config, workdir: str, stop: StopSignal | None = None) -> dict:
             _save_progress(rt, progress)
     if params is None:  # everything was already done
         params = stage_final_params(rt, config.stage_order[-1], rt.init_params)
+    host_params = jax.tree.map(to_host, params)  # a collective under multi-process: every process gathers
     if rt.is_main:
         export_dir = os.path.join(workdir, "final_model")
-        models.save_pretrained(rt.model, jax.tree.map(to_host, params), export_dir)
+        models.save_pretrained(rt.model, host_params, export_dir)
         rt.tokenizer.save_pretrained(export_dir)
         if rt.image_processor is not None:
             rt.image_processor.save_pretrained(export_dir)

@@ -134,7 +134,7 @@ class StopAfter:
         return self.calls >= self.n
 
 
-def sft_grpo_config(steps=3):
+def sft_grpo_config(steps=2):
     c = mechanics_config()
     c.stage_order = ("sft", "grpo")
     c.stages.sft.steps = steps
@@ -147,8 +147,8 @@ def test_stop_mid_stage_then_resume_equals_an_uninterrupted_run(tmp_path):
     whole = tmp_path / "whole"
     trainer.run(sft_grpo_config(), str(whole))
     parts = tmp_path / "parts"
-    assert not trainer.run(sft_grpo_config(), str(parts), stop=StopAfter(2))["finished"]  # stops in sft
-    assert not trainer.run(sft_grpo_config(), str(parts), stop=StopAfter(3))["finished"]  # sft done, stops in grpo
+    assert not trainer.run(sft_grpo_config(), str(parts), stop=StopAfter(1))["finished"]  # stops in sft
+    assert not trainer.run(sft_grpo_config(), str(parts), stop=StopAfter(2))["finished"]  # sft done, stops in grpo
     assert trainer.run(sft_grpo_config(), str(parts))["finished"]
     runs = [[r for r in read_metrics(w) if "train/loss" in r] for w in (whole, parts)]
     assert [(r["train/stage"], r["train/stage_step"]) for r in runs[1]] == [

@@ -1,0 +1,100 @@
+"""Plain GRPO with rule rewards: the "+GRPO" / "+RL" baseline of the seed papers.
+
+One stage, mode "grpo": G rollouts per prompt, total reward = format + accuracy (weight 1 each), advantages
+A = (r - mean_G) / (std_G + 1e-4) (unbiased std, TRL's scale_rewards="group"), the PPO-clipped token loss
+-min(ρA, clip(ρ, 1 - ε, 1 + ε)A) + β·KL_k3, averaged per sequence then over rows (loss_type "grpo").
+Prompt style "r1" (think/answer tags).
+
+Which TRL defaults (see /work/shared/design/PEERS.md §1.1 and METHODS.md §0 [TRL]):
+  * taken: lr 1e-6, G 8, max_completion_length 512, ε 0.2 (ε_high = ε), μ = num_iterations 1, temperature 1.0,
+    top_p 1.0, scale_rewards "group", weight decay 0 / warmup 0 / grad clip 1.0 (HF Trainer).
+  * NOT taken: current TRL's beta 0.0 and loss_type "dapo". We use beta 0.04 (k3) and loss_type "grpo": the GRPO the
+    seed papers compare against (TRL <= 0.15 defaults in the R1-V / Curr-ReFT trainer; DyME's `grpo_args` baseline
+    sets beta 0.04 with loss_type 'grpo'). `--config.stages.grpo.loss.beta=0 --config.stages.grpo.loss.aggregation=dapo`
+    gives today's TRL.
+  * Departure: the HF default schedule is linear decay; jaxvlm has cosine (used, decaying to 0) or constant.
+  * Departure: old log-probs (π_old in ρ) are the sampler's log-probs of the rollouts (same temperature), not a
+    second forward pass; at μ = 1 the ratio is 1 in value either way.
+
+Variants (`--config configs/grpo.py:<variant>`):
+
+  ""    a real model and a JSONL of questions with verifiable answers; replace the /path/to/... placeholder:
+            python -m jaxvlm.main --config configs/grpo.py --workdir /tmp/grpo \\
+              --config.model.path=/path/to/Qwen2.5-VL-3B-Instruct \\
+              --config.stages.grpo.data.sources[0].path=/data/train.jsonl --config.eval.sources[0].path=/data/test.jsonl
+  "tiny" gym tasks with the tiny random-weight model, on a CPU:
+            python -m jaxvlm.main --config configs/grpo.py:tiny --workdir /tmp/grpo
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxvlm.configuration import base_config, gym_source, stage
+
+VARIANTS = ("", "tiny")
+TINY_TASKS = ("exists", "count_choice", "count")
+
+# Format (think/answer tags, each exactly once: stricter than R1-V's lazy regex) + accuracy (by answer_type).
+REWARDS = ["format_think_answer", "accuracy"]
+
+
+def _check_variant(arg) -> str:
+    variant = "" if arg is None else str(arg)
+    if variant not in VARIANTS:
+        raise ValueError(f"configs/grpo.py: unknown variant {variant!r}; variants: "
+                         f"{', '.join(repr(v) for v in VARIANTS)} ('' = full-size defaults)")
+    return variant
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant = _check_variant(arg)
+    c = base_config()
+    # The paper's sizes need a real checkpoint: --config.model.path=/path/to/Qwen2.5-VL-3B-Instruct (no preset, so
+    # forgetting the path stops the run at start-up instead of training a random tiny model on real data).
+    c.model.preset = ""
+    c.stage_order = ("grpo",)
+    c.stages.grpo = stage(
+        "grpo",
+        steps=0, epochs=1,  # TRL: num_train_epochs 3 (HF default); one epoch is usual for RL: inference
+        data=dict(
+            sources=[{"kind": "jsonl", "path": "/path/to/train.jsonl", "record_format": "jaxvlm",
+                      "answer_type": "string", "image_root": ""}],  # placeholder
+            batch_size=16,  # inference: 16 prompts x G 8 = 128 rollouts per optimizer step
+            prompt_style="r1",
+            max_prompt_length=2048,  # inference: a question and an image of up to 512 tokens
+        ),
+        rewards=REWARDS,
+        optimizer=dict(learning_rate=1e-6, weight_decay=0.0, warmup_steps=0, max_grad_norm=1.0,  # TRL / HF defaults
+                       schedule="cosine", final_lr_ratio=0.0,
+                       frozen=()),  # TRL trains the whole model
+        loss=dict(beta=0.04, kl_estimator="k3", eps_low=0.2, eps_high=0.2, num_iterations=1, aggregation="grpo",
+                  advantage_scale="group"),
+        sampling=dict(num_generations=8, max_new_tokens=512, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0),
+        batch=dict(micro_batches=16, mini_batches=1),  # 128 rows in micro-batches of 8 (memory only)
+    )
+    c.model.update(dtype="bfloat16", param_dtype="float32", min_pixels=56 * 56, max_pixels=401408)  # TRL: bf16
+    c.eval.update(sources=[{"kind": "jsonl", "path": "/path/to/test.jsonl", "record_format": "jaxvlm",
+                            "answer_type": "string", "image_root": ""}],
+                  num_examples=512, batch_size=32, max_new_tokens=512)
+    c.train.update(save_every=200, eval_every=0)
+
+    if variant == "tiny":
+        c.model.update(preset="tiny", path="", dtype="float32", param_dtype="float32", min_pixels=56 * 56,
+                       max_pixels=56 * 56)
+        c.mesh.shape = (1, 1, 1)
+        c.train.update(save_every=2, keep_checkpoints=1)
+        c.eval.update(sources=[gym_source("validation", 16, tasks=TINY_TASKS)], num_examples=8, batch_size=8,
+                      max_new_tokens=32)
+        s = c.stages.grpo
+        s.steps, s.epochs = 4, 0
+        s.data.update(
+            sources=[gym_source("train", 64, tasks=TINY_TASKS)],
+            batch_size=2,
+            max_prompt_length=192,  # r1 gym prompts with a 56 px image: <= 105 tokens
+            on_error="skip",  # a too-long record is dropped and counted instead of stopping the run
+        )
+        s.sampling.update(num_generations=4, max_new_tokens=48)
+        s.batch.micro_batches = 2  # 2 prompts x G 4 = 8 rows in 2 micro-batches
+        s.optimizer.learning_rate = 1e-3  # tiny: a random-weight toy model; 1e-6 would not move it
+    return c
