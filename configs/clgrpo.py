@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxvlm.configuration import base_config, gym_source, stage
+from jaxvlm.configuration import base_config, check_variant, gym_source, stage, use_tiny_model
 
 VARIANTS = ("", "tiny")
 STAGES = ("sft", "format", "accuracy", "cliplow")
@@ -45,14 +45,6 @@ TINY_TASKS = ("mood", "largest_attribute", "count")
 FORMAT_ONLY = ["format_think_answer"]
 # Inference: exact match of the emotion label (answer_type "string": case and surrounding punctuation ignored).
 FORMAT_ACCURACY = ["format_think_answer", "accuracy"]
-
-
-def _check_variant(arg) -> str:
-    variant = "" if arg is None else str(arg)
-    if variant not in VARIANTS:
-        raise ValueError(f"configs/clgrpo.py: unknown variant {variant!r}; variants: "
-                         f"{', '.join(repr(v) for v in VARIANTS)} ('' = the inferred full-size recipe)")
-    return variant
 
 
 def _rl_stage(rewards: list, *, steps: int = 0, epochs: int = 0, eps_low: float = 0.2, num_iterations: int = 1,
@@ -84,7 +76,7 @@ def _rl_stage(rewards: list, *, steps: int = 0, epochs: int = 0, eps_low: float 
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = _check_variant(arg)
+    variant = check_variant(arg, VARIANTS, "configs/clgrpo.py")
     c = base_config()
     # The paper's sizes need a real checkpoint: --config.model.path=/path/to/Qwen2.5-VL-3B-Instruct (no preset, so
     # forgetting the path stops the run at start-up instead of training a random tiny model on real data).
@@ -126,12 +118,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def _tiny(c: ml_collections.ConfigDict) -> None:
-    c.model.update(preset="tiny", path="", dtype="float32", param_dtype="float32", min_pixels=56 * 56,
-                   max_pixels=56 * 56)
-    c.mesh.shape = (1, 1, 1)
-    c.train.update(save_every=2, keep_checkpoints=1)
-    c.eval.update(sources=[gym_source("validation", 16, tasks=TINY_TASKS)], num_examples=8, batch_size=8,
-                  max_new_tokens=32)
+    use_tiny_model(c, TINY_TASKS, max_new_tokens=32)
     tiny_data = dict(
         sources=[gym_source("train", 64, tasks=TINY_TASKS)],
         max_prompt_length=192,  # r1 gym prompts with a 56 px image: <= 105 tokens

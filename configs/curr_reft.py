@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxvlm.configuration import base_config, gym_source, stage
+from jaxvlm.configuration import base_config, check_variant, gym_source, stage, use_tiny_model
 from jaxvlm.data.gym import TASK_STAGE
 
 VARIANTS = ("", "tiny")
@@ -62,14 +62,6 @@ def _tasks_of_stage(k: int) -> tuple[str, ...]:
 
 def _r1v(path: str, answer_type: str) -> dict:
     return {"kind": "jsonl", "path": path, "record_format": "r1v", "answer_type": answer_type, "image_root": ""}
-
-
-def _check_variant(arg) -> str:
-    variant = "" if arg is None else str(arg)
-    if variant not in VARIANTS:
-        raise ValueError(f"configs/curr_reft.py: unknown variant {variant!r}; variants: "
-                         f"{', '.join(repr(v) for v in VARIANTS)} ('' = the paper's defaults)")
-    return variant
 
 
 def _grpo_stage(steps: int, sources: list, num_generations: int, rewards: list) -> ml_collections.ConfigDict:
@@ -108,7 +100,7 @@ def _grpo_stage(steps: int, sources: list, num_generations: int, rewards: list) 
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = _check_variant(arg)
+    variant = check_variant(arg, VARIANTS, "configs/curr_reft.py")
     c = base_config()
     # The paper's sizes need a real checkpoint: --config.model.path=/path/to/Qwen2.5-VL-3B-Instruct (no preset, so
     # forgetting the path stops the run at start-up instead of training a random tiny model on real data).
@@ -197,13 +189,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def _tiny(c: ml_collections.ConfigDict) -> None:
     """The curriculum on gym tasks by `TASK_STAGE`: stage 1 `exists`, stage 2 `count_choice` + `colors_present`,
     stage 3 the open tasks, then rejection SFT on the open tasks mixed with text-only `word_arithmetic`."""
-    c.model.update(preset="tiny", path="", dtype="float32", param_dtype="float32", min_pixels=56 * 56,
-                   max_pixels=56 * 56)
-    c.mesh.shape = (1, 1, 1)
-    c.train.update(save_every=2, keep_checkpoints=1)
     curriculum = _tasks_of_stage(1) + _tasks_of_stage(2) + _tasks_of_stage(3)
-    c.eval.update(sources=[gym_source("validation", 16, tasks=curriculum)], num_examples=8, batch_size=8,
-                  max_new_tokens=32)
+    use_tiny_model(c, curriculum, max_new_tokens=32)
     tiny_data = dict(
         batch_size=2,
         max_prompt_length=192,  # r1 gym prompts with a 56 px image: <= 105 tokens

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxvlm.configuration import base_config, gym_source, stage
+from jaxvlm.configuration import base_config, check_variant, gym_source, stage, use_tiny_model
 
 VARIANTS = ("", "tiny")
 
@@ -55,16 +55,8 @@ DYME_REWARDS = [
 TINY_TASKS = ("exists", "count", "count_choice")  # short references: <= 87 tokens in the dyme style (see below)
 
 
-def _check_variant(arg) -> str:
-    variant = "" if arg is None else str(arg)
-    if variant not in VARIANTS:
-        raise ValueError(f"configs/dyme.py: unknown variant {variant!r}; variants: "
-                         f"{', '.join(repr(v) for v in VARIANTS)} ('' = the paper's defaults)")
-    return variant
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = _check_variant(arg)
+    variant = check_variant(arg, VARIANTS, "configs/dyme.py")
     c = base_config()
     # The paper's sizes need a real checkpoint: --config.model.path=/path/to/Qwen2.5-VL-3B-Instruct (no preset, so
     # forgetting the path stops the run at start-up instead of training a random tiny model on real data).
@@ -133,12 +125,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def _tiny(c: ml_collections.ConfigDict) -> None:
     """The same stage on the gym: tiny model, CPU, a few steps; `--config.stages.dyme.steps=N` for longer runs."""
-    c.model.update(preset="tiny", path="", dtype="float32", param_dtype="float32", min_pixels=56 * 56,
-                   max_pixels=56 * 56)
-    c.mesh.shape = (1, 1, 1)
-    c.train.update(save_every=2, keep_checkpoints=1)
-    c.eval.update(sources=[gym_source("validation", 16, tasks=TINY_TASKS)], num_examples=8, batch_size=8,
-                  max_new_tokens=48)
+    use_tiny_model(c, TINY_TASKS, max_new_tokens=48)
     s = c.stages.dyme
     s.steps, s.epochs = 4, 0
     s.data.update(

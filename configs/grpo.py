@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxvlm.configuration import base_config, gym_source, stage
+from jaxvlm.configuration import base_config, check_variant, gym_source, stage, use_tiny_model
 
 VARIANTS = ("", "tiny")
 TINY_TASKS = ("exists", "count_choice", "count")
@@ -39,16 +39,8 @@ TINY_TASKS = ("exists", "count_choice", "count")
 REWARDS = ["format_think_answer", "accuracy"]
 
 
-def _check_variant(arg) -> str:
-    variant = "" if arg is None else str(arg)
-    if variant not in VARIANTS:
-        raise ValueError(f"configs/grpo.py: unknown variant {variant!r}; variants: "
-                         f"{', '.join(repr(v) for v in VARIANTS)} ('' = full-size defaults)")
-    return variant
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = _check_variant(arg)
+    variant = check_variant(arg, VARIANTS, "configs/grpo.py")
     c = base_config()
     # The paper's sizes need a real checkpoint: --config.model.path=/path/to/Qwen2.5-VL-3B-Instruct (no preset, so
     # forgetting the path stops the run at start-up instead of training a random tiny model on real data).
@@ -80,12 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.update(save_every=200, eval_every=0)
 
     if variant == "tiny":
-        c.model.update(preset="tiny", path="", dtype="float32", param_dtype="float32", min_pixels=56 * 56,
-                       max_pixels=56 * 56)
-        c.mesh.shape = (1, 1, 1)
-        c.train.update(save_every=2, keep_checkpoints=1)
-        c.eval.update(sources=[gym_source("validation", 16, tasks=TINY_TASKS)], num_examples=8, batch_size=8,
-                      max_new_tokens=32)
+        use_tiny_model(c, TINY_TASKS, max_new_tokens=32)
         s = c.stages.grpo
         s.steps, s.epochs = 4, 0
         s.data.update(

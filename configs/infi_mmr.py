@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxvlm.configuration import base_config, gym_source, stage
+from jaxvlm.configuration import base_config, check_variant, gym_source, stage, use_tiny_model
 
 VARIANTS = ("", "tiny")
 STAGES = ("text", "caption", "caption_free")
@@ -46,14 +46,6 @@ TINY_MULTIMODAL_TASKS = ("count", "count_arithmetic", "largest_attribute")  # ma
 # Format (think/answer tags, each once) + accuracy (dispatched on answer_type: math via math-verify, numbers,
 # strings, choice letters), weight 1 each. Inference: the weights are not given (notes: "combined with weights").
 REWARDS = ["format_think_answer", "accuracy"]
-
-
-def _check_variant(arg) -> str:
-    variant = "" if arg is None else str(arg)
-    if variant not in VARIANTS:
-        raise ValueError(f"configs/infi_mmr.py: unknown variant {variant!r}; variants: "
-                         f"{', '.join(repr(v) for v in VARIANTS)} ('' = the inferred full-size recipe)")
-    return variant
 
 
 def _phase(sources: list, *, with_caption: bool, text_only: bool) -> ml_collections.ConfigDict:
@@ -83,7 +75,7 @@ def _phase(sources: list, *, with_caption: bool, text_only: bool) -> ml_collecti
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = _check_variant(arg)
+    variant = check_variant(arg, VARIANTS, "configs/infi_mmr.py")
     c = base_config()
     # The paper's sizes need a real checkpoint: --config.model.path=/path/to/Qwen2.5-VL-3B-Instruct (no preset, so
     # forgetting the path stops the run at start-up instead of training a random tiny model on real data).
@@ -111,13 +103,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def _tiny(c: ml_collections.ConfigDict) -> None:
-    c.model.update(preset="tiny", path="", dtype="float32", param_dtype="float32", min_pixels=56 * 56,
-                   max_pixels=56 * 56)
-    c.mesh.shape = (1, 1, 1)
-    c.train.update(save_every=2, keep_checkpoints=1)
     # Eval on the multimodal target tasks (in each stage's prompt: with captions after the caption phase).
-    c.eval.update(sources=[gym_source("validation", 16, tasks=TINY_MULTIMODAL_TASKS)], num_examples=8, batch_size=8,
-                  max_new_tokens=32)
+    use_tiny_model(c, TINY_MULTIMODAL_TASKS, max_new_tokens=32)
     for name, tasks in (("text", TINY_TEXT_TASKS), ("caption", TINY_MULTIMODAL_TASKS),
                         ("caption_free", TINY_MULTIMODAL_TASKS)):
         s = c.stages[name]

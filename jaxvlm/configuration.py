@@ -221,3 +221,29 @@ def check_config(c: ml_collections.ConfigDict) -> None:
                 raise _err(f"{key}.rejection.text_share", "must be in [0, 1)")
             if s.rejection.text_share > 0 and not s.rejection.text_sources:
                 raise _err(f"{key}.rejection.text_sources", "text_share > 0 needs text-only sources")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers for recipe files
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_variant(arg: str | None, variants: tuple[str, ...], config_file: str) -> str:
+    """The variant named by `--config <file>:<arg>` ("" for none); ValueError listing the variants otherwise."""
+    variant = "" if arg is None else str(arg)
+    if variant not in variants:
+        raise ValueError(f"{config_file}: unknown variant {variant!r}; variants: "
+                         f"{', '.join(repr(v) for v in variants)} ('' = the paper's / full-size defaults)")
+    return variant
+
+
+def use_tiny_model(c: ml_collections.ConfigDict, eval_tasks, *, max_new_tokens: int = 32,
+                   eval_examples: int = 16) -> None:
+    """The `:tiny` runtime: the tiny random-weight preset with the built-in tokenizer, 56 px images, one device,
+    a short greedy eval on the gym's validation split of `eval_tasks`, frequent checkpoints."""
+    c.model.update(preset="tiny", path="", dtype="float32", param_dtype="float32", min_pixels=56 * 56,
+                   max_pixels=56 * 56)
+    c.mesh.shape = (1, 1, 1)
+    c.train.update(save_every=2, keep_checkpoints=1)
+    c.eval.update(sources=[gym_source("validation", eval_examples, tasks=tuple(eval_tasks))], num_examples=8,
+                  batch_size=8, max_new_tokens=max_new_tokens)

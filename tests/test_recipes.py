@@ -13,6 +13,7 @@ import pytest
 from jaxvlm import trainer
 from jaxvlm.data.jsonl import JsonlSource
 from jaxvlm.metrics import read_metrics
+from test_trainer import StopAfter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = ("sft", "grpo", "dyme", "curr_reft", "clgrpo", "infi_mmr")
@@ -36,21 +37,6 @@ def reduced(config):
     config.eval.max_new_tokens = 8
     config.train.update(save_every=1, progress=False)
     return config
-
-
-class StopAfter:
-    def __init__(self, n):
-        self.n, self.calls = n, 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
-
-    def requested(self):
-        self.calls += 1
-        return self.calls >= self.n
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
