@@ -92,6 +92,10 @@ def _mesh(shape) -> jax.sharding.Mesh:
     shape = tuple(int(d) for d in shape)
     devices = jax.devices()
     if -1 not in shape and math.prod(shape) < len(devices):
+        if jax.process_count() > 1:
+            raise configuration.ConfigError(
+                f"config.mesh.shape: {shape} uses {math.prod(shape)} of the {len(devices)} devices of a "
+                f"{jax.process_count()}-process run; every process needs devices in the mesh (e.g. (1, -1, 1))")
         devices = devices[: math.prod(shape)]  # e.g. (1, 1, 1) on a multi-device host
     return sharding.make_mesh(shape, devices)
 
