@@ -276,6 +276,12 @@ def grpo_loss_fn(params, mb, *, model: Qwen25VL, cfg: LossConfig):
         ref_logp=mb.get("ref_logp"), beta=cfg.beta, kl_estimator=cfg.kl_estimator, aggregation=cfg.aggregation,
         max_completion_length=mask.shape[-1], entropy=jax.lax.stop_gradient(entropy),
     )
+    if on_policy is not None:
+        # DyME's reference rows: their surrogate is -A in value whatever the model does, so report their NLL as a
+        # sum and a token count (both averaged alike over micro-batches and updates: their ratio stays exact).
+        ref_tokens = mask * on_policy[:, None]
+        metrics["reference_nll_sum"] = jax.lax.stop_gradient(-jnp.sum(logp * ref_tokens))
+        metrics["reference_tokens"] = jnp.sum(ref_tokens).astype(jnp.float32)
     if "sft_mode" in mb:
         ref_rows = on_policy.astype(jnp.float32)
         sft_sum, _ = losses.sft_loss(logp, mask * ref_rows[:, None], aggregation="sequence")

@@ -586,6 +586,8 @@ def run_stage(rt: Runtime, name: str, params, global_offset: int, stop: StopSign
             t0 = time.perf_counter()
             state, metrics = compiled(state, device_mb)
             metrics = {**_scalars(metrics), **host_metrics}
+            if metrics.get("reference_tokens", 0) > 0:  # DyME memorisation rows' token NLL
+                metrics["dyme/reference_nll"] = metrics["reference_nll_sum"] / metrics["reference_tokens"]
             metrics["time/update_s"] = time.perf_counter() - t0
             metrics["time/step_s"] = timer.stop()
             metrics.update(pipeline.skip_metrics(skipped_totals))

@@ -223,6 +223,11 @@ def test_dyme_step_compiles_once_and_memorize_rows_are_sft(granularity):
         np.testing.assert_allclose(float(m_mem["loss"]), float(reference_nll(state.params)), rtol=1e-5)
     else:  # the surrogate's value is -A * ratio = -1 per reference row, averaged over the 4 rows
         np.testing.assert_allclose(float(m_mem["loss"]), -0.5, rtol=1e-6)
+    # ... so the step reports the reference rows' token NLL separately (sum and count: exact over micro-batches).
+    logp = train_steps.completion_logprobs(MODEL, state.params, mb)
+    ref = mb["completion_mask"] * mb["on_policy"][:, None]
+    np.testing.assert_allclose(float(m_mem["reference_nll_sum"] / m_mem["reference_tokens"]),
+                               float(-(logp * ref).sum() / ref.sum()), rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------

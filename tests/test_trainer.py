@@ -70,6 +70,7 @@ def test_all_stages_run_in_order_and_write_metrics(trained):
     assert [r["step"] for r in train] == list(range(1, 9))  # one global step axis across stages
     assert all("train/reward" in r and "train/rewards/accuracy/mean" in r for r in train[2:6])
     assert all("train/dyme/memorize_fraction" in r for r in train[4:6])
+    assert all("train/dyme/reference_nll" in r for r in train[4:6] if r["train/dyme/memorize_fraction"] > 0)
     assert all(math.isfinite(r["train/loss"]) for r in train)
     evals = [r for r in records if "eval/accuracy" in r]
     assert [r["eval/stage"] for r in evals] == ["sft", "grpo", "dyme", "reject"]
