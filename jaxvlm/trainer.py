@@ -437,7 +437,7 @@ def rejection_sample(rt: Runtime, name: str, params) -> str:
         return path
     data = s.data.to_dict()
     data.update(batch_size=r.batch_size, with_targets=False, shuffle=True, num_epochs=1, drop_remainder=True,
-                prefetch=0, shard_by_process=False, seed=data.get("seed", 0) + rt.config.seed)
+                prefetch=0, shard_by_process=False, seed=data.get("seed", 0) + rt.config.seed, keep_images=True)
     iterator = iter(sources.input_pipeline(data, rt.tokenizer, rt.image_processor, rt.model_config))
     specs = rewards.parse_reward_specs(list(s.rewards))
     sp = SamplingSettings(max_new_tokens=s.sampling.max_new_tokens, temperature=r.temperature,
@@ -459,8 +459,7 @@ def rejection_sample(rt: Runtime, name: str, params) -> str:
         seen += len(batch["examples"])
     if rt.is_main:
         os.makedirs(out_dir, exist_ok=True)
-        images = _images_for(rt, name, kept)
-        write_jsonl_dataset(({**ex, "images": images[ex["id"]]} for ex in kept), out_dir, name="kept.jsonl")
+        write_jsonl_dataset(kept, out_dir, name="kept.jsonl")
         with open(summary_path, "w") as f:
             json.dump({"prompts": seen, "kept": len(kept), "min_reward": r.min_reward,
                        "mean_best_reward": float(np.mean(best_rewards)) if best_rewards else None}, f, indent=2)
@@ -472,25 +471,6 @@ def rejection_sample(rt: Runtime, name: str, params) -> str:
         raise ValueError(f"stage {name}: rejection sampling kept no sample of {seen} prompts (min_reward="
                          f"{r.min_reward}); lower stages.{name}.rejection.min_reward or train longer first")
     return path
-
-
-def _images_for(rt: Runtime, name: str, kept: list[dict]) -> dict[str, list]:
-    """The pixels of the kept examples (the pipeline's metadata drops them): re-read from the stage's sources."""
-    wanted = {ex["id"].removesuffix("#rejection") for ex in kept}
-    found: dict[str, list] = {}
-    for k, entry in enumerate(rt.config.stages[name].data.sources):
-        source = sources.make_source(dict(entry), f"stages.{name}.data.sources[{k}]")
-        for i in range(len(source)):
-            try:
-                example = source[i]
-            except ValueError:
-                continue
-            if example["id"] in wanted:
-                found[example["id"] + "#rejection"] = example["images"]
-    missing = [ex["id"] for ex in kept if ex["id"] not in found]
-    if missing:
-        raise ValueError(f"stage {name}: could not find the images of kept examples {missing[:3]}")
-    return found
 
 
 # ----------------------------------------------------------------------------------------------------------

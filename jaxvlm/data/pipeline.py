@@ -67,6 +67,7 @@ class PipelineConfig:
     prefetch: int = 2  # batches prepared ahead by a background thread (0 = none)
     worker_processes: int = 0  # > 0: encode and batch in grain worker processes instead
     drop_remainder: bool = True
+    keep_images: bool = False  # also keep the decoded images in `batch["examples"]` (e.g. to write samples out)
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -127,9 +128,10 @@ class Skipped:
     message: str
 
 
-def example_metadata(example: Mapping[str, Any]) -> dict[str, Any]:
-    """The example without its pixels, plus `num_images`: what rewards and evaluation need on the host."""
-    meta = {k: v for k, v in example.items() if k != "images"}
+def example_metadata(example: Mapping[str, Any], keep_images: bool = False) -> dict[str, Any]:
+    """The example without its pixels (unless `keep_images`), plus `num_images`: what rewards and evaluation
+    need on the host."""
+    meta = {k: v for k, v in example.items() if keep_images or k != "images"}
     meta["num_images"] = len(example.get("images", ()))
     return meta
 
@@ -187,7 +189,7 @@ class ExampleEncoder:
             "prompt_ids": np.asarray(prompt_ids, np.int32),
             "pixel_values": pixel_values,
             "image_grid_thw": grid,
-            "meta": example_metadata(example),
+            "meta": example_metadata(example, cfg.keep_images),
         }
         if target is not None:
             target_ids = self.tokenizer(target + self.tokenizer.eos_token, add_special_tokens=False)["input_ids"]
