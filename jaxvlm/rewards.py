@@ -493,7 +493,13 @@ def accuracy(completion: str, example: Mapping, *, extract: str = "tags", partia
 
 @register("iou")
 def iou_reward(completion: str, example: Mapping, *, extract: str = "tags", inclusive: bool = False) -> float:
-    """Continuous IoU of the one predicted box with the example's box (no threshold)."""
+    """Continuous IoU of the one predicted box with the example's box (no threshold).
+
+    An example without a box (answer_type other than "bbox" and no `bbox` field, e.g. a classification row in a
+    mixed detection / classification stage) is not scored by this reward: 0, whatever the completion says.
+    """
+    if example.get("answer_type") != "bbox" and not example.get("bbox"):
+        return 0.0
     pred = extract_answer(completion, extract)
     return 0.0 if pred is None else iou_score(pred, example, None, inclusive=inclusive)
 

@@ -15,8 +15,11 @@ from hypothesis import strategies as st
 from jaxvlm import rewards as R
 
 BUILTIN_REWARDS = tuple(R.REWARDS)  # captured before any test registers its own
-HAS_MATH_VERIFY = R.math_verify_available()
-needs_math_verify = pytest.mark.skipif(not HAS_MATH_VERIFY, reason="math-verify not installed")
+
+
+def test_math_verify_is_installed_with_the_test_extras():
+    # setup.py's `test` extra installs math-verify, so both math paths below always run (never skipped).
+    assert R.math_verify_available()
 CURR_REFT_FORMAT = r"<think>.*?</think>\s*<answer>.*?</answer>"
 
 
@@ -237,7 +240,7 @@ def test_number_score():
 # Math, including Curr-ReFT's stage-3 reward bug (METHODS §6, Curr-ReFT bug 1)
 
 @pytest.mark.parametrize("use_math_verify", [
-    pytest.param(True, marks=needs_math_verify), False])
+    True, False])
 def test_curr_reft_stage3_bug_cases_score_zero(use_math_verify):
     example = make_example("math", "5")
     assert R.accuracy("<think>r</think><answer>7</answer>", example, use_math_verify=use_math_verify) == 0.0
@@ -252,7 +255,7 @@ def test_curr_reft_stage3_bug_cases_score_zero(use_math_verify):
 
 
 @pytest.mark.parametrize("use_math_verify", [
-    pytest.param(True, marks=needs_math_verify), False])
+    True, False])
 def test_math_correct_answers(use_math_verify):
     kw = dict(use_math_verify=use_math_verify)
     assert R.math_score("5", "5", **kw) == 1.0
@@ -266,7 +269,6 @@ def test_math_correct_answers(use_math_verify):
     assert R.math_score("B", "A", **kw) == 0.0
 
 
-@needs_math_verify
 def test_math_verify_symbolic():
     assert R.math_score("\\sqrt{2}", "2^{1/2}", use_math_verify=True) == 1.0
     assert R.math_score("1+x^2", "x^2+1", use_math_verify=True) == 1.0
@@ -284,7 +286,6 @@ def test_math_fallback_is_exact():
     assert R.math_score("A", "5", **kw) == 0.0              # no option-letter fallback for a numeric reference
 
 
-@needs_math_verify
 def test_math_verify_off_main_thread():
     """math-verify's signal timeouts only work on the main thread; off it we run without them."""
     results = []
@@ -550,6 +551,14 @@ def test_compute_rewards_errors_and_empty():
     assert math.isnan(empty.metrics()["rewards/total/mean"])
 
 
+def test_iou_reward_scores_box_less_examples_zero():
+    labels = make_example("labels", "calm")
+    assert R.iou_reward("<answer>[0, 0, 10, 10]</answer>", labels) == 0.0
+    assert R.iou_reward("<answer>calm</answer>", labels) == 0.0
+    box = make_example("bbox", "[0, 0, 10, 10]", bbox=[0.0, 0.0, 10.0, 10.0])
+    assert R.iou_reward("<answer>[0, 0, 10, 10]</answer>", box) == 1.0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Property: every built-in reward returns a finite value in [0, 1] and never fails on well-formed examples
 
@@ -572,6 +581,8 @@ completion_strategy = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max
 @given(completions=st.lists(completion_strategy, min_size=len(PROPERTY_EXAMPLES),
                             max_size=len(PROPERTY_EXAMPLES)))
 def test_property_builtin_rewards_bounded(completions):
+    """Found by this property: `iou` used to raise on a box predicted for a box-less example (a counted failure)
+    but score 0 when no box was predicted; now such examples always score 0."""
     specs = [R.RewardSpec(name) for name in BUILTIN_REWARDS]
     result = R.compute_rewards(specs, completions, PROPERTY_EXAMPLES)
     assert result.failures == dict.fromkeys(BUILTIN_REWARDS, 0)
