@@ -26,11 +26,12 @@ setup(
         "ml_dtypes>=0.5",
         "absl-py>=2.0",
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+        "matplotlib>=3.8",  # the reward / accuracy curves a run writes (jaxvlm.report)
     ],
     extras_require={
         # torch is only the parity oracle of the tests (and the PyTorch baseline of the benchmarks).
         # math-verify scores math answers (jaxvlm.rewards falls back to numeric / string match without it).
         "math": ["math-verify>=0.9.0"],
-        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "math-verify>=0.9.0"],
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "hypothesis>=6.100", "torch==2.13.0", "math-verify>=0.9.0"],
     },
 )

@@ -74,7 +74,7 @@ def synthetic_batch(model_cfg: models.ModelConfig, demo, seed: int) -> dict:
 def run_forward(cfg, workdir: str | None) -> dict:
     model, params = build_model(cfg)
     if model.config.vision is None:
-        raise ValueError("the demo batch has images: use a Qwen2.5-VL model (config.model.path / preset)")
+        raise ValueError("the forward check's batch has images: use a Qwen2.5-VL model (config.model.path / preset)")
     batch = synthetic_batch(model.config, cfg.demo, cfg.seed)
     forward = jax.jit(lambda p, b: model.apply({"params": p}, **b))
     t0 = time.perf_counter()
@@ -126,6 +126,10 @@ def main(argv):
             raise SystemExit(f"training stopped: {error}") from None
         if not result["finished"]:
             print(f"stopped by a signal; checkpoint written. Re-run the same command to resume ({_WORKDIR.value})")
+        elif jax.process_index() == 0:
+            from jaxvlm import report
+
+            print(report.report(_WORKDIR.value))
         return
     result = run_forward(config, _WORKDIR.value)
     if not result["logits_finite"]:

@@ -1,4 +1,4 @@
-"""The command line: `python -m jaxvlm.main --config configs/demo.py` as a user runs it."""
+"""The command line: `python -m jaxvlm.main --config configs/forward.py` as a user runs it."""
 
 import json
 import os
@@ -19,8 +19,8 @@ def run_main(*args, cwd=ROOT):
     return proc
 
 
-def test_demo_runs_forward_and_writes_result(tmp_path):
-    proc = run_main("--config", "configs/demo.py", "--workdir", str(tmp_path), "--config.demo.batch_size=4")
+def test_forward_config_runs_and_writes_result(tmp_path):
+    proc = run_main("--config", "configs/forward.py", "--workdir", str(tmp_path), "--config.demo.batch_size=4")
     result = json.loads((tmp_path / "forward.json").read_text())
     assert result["batch"][0] == 4
     assert result["logits_shape"] == [4, result["batch"][1], 1024]
@@ -31,7 +31,7 @@ def test_demo_runs_forward_and_writes_result(tmp_path):
 def test_main_loads_a_checkpoint_directory(hf_checkpoints, tmp_path):
     _, path = hf_checkpoints["gqa6_untied_win112"]
     run_main(
-        "--config", os.path.join(ROOT, "configs/demo.py"), "--workdir", str(tmp_path),
+        "--config", os.path.join(ROOT, "configs/forward.py"), "--workdir", str(tmp_path),
         f"--config.model.path={path}", "--config.model.dtype=bfloat16", "--config.model.param_dtype=float32",
         cwd=str(tmp_path),
     )
@@ -42,7 +42,7 @@ def test_main_loads_a_checkpoint_directory(hf_checkpoints, tmp_path):
 def test_unknown_config_field_is_rejected(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, "-m", "jaxvlm.main", "--config", "configs/demo.py", "--config.model.presett=tiny"],
+        [sys.executable, "-m", "jaxvlm.main", "--config", "configs/forward.py", "--config.model.presett=tiny"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode != 0 and "presett" in proc.stderr
@@ -52,7 +52,7 @@ def test_unknown_config_field_is_rejected(tmp_path):
 def test_unknown_preset_is_named(preset):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, "-m", "jaxvlm.main", "--config", "configs/demo.py", f"--config.model.preset={preset}"],
+        [sys.executable, "-m", "jaxvlm.main", "--config", "configs/forward.py", f"--config.model.preset={preset}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode != 0 and "unknown model preset 'nonexistent'" in proc.stderr
