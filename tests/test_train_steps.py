@@ -274,7 +274,12 @@ def steps_on_mesh(shape):
 def test_sharded_steps_match_single_device(mesh_shape):
     assert jax.device_count() >= 8, "conftest sets XLA_FLAGS=--xla_force_host_platform_device_count=8"
     single, sharded = steps_on_mesh((1, 1, 1)), steps_on_mesh(mesh_shape)
-    assert max_tree_diff(single[0], sharded[0]) < 1e-5
+    # Parameters are compared relative to how far the three Adam updates moved them: Adam divides by sqrt(v), so
+    # a float32 reduction-order difference in a near-zero gradient becomes an update difference of ~1e-5 (seen
+    # on CI at lr 1e-3); a sharding bug moves parameters by a sizeable fraction of the update.
+    moved = max_tree_diff(single[0], jax.device_get(base_params()))
+    assert moved > 1e-4
+    assert max_tree_diff(single[0], sharded[0]) < 2e-2 * moved
     for step, values in single[1].items():
         for key, value in values.items():
             np.testing.assert_allclose(sharded[1][step][key], value, atol=1e-5, rtol=1e-5, err_msg=f"{step}/{key}")
