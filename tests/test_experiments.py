@@ -1,0 +1,58 @@
+"""The comparisons harness (jaxvlm.experiments): equal sample budgets, valid configs, shared prefixes, the table."""
+
+import os
+
+import numpy as np
+import pytest
+
+from jaxvlm import experiments
+
+
+@pytest.mark.parametrize("budget", sorted(experiments.BUDGETS))
+@pytest.mark.parametrize("comparison", experiments.COMPARISONS)
+def test_arms_of_a_comparison_draw_the_same_number_of_prompts(comparison, budget):
+    b = experiments.BUDGETS[budget]
+    arms = experiments.arms(comparison, b)
+    assert len(arms) >= 2
+    prompts = {name: experiments._prompts(stages, b) for name, stages in arms.items()}
+    assert len(set(prompts.values())) == 1, prompts
+    for stages in arms.values():
+        experiments.arm_config(stages, b, seed=0)  # check_config passes
+
+
+def test_arms_that_share_a_stage_name_share_its_config():
+    """run_arm reuses a trained prefix by stage names, so one name must mean one stage everywhere."""
+    seen = {}
+    b = experiments.BUDGETS["quick"]
+    for comparison in experiments.COMPARISONS:
+        for stages in experiments.arms(comparison, b).values():
+            for name, s in stages:
+                seen.setdefault(name, s.to_json_best_effort())
+                assert seen[name] == s.to_json_best_effort(), name
+
+
+def test_the_comparisons_differ_only_where_they_should():
+    b = experiments.BUDGETS["quick"]
+    cl = experiments.arms("clgrpo", b)
+    (a4, s4), (a3, s3) = [stages[-1] for stages in cl.values()]
+    assert s4.loss.eps_low < s3.loss.eps_low and s4.loss.eps_high == s3.loss.eps_high
+    assert s4.loss.num_iterations == s3.loss.num_iterations > 1  # the clip can bind
+    dy = [stages[-1][1].loss.dyme_granularity for stages in experiments.arms("dyme", b).values()]
+    assert dy == ["prompt", "batch"]
+    cur = experiments.arms("curriculum", b)["curriculum yes/no -> choice -> open"]
+    assert [tuple(s.data.sources[0]["tasks"]) for _, s in cur[1:]] == [("exists",), ("count_choice",), ("count",)]
+    infi = experiments.arms("infi_mmr", b)["text -> caption -> caption-free"]
+    assert [s.data.with_caption for _, s in infi[2:]] == [True, False]
+    assert experiments.arms("infi_mmr", b)["caption-free only"][-1][1].data.with_caption is False
+
+
+def test_table_and_plot(tmp_path):
+    results = {"dyme": {arm: {str(seed): {"accuracy": acc + 0.01 * seed, "tasks": {"count": acc}, "prompts": 40}
+                              for seed in range(3)} for arm, acc in (("DyME prompt", 0.5), ("DyME batch", 0.25))}}
+    text = experiments.table(results)
+    assert "| DyME prompt | 3 | 40 | **0.510 ± 0.010** | 0.500 ± 0.000 |" in text
+    assert "| DyME batch | 3 | 40 | **0.260 ± 0.010** |" in text
+    experiments.plot(results, str(tmp_path / "r.png"))
+    assert open(tmp_path / "r.png", "rb").read(4) == b"\x89PNG"
+    assert np.isclose(float(experiments._pm([1.0, 3.0]).split(" ± ")[1]), np.std([1.0, 3.0], ddof=1), atol=1e-3)
+    assert not os.path.exists(tmp_path / "runs")
