@@ -11,7 +11,7 @@ Sample budget: every arm of a comparison draws the same number of training *prom
 an RL prompt yields G rollouts). Accuracy is greedy, on the gym's validation split, at the end of the arm.
 
 Comparisons (`COMPARISONS`):
-  sft_vs_rl   SFT only | GRPO only (from scratch) | SFT -> GRPO                      (the two-stage recipe)
+  sft_vs_rl   SFT only | SFT only at the RL phase's lr | GRPO only (from scratch) | SFT -> GRPO   (two-stage)
   dyme        SFT -> DyME "prompt" | SFT -> DyME "batch"                            (DyME's switch granularity)
   curriculum  SFT -> GRPO yes/no -> choice -> open | SFT -> GRPO on the same data shuffled   (Curr-ReFT)
   clgrpo      SFT -> GRPO (format + acc), then ClipLow GRPO (eps_low 0.1) | then more stage-3 GRPO   (CLGRPO)
@@ -74,9 +74,9 @@ def _data(tasks, *, caption=True, targets=True, batch, seed=1, shuffle=True):
                 on_error="skip", shuffle=shuffle)
 
 
-def sft_stage(b: Budget, steps: int, tasks=VISUAL_TASKS, seed=0, caption=True):
+def sft_stage(b: Budget, steps: int, tasks=VISUAL_TASKS, seed=0, caption=True, lr=None):
     return stage("sft", steps=steps, data=_data(tasks, caption=caption, batch=b.sft_batch, seed=seed),
-                 optimizer=dict(learning_rate=b.sft_lr, schedule="constant", warmup_steps=10, weight_decay=0.0,
+                 optimizer=dict(learning_rate=lr or b.sft_lr, schedule="constant", warmup_steps=10, weight_decay=0.0,
                                 max_grad_norm=1.0),
                  loss=dict(sft_aggregation="token"))
 
@@ -109,6 +109,10 @@ def arms(comparison: str, b: Budget) -> dict[str, list[tuple[str, object]]]:
         total_prompts = w * b.sft_batch + rl_prompts
         return {
             "SFT only": [warm, ("sft_more", sft_stage(b, rl_prompts // b.sft_batch, seed=1))],
+            # A control for the RL phase's lower learning rate: the same SFT continuation at the RL learning rate
+            # (does an RL phase help, or does any low-lr phase after a high-lr warm-up?).
+            "SFT only, RL's lr": [warm, ("sft_more_rl_lr", sft_stage(b, rl_prompts // b.sft_batch, seed=1,
+                                                                     lr=b.rl_lr))],
             # From scratch, with the same prompts: G 4 x 16 prompts per step keeps the rollout count per step.
             "GRPO only": [("grpo_scratch", rl_stage(b, total_prompts // 16, batch=16, generations=4))],
             "SFT -> GRPO": [warm, ("grpo", rl_stage(b, r))],
@@ -175,12 +179,17 @@ def run_arm(out: str, stages, b: Budget, seed: int) -> dict:
     workdir = os.path.join(root, "+".join(names))
     t0 = time.perf_counter()
     if not os.path.isfile(os.path.join(workdir, "final_model", "config.json")):
-        shutil.rmtree(workdir, ignore_errors=True)
-        if len(names) > 1:  # every prefix is a run of its own, trained once and shared by the arms that start so
+        if len(names) > 1 and not os.path.isdir(workdir):
+            # Every prefix is a run of its own, trained once and shared by the arms that start so; the copy is made
+            # under another name and renamed, so an interrupted copy is never taken for a started arm.
             run_arm(out, stages[:-1], b, seed)
-            shutil.copytree(os.path.join(root, "+".join(names[:-1])), workdir,
+            shutil.rmtree(workdir + ".copy", ignore_errors=True)
+            shutil.copytree(os.path.join(root, "+".join(names[:-1])), workdir + ".copy",
                             ignore=shutil.ignore_patterns("final_model"))
-        trainer.run(arm_config(stages, b, seed), workdir)
+            os.replace(workdir + ".copy", workdir)
+        # An arm that was interrupted (SIGTERM, a crash) resumes from its last checkpoint.
+        if not trainer.run(arm_config(stages, b, seed), workdir)["finished"]:
+            raise SystemExit(f"{workdir}: stopped before the end; the same command resumes it")
     evals = stage_evaluations(read_metrics(workdir))
     final = evals[-1][2]
     return {"accuracy": final["eval/accuracy"], "stages": [[s, step, r["eval/accuracy"]] for s, step, r in evals],

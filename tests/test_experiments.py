@@ -56,3 +56,57 @@ def test_table_and_plot(tmp_path):
     assert open(tmp_path / "r.png", "rb").read(4) == b"\x89PNG"
     assert np.isclose(float(experiments._pm([1.0, 3.0]).split(" ± ")[1]), np.std([1.0, 3.0], ddof=1), atol=1e-3)
     assert not os.path.exists(tmp_path / "runs")
+
+
+class FakeTrainer:
+    """Stands in for jaxvlm.trainer.run: records which stages each call trains, writes the per-stage evaluations
+    (and final_model) the way the trainer does, and can be told to stop ("SIGTERM") in a given stage once."""
+
+    def __init__(self, stop_in=None):
+        self.calls, self.stop_in = [], stop_in
+
+    def __call__(self, config, workdir):
+        from jaxvlm.metrics import MetricsWriter
+
+        done = set()
+        if os.path.exists(os.path.join(workdir, "done.txt")):
+            done = set(open(os.path.join(workdir, "done.txt")).read().split())
+        todo = [s for s in config.stage_order if s not in done]
+        self.calls.append((os.path.basename(workdir), todo))
+        os.makedirs(workdir, exist_ok=True)
+        with MetricsWriter(workdir, tensorboard=False) as w:
+            for i, name in enumerate(todo):
+                if name == self.stop_in:
+                    self.stop_in = None
+                    return {"finished": False}
+                w.write(len(done) + i + 1, {"accuracy": 0.1 * (len(done) + i + 1), "accuracy/task/count": 0.5,
+                                            "stage": name}, prefix="eval/")
+                with open(os.path.join(workdir, "done.txt"), "a") as f:
+                    f.write(name + "\n")
+        os.makedirs(os.path.join(workdir, "final_model"), exist_ok=True)
+        open(os.path.join(workdir, "final_model", "config.json"), "w").write("{}")
+        return {"finished": True}
+
+
+def test_run_arm_trains_shared_prefixes_once_and_resumes_an_interrupted_arm(tmp_path, monkeypatch):
+    from jaxvlm import trainer
+
+    fake = FakeTrainer(stop_in="cliplow")
+    monkeypatch.setattr(trainer, "run", fake)
+    b = experiments.BUDGETS["quick"]
+    arms = experiments.arms("clgrpo", b)
+    stages4, stages3 = arms["stage 4 ClipLow (eps_low 0.1)"], arms["stage 3 continued (eps_low 0.2)"]
+    with pytest.raises(SystemExit, match="resumes it"):
+        experiments.run_arm(str(tmp_path), stages4, b, seed=0)
+    assert fake.calls == [("warmup", ["warmup"]), ("warmup+stage3", ["stage3"]),
+                          ("warmup+stage3+cliplow", ["cliplow"])]
+    # The same command again: the interrupted arm continues in its own workdir, nothing before it is re-trained.
+    result = experiments.run_arm(str(tmp_path), stages4, b, seed=0)
+    assert fake.calls[3:] == [("warmup+stage3+cliplow", ["cliplow"])]
+    assert [(s, step) for s, step, _ in result["stages"]] == [("warmup", 1), ("stage3", 2), ("cliplow", 3)]
+    assert result["accuracy"] == pytest.approx(0.3)
+    assert result["tasks"] == {"count": 0.5} and result["prompts"] == experiments._prompts(stages4, b)
+    # The other arm shares warmup and stage3: only its own last stage is trained.
+    experiments.run_arm(str(tmp_path), stages3, b, seed=0)
+    assert fake.calls[4:] == [("warmup+stage3+stage3_more", ["stage3_more"])]
+    assert not any(name.endswith(".copy") for name in os.listdir(tmp_path / "runs" / "seed0"))
