@@ -138,7 +138,7 @@ def arms(comparison: str, b: Budget) -> dict[str, list[tuple[str, object]]]:
         warm_text = ("warmup_text", sft_stage(b, w, tasks=(*VISUAL_TASKS, TEXT_TASK)))
         p1, p2, p3 = _split(r, 3)
         return {"text -> caption -> caption-free": [
-                    warm_text, ("text", rl_stage(b, p1, (TEXT_TASK,))),
+                    warm_text, ("text", rl_stage(b, p1, (TEXT_TASK,), caption=False)),  # text-only: no image, no caption
                     ("captioned", rl_stage(b, p2, caption=True)), ("caption_free", rl_stage(b, p3, caption=False))],
                 "caption-free only": [warm_text, ("mm_only", rl_stage(b, r, caption=False))]}
     raise ValueError(f"unknown comparison {comparison!r}; known: {COMPARISONS}")

@@ -281,6 +281,25 @@ def test_skip_mode_drops_and_counts_bad_records_without_substitution(tmp_path, t
     assert pipeline.skip_metrics(totals)["data/skipped"] == 10.0
 
 
+def test_a_pass_with_no_usable_record_stops_with_the_reason_instead_of_spinning(tmp_path, tokenizer, model_config):
+    """on_error="skip" with every record bad (here: captions asked of text-only records) and data repeated
+    forever: the pipeline raises after two passes, naming the count and the last record's error."""
+    write_jsonl(tmp_path / "t.jsonl", [{"question": f"what is {k} + 1?", "answer": str(k + 1), "id": f"t{k}"}
+                                       for k in range(7)])
+    source = JsonlSource(tmp_path / "t.jsonl", answer_type="number")
+    it = iter(make_pipeline([source], tokenizer, model_config, batch_size=2, on_error="skip", with_caption=True))
+    with pytest.raises(DataError, match=r"15 records in a row were skipped \(field: 15\).*'caption'"):
+        next(it)
+    # One good record in the pass is enough to keep going (and the bad ones are still counted).
+    write_jsonl(tmp_path / "m.jsonl", [{"question": "q", "answer": "1", "id": "m0", "caption": "one circle"},
+                                       *[{"question": "q", "answer": "1", "id": f"m{k}"} for k in range(1, 7)]])
+    mixed = make_pipeline([JsonlSource(tmp_path / "m.jsonl", answer_type="number")], tokenizer, model_config,
+                          batch_size=2, on_error="skip", with_caption=True)
+    batches = [b for _, b in zip(range(3), mixed)]
+    assert ids_of(batches) == ["m0"] * 6
+    assert sum(b["skipped"]["field"] for b in batches) >= 30
+
+
 def test_same_seed_same_batches_other_seed_other_order(tokenizer, model_config):
     examples = [make_example(k, images=k % 2) for k in range(12)]
     a = ids_of(take(iter(make_pipeline([examples], tokenizer, model_config, seed=1)), 6))

@@ -241,9 +241,10 @@ class _SafeSource:
 
 
 class _SkipCountingIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, max_consecutive: int | None = None):
         super().__init__(parent)
         self._pending = dict.fromkeys(SKIP_KINDS, 0)  # skipped since the last element handed out
+        self._max_consecutive = max_consecutive
 
     def __next__(self):
         while True:
@@ -255,6 +256,13 @@ class _SkipCountingIterator(grain.DatasetIterator):
                 raise
             if isinstance(element, Skipped):
                 self._pending[element.kind] = self._pending.get(element.kind, 0) + 1
+                skipped = sum(self._pending.values())
+                if self._max_consecutive is not None and skipped >= self._max_consecutive:
+                    # No usable record in two passes over the data: with repeat(None) this would spin forever,
+                    # so stop and say why.
+                    raise DataError(
+                        f"data: {skipped} records in a row were skipped ({_nonzero(self._pending)}), two passes "
+                        f"over the data with no usable record; the last one: {element.message}", element.kind)
                 continue
             skipped, self._pending = self._pending, dict.fromkeys(SKIP_KINDS, 0)
             return {**element, "skipped": skipped}
@@ -268,15 +276,24 @@ class _SkipCountingIterator(grain.DatasetIterator):
         self._pending = dict.fromkeys(SKIP_KINDS, 0)
 
 
+def _nonzero(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{kind}: {n}" for kind, n in counts.items() if n)
+
+
 class SkipCounting(grain.IterDataset):
     """Drops `Skipped` elements; each element carries `skipped`, the per-kind count dropped just before it.
 
     Counts are deltas rather than running totals so they stay right when grain worker processes each run a
-    copy of this stage: the consumer sums them over batches (`add_skip_counts`).
+    copy of this stage: the consumer sums them over batches (`add_skip_counts`). `max_consecutive` (two passes over
+    the records) turns "every record is bad" into a DataError instead of an endless loop.
     """
 
+    def __init__(self, parent, max_consecutive: int | None = None):
+        super().__init__(parent)
+        self._max_consecutive = max_consecutive
+
     def __iter__(self):
-        return _SkipCountingIterator(self._parent.__iter__())
+        return _SkipCountingIterator(self._parent.__iter__(), self._max_consecutive)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -444,7 +461,12 @@ def build_dataset(
     ds = ds.map(encoder)
     threads = max(1, config.num_threads)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads * 4))
-    it = SkipCounting(it)
+    # Two passes over every source (in the mixed stream, as this process sees it) without one usable record means
+    # none is usable: one good record per shuffled pass can still leave 2 x (pass - 1) bad ones in a row.
+    shares = [w / sum(weights) for w in weights] if weights else [1 / len(sources)] * len(sources)
+    period = max(len(source) / share for source, share in zip(sources, shares))
+    readers = process_count if config.shard_by_process and process_count > 1 else 1
+    it = SkipCounting(it, max_consecutive=math.ceil(2 * period / readers) + 1)
     it = it.batch(config.batch_size, drop_remainder=config.drop_remainder, batch_fn=collator)
     if config.worker_processes > 0:
         from absl import flags
