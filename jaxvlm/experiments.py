@@ -214,12 +214,30 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def majority_answer_accuracy(b: Budget) -> dict[str, float]:
+    """Held-out accuracy of answering every question of a task with that task's most common answer (no model): the
+    floor a trained arm must clear before its accuracy says anything about reading or counting."""
+    from collections import Counter
+
+    from jaxvlm.data import gym
+
+    specs = gym.build_specs("validation", b.eval_examples, gym.GymConfig(difficulties=DIFFICULTIES),
+                            tasks=VISUAL_TASKS)
+    out, right = {}, 0
+    for task in VISUAL_TASKS:
+        answers = Counter(s.answer for s in specs if s.task == task)
+        out[task] = answers.most_common(1)[0][1] / sum(answers.values())
+        right += answers.most_common(1)[0][1]
+    out["all"] = right / len(specs)
+    return out
+
+
 def _pm(values) -> str:
     v = np.asarray(values, dtype=float)
     return f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.3f}"
 
 
-def plot(results: dict, path: str) -> None:
+def plot(results: dict, path: str, floor: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,6 +255,8 @@ def plot(results: dict, path: str) -> None:
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
         ax.set_ylim(0, 1)
+        if floor is not None:
+            ax.axhline(floor, color="gray", linestyle="--", linewidth=1, label="majority answer")
         ax.set_title(comparison, fontsize=9)
     axes[0][0].set_ylabel("held-out accuracy (greedy)")
     fig.tight_layout()
@@ -268,11 +288,18 @@ def main(argv=None) -> dict:
                 results.setdefault(comparison, {}).setdefault(arm, {})[str(seed)] = result
                 with open(path, "w") as f:
                     json.dump(results, f, indent=1)
-                with open(os.path.join(out, "RESULTS_TABLE.md"), "w") as f:
-                    f.write(table(results))
-                plot(results, os.path.join(out, "results.png"))
-    print(table(results))
+                _write_outputs(results, b, out)
+    _write_outputs(results, b, out)
+    print(open(os.path.join(out, "RESULTS_TABLE.md")).read())
     return results
+
+
+def _write_outputs(results: dict, b: Budget, out: str) -> None:
+    prior = majority_answer_accuracy(b)
+    with open(os.path.join(out, "RESULTS_TABLE.md"), "w") as f:
+        f.write("Majority answer per task, no model (the floor): "
+                + ", ".join(f"{k} {v:.3f}" for k, v in prior.items()) + "\n\n" + table(results))
+    plot(results, os.path.join(out, "results.png"), floor=prior["all"])
 
 
 if __name__ == "__main__":

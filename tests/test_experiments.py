@@ -52,7 +52,7 @@ def test_table_and_plot(tmp_path):
     text = experiments.table(results)
     assert "| DyME prompt | 3 | 40 | **0.510 ± 0.010** | 0.500 ± 0.000 |" in text
     assert "| DyME batch | 3 | 40 | **0.260 ± 0.010** |" in text
-    experiments.plot(results, str(tmp_path / "r.png"))
+    experiments.plot(results, str(tmp_path / "r.png"), floor=0.55)
     assert open(tmp_path / "r.png", "rb").read(4) == b"\x89PNG"
     assert np.isclose(float(experiments._pm([1.0, 3.0]).split(" ± ")[1]), np.std([1.0, 3.0], ddof=1), atol=1e-3)
     assert not os.path.exists(tmp_path / "runs")
@@ -110,3 +110,18 @@ def test_run_arm_trains_shared_prefixes_once_and_resumes_an_interrupted_arm(tmp_
     experiments.run_arm(str(tmp_path), stages3, b, seed=0)
     assert fake.calls[4:] == [("warmup+stage3+stage3_more", ["stage3_more"])]
     assert not any(name.endswith(".copy") for name in os.listdir(tmp_path / "runs" / "seed0"))
+
+
+def test_majority_answer_floor_counts_the_validation_answers():
+    from collections import Counter
+
+    from jaxvlm.data import gym
+
+    b = experiments.BUDGETS["quick"]
+    prior = experiments.majority_answer_accuracy(b)
+    specs = gym.build_specs("validation", b.eval_examples, gym.GymConfig(difficulties=experiments.DIFFICULTIES),
+                            tasks=experiments.VISUAL_TASKS)
+    exists = Counter(s.answer for s in specs if s.task == "exists")
+    assert set(exists) == {"yes", "no"} and prior["exists"] == max(exists.values()) / sum(exists.values())
+    assert prior["all"] == pytest.approx(sum(prior[t] for t in experiments.VISUAL_TASKS) / 3)  # equal task shares
+    assert 0 < min(prior.values()) and max(prior.values()) < 1
