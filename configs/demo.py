@@ -19,7 +19,7 @@ small, trained for minutes, learns little from 56-pixel images alone, so the dem
 what it learns is to read, count and answer. `--config.stages.sft.data.with_caption=False
 --config.stages.dyme.data.with_caption=False` runs the pixel-only version (which needs far longer).
 
-About 8 minutes on a 2-core CPU (7 min 38 s measured, RESULTS.md). What the demo shows today: SFT learns the format
+About 6-8 minutes on a 2-core CPU (6 min 06 s and 7 min 38 s measured, RESULTS.md). What the demo shows today: SFT learns the format
 and part of the skill; held-out accuracy rises during DyME (0.552 -> 0.656 measured), about as much as continued SFT
 would, and mostly on `exists`; 0.552 is also what answering each task's most common answer scores (RESULTS.md).
 """
