@@ -147,6 +147,10 @@ def arms(comparison: str, b: Budget) -> dict[str, list[tuple[str, object]]]:
 COMPARISONS = ("sft_vs_rl", "dyme", "curriculum", "clgrpo", "infi_mmr")
 
 
+def _eval_source(b: Budget) -> dict:
+    return _gym("validation", b.eval_examples, VISUAL_TASKS)
+
+
 def arm_config(stages, b: Budget, seed: int):
     """The trainer config of one arm. Evaluation follows the stage being evaluated (its prompt format, captions or
     not), so an arm ending caption-free is evaluated caption-free."""
@@ -157,7 +161,7 @@ def arm_config(stages, b: Budget, seed: int):
     c.stage_order = tuple(n for n, _ in stages)
     for name, s in stages:
         c.stages[name] = s
-    c.eval.update(sources=[_gym("validation", b.eval_examples, VISUAL_TASKS)], num_examples=b.eval_examples,
+    c.eval.update(sources=[_eval_source(b)], num_examples=b.eval_examples,
                   batch_size=32, max_new_tokens=b.max_new_tokens)
     c.train.update(eval_every=0, save_every=10_000, keep_checkpoints=1, log_every=5, progress=False)
     configuration.check_config(c)
@@ -216,19 +220,19 @@ def table(results: dict) -> str:
 
 def majority_answer_accuracy(b: Budget) -> dict[str, float]:
     """Held-out accuracy of answering every question of a task with that task's most common answer (no model): the
-    floor a trained arm must clear before its accuracy says anything about reading or counting."""
+    floor a trained arm must clear before its accuracy says anything about reading or counting. Computed on the
+    evaluation's own source entry (`arm_config`), so on exactly the examples the arms are scored on."""
     from collections import Counter
 
-    from jaxvlm.data import gym
+    from jaxvlm.data.sources import make_source
 
-    specs = gym.build_specs("validation", b.eval_examples, gym.GymConfig(difficulties=DIFFICULTIES),
-                            tasks=VISUAL_TASKS)
-    out, right = {}, 0
-    for task in VISUAL_TASKS:
-        answers = Counter(s.answer for s in specs if s.task == task)
-        out[task] = answers.most_common(1)[0][1] / sum(answers.values())
-        right += answers.most_common(1)[0][1]
-    out["all"] = right / len(specs)
+    source = make_source(_eval_source(b))
+    answers = {task: Counter() for task in VISUAL_TASKS}
+    for i in range(len(source)):
+        example = source[i]
+        answers[example["task"]][example["answer"]] += 1
+    out = {task: c.most_common(1)[0][1] / sum(c.values()) for task, c in answers.items()}
+    out["all"] = sum(c.most_common(1)[0][1] for c in answers.values()) / len(source)
     return out
 
 
