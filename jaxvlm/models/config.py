@@ -348,6 +348,28 @@ PRESETS: dict[str, ModelConfig] = {
         ),
         image_token_id=1000, video_token_id=1001, vision_start_token_id=1002, vision_end_token_id=1003,
     ),
+    # ~110M parameters (85M decoder + embeddings, 17M vision): the benchmarks' "100M" size (configs/bench.py).
+    "100m": ModelConfig(
+        text=TextConfig(
+            vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+            num_key_value_heads=4, rope_theta=1000000.0, mrope_section=(8, 12, 12), max_position_embeddings=32768,
+        ),
+        vision=VisionConfig(
+            depth=8, hidden_size=384, intermediate_size=1024, num_heads=6, window_size=112,
+            fullatt_block_indexes=(3, 7), out_hidden_size=768,
+        ),
+        image_token_id=31655, video_token_id=31656, vision_start_token_id=31652, vision_end_token_id=31653,
+    ),
+    # Qwen2.5-0.5B's decoder (hidden 896, 24 layers, 14/2 heads, vocab 151936) behind the Qwen2.5-VL family's vision
+    # tower (the same 32-block ViT as 3B/7B, projecting to 896): ~0.49B + 0.67B parameters. No official checkpoint
+    # has these shapes; it is the family's smallest sensible member, for benchmarks.
+    "qwen2_5_vl_0_5b": ModelConfig(
+        text=TextConfig(
+            hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+            num_key_value_heads=2, mrope_section=(8, 12, 12), max_position_embeddings=32768,
+        ),
+        vision=VisionConfig(out_hidden_size=896),
+    ),
     # ~30M parameters: big enough that matmuls dominate a CPU step, small enough to benchmark on a laptop.
     "small": ModelConfig(
         text=TextConfig(
