@@ -86,22 +86,27 @@ def bench_jax(model, params, batch: dict, new_tokens: int, repeats: int) -> dict
     return dict(_throughput(batch, new_tokens, t_prefill, t_full, t_one), compile_s=compile_prefill + compile_generate)
 
 
-def bench_torch(path: str, batch: dict, new_tokens: int, repeats: int) -> dict:
+def bench_torch(path: str, batch: dict, new_tokens: int, repeats: int, dtype: str = "float32") -> dict:
+    """transformers' `generate` on the checkpoint at `path`, weights held in `dtype`, on CUDA when available."""
     import torch
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    ids = torch.as_tensor(batch["input_ids"], dtype=torch.long)
-    mask = torch.as_tensor(batch["attention_mask"], dtype=torch.long)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+    ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=device)
+    mask = torch.as_tensor(batch["attention_mask"], dtype=torch.long, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def prefill():
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        sync()
 
     def gen(n):
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                  do_sample=False, pad_token_id=0)
+        sync()
         assert out.shape[1] == ids.shape[1] + n
 
     prefill(), gen(2)  # warm-up

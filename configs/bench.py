@@ -1,0 +1,53 @@
+"""Step-throughput benchmarks, jaxvlm next to the PyTorch baseline on the same model and batches.
+
+    python -m jaxvlm.bench --config configs/bench.py:100m --workdir /tmp/jaxvlm-bench
+
+Variants (random weights, no downloads):
+  tiny   the `tiny` preset (0.2M params), float32: a smoke run of every section in about a minute on a CPU
+  100m   the `100m` preset (118M params, 18M of them vision), float32: the CPU comparison (BENCHMARKS.md)
+  0.5b   `qwen2_5_vl_0_5b` (Qwen2.5-0.5B decoder + the family's ViT, 1.16B params), bfloat16: GPU
+  3b     `qwen2_5_vl_3b` (Qwen2.5-VL-3B shapes, 3.75B params), bfloat16, sequence 2048: GPU (the MFU target)
+Every field can be overridden, e.g. `--config.sections=sft,decode --config.torch.compile=False`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxvlm.configuration import check_variant
+
+VARIANTS = ("tiny", "100m", "0.5b", "3b")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant = check_variant(arg or "tiny", VARIANTS, "configs/bench.py")
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.sections = ("sft", "grpo", "decode")
+    c.model = ml_collections.ConfigDict(dict(preset="tiny", dtype="float32", param_dtype="float32", remat="none"))
+    c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1, 1)))  # (data, fsdp, tensor); -1 = the other devices
+    # AdamW, constant lr; weight decay 0 so both sides' decay masks cannot differ (it costs the same either way).
+    c.optimizer = ml_collections.ConfigDict(dict(learning_rate=1e-4, weight_decay=0.0, max_grad_norm=1.0))
+    # SFT: rows of seq_len tokens = one image (image_hw pixels; None = text only) + prompt + completion_len scored.
+    c.sft = ml_collections.ConfigDict(dict(batch_size=8, micro_batches=1, seq_len=128, completion_len=32,
+                                           image_hw=(56, 56), steps=3))
+    # GRPO: prompts of prompt_len tokens (one image each), G rollouts of exactly max_new_tokens (no stop token).
+    c.grpo = ml_collections.ConfigDict(dict(prompts=4, num_generations=4, prompt_len=64, max_new_tokens=16,
+                                            micro_batches=1, image_hw=(56, 56), steps=2))
+    c.decode = ml_collections.ConfigDict(dict(batches=(1, 16, 64), prompt_len=32, new_tokens=32, repeats=3))
+    c.torch = ml_collections.ConfigDict(dict(enabled=True, compile=True))
+    c.peak = ml_collections.ConfigDict(dict(matmul_size=4096))  # CPU: the measured-matmul peak's size
+    if variant == "100m":
+        c.model.preset = "100m"
+        c.sft.update(batch_size=4, seq_len=512, completion_len=128, image_hw=(224, 224), steps=3)
+        c.grpo.update(prompts=2, num_generations=4, prompt_len=128, max_new_tokens=32, image_hw=(112, 112), steps=2)
+        c.decode.update(prompt_len=64, new_tokens=32)
+    elif variant in ("0.5b", "3b"):
+        c.model.update(preset="qwen2_5_vl_0_5b" if variant == "0.5b" else "qwen2_5_vl_3b", dtype="bfloat16",
+                       remat="dots" if variant == "0.5b" else "full")
+        c.sft.update(batch_size=8, micro_batches=2 if variant == "3b" else 1, seq_len=2048, completion_len=512,
+                     image_hw=(448, 448), steps=5)
+        c.grpo.update(prompts=16, num_generations=8, prompt_len=512, max_new_tokens=256, micro_batches=8,
+                      image_hw=(448, 448), steps=2)
+        c.decode.update(prompt_len=512, new_tokens=128)
+    return c

@@ -1,0 +1,168 @@
+"""Model FLOPs of a Qwen2.5-VL training step, and the decode bandwidth roofline, from the config alone.
+
+Two counts, both for one forward + backward over a batch (training = 3 x the forward's matmul FLOPs):
+
+* `train_flops`: what the step computes — the decoder's matmuls (attention projections, SwiGLU MLP, LM head on the
+  scored positions), attention scores and values over the full S x S square (verl's convention; the causal half is
+  not subtracted), and the vision tower when the batch has images (patch embedding, blocks with their window / full
+  attention, patch merger). Embedding lookups and elementwise work are not counted (PaLM's MFU convention).
+* `verl_lm_flops`: verl's / EasyR1's `FlopsCounter` for Qwen2 (`_estimate_qwen2_flops`), language model only:
+  6 x (per-layer matmul params x layers + 2 x vocab x hidden) x tokens + 12 x sum(S^2) x head_dim x heads x layers.
+  It counts the embedding as a matmul and ignores the vision tower; this is what their "MFU" divides.
+
+`decode_roofline` is the memory-bandwidth ceiling of one decode step (PEERS.md §6.2): every step reads the decoder
+weights once and each row's KV cache; tokens/s <= B x bandwidth / bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from jaxvlm.models.config import ModelConfig, TextConfig, VisionConfig
+
+
+def _layer_matmul_params(text: TextConfig) -> int:
+    """Matmul weights of one decoder layer: q, k, v, o projections and the gate / up / down MLP."""
+    hd = text.resolved_head_dim
+    q, kv = text.num_attention_heads * hd, text.num_key_value_heads * hd
+    return text.hidden_size * (q + 2 * kv) + q * text.hidden_size + 3 * text.hidden_size * text.intermediate_size
+
+
+def lm_forward_flops(text: TextConfig, seq_lens: Sequence[int], scored_tokens: int) -> float:
+    """Forward FLOPs of the decoder over rows of `seq_lens` tokens, with the LM head on `scored_tokens` positions."""
+    tokens = int(np.sum(seq_lens))
+    hd = text.resolved_head_dim
+    dense = 2 * _layer_matmul_params(text) * text.num_hidden_layers * tokens
+    head = 2 * text.hidden_size * text.vocab_size * scored_tokens
+    square = float(np.sum(np.square(np.asarray(seq_lens, np.float64))))
+    attention = 4 * square * hd * text.num_attention_heads * text.num_hidden_layers  # QK^T and AV
+    return float(dense + head + attention)
+
+
+def _vision_segments(grid: Sequence[int], vision: VisionConfig) -> tuple[list[int], list[int]]:
+    """Attention segment lengths (in patches) of one image [t, h, w]: (windowed blocks, full-attention blocks).
+
+    Full-attention blocks attend within each frame (h x w patches); windowed blocks within windows of
+    `window_merged` x `window_merged` merged tokens (edge windows smaller), as transformers' `get_window_index`."""
+    t, h, w = (int(x) for x in grid)
+    m = vision.spatial_merge_size
+    mh, mw, win = h // m, w // m, vision.window_merged
+    rows = [min(win, mh - i) for i in range(0, mh, win)]
+    cols = [min(win, mw - j) for j in range(0, mw, win)]
+    windows = [r * c * m * m for r in rows for c in cols] * t
+    return windows, [h * w] * t
+
+
+def vision_forward_flops(vision: VisionConfig, grids: np.ndarray) -> float:
+    """Forward FLOPs of the vision tower over images `grids` [n, 3] (t, h, w in patches)."""
+    grids = np.asarray(grids, np.int64).reshape(-1, 3)
+    if not len(grids):
+        return 0.0
+    patches = int(np.prod(grids, axis=1).sum())
+    h, i, hd = vision.hidden_size, vision.intermediate_size, vision.head_dim
+    per_block = 2 * patches * (4 * h * h + 3 * h * i)  # qkv + proj, SwiGLU MLP
+    windows, frames = [], []
+    for g in grids:
+        w, f = _vision_segments(g, vision)
+        windows += w
+        frames += f
+    full = set(vision.fullatt_block_indexes)
+    attention = 0.0
+    for block in range(vision.depth):
+        segments = frames if block in full else windows
+        attention += 4 * float(np.sum(np.square(np.asarray(segments, np.float64)))) * hd * vision.num_heads
+    embed = 2 * patches * vision.patch_dim * h
+    merged = patches // vision.merge_unit
+    merger = 2 * merged * (vision.merge_unit * h) * (vision.merge_unit * h + vision.out_hidden_size)
+    return float(vision.depth * per_block + attention + embed + merger)
+
+
+def train_flops(cfg: ModelConfig, seq_lens: Sequence[int], scored_tokens: int, grids: np.ndarray | None = None,
+                vision_trained: bool = True) -> dict[str, float]:
+    """FLOPs of one training step (forward + backward) over a batch: {"total", "lm", "vision"}.
+
+    seq_lens: tokens per row (prompt + completion, images' placeholder tokens included); scored_tokens: positions
+    the LM head runs on (the completion tokens); grids: the batch's images [n, 3]. A frozen vision tower
+    (`vision_trained=False`) costs one forward only (no gradient flows into it).
+    """
+    lm = 3 * lm_forward_flops(cfg.text, seq_lens, scored_tokens)
+    vision = 0.0
+    if grids is not None and cfg.vision is not None:
+        vision = (3 if vision_trained else 1) * vision_forward_flops(cfg.vision, grids)
+    return {"total": lm + vision, "lm": lm, "vision": vision}
+
+
+def verl_lm_flops(text: TextConfig, seq_lens: Sequence[int]) -> float:
+    """verl's / EasyR1's Qwen2 FLOPs estimate for a training step over rows of `seq_lens` tokens (LM only).
+
+    Their `head_dim` is hidden // heads (the same for every Qwen2.5 size)."""
+    head_dim = text.hidden_size // text.num_attention_heads
+    q = text.num_attention_heads * head_dim
+    kv = text.num_key_value_heads * head_dim
+    mlp = text.hidden_size * text.intermediate_size * 3
+    attn_linear = text.hidden_size * (q + 2 * kv + text.num_attention_heads * head_dim)
+    dense = (mlp + attn_linear) * text.num_hidden_layers + text.vocab_size * text.hidden_size * 2
+    square = float(np.sum(np.square(np.asarray(seq_lens, np.float64))))
+    return float(6 * dense * int(np.sum(seq_lens)) + 12 * square * head_dim * text.num_attention_heads
+                 * text.num_hidden_layers)
+
+
+def decoder_weight_bytes(cfg: ModelConfig, bytes_per_param: int) -> int:
+    """Bytes of the weights one decode step reads: the decoder layers, final norm and LM head (the embedding table
+    only through the LM head when tied; an untied table is read one row per token, not counted)."""
+    t = cfg.text
+    per_layer = _layer_matmul_params(t) + t.resolved_head_dim * (t.num_attention_heads + 2 * t.num_key_value_heads)
+    per_layer += 2 * t.hidden_size  # the two RMSNorm scales
+    return int((per_layer * t.num_hidden_layers + t.hidden_size + t.vocab_size * t.hidden_size) * bytes_per_param)
+
+
+def kv_bytes_per_token(text: TextConfig, bytes_per_value: int) -> int:
+    """KV-cache bytes of one token over all layers (36,864 for Qwen2.5-VL-3B in bf16)."""
+    return 2 * text.num_hidden_layers * text.num_key_value_heads * text.resolved_head_dim * bytes_per_value
+
+
+def decode_roofline(cfg: ModelConfig, batch: int, mean_context: float, bandwidth: float, bytes_per_param: int,
+                    bytes_per_kv: int) -> dict[str, float]:
+    """Bandwidth ceiling of decoding: steps/s <= bandwidth / (weights + batch x mean_context x kv bytes)."""
+    weights = decoder_weight_bytes(cfg, bytes_per_param)
+    kv = batch * mean_context * kv_bytes_per_token(cfg.text, bytes_per_kv)
+    steps = bandwidth / (weights + kv)
+    return {"bytes_per_step": float(weights + kv), "steps_per_s": steps, "tokens_per_s": batch * steps}
+
+
+def mfu(flops: float, seconds: float, peak: float) -> float:
+    """Model FLOPs utilisation: achieved FLOP/s over the peak (nan when either is unknown)."""
+    if not seconds or not peak or math.isnan(peak):
+        return float("nan")
+    return flops / seconds / peak
+
+
+def traced_matmul_flops(fn, *args, **kwargs) -> float:
+    """2 x multiply-adds of every `dot_general` that `fn(*args)` executes, read from its jaxpr (scan bodies counted
+    `length` times, nested calls and remat followed). An independent check of the analytic counts above, and a way
+    to count a model variant they do not describe. Loops with a data-dependent trip count (while) are refused."""
+    import jax
+    from jax.extend import core as jax_core
+
+    def count(jaxpr) -> float:
+        total = 0.0
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            if name == "dot_general":
+                lhs, rhs = (v.aval.shape for v in eqn.invars)
+                (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+                rhs_free = [d for i, d in enumerate(rhs) if i not in rc and i not in rb]
+                total += 2.0 * float(np.prod(lhs)) * float(np.prod(rhs_free))
+                continue
+            if name == "while":
+                raise ValueError("traced_matmul_flops: a while loop's trip count is not static")
+            factor = eqn.params.get("length", 1) if name == "scan" else 1
+            for sub in jax_core.jaxprs_in_params(eqn.params):
+                total += factor * count(sub)
+        return total
+
+    closed = jax.make_jaxpr(fn)(*args, **kwargs)
+    return count(closed.jaxpr)

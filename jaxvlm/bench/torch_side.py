@@ -1,0 +1,233 @@
+"""The PyTorch baseline: transformers' `Qwen2_5_VLForConditionalGeneration` on the same checkpoint and batch.
+
+What a TRL user runs, written out so both sides do the same work:
+* SFT step: completion-only token-mean NLL (TRL's `SFTTrainer` with `completion_only_loss`), gradient accumulation
+  over micro-batches, global-norm clipping, `torch.optim.AdamW`.
+* GRPO step: `generate` (sampling, `num_return_sequences=G`, every row `max_new_tokens` long), the host reward,
+  TRL's group advantages (r - mean) / (std + 1e-4), TRL's clipped surrogate with the "grpo" aggregation (mean over
+  sequences of per-sequence token means, / gradient-accumulation steps), AdamW.
+* Optionally the SFT step through `torch.compile(model)` (inductor), where it compiles.
+Mixed precision as on the JAX side: float32 master weights, `torch.autocast` to bfloat16 when the compute dtype is
+bfloat16. Only the benchmarks and the parity tests import this module (jaxvlm itself never needs torch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+
+import numpy as np
+
+from jaxvlm.bench import workload
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+class TorchBaseline:
+    def __init__(self, checkpoint: str, dtype: str, opt, device: str | None = None):
+        torch = _torch()
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = dtype
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+        self.model.to(self.device).train()
+        self.opt_cfg = opt
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.learning_rate, betas=(0.9, 0.999),
+                                           eps=1e-8, weight_decay=opt.weight_decay)
+
+    # -- helpers ---------------------------------------------------------------------------------------------------
+
+    def _autocast(self):
+        torch = _torch()
+        if self.dtype == "bfloat16":
+            return torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16)
+        if self.dtype != "float32":
+            raise ValueError(f"the PyTorch baseline runs float32 or bfloat16, not {self.dtype!r}")
+        return contextlib.nullcontext()
+
+    def _sync(self):
+        torch = _torch()
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def _tensors(self, ids: np.ndarray, pixel_values, grid) -> dict:
+        torch = _torch()
+        out = {"input_ids": torch.as_tensor(ids, dtype=torch.long, device=self.device)}
+        out["attention_mask"] = torch.ones_like(out["input_ids"])
+        if pixel_values is not None:
+            out["pixel_values"] = torch.as_tensor(pixel_values, device=self.device)
+            out["image_grid_thw"] = torch.as_tensor(grid, dtype=torch.long, device=self.device)
+            # transformers 5 places image tokens on the M-RoPE grid only when told which tokens are image tokens
+            # (the processor's `mm_token_type_ids`); without it every position is 1-D and the model is another one.
+            out["mm_token_type_ids"] = (out["input_ids"] == self.model.config.image_token_id).int()
+        return out
+
+    def completion_logprobs(self, model, ids: np.ndarray, pixel_values, grid, completion_len: int, temperature=1.0):
+        """log π(completion token) float32 [b, N] of rows `ids` [b, S] whose last N tokens are the completion."""
+        torch = _torch()
+        inputs = self._tensors(ids, pixel_values, grid)
+        with self._autocast():
+            logits = model(**inputs, logits_to_keep=completion_len + 1, use_cache=False).logits
+        logits = logits[:, :-1].float() / temperature
+        targets = inputs["input_ids"][:, -completion_len:]
+        return torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
+
+    def _micro(self, rows_ids: np.ndarray, pixel_values, grid, micro_batches: int):
+        """Yield (ids, pixels, grid) per micro-batch; images are one per row, `p` patch rows each."""
+        b = rows_ids.shape[0] // micro_batches
+        p = 0 if pixel_values is None else pixel_values.shape[0] // rows_ids.shape[0]
+        for m in range(micro_batches):
+            sl = slice(m * b, (m + 1) * b)
+            yield (rows_ids[sl], None if pixel_values is None else pixel_values[m * b * p:(m + 1) * b * p],
+                   None if grid is None else grid[sl])
+
+    def _apply_update(self) -> float:
+        torch = _torch()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.opt_cfg.max_grad_norm or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    # -- SFT -------------------------------------------------------------------------------------------------------
+
+    def sft_step(self, rows: workload.Rows, micro_batches: int, model=None) -> tuple[float, float]:
+        """One update on `rows`; returns (loss before the update, gradient norm before clipping)."""
+        model = self.model if model is None else model  # (an OptimizedModule has no truth value)
+        n = rows.seq_len - rows.prompt_len
+        total_tokens = rows.num_rows * n
+        loss_value = 0.0
+        for ids, pixels, grid in self._micro(rows.input_ids, rows.pixel_values, rows.image_grid_thw, micro_batches):
+            logp = self.completion_logprobs(model, ids, pixels, grid, n)
+            loss = -logp.sum() / total_tokens  # token mean over the whole batch, summed over micro-batches
+            loss.backward()
+            loss_value += float(loss.detach())
+        return loss_value, self._apply_update()
+
+    def sft(self, rows: workload.Rows, *, micro_batches: int, steps: int, compile: bool = False) -> dict:
+        """Warm-up step (timed as `compile_s`: it includes torch.compile's compilation), then `steps` timed steps."""
+        torch = _torch()
+        model = self.model
+        if compile:
+            model = torch.compile(self.model)
+        losses, norms, times = [], [], []
+        start = time.perf_counter()
+        first = self.sft_step(rows, micro_batches, model)
+        self._sync()
+        warmup_s = time.perf_counter() - start
+        losses.append(first[0])
+        norms.append(first[1])
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            loss, norm = self.sft_step(rows, micro_batches, model)
+            self._sync()
+            times.append(time.perf_counter() - t0)
+            losses.append(loss)
+            norms.append(norm)
+        return {"compile_s": warmup_s - statistics.median(times), "step_s": statistics.median(times),
+                "step_times": times, "losses": losses, "grad_norms": norms}
+
+    # -- GRPO ------------------------------------------------------------------------------------------------------
+
+    def generate(self, rows: workload.Rows, num_generations: int, max_new_tokens: int):
+        torch = _torch()
+        inputs = self._tensors(rows.input_ids, rows.pixel_values, rows.image_grid_thw)
+        with torch.no_grad(), self._autocast():
+            out = self.model.generate(**inputs, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                      num_return_sequences=num_generations, max_new_tokens=max_new_tokens,
+                                      min_new_tokens=max_new_tokens, pad_token_id=0,
+                                      # as jaxvlm's sampler: never sample an image / video placeholder (random
+                                      # weights would, and the completion could then not be scored)
+                                      suppress_tokens=[self.model.config.image_token_id,
+                                                       self.model.config.video_token_id])
+        assert out.shape == (rows.num_rows * num_generations, rows.seq_len + max_new_tokens), out.shape
+        return out
+
+    def prefill(self, rows: workload.Rows) -> None:
+        torch = _torch()
+        inputs = self._tensors(rows.input_ids, rows.pixel_values, rows.image_grid_thw)
+        with torch.no_grad(), self._autocast():
+            self.model(**inputs, use_cache=True, logits_to_keep=1)
+
+    @staticmethod
+    def group_advantages(rewards, num_generations: int):
+        """TRL: (r - group mean) / (group std (Bessel) + 1e-4)."""
+        grouped = rewards.view(-1, num_generations)
+        mean = grouped.mean(1).repeat_interleave(num_generations)
+        std = grouped.std(1).repeat_interleave(num_generations)
+        return (rewards - mean) / (std + 1e-4)
+
+    def grpo_loss(self, ids: np.ndarray, pixel_values, grid, completion_len: int, advantages, old_logp=None,
+                  eps_low: float = 0.2, eps_high: float = 0.2, model=None):
+        """TRL's `_compute_loss` ("grpo" aggregation, no KL): -min(r A, clip(r, 1-eps_low, 1+eps_high) A), token mean
+        per sequence, mean over sequences. old_logp None = the detached current log-probs (num_iterations 1).
+        Every completion token is live (generation ran to `max_new_tokens`)."""
+        torch = _torch()
+        logp = self.completion_logprobs(self.model if model is None else model, ids, pixel_values, grid, completion_len)
+        old = logp.detach() if old_logp is None else old_logp
+        ratio = torch.exp(logp - old)
+        adv = advantages[:, None]
+        per_token = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
+        return per_token.mean(-1).mean(), logp
+
+    def grpo_update(self, ids: np.ndarray, pixel_values, grid, completion_len: int, advantages, micro_batches: int,
+                    old_logp=None) -> tuple[float, float]:
+        """One update over B*G rows (pixels per row); returns (loss, gradient norm before clipping)."""
+        torch = _torch()
+        advantages = torch.as_tensor(advantages, dtype=torch.float32, device=self.device)
+        b = ids.shape[0] // micro_batches
+        total = 0.0
+        for m, (mids, pixels, mgrid) in enumerate(self._micro(ids, pixel_values, grid, micro_batches)):
+            sl = slice(m * b, (m + 1) * b)
+            old = None if old_logp is None else torch.as_tensor(old_logp[sl], device=self.device)
+            loss, _ = self.grpo_loss(mids, pixels, mgrid, completion_len, advantages[sl], old)
+            (loss / micro_batches).backward()
+            total += float(loss.detach()) / micro_batches
+        return total, self._apply_update()
+
+    def grpo(self, rows: workload.Rows, *, num_generations: int, max_new_tokens: int, micro_batches: int,
+             steps: int, repeats: int = 3) -> dict:
+        """`steps` end-to-end steps after a warm-up step; medians of each phase (as the JAX side)."""
+        torch = _torch()
+        g = num_generations
+        self.prefill(rows)
+        prefill_times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.prefill(rows)
+            self._sync()
+            prefill_times.append(time.perf_counter() - t0)
+        phases: dict[str, list[float]] = {"rollout_s": [], "reward_s": [], "update_s": [], "step_s": []}
+        p = 0 if rows.pixel_values is None else rows.pixel_values.shape[0] // rows.num_rows
+        for i in range(steps + 1):
+            torch.manual_seed(i)
+            t0 = time.perf_counter()
+            seqs = self.generate(rows, g, max_new_tokens)
+            self._sync()
+            t1 = time.perf_counter()
+            completions = seqs[:, rows.seq_len:].cpu().numpy()
+            rewards = workload.token_parity_reward(completions, np.ones_like(completions))
+            advantages = self.group_advantages(torch.as_tensor(rewards, device=self.device), g)
+            ids = seqs.cpu().numpy()
+            pixels = grid = None
+            if rows.pixel_values is not None:
+                pixels = np.repeat(rows.pixel_values.reshape(rows.num_rows, p, -1), g, axis=0).reshape(-1, rows.pixel_values.shape[-1])
+                grid = np.repeat(rows.image_grid_thw, g, axis=0)
+            t2 = time.perf_counter()
+            self.grpo_update(ids, pixels, grid, max_new_tokens, advantages, micro_batches)
+            self._sync()
+            t3 = time.perf_counter()
+            if i == 0:
+                continue
+            phases["rollout_s"].append(t1 - t0)
+            phases["reward_s"].append(t2 - t1)
+            phases["update_s"].append(t3 - t2)
+            phases["step_s"].append(t3 - t0)
+        out = {k: statistics.median(v) for k, v in phases.items()}
+        out["prefill_s"] = statistics.median(prefill_times)
+        return out

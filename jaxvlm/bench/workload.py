@@ -1,0 +1,117 @@
+"""The synthetic batches both sides of a benchmark run on: the same token ids, pixels and image grids.
+
+Every row is one image followed by text: `<vision_start> <image_pad> x n <vision_end> prompt... completion...`,
+with no padding (all rows the same length), so the JAX side and transformers agree on positions by construction.
+Token ids are drawn below the model's special ids; pixels are standard-normal patch rows (the processor's output
+space), `patch_dim` wide.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jaxvlm import batching
+from jaxvlm.models.config import ModelConfig
+from jaxvlm.processing.rope import get_rope_index
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """A batch of B rows (host numpy).
+
+    input_ids int32 [B, S] (prompt then completion), prompt_len P (shared), pixel_values float32 [B * p, patch_dim]
+    (p patches per image), image_grid_thw int64 [B, 3], position_ids int32 [3, B, S] (M-RoPE)."""
+
+    input_ids: np.ndarray
+    prompt_len: int
+    pixel_values: np.ndarray | None
+    image_grid_thw: np.ndarray | None
+    position_ids: np.ndarray
+
+    @property
+    def num_rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    def row_pixels(self) -> list[batching.RowPixels] | None:
+        """Per row: its image's patch rows and grid (for `batching.microbatches`)."""
+        if self.pixel_values is None:
+            return None
+        p = self.pixel_values.shape[0] // self.num_rows
+        return [(self.pixel_values[i * p:(i + 1) * p], self.image_grid_thw[i:i + 1]) for i in range(self.num_rows)]
+
+
+def image_tokens(cfg: ModelConfig, image_hw: tuple[int, int]) -> tuple[np.ndarray, int]:
+    """(grid [t, h, w] in patches, placeholder tokens) of one image of `image_hw` pixels (multiples of 28)."""
+    v = cfg.vision
+    unit = v.patch_size * v.spatial_merge_size
+    height, width = image_hw
+    if height % unit or width % unit or height <= 0 or width <= 0:
+        raise ValueError(f"image size {image_hw} must be positive multiples of patch_size x merge_size = {unit}")
+    grid = np.asarray([1, height // v.patch_size, width // v.patch_size], np.int64)
+    return grid, int(grid.prod()) // v.merge_unit
+
+
+def make_rows(cfg: ModelConfig, rows: int, seq_len: int, completion_len: int, image_hw: tuple[int, int] | None,
+              seed: int = 0) -> Rows:
+    """`rows` rows of `seq_len` tokens whose last `completion_len` are the completion (`completion_len` 0: prompts
+    only, for rollouts). With `image_hw`, each row starts with one image of that many pixels."""
+    rng = np.random.default_rng(seed)
+    special = [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id]
+    high = min([cfg.text.vocab_size, *special])
+    prefix: list[int] = []
+    grid = None
+    if image_hw is not None:
+        if cfg.vision is None:
+            raise ValueError("image_hw is set but the model has no vision tower")
+        grid, n = image_tokens(cfg, image_hw)
+        prefix = [cfg.vision_start_token_id] + [cfg.image_token_id] * n + [cfg.vision_end_token_id]
+    text = seq_len - len(prefix)
+    if text <= completion_len:
+        raise ValueError(f"seq_len {seq_len} leaves {text} text tokens after the image's {len(prefix)}: need more than "
+                         f"completion_len {completion_len}")
+    ids = np.concatenate([np.broadcast_to(np.asarray(prefix, np.int32), (rows, len(prefix))),
+                          rng.integers(0, high, (rows, text)).astype(np.int32)], axis=1)
+    mask = np.ones_like(ids)
+    pixel_values = grids = None
+    if grid is not None:
+        grids = np.broadcast_to(grid, (rows, 3)).copy()
+        pixel_values = rng.standard_normal((rows * int(grid.prod()), cfg.vision.patch_dim)).astype(np.float32)
+        position_ids, _ = get_rope_index(ids, mask, grids, image_token_id=cfg.image_token_id,
+                                         spatial_merge_size=cfg.vision.spatial_merge_size)
+    else:
+        position_ids = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (3, rows, seq_len))
+    return Rows(ids, seq_len - completion_len, pixel_values, grids, np.asarray(position_ids, np.int32))
+
+
+def sft_microbatches(cfg: ModelConfig, rows: Rows, micro_batches: int) -> dict:
+    """`rows` as `[M, b, ...]` micro-batches for `train_steps.sft_step` (loss on the completion tokens)."""
+    p = rows.prompt_len
+    fields = {
+        "prompt_ids": rows.input_ids[:, :p], "prompt_mask": np.ones_like(rows.input_ids[:, :p]),
+        "completion_ids": rows.input_ids[:, p:], "completion_mask": np.ones_like(rows.input_ids[:, p:]),
+        "position_ids": rows.position_ids,
+    }
+    return batching.microbatches(fields, (micro_batches,), row_pixels=rows.row_pixels(), vision_config=cfg.vision)
+
+
+def prompt_batch(rows: Rows) -> dict:
+    """The prompt batch `sampling.generate` takes (a processor's output form)."""
+    out = {"input_ids": rows.input_ids, "attention_mask": np.ones_like(rows.input_ids)}
+    if rows.pixel_values is not None:
+        out.update(pixel_values=rows.pixel_values, image_grid_thw=rows.image_grid_thw)
+    return out
+
+
+def token_parity_reward(completion_ids: np.ndarray, completion_mask: np.ndarray) -> np.ndarray:
+    """A verifiable reward both sides compute the same way on the host: the share of even token ids in each
+    completion, float32 [R]. (Benchmarks measure compute; what the reward rewards does not matter, only that it
+    varies within groups so advantages are not all zero.)"""
+    mask = completion_mask.astype(np.float32)
+    even = (completion_ids % 2 == 0).astype(np.float32)
+    return (even * mask).sum(-1) / np.maximum(mask.sum(-1), 1.0)

@@ -1,0 +1,180 @@
+"""The benchmark harness (`python -m jaxvlm.bench`): FLOP counts, the hardware table, and a smoke run of every
+section on the tiny config in which the JAX side and the PyTorch baseline must do the same work."""
+
+import importlib.util
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxvlm import models, train_steps
+from jaxvlm.bench import flops, hardware, run, workload
+
+_spec = importlib.util.spec_from_file_location(
+    "bench_config", os.path.join(os.path.dirname(__file__), "..", "configs", "bench.py"))
+bench_config = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_config)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# FLOP counts
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset,image_hw,rows", [("tiny", (56, 56), 1), ("small", (112, 112), 1),
+                                                  ("small", None, 3)])
+def test_analytic_forward_flops_match_the_traced_matmuls(preset, image_hw, rows):
+    """The analytic count equals the matmuls the model's jaxpr executes (layer scans unrolled by the counter), where
+    the implementation's attention is exactly the model's (one image, no window smaller than it)."""
+    cfg = models.preset(preset)
+    model = models.Qwen25VL(cfg)
+    batch = workload.make_rows(cfg, rows, 96, 16, image_hw)
+    mb = jax.tree.map(lambda x: x[0], workload.sft_microbatches(cfg, batch, 1))
+    traced = flops.traced_matmul_flops(lambda p, b: train_steps.completion_logprobs(model, p, b),
+                                       models.abstract_params(cfg), mb)
+    analytic = flops.lm_forward_flops(cfg.text, [96] * rows, 16 * rows)
+    if image_hw:
+        analytic += flops.vision_forward_flops(cfg.vision, batch.image_grid_thw)
+    assert analytic == pytest.approx(traced, rel=1e-9)
+    assert flops.train_flops(cfg, [96] * rows, 16 * rows, batch.image_grid_thw)["total"] == pytest.approx(3 * traced)
+
+
+def test_window_attention_counts_windows_not_the_whole_image():
+    """A 224 px image in the `small` preset has 2x2 windows of 112 px: windowed blocks attend 4 x 64^2 pairs, the
+    full-attention block 256^2."""
+    v = models.preset("small").vision
+    windows, frames = flops._vision_segments([1, 16, 16], v)
+    assert windows == [64, 64, 64, 64] and frames == [256]
+    # Edge windows are smaller: 16 x 12 patches -> 8 x 6 merged tokens -> windows of 4x4 and 4x2 merged tokens.
+    windows, _ = flops._vision_segments([1, 16, 12], v)
+    assert sorted(windows) == [32, 32, 64, 64]
+
+
+def test_verl_formula_and_3b_roofline_anchors():
+    """verl's Qwen2 count by hand for one row; the decode anchors of PEERS.md §6.2 for Qwen2.5-VL-3B."""
+    t = models.preset("qwen2_5_vl_3b").text
+    s = 1000
+    n = (3 * 2048 * 11008 + 2048 * (2048 + 2 * 256 + 2048)) * 36 + 2 * 151936 * 2048
+    assert flops.verl_lm_flops(t, [s]) == 6 * n * s + 12 * s * s * 128 * 16 * 36
+    cfg = models.preset("qwen2_5_vl_3b")
+    assert flops.kv_bytes_per_token(t, 2) == 36_864
+    weights = flops.decoder_weight_bytes(cfg, 2)
+    assert weights == pytest.approx(3.086e9 * 2, rel=0.01)  # PEERS: 3.086 B LM params x 2 bytes
+    roof = flops.decode_roofline(cfg, 1, 0, 3.35e12, 2, 2)
+    assert roof["tokens_per_s"] == pytest.approx(543, rel=0.01)
+    # B = 256, mean context 1,000: 9.4 GB of KV + 6.2 GB of weights per step -> <= 215 steps/s (PEERS.md §6.2)
+    assert flops.decode_roofline(cfg, 256, 1000, 3.35e12, 2, 2)["steps_per_s"] == pytest.approx(215, rel=0.01)
+
+
+def test_mfu_is_nan_without_a_peak_or_time():
+    assert flops.mfu(1e12, 1.0, 1e13) == pytest.approx(0.1)
+    assert math.isnan(flops.mfu(1e12, 0.0, 1e13)) and math.isnan(flops.mfu(1e12, 1.0, float("nan")))
+
+
+def test_gpu_table():
+    assert hardware.gpu_spec("NVIDIA H100 80GB HBM3") == (989e12, 3.35e12)
+    assert hardware.gpu_spec("NVIDIA H100 PCIe") == (756e12, 2.0e12)
+    assert hardware.gpu_spec("NVIDIA H200") == (989e12, 4.8e12)
+    assert hardware.gpu_spec("cpu") is None
+
+
+def test_measured_matmul_peak_is_a_rate():
+    peak = hardware.measured_matmul_peak("float32", size=256, repeats=2)
+    assert np.isfinite(peak) and peak > 1e6
+
+
+def test_rows_reject_what_does_not_fit():
+    cfg = models.preset("tiny")
+    with pytest.raises(ValueError, match="multiples of"):
+        workload.make_rows(cfg, 2, 64, 8, (50, 56))
+    with pytest.raises(ValueError, match="completion_len"):
+        workload.make_rows(cfg, 2, 16, 12, (56, 56))
+
+
+def test_bench_config_variants():
+    for variant in bench_config.VARIANTS:
+        c = bench_config.get_config(variant)
+        models.preset(c.model.preset)
+        assert set(c.sections) <= set(run.SECTIONS)
+    with pytest.raises(ValueError, match="unknown variant"):
+        bench_config.get_config("7b")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The harness, both sides
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _smoke_config():
+    c = bench_config.get_config("tiny")
+    # 112 px images: 4 x 4 merged tokens, so M-RoPE's 3-D positions differ from 1-D ones (a baseline placing the
+    # image on the wrong positions fails the parity checks).
+    c.sft.update(steps=2, batch_size=4, seq_len=64, completion_len=16, image_hw=(112, 112))
+    c.grpo.update(steps=1, prompts=2, num_generations=4, prompt_len=32, max_new_tokens=8, image_hw=(112, 112))
+    c.decode.update(batches=(1, 4), prompt_len=16, new_tokens=8, repeats=1)
+    c.torch.compile = False  # inductor's compile takes minutes on 2 cores; BENCHMARKS.md reports it
+    c.peak.matmul_size = 256
+    c.mesh.shape = (1, 1, 1)  # one of the 8 simulated devices (the sharded steps have their own tests)
+    return c
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("bench")
+    return run.run(_smoke_config(), str(workdir)), workdir
+
+
+def test_both_sides_compute_the_same_sft_losses_step_by_step(smoke):
+    """Same weights, same batch, same AdamW: the losses before each of the 3 updates agree (so the updates did too),
+    and so do the first gradient norms."""
+    results, _ = smoke
+    sft = results["sft"]
+    assert len(sft["jax"]["losses"]) == len(sft["torch"]["losses"]) == 3
+    assert sft["jax"]["losses"][2] < sft["jax"]["losses"][0]  # the updates moved the loss
+    assert max(sft["parity"]["loss_rel_diff"]) < 1e-4
+    assert sft["parity"]["grad_norm_rel_diff"] < 1e-3
+
+
+def test_both_sides_compute_the_same_grpo_gradient_on_the_same_rollouts(smoke):
+    results, _ = smoke
+    parity = results["grpo"]["parity"]
+    assert parity["jax_grad_norm"] > 0
+    assert parity["logp_max_abs_diff"] < 1e-4  # transformers scores the JAX sampler's tokens as the sampler did
+    assert parity["grad_norm_rel_diff"] < 1e-3
+    assert parity["loss_abs_diff"] < 1e-4
+
+
+def test_the_report_has_every_section_and_is_written(smoke):
+    results, workdir = smoke
+    on_disk = json.load(open(workdir / "bench.json"))
+    assert on_disk["sft"]["parity"] == results["sft"]["parity"]
+    for side in ("jax", "torch"):
+        assert results["sft"][side]["tokens_per_s"] > 0 and results["sft"][side]["step_s"] > 0
+        assert 0 < results["sft"][side]["mfu"] < 1
+        g = results["grpo"][side]
+        assert g["decode_tokens_per_s"] > 0 and g["update_tokens_per_s"] > 0 and g["step_s"] > 0
+    assert [r["batch"] for r in results["decode"]["rows"]] == [1, 4]
+    assert all(r["torch"]["decode_tok_s"] > 0 for r in results["decode"]["rows"])
+    text = run.table(results)
+    for label in ("SFT step", "GRPO step", "Decode", "vs torch", "parity"):
+        assert label in text
+
+
+def test_the_parity_check_has_teeth(tmp_path):
+    """A baseline that does different work (another learning rate) is caught by the step-by-step loss comparison."""
+    from jaxvlm.bench import jax_side
+    from jaxvlm.bench.torch_side import TorchBaseline
+
+    c = _smoke_config()
+    model, params = run._model(c)
+    rows = workload.make_rows(model.config, 4, 64, 16, (56, 56))
+    models.save_pretrained(model, params, str(tmp_path))
+    j = jax_side.sft(model, params, rows, micro_batches=1, steps=1, opt=c.optimizer,
+                     mesh=jax_side.default_mesh((1, 1, 1)))
+    c.optimizer.learning_rate *= 3
+    t = TorchBaseline(str(tmp_path), "float32", c.optimizer).sft(rows, micro_batches=1, steps=1)
+    assert run._rel(j["losses"][0], t["losses"][0]) < 1e-4  # same start
+    assert run._rel(j["losses"][1], t["losses"][1]) > 1e-3  # different update
