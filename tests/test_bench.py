@@ -158,6 +158,7 @@ def test_the_report_has_every_section_and_is_written(smoke):
         assert g["decode_tokens_per_s"] > 0 and g["update_tokens_per_s"] > 0 and g["step_s"] > 0
     assert [r["batch"] for r in results["decode"]["rows"]] == [1, 4]
     assert all(r["torch"]["decode_tok_s"] > 0 for r in results["decode"]["rows"])
+    assert all(r["roofline"]["tokens_per_s"] > 0 for r in results["decode"]["rows"])  # CPU: measured bandwidth
     text = run.table(results)
     for label in ("SFT step", "GRPO step", "Decode", "vs torch", "parity"):
         assert label in text

@@ -47,6 +47,21 @@ def measured_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int 
     return 2 * size**3 / best
 
 
+def measured_read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes/s of the best of `repeats` jitted sums over a float32 array of `megabytes` (read once, far larger than
+    the caches): the memory bandwidth a decode step can hope for on this machine."""
+    n = megabytes * 2**20 // 4
+    x = jnp.ones((n,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        total(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 4 * n / best
+
+
 def describe() -> dict:
     """What the results were measured on."""
     device = jax.devices()[0]
@@ -58,12 +73,13 @@ def describe() -> dict:
 
 
 def peak(dtype: str, matmul_size: int = 2048) -> dict:
-    """The MFU denominator: a GPU's nominal dense bf16 peak (its fp32 TF32-free peak is not tabulated: fp32 runs on
-    a GPU report the bf16 peak, as verl does), else the matmul peak measured now."""
+    """The MFU denominator and the decode roofline's bandwidth: a GPU's nominal dense bf16 peak and HBM bandwidth
+    (fp32 runs on a GPU are also measured against the bf16 peak, as verl does), else both measured now."""
     device = jax.devices()[0]
     spec = gpu_spec(device.device_kind) if device.platform == "gpu" else None
     if spec is not None:
         return {"flops": spec[0], "bandwidth": spec[1], "source": f"nominal dense bf16 ({device.device_kind})"}
     flops = measured_matmul_peak(dtype, matmul_size)
-    return {"flops": flops, "bandwidth": float("nan"),
-            "source": f"measured: jitted {matmul_size}x{matmul_size} {dtype} matmul on {device.device_kind}"}
+    return {"flops": flops, "bandwidth": measured_read_bandwidth(),
+            "source": f"measured: jitted {matmul_size}x{matmul_size} {dtype} matmul on {device.device_kind}; "
+                      "bandwidth: a jitted sum over 512 MiB"}

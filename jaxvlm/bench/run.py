@@ -7,13 +7,14 @@ Sections (`config.sections`):
           LM-only as verl/EasyR1 count it, compile time apart; PyTorch eager and `torch.compile`
   grpo    one GRPO step end to end: rollout (prefill and decode tokens/s apart), host reward, update tokens/s,
           step time, tokens/s as EasyR1 reports it ((prompt + completion tokens) / step time / devices)
-  decode  greedy decode throughput at several batch sizes (`jaxvlm.bench.decode`), and on a GPU the
-          memory-bandwidth roofline (weights + KV bytes read per step / HBM bandwidth)
+  decode  greedy decode throughput at several batch sizes (`jaxvlm.bench.decode`) and its memory-bandwidth
+          roofline (weights + KV bytes read per step / bandwidth: a GPU's nominal HBM figure, else measured)
 Before any timing the two sides must agree: SFT losses step by step on the same batch, and the GRPO loss and
 gradient norm on the same rollout batch (the JAX sampler's rows scored by both); the harness records the
 differences (`parity`), and the test suite asserts them on the tiny config.
 
-Peak for MFU: on GPU the nominal dense bf16 FLOP/s of the device; elsewhere a jitted matmul measured in this run.
+Peak for MFU: on GPU the nominal dense bf16 FLOP/s of the device; elsewhere a jitted matmul measured in this run
+(and the bandwidth a jitted sum over 512 MiB reaches).
 Writes `<workdir>/bench.json` and prints the table (`table`).
 """
 
@@ -168,6 +169,8 @@ def bench_decode(c, model, params, peak: dict, checkpoint: str | None) -> dict:
             roof = flops.decode_roofline(model.config, int(b), d.prompt_len + d.new_tokens / 2, peak["bandwidth"],
                                          bytes_per, bytes_per)
             row["roofline"] = {**roof, "jax_fraction": row["jax"]["decode_tok_s"] / roof["tokens_per_s"]}
+            if "torch" in row:
+                row["roofline"]["torch_fraction"] = row["torch"]["decode_tok_s"] / roof["tokens_per_s"]
         out["rows"].append(row)
     return out
 
@@ -261,6 +264,7 @@ def table(results: dict) -> str:
             + f"\npeak {p['flops'] / 1e9:,.1f} GFLOP/s ({p['source']})")
     if "torch_missing" in results:
         head += f"\n{results['torch_missing']}"
+    head += f", memory bandwidth {p['bandwidth'] / 1e9:,.1f} GB/s"
     lines = [head, "", f"{'':38s}{'JAX':>12s}{'torch':>12s}{'compile':>12s}{'vs torch':>10s}{'vs compile':>11s}"]
 
     def row(label, j, t=None, tc=None, kind="value"):
@@ -319,5 +323,7 @@ def table(results: dict) -> str:
                 r.get("torch", {}).get("decode_tok_s"), None, "rate")
             if "roofline" in r:
                 lines.append(f"  batch {r['batch']:>3d} bandwidth roofline {r['roofline']['tokens_per_s']:,.0f} tok/s:"
-                             f" JAX at {_pct(r['roofline']['jax_fraction'])}")
+                             f" JAX at {_pct(r['roofline']['jax_fraction'])}"
+                             + (f", torch at {_pct(r['roofline']['torch_fraction'])}"
+                                if "torch_fraction" in r["roofline"] else ""))
     return "\n".join(lines)
