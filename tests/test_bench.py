@@ -179,3 +179,25 @@ def test_the_parity_check_has_teeth(tmp_path):
     t = TorchBaseline(str(tmp_path), "float32", c.optimizer).sft(rows, micro_batches=1, steps=1)
     assert run._rel(j["losses"][0], t["losses"][0]) < 1e-4  # same start
     assert run._rel(j["losses"][1], t["losses"][1]) > 1e-3  # different update
+
+
+@pytest.mark.parametrize("variant", ["0.5b", "3b"])
+def test_gpu_variants_trace_their_sft_step(variant):
+    """The GPU sizes cannot run here; their SFT step must still build (shapes only: jax.eval_shape, no memory)."""
+    import functools
+
+    from jaxvlm.bench import jax_side
+
+    c = bench_config.get_config(variant)
+    cfg = models.preset(c.model.preset, dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
+    model = models.Qwen25VL(cfg)
+    rows = workload.make_rows(cfg, c.sft.batch_size, c.sft.seq_len, c.sft.completion_len, tuple(c.sft.image_hw))
+    mb = workload.sft_microbatches(cfg, rows, c.sft.micro_batches)
+    ocfg = jax_side._optimizer_config(c.optimizer)
+    params = models.abstract_params(cfg)
+    optimizer = train_steps.make_optimizer(ocfg, params)
+    state = jax.eval_shape(lambda p: train_steps.create_train_state(p, optimizer, 0), params)
+    step = functools.partial(train_steps.sft_step, model=model, optimizer=optimizer,
+                             schedule=train_steps.learning_rate_schedule(ocfg), cfg=train_steps.LossConfig())
+    new_state, metrics = jax.eval_shape(step, state, mb)
+    assert metrics["loss"].shape == () and jax.tree.structure(new_state) == jax.tree.structure(state)
