@@ -15,6 +15,7 @@ import numpy as np
 
 from jaxvlm import batching, losses, sampling, train_steps
 from jaxvlm.bench import workload
+from jaxvlm.bench.decode import _median_time
 from jaxvlm.models.qwen2_5_vl import Qwen25VL
 
 
@@ -34,16 +35,6 @@ def _state(model, params, opt, mesh):
     state = train_steps.create_train_state(params, optimizer, 0)
     state_sh = train_steps.state_shardings(state, mesh)
     return jax.device_put(state, state_sh), state_sh, optimizer, schedule
-
-
-def _timed_steps(call, n: int) -> tuple[list[float], list[dict]]:
-    times, outs = [], []
-    for _ in range(n):
-        start = time.perf_counter()
-        out = jax.block_until_ready(call())
-        times.append(time.perf_counter() - start)
-        outs.append(out)
-    return times, outs
 
 
 def sft(model: Qwen25VL, params, rows: workload.Rows, *, micro_batches: int, steps: int, opt, mesh) -> dict:
@@ -84,8 +75,7 @@ def prefill_seconds(model: Qwen25VL, params, prompts: dict, repeats: int) -> tup
     start = time.perf_counter()
     jax.block_until_ready(fn(params, inputs))
     compile_s = time.perf_counter() - start
-    times, _ = _timed_steps(lambda: fn(params, inputs), repeats)
-    return compile_s, statistics.median(times)
+    return compile_s, _median_time(lambda: jax.block_until_ready(fn(params, inputs)), repeats)
 
 
 def rollout_rows(model: Qwen25VL, prompts: dict, rollout: sampling.Rollout, num_generations: int,

@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from jaxvlm.bench import workload
+from jaxvlm.bench.decode import _median_time
 
 
 def _torch():
@@ -195,13 +196,8 @@ class TorchBaseline:
         """`steps` end-to-end steps after a warm-up step; medians of each phase (as the JAX side)."""
         torch = _torch()
         g = num_generations
-        self.prefill(rows)
-        prefill_times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            self.prefill(rows)
-            self._sync()
-            prefill_times.append(time.perf_counter() - t0)
+        self.prefill(rows)  # warm-up
+        prefill_s = _median_time(lambda: (self.prefill(rows), self._sync()), repeats)
         phases: dict[str, list[float]] = {"rollout_s": [], "reward_s": [], "update_s": [], "step_s": []}
         p = 0 if rows.pixel_values is None else rows.pixel_values.shape[0] // rows.num_rows
         for i in range(steps + 1):
@@ -229,5 +225,5 @@ class TorchBaseline:
             phases["update_s"].append(t3 - t2)
             phases["step_s"].append(t3 - t0)
         out = {k: statistics.median(v) for k, v in phases.items()}
-        out["prefill_s"] = statistics.median(prefill_times)
+        out["prefill_s"] = prefill_s
         return out
