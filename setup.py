@@ -27,6 +27,7 @@ setup(
         "absl-py>=2.0",
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
         "matplotlib>=3.8",  # the reward / accuracy curves a run writes (jaxvlm.report)
+        "jinja2>=3.1",  # transformers' apply_chat_template (every prompt); not a transformers dependency
     ],
     extras_require={
         # torch is only the parity oracle of the tests (and the PyTorch baseline of the benchmarks).
