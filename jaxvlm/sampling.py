@@ -259,6 +259,19 @@ def rollout_sequences(inputs: dict[str, Array], rollout: Rollout, num_generation
     }
 
 
+def update_rows(inputs: dict[str, Any], rollout: Rollout, num_generations: int) -> dict[str, np.ndarray]:
+    """A rollout as the rows the GRPO / DyME steps take (host numpy, B*G rows): prompt_ids / prompt_mask [R, T],
+    completion_ids / completion_mask [R, N], position_ids [3, R, T+N] (`rollout_sequences`), and old_logp [R, N]
+    = the sampler's log-probs. `inputs`: the prompts as `prepare_prompts` returns them; `rollout` on the host."""
+    seqs = jax.tree.map(np.asarray, rollout_sequences(inputs, rollout, num_generations))
+    t = inputs["input_ids"].shape[1]
+    return {
+        "prompt_ids": seqs["input_ids"][:, :t], "prompt_mask": seqs["attention_mask"][:, :t],
+        "completion_ids": np.asarray(rollout.tokens), "completion_mask": np.asarray(rollout.mask).astype(np.int32),
+        "position_ids": seqs["position_ids"], "old_logp": np.asarray(rollout.logprobs).astype(np.float32),
+    }
+
+
 @functools.lru_cache(maxsize=None)
 def _generate_jit(batch_sharding: NamedSharding | None):
     """The sampler jitted for one placement: explicit output shardings (rows over the batch axes) on a mesh."""

@@ -334,14 +334,7 @@ def sample_and_score(rt: Runtime, params, batch: dict, key, *, num_generations: 
     names = list(scores.names)
     accuracy = (scores.per_reward[:, names.index(accuracy_reward)] if accuracy_reward in names
                 else np.zeros(len(completions), np.float32))
-    inputs = sampling.prepare_prompts(rt.model_config, prompts)
-    seqs = jax.tree.map(np.asarray, sampling.rollout_sequences(inputs, host, num_generations))
-    t = inputs["input_ids"].shape[1]
-    rows = {
-        "prompt_ids": seqs["input_ids"][:, :t], "prompt_mask": seqs["attention_mask"][:, :t],
-        "completion_ids": host.tokens, "completion_mask": host.mask.astype(np.int32),
-        "position_ids": seqs["position_ids"], "old_logp": host.logprobs.astype(np.float32),
-    }
+    rows = sampling.update_rows(sampling.prepare_prompts(rt.model_config, prompts), host, num_generations)
     return Rollouts(completions, examples, scores, accuracy, rows, host.lengths, host.truncated)
 
 

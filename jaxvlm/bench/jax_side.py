@@ -78,22 +78,6 @@ def prefill_seconds(model: Qwen25VL, params, prompts: dict, repeats: int) -> tup
     return compile_s, _median_time(lambda: jax.block_until_ready(fn(params, inputs)), repeats)
 
 
-def rollout_rows(model: Qwen25VL, prompts: dict, rollout: sampling.Rollout, num_generations: int,
-                 rewards: np.ndarray) -> dict:
-    """The update's rows [R, ...] from a rollout, as the trainer builds them (old_logp = the sampler's log-probs)."""
-    host = jax.tree.map(np.asarray, rollout)
-    inputs = sampling.prepare_prompts(model.config, prompts)
-    seqs = jax.tree.map(np.asarray, sampling.rollout_sequences(inputs, host, num_generations))
-    t = inputs["input_ids"].shape[1]
-    advantages = np.asarray(losses.group_advantages(jnp.asarray(rewards), num_generations, scale="group"))
-    return {
-        "prompt_ids": seqs["input_ids"][:, :t], "prompt_mask": seqs["attention_mask"][:, :t],
-        "completion_ids": host.tokens, "completion_mask": host.mask.astype(np.int32),
-        "position_ids": seqs["position_ids"], "old_logp": host.logprobs.astype(np.float32),
-        "advantages": advantages.astype(np.float32),
-    }
-
-
 def grpo(model: Qwen25VL, params, rows: workload.Rows, *, num_generations: int, max_new_tokens: int,
          micro_batches: int, steps: int, opt, mesh, repeats: int = 3) -> dict:
     """`steps` end-to-end GRPO steps (rollout, host reward, update) on the same prompts, after one warm-up step
@@ -107,14 +91,18 @@ def grpo(model: Qwen25VL, params, rows: workload.Rows, *, num_generations: int, 
     first: dict = {}
     compile_s = 0.0
     row_pixels = rows.row_pixels()
+    inputs = sampling.prepare_prompts(model.config, prompts)  # the prompts do not change between steps
     for i in range(steps + 1):  # step 0 is the warm-up: it compiles, and its loss is the initial params' loss
         t0 = time.perf_counter()
         rollout = sampling.generate(model, state.params, prompts, jax.random.key(i), num_generations=g,
                                     max_new_tokens=max_new_tokens, temperature=1.0, use_eos=False, mesh=mesh)
         rollout = jax.block_until_ready(rollout)
         t1 = time.perf_counter()
-        rewards = workload.token_parity_reward(np.asarray(rollout.tokens), np.asarray(rollout.mask))
-        update_rows = rollout_rows(model, prompts, rollout, g, rewards)
+        host = jax.tree.map(np.asarray, rollout)
+        update_rows = sampling.update_rows(inputs, host, g)
+        rewards = workload.token_parity_reward(host.tokens, host.mask)
+        update_rows["advantages"] = np.asarray(
+            losses.group_advantages(jnp.asarray(rewards), g, scale="group")).astype(np.float32)
         mb = batching.microbatches(update_rows, (1, micro_batches),
                                    row_pixels=None if row_pixels is None else batching.repeat_rows(row_pixels, g),
                                    vision_config=model.config.vision)

@@ -105,8 +105,7 @@ def bench_grpo(c, model, params, mesh, peak: dict, checkpoint: str | None) -> di
     g, n = s.num_generations, s.max_new_tokens
     completions = rows.num_rows * g
     seq_lens = [rows.seq_len + n] * completions
-    update_flops = flops.train_flops(model.config, seq_lens, completions * n,
-                                     None if rows.image_grid_thw is None else np.repeat(rows.image_grid_thw, g, 0))
+    update_flops = flops.train_flops(model.config, seq_lens, completions * n, workload.repeated_pixels(rows, g)[1])
     verl = flops.verl_lm_flops(model.config.text, seq_lens)
     devices = mesh.devices.size  # the devices the step runs on
     tokens = completions * (rows.seq_len + n)
@@ -131,12 +130,7 @@ def bench_grpo(c, model, params, mesh, peak: dict, checkpoint: str | None) -> di
         # Parity first, on fresh weights: the JAX sampler's first batch, scored and differentiated by both.
         first = jax_result["first_rows"]
         ids = np.concatenate([first["prompt_ids"], first["completion_ids"]], axis=1)
-        pixels = grid = None
-        if rows.pixel_values is not None:
-            p = rows.pixel_values.shape[0] // rows.num_rows
-            pixels = np.repeat(rows.pixel_values.reshape(rows.num_rows, p, -1), g, 0).reshape(
-                -1, rows.pixel_values.shape[-1])
-            grid = np.repeat(rows.image_grid_thw, g, 0)
+        pixels, grid = workload.repeated_pixels(rows, g)
         import torch
 
         with torch.no_grad():  # the torch side's log-probs of the JAX sampler's tokens vs the sampler's own

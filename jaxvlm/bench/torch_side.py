@@ -199,7 +199,6 @@ class TorchBaseline:
         self.prefill(rows)  # warm-up
         prefill_s = _median_time(lambda: (self.prefill(rows), self._sync()), repeats)
         phases: dict[str, list[float]] = {"rollout_s": [], "reward_s": [], "update_s": [], "step_s": []}
-        p = 0 if rows.pixel_values is None else rows.pixel_values.shape[0] // rows.num_rows
         for i in range(steps + 1):
             torch.manual_seed(i)
             t0 = time.perf_counter()
@@ -210,10 +209,7 @@ class TorchBaseline:
             rewards = workload.token_parity_reward(completions, np.ones_like(completions))
             advantages = self.group_advantages(torch.as_tensor(rewards, device=self.device), g)
             ids = seqs.cpu().numpy()
-            pixels = grid = None
-            if rows.pixel_values is not None:
-                pixels = np.repeat(rows.pixel_values.reshape(rows.num_rows, p, -1), g, axis=0).reshape(-1, rows.pixel_values.shape[-1])
-                grid = np.repeat(rows.image_grid_thw, g, axis=0)
+            pixels, grid = workload.repeated_pixels(rows, g)
             t2 = time.perf_counter()
             self.grpo_update(ids, pixels, grid, max_new_tokens, advantages, micro_batches)
             self._sync()

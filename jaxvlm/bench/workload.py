@@ -46,6 +46,15 @@ class Rows:
         return [(self.pixel_values[i * p:(i + 1) * p], self.image_grid_thw[i:i + 1]) for i in range(self.num_rows)]
 
 
+def repeated_pixels(rows: Rows, times: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(pixel_values, image_grid_thw) with each row's image repeated for its `times` rollout rows (prompt-major)."""
+    if rows.pixel_values is None:
+        return None, None
+    p = rows.pixel_values.shape[0] // rows.num_rows
+    pixels = np.repeat(rows.pixel_values.reshape(rows.num_rows, p, -1), times, 0)
+    return pixels.reshape(-1, rows.pixel_values.shape[-1]), np.repeat(rows.image_grid_thw, times, 0)
+
+
 def image_tokens(cfg: ModelConfig, image_hw: tuple[int, int]) -> tuple[np.ndarray, int]:
     """(grid [t, h, w] in patches, placeholder tokens) of one image of `image_hw` pixels (multiples of 28)."""
     v = cfg.vision
