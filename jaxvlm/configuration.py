@@ -6,7 +6,7 @@ A recipe config (big_vision style: `configs/<recipe>.py` with `get_config(arg)`)
     model.{preset, path, tokenizer, dtype, param_dtype, remat, min_pixels, max_pixels}
     mesh.shape                 (data, fsdp, tensor); -1 = the remaining devices
     train.{log_every, eval_every, save_every, keep_checkpoints, max_consecutive_skips, progress, tensorboard}
-    eval.{sources, num_examples, batch_size, max_new_tokens}
+    eval.{sources, num_examples, batch_size, max_new_tokens, save_completions}
     stage_order                ("sft", "grpo", ...): names of `stages` entries, run in this order
     stages.<name>              a stage (see `stage`): mode, steps/epochs, data, rewards, optimizer, loss, sampling,
                                batch, rejection
@@ -117,6 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.eval = ml_collections.ConfigDict(dict(
         sources=[gym_source("validation", 64)], num_examples=64, batch_size=16, max_new_tokens=64,
+        # Every evaluation's greedy completions, with their scores, to <workdir>/eval_completions/ (what the model
+        # actually writes: the table's accuracy does not show whether its reasoning reads the input).
+        save_completions=True,
     ))
     c.stage_order = ()
     c.stages = ml_collections.ConfigDict()

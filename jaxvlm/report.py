@@ -57,6 +57,15 @@ def eval_table(records: Sequence[dict]) -> str:
             a, b = values[-2], values[-1]
             row.append("-" if a is None or b is None else f"{b - a:+.3f}")
         rows.append(row)
+    # The reasoning's overlap with the references (the trainer's eval/think_f1): accuracy at the answer priors with
+    # a low F1 is a model whose reasoning does not read its input.
+    if any("eval/think_f1" in r for _, _, r in evals):
+        values = [r.get("eval/think_f1") for _, _, r in evals]
+        row = ["reasoning F1"] + ["-" if v is None else f"{v:.3f}" for v in values]
+        if len(evals) > 1:
+            a, b = values[-2], values[-1]
+            row.append("-" if a is None or b is None else f"{b - a:+.3f}")
+        rows.append(row)
     n = evals[-1][2].get("eval/examples")
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
@@ -151,7 +160,11 @@ def report(workdir: str) -> str:
     records = read_metrics(workdir)
     table = eval_table(records)
     paths = plot_curves(records, workdir)
-    return (table + "\n" if table else "No evaluation in this run.\n") + "Curves: " + ", ".join(paths)
+    text = (table + "\n" if table else "No evaluation in this run.\n") + "Curves: " + ", ".join(paths)
+    completions = os.path.join(workdir, "eval_completions")
+    if os.path.isdir(completions) and os.listdir(completions):
+        text += f"\nGreedy completions of every evaluation: {completions}/<stage>-step<N>.jsonl"
+    return text
 
 
 if __name__ == "__main__":

@@ -371,9 +371,23 @@ def accuracy_spec(stage_cfg) -> rewards.RewardSpec:
     return _default_accuracy_spec(stage_cfg.data.prompt_style)
 
 
-def evaluate(rt: Runtime, params, stage_cfg) -> dict[str, float]:
+_THINKING_EXTRACT = {"dyme": "dyme", "r1": "tags"}  # prompt styles whose completions carry reasoning
+
+
+def evaluation_completions_path(workdir: str, stage: str, step: int) -> str:
+    """Where `evaluate` writes one evaluation's greedy completions (JSON lines)."""
+    return os.path.join(workdir, "eval_completions", f"{stage}-step{step:06d}.jsonl")
+
+
+def evaluate(rt: Runtime, params, stage_cfg, completions_path: str | None = None) -> dict[str, float]:
     """Greedy decoding on the eval sources in the stage's prompt style; accuracy overall, per task and per
-    difficulty (eval.num_examples rounded down to whole eval batches)."""
+    difficulty (eval.num_examples rounded down to whole eval batches).
+
+    For prompt styles with reasoning (dyme, r1), `think_f1` is the mean word-overlap F1 of the greedy reasoning with
+    the examples' reference reasoning (DyME's thinking reward; examples without a reference are left out): a model
+    whose reasoning ignores its input can still score at its answer priors, and this says so. With
+    `completions_path` (and eval.save_completions), every completion is written there, one JSON line per example:
+    id, task, question, reference answer, completion, score (and the reference reasoning with think_f1)."""
     e = rt.config.eval
     d = stage_cfg.data
     data = {
@@ -384,14 +398,24 @@ def evaluate(rt: Runtime, params, stage_cfg) -> dict[str, float]:
     }
     iterator = iter(sources.input_pipeline(data, rt.tokenizer, rt.image_processor, rt.model_config))
     spec = accuracy_spec(stage_cfg)
+    extract = _THINKING_EXTRACT.get(d.prompt_style)
     greedy = SamplingSettings(max_new_tokens=e.max_new_tokens, temperature=0.0)
-    scores, tasks, levels, lengths = [], [], [], []
+    scores, tasks, levels, lengths, thinking, rows = [], [], [], [], [], []
     seen = 0
     for batch in iterator:
         if seen >= e.num_examples:
             break
         out = sample_and_score(rt, params, batch, jax.random.key(0), num_generations=1, sampling_cfg=greedy,
                                reward_specs=(spec,), accuracy_reward=None)
+        for completion, example, score in zip(out.completions, out.examples, out.scores.per_reward[:, 0]):
+            row = {"id": example.get("id", ""), "task": example.get("task", "") or "unknown",
+                   "question": example.get("question", ""), "answer": str(example.get("answer", "")),
+                   "completion": completion, "score": float(score)}
+            if extract and example.get("reasoning"):
+                row["reasoning"] = str(example["reasoning"])
+                row["think_f1"] = rewards.think_f1_reward(completion, example, extract=extract)
+                thinking.append(row["think_f1"])
+            rows.append(row)
         scores += out.scores.per_reward[:, 0].tolist()
         tasks += [ex.get("task", "") or "unknown" for ex in out.examples]
         levels += [int(ex.get("difficulty", 0)) for ex in out.examples]
@@ -402,10 +426,17 @@ def evaluate(rt: Runtime, params, stage_cfg) -> dict[str, float]:
     scores_np = np.asarray(scores)
     metrics = {"accuracy": float(scores_np.mean()), "completion_length": float(np.mean(lengths)),
                "examples": float(len(scores))}
+    if thinking:
+        metrics["think_f1"] = float(np.mean(thinking))
     for task in sorted(set(tasks)):
         metrics[f"accuracy/task/{task}"] = float(scores_np[np.asarray(tasks) == task].mean())
     for level in sorted(set(levels)):
         metrics[f"accuracy/difficulty/{level}"] = float(scores_np[np.asarray(levels) == level].mean())
+    if completions_path and e.save_completions and rt.is_main:
+        os.makedirs(os.path.dirname(completions_path), exist_ok=True)
+        with open(completions_path + ".tmp", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        os.replace(completions_path + ".tmp", completions_path)
     return metrics
 
 
@@ -585,7 +616,9 @@ def run_stage(rt: Runtime, name: str, params, global_offset: int, stop: StopSign
                 rt.writer.write(global_step, {**metrics, "stage_step": done, "stage": name}, prefix="train/")
             bar.update(done, metrics)
             if rt.config.train.eval_every and done % rt.config.train.eval_every == 0 and done < plan.steps:
-                rt.writer.write(global_step, {**evaluate(rt, state.params, s), "stage": name}, prefix="eval/")
+                rt.writer.write(global_step, {**evaluate(
+                    rt, state.params, s, evaluation_completions_path(rt.workdir, name, global_step)),
+                    "stage": name}, prefix="eval/")
             data_state = {"iterator": iterator.get_state(), "stage_step": done, "skipped": skipped_totals}
             stopping = stop.requested()
             ckpt.save(done, _checkpoint_tree(state, ref_params), data_state=data_state, force=stopping)
@@ -595,7 +628,9 @@ def run_stage(rt: Runtime, name: str, params, global_offset: int, stop: StopSign
                 break
         if finished:
             rt.writer.write(global_offset + done, {**timer.summary(), "stage": name}, prefix="time/")
-            rt.writer.write(global_offset + done, {**evaluate(rt, state.params, s), "stage": name}, prefix="eval/")
+            rt.writer.write(global_offset + done, {**evaluate(
+                rt, state.params, s, evaluation_completions_path(rt.workdir, name, global_offset + done)),
+                "stage": name}, prefix="eval/")
             ckpt.save(done, _checkpoint_tree(state, ref_params), force=True, data_state={
                 "iterator": iterator.get_state(), "stage_step": done, "skipped": skipped_totals})
     finally:

@@ -35,6 +35,22 @@ def test_table_has_each_stage_final_accuracy_per_task_and_the_change(tmp_path):
                     "all": ["0.500", "0.625", "+0.125"]}
 
 
+def test_table_shows_reasoning_f1_when_the_evaluations_measured_it(tmp_path):
+    with MetricsWriter(str(tmp_path), tensorboard=False) as w:
+        w.write(4, {"accuracy": 0.5, "accuracy/task/count": 0.5, "think_f1": 0.25, "examples": 8, "stage": "sft"},
+                prefix="eval/")
+        w.write(8, {"accuracy": 0.75, "accuracy/task/count": 0.75, "think_f1": 0.625, "examples": 8,
+                    "stage": "dyme"}, prefix="eval/")
+    rows = {line.rsplit(None, 3)[0]: line.split()[-3:] for line in
+            report.eval_table(read_metrics(str(tmp_path))).splitlines()[3:]}
+    assert rows["reasoning F1"] == ["0.250", "0.625", "+0.375"]
+    assert rows["all"] == ["0.500", "0.750", "+0.250"]
+    assert "Greedy completions" not in report.report(str(tmp_path))
+    os.makedirs(tmp_path / "eval_completions")
+    (tmp_path / "eval_completions" / "sft-step000004.jsonl").write_text("{}\n")
+    assert f"Greedy completions of every evaluation: {tmp_path}/eval_completions/" in report.report(str(tmp_path))
+
+
 def test_report_writes_pngs_and_a_run_without_eval_says_so(tmp_path):
     _write_run(tmp_path / "a")
     text = report.report(str(tmp_path / "a"))

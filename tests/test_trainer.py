@@ -79,6 +79,46 @@ def test_all_stages_run_in_order_and_write_metrics(trained):
     assert [step for step, _ in scalars["train/loss"]] == list(range(1, 9))
 
 
+def test_every_evaluation_writes_its_greedy_completions_and_reasoning_f1(trained):
+    """eval_completions/<stage>-step<N>.jsonl: one row per evaluated example, whose scores average to the logged
+    accuracy; with reasoning prompt styles each row's think_f1 is DyME's think_f1 of its own completion against its
+    reference reasoning, and they average to eval/think_f1."""
+    from jaxvlm import rewards
+
+    config, workdir, _ = trained
+    evals = [r for r in read_metrics(workdir) if "eval/accuracy" in r]
+    assert sorted(os.listdir(os.path.join(workdir, "eval_completions"))) == sorted(
+        f"{r['eval/stage']}-step{r['step']:06d}.jsonl" for r in evals)
+    for r in evals:
+        stage_name = r["eval/stage"]
+        with open(trainer.evaluation_completions_path(workdir, stage_name, r["step"])) as f:
+            rows = [json.loads(line) for line in f]
+        assert len(rows) == config.eval.num_examples == r["eval/examples"]
+        assert all(row["task"] in TRAIN_TASKS and row["question"] and row["answer"] for row in rows)
+        assert np.mean([row["score"] for row in rows]) == pytest.approx(r["eval/accuracy"])
+        extract = {"dyme": "dyme", "r1": "tags"}[config.stages[stage_name].data.prompt_style]
+        for row in rows:  # gym examples all carry a reference reasoning
+            assert row["think_f1"] == pytest.approx(rewards.think_f1_reward(
+                row["completion"], {"reasoning": row["reasoning"]}, extract=extract))
+        assert np.mean([row["think_f1"] for row in rows]) == pytest.approx(r["eval/think_f1"])
+
+
+def test_evaluation_writes_no_completions_when_switched_off_and_none_for_plain_prompts(tmp_path):
+    config = mechanics_config()
+    config.eval.save_completions = False
+    rt = trainer.setup(config, str(tmp_path))
+    path = trainer.evaluation_completions_path(str(tmp_path), "dyme", 1)
+    metrics = trainer.evaluate(rt, rt.init_params, config.stages.dyme, path)
+    assert "think_f1" in metrics and not os.path.exists(path)
+    rt.config.eval.save_completions = True
+    config.stages.sft.data.prompt_style = "plain"  # answer only: no reasoning to compare
+    metrics = trainer.evaluate(rt, rt.init_params, config.stages.sft, path)
+    assert "think_f1" not in metrics
+    with open(path) as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == 2 and all("think_f1" not in row for row in rows)
+
+
 def test_kl_reference_is_re_anchored_at_the_stage_start(trained):
     _, workdir, _ = trained
     grpo = [r for r in read_metrics(workdir) if r.get("train/stage") == "grpo"]
