@@ -12,7 +12,8 @@ yes/no, `count_choice`: multiple choice, `count`: a number) at difficulty 0-1. T
         skip (configs/dyme.py has the paper's settings; here the sizes are shrunk to run in minutes)
 
 Held-out accuracy (greedy, the gym's validation split) is evaluated during both stages; at the end the terminal
-shows a table of accuracy per task after SFT and after DyME, and the workdir holds `accuracy.png` and `reward.png`.
+shows a table of accuracy per task after SFT and after DyME, and the workdir holds `accuracy.png` and `reward.png`,
+and every evaluation's greedy completions in `eval_completions/`.
 
 The prompts carry the scene's caption (Infi-MMR's caption-augmented format, `data.with_caption`): a model this
 small, trained for minutes, learns little from 56-pixel images alone, so the demo gives it the scene in words and
@@ -21,7 +22,9 @@ what it learns is to read, count and answer. `--config.stages.sft.data.with_capt
 
 About 6-8 minutes on a 2-core CPU (6 min 06 s and 7 min 38 s measured, RESULTS.md). What the demo shows today: SFT learns the format
 and part of the skill; held-out accuracy rises during DyME (0.552 -> 0.656 measured), about as much as continued SFT
-would, and mostly on `exists`; 0.552 is also what answering each task's most common answer scores (RESULTS.md).
+would, and mostly on `exists`; 0.552 is also what answering each task's most common answer scores. The completions
+show why: the reasoning invents its shapes ("a small orange circle, a small orange circle ...") instead of reading the
+caption, so `count` answers follow the invented list (RESULTS.md, "What the demo model writes").
 """
 
 from __future__ import annotations

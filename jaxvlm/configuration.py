@@ -118,7 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict(dict(
         sources=[gym_source("validation", 64)], num_examples=64, batch_size=16, max_new_tokens=64,
         # Every evaluation's greedy completions, with their scores, to <workdir>/eval_completions/ (what the model
-        # actually writes: the table's accuracy does not show whether its reasoning reads the input).
+        # actually writes: accuracy does not show whether its reasoning reads the input).
         save_completions=True,
     ))
     c.stage_order = ()

@@ -57,8 +57,7 @@ def eval_table(records: Sequence[dict]) -> str:
             a, b = values[-2], values[-1]
             row.append("-" if a is None or b is None else f"{b - a:+.3f}")
         rows.append(row)
-    # The reasoning's overlap with the references (the trainer's eval/think_f1): accuracy at the answer priors with
-    # a low F1 is a model whose reasoning does not read its input.
+    # The reasoning's word overlap with the references (the trainer's eval/think_f1, DyME's thinking reward).
     if any("eval/think_f1" in r for _, _, r in evals):
         values = [r.get("eval/think_f1") for _, _, r in evals]
         row = ["reasoning F1"] + ["-" if v is None else f"{v:.3f}" for v in values]

@@ -384,8 +384,9 @@ def evaluate(rt: Runtime, params, stage_cfg, completions_path: str | None = None
     difficulty (eval.num_examples rounded down to whole eval batches).
 
     For prompt styles with reasoning (dyme, r1), `think_f1` is the mean word-overlap F1 of the greedy reasoning with
-    the examples' reference reasoning (DyME's thinking reward; examples without a reference are left out): a model
-    whose reasoning ignores its input can still score at its answer priors, and this says so. With
+    the examples' reference reasoning (DyME's thinking reward; examples without a reference are left out). It counts
+    template words too (the demo's reasoning scores ~0.7 while copying none of its caption), so read the completions
+    to see whether the reasoning reads its input: accuracy alone does not show it. With
     `completions_path` (and eval.save_completions), every completion is written there, one JSON line per example:
     id, task, question, reference answer, completion, score (and the reference reasoning with think_f1)."""
     e = rt.config.eval
