@@ -48,19 +48,14 @@ def eval_table(records: Sequence[dict]) -> str:
     headers = ["task"] + [f"after {s} (step {step})" for s, step, _ in evals]
     if len(evals) > 1:
         headers.append(f"change in {evals[-1][0]}")
-    rows = []
-    for task in tasks + ["all"]:
-        key = "eval/accuracy" if task == "all" else TASK_PREFIX + task
-        values = [r.get(key) for _, _, r in evals]
-        row = [task] + ["-" if v is None else f"{v:.3f}" for v in values]
-        if len(evals) > 1:
-            a, b = values[-2], values[-1]
-            row.append("-" if a is None or b is None else f"{b - a:+.3f}")
-        rows.append(row)
+    keys = [(task, TASK_PREFIX + task) for task in tasks] + [("all", "eval/accuracy")]
     # The reasoning's word overlap with the references (the trainer's eval/think_f1, DyME's thinking reward).
     if any("eval/think_f1" in r for _, _, r in evals):
-        values = [r.get("eval/think_f1") for _, _, r in evals]
-        row = ["reasoning F1"] + ["-" if v is None else f"{v:.3f}" for v in values]
+        keys.append(("reasoning F1", "eval/think_f1"))
+    rows = []
+    for label, key in keys:
+        values = [r.get(key) for _, _, r in evals]
+        row = [label] + ["-" if v is None else f"{v:.3f}" for v in values]
         if len(evals) > 1:
             a, b = values[-2], values[-1]
             row.append("-" if a is None or b is None else f"{b - a:+.3f}")

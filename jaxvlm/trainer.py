@@ -356,9 +356,13 @@ def _reference_logprobs_fn(rt: Runtime, num_leading: int, temperature: float):
 # ----------------------------------------------------------------------------------------------------------
 
 
+# How each prompt style's completions are read: the answer (rewards.extract_answer) and, except for "plain" (answer
+# only), the reasoning (rewards.think_f1_reward).
+_EXTRACT = {"r1": "tags", "dyme": "dyme", "plain": "raw"}
+
+
 def _default_accuracy_spec(prompt_style: str) -> rewards.RewardSpec:
-    extract = {"r1": "tags", "dyme": "dyme", "plain": "raw"}[prompt_style]
-    return rewards.RewardSpec("accuracy", 1.0, {"extract": extract})
+    return rewards.RewardSpec("accuracy", 1.0, {"extract": _EXTRACT[prompt_style]})
 
 
 def accuracy_spec(stage_cfg) -> rewards.RewardSpec:
@@ -369,9 +373,6 @@ def accuracy_spec(stage_cfg) -> rewards.RewardSpec:
         if stage_cfg.accuracy_reward in names:
             return specs[names.index(stage_cfg.accuracy_reward)]
     return _default_accuracy_spec(stage_cfg.data.prompt_style)
-
-
-_THINKING_EXTRACT = {"dyme": "dyme", "r1": "tags"}  # prompt styles whose completions carry reasoning
 
 
 def evaluation_completions_path(workdir: str, stage: str, step: int) -> str:
@@ -388,7 +389,7 @@ def evaluate(rt: Runtime, params, stage_cfg, completions_path: str | None = None
     template words too (the demo's reasoning scores ~0.7 while copying none of its caption), so read the completions
     to see whether the reasoning reads its input: accuracy alone does not show it. With
     `completions_path` (and eval.save_completions), every completion is written there, one JSON line per example:
-    id, task, question, reference answer, completion, score (and the reference reasoning with think_f1)."""
+    id, task, difficulty, question, reference answer, completion, score (and the reference reasoning with think_f1)."""
     e = rt.config.eval
     d = stage_cfg.data
     data = {
@@ -399,40 +400,35 @@ def evaluate(rt: Runtime, params, stage_cfg, completions_path: str | None = None
     }
     iterator = iter(sources.input_pipeline(data, rt.tokenizer, rt.image_processor, rt.model_config))
     spec = accuracy_spec(stage_cfg)
-    extract = _THINKING_EXTRACT.get(d.prompt_style)
+    extract = _EXTRACT[d.prompt_style]
     greedy = SamplingSettings(max_new_tokens=e.max_new_tokens, temperature=0.0)
-    scores, tasks, levels, lengths, thinking, rows = [], [], [], [], [], []
-    seen = 0
+    rows, lengths = [], []  # one row per example (written out with completions_path)
     for batch in iterator:
-        if seen >= e.num_examples:
+        if len(rows) >= e.num_examples:
             break
         out = sample_and_score(rt, params, batch, jax.random.key(0), num_generations=1, sampling_cfg=greedy,
                                reward_specs=(spec,), accuracy_reward=None)
         for completion, example, score in zip(out.completions, out.examples, out.scores.per_reward[:, 0]):
             row = {"id": example.get("id", ""), "task": example.get("task", "") or "unknown",
-                   "question": example.get("question", ""), "answer": str(example.get("answer", "")),
-                   "completion": completion, "score": float(score)}
-            if extract and example.get("reasoning"):
+                   "difficulty": int(example.get("difficulty", 0)), "question": example.get("question", ""),
+                   "answer": str(example.get("answer", "")), "completion": completion, "score": float(score)}
+            if extract != "raw" and example.get("reasoning"):
                 row["reasoning"] = str(example["reasoning"])
                 row["think_f1"] = rewards.think_f1_reward(completion, example, extract=extract)
-                thinking.append(row["think_f1"])
             rows.append(row)
-        scores += out.scores.per_reward[:, 0].tolist()
-        tasks += [ex.get("task", "") or "unknown" for ex in out.examples]
-        levels += [int(ex.get("difficulty", 0)) for ex in out.examples]
         lengths += out.lengths.tolist()
-        seen += len(out.examples)
-    if not scores:
+    if not rows:
         raise ValueError(f"eval: no complete batch of {e.batch_size} examples in eval.sources")
-    scores_np = np.asarray(scores)
-    metrics = {"accuracy": float(scores_np.mean()), "completion_length": float(np.mean(lengths)),
-               "examples": float(len(scores))}
+    scores = np.asarray([row["score"] for row in rows])
+    metrics = {"accuracy": float(scores.mean()), "completion_length": float(np.mean(lengths)),
+               "examples": float(len(rows))}
+    thinking = [row["think_f1"] for row in rows if "think_f1" in row]
     if thinking:
         metrics["think_f1"] = float(np.mean(thinking))
-    for task in sorted(set(tasks)):
-        metrics[f"accuracy/task/{task}"] = float(scores_np[np.asarray(tasks) == task].mean())
-    for level in sorted(set(levels)):
-        metrics[f"accuracy/difficulty/{level}"] = float(scores_np[np.asarray(levels) == level].mean())
+    for field, name in (("task", "task"), ("difficulty", "difficulty")):
+        groups = np.asarray([row[field] for row in rows])
+        for value in sorted(set(groups.tolist())):
+            metrics[f"accuracy/{name}/{value}"] = float(scores[groups == value].mean())
     if completions_path and e.save_completions and rt.is_main:
         os.makedirs(os.path.dirname(completions_path), exist_ok=True)
         with open(completions_path + ".tmp", "w") as f:
