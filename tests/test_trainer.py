@@ -96,6 +96,10 @@ def test_every_evaluation_writes_its_greedy_completions_and_reasoning_f1(trained
         assert len(rows) == config.eval.num_examples == r["eval/examples"]
         assert all(row["task"] in TRAIN_TASKS and row["question"] and row["answer"] for row in rows)
         assert np.mean([row["score"] for row in rows]) == pytest.approx(r["eval/accuracy"])
+        for field in ("task", "difficulty"):
+            for value in {row[field] for row in rows}:
+                assert r[f"eval/accuracy/{field}/{value}"] == pytest.approx(
+                    np.mean([row["score"] for row in rows if row[field] == value]))
         extract = {"dyme": "dyme", "r1": "tags"}[config.stages[stage_name].data.prompt_style]
         for row in rows:  # gym examples all carry a reference reasoning
             assert row["think_f1"] == pytest.approx(rewards.think_f1_reward(
