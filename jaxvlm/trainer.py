@@ -425,10 +425,10 @@ def evaluate(rt: Runtime, params, stage_cfg, completions_path: str | None = None
     thinking = [row["think_f1"] for row in rows if "think_f1" in row]
     if thinking:
         metrics["think_f1"] = float(np.mean(thinking))
-    for field, name in (("task", "task"), ("difficulty", "difficulty")):
+    for field in ("task", "difficulty"):
         groups = np.asarray([row[field] for row in rows])
         for value in sorted(set(groups.tolist())):
-            metrics[f"accuracy/{name}/{value}"] = float(scores[groups == value].mean())
+            metrics[f"accuracy/{field}/{value}"] = float(scores[groups == value].mean())
     if completions_path and e.save_completions and rt.is_main:
         os.makedirs(os.path.dirname(completions_path), exist_ok=True)
         with open(completions_path + ".tmp", "w") as f:
@@ -436,6 +436,12 @@ def evaluate(rt: Runtime, params, stage_cfg, completions_path: str | None = None
         os.replace(completions_path + ".tmp", completions_path)
     return metrics
 
+
+
+def _log_evaluation(rt: Runtime, params, stage_cfg, name: str, step: int) -> None:
+    """Evaluate, log eval/* at `step` and write the completions file of this evaluation."""
+    metrics = evaluate(rt, params, stage_cfg, evaluation_completions_path(rt.workdir, name, step))
+    rt.writer.write(step, {**metrics, "stage": name}, prefix="eval/")
 
 # ----------------------------------------------------------------------------------------------------------
 # Rejection sampling (Curr-ReFT's self-improvement stage)
@@ -613,9 +619,7 @@ def run_stage(rt: Runtime, name: str, params, global_offset: int, stop: StopSign
                 rt.writer.write(global_step, {**metrics, "stage_step": done, "stage": name}, prefix="train/")
             bar.update(done, metrics)
             if rt.config.train.eval_every and done % rt.config.train.eval_every == 0 and done < plan.steps:
-                rt.writer.write(global_step, {**evaluate(
-                    rt, state.params, s, evaluation_completions_path(rt.workdir, name, global_step)),
-                    "stage": name}, prefix="eval/")
+                _log_evaluation(rt, state.params, s, name, global_step)
             data_state = {"iterator": iterator.get_state(), "stage_step": done, "skipped": skipped_totals}
             stopping = stop.requested()
             ckpt.save(done, _checkpoint_tree(state, ref_params), data_state=data_state, force=stopping)
@@ -625,9 +629,7 @@ def run_stage(rt: Runtime, name: str, params, global_offset: int, stop: StopSign
                 break
         if finished:
             rt.writer.write(global_offset + done, {**timer.summary(), "stage": name}, prefix="time/")
-            rt.writer.write(global_offset + done, {**evaluate(
-                rt, state.params, s, evaluation_completions_path(rt.workdir, name, global_offset + done)),
-                "stage": name}, prefix="eval/")
+            _log_evaluation(rt, state.params, s, name, global_offset + done)
             ckpt.save(done, _checkpoint_tree(state, ref_params), force=True, data_state={
                 "iterator": iterator.get_state(), "stage_step": done, "skipped": skipped_totals})
     finally:
