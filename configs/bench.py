@@ -8,6 +8,10 @@ Variants (random weights, no downloads):
   0.5b   `qwen2_5_vl_0_5b` (Qwen2.5-0.5B decoder + the family's ViT, 1.16B params), bfloat16: GPU
   3b     `qwen2_5_vl_3b` (Qwen2.5-VL-3B shapes, 3.75B params), bfloat16, sequence 2048: GPU (the MFU target)
 Every field can be overridden, e.g. `--config.sections=sft,decode --config.torch.compile=False`.
+
+`sft.steps`, `grpo.steps` and `decode.repeats` count each side's timed repeats. They run after every side's
+compile / warm-up, interleaved round by round with the other sides' repeats, and the table reports their median
+(and min-max). The counts are odd, so the median is one of the repeats. They are larger where a repeat is cheap.
 """
 
 from __future__ import annotations
@@ -30,24 +34,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict(dict(learning_rate=1e-4, weight_decay=0.0, max_grad_norm=1.0))
     # SFT: rows of seq_len tokens = one image (image_hw pixels; None = text only) + prompt + completion_len scored.
     c.sft = ml_collections.ConfigDict(dict(batch_size=8, micro_batches=1, seq_len=128, completion_len=32,
-                                           image_hw=(56, 56), steps=3))
+                                           image_hw=(56, 56), steps=21))
     # GRPO: prompts of prompt_len tokens (one image each), G rollouts of exactly max_new_tokens (no stop token).
     c.grpo = ml_collections.ConfigDict(dict(prompts=4, num_generations=4, prompt_len=64, max_new_tokens=16,
-                                            micro_batches=1, image_hw=(56, 56), steps=2))
-    c.decode = ml_collections.ConfigDict(dict(batches=(1, 16, 64), prompt_len=32, new_tokens=32, repeats=3))
+                                            micro_batches=1, image_hw=(56, 56), steps=11))
+    c.decode = ml_collections.ConfigDict(dict(batches=(1, 16, 64), prompt_len=32, new_tokens=32, repeats=11))
     c.torch = ml_collections.ConfigDict(dict(enabled=True, compile=True))
     c.peak = ml_collections.ConfigDict(dict(matmul_size=4096))  # CPU: the measured-matmul peak's size
     if variant == "100m":
         c.model.preset = "100m"
-        c.sft.update(batch_size=4, seq_len=512, completion_len=128, image_hw=(224, 224), steps=3)
-        c.grpo.update(prompts=2, num_generations=4, prompt_len=128, max_new_tokens=32, image_hw=(112, 112), steps=2)
-        c.decode.update(prompt_len=64, new_tokens=32)
+        # ~35 s per SFT round of the three sides and ~20 s per GRPO round on 2 cores: 5 rounds each.
+        c.sft.update(batch_size=4, seq_len=512, completion_len=128, image_hw=(224, 224), steps=5)
+        c.grpo.update(prompts=2, num_generations=4, prompt_len=128, max_new_tokens=32, image_hw=(112, 112), steps=5)
+        c.decode.update(prompt_len=64, new_tokens=32, repeats=5)
     elif variant in ("0.5b", "3b"):
         c.model.update(preset="qwen2_5_vl_0_5b" if variant == "0.5b" else "qwen2_5_vl_3b", dtype="bfloat16",
                        remat="dots" if variant == "0.5b" else "full")
         c.sft.update(batch_size=8, micro_batches=2 if variant == "3b" else 1, seq_len=2048, completion_len=512,
-                     image_hw=(448, 448), steps=5)
+                     image_hw=(448, 448), steps=11)
         c.grpo.update(prompts=16, num_generations=8, prompt_len=512, max_new_tokens=256, micro_batches=8,
-                      image_hw=(448, 448), steps=2)
-        c.decode.update(prompt_len=512, new_tokens=128)
+                      image_hw=(448, 448), steps=5)
+        c.decode.update(prompt_len=512, new_tokens=128, repeats=5)
     return c

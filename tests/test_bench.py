@@ -1,5 +1,6 @@
-"""The benchmark harness (`python -m jaxvlm.bench`): FLOP counts, the hardware table, and a smoke run of every
-section on the tiny config in which the JAX side and the PyTorch baseline must do the same work."""
+"""The benchmark harness (`python -m jaxvlm.bench`): FLOP counts, the hardware table, the interleaving of the
+sides' timed repeats, and a smoke run of every section on the tiny config in which the JAX side and the PyTorch
+baseline must do the same work."""
 
 import importlib.util
 import json
@@ -104,6 +105,125 @@ def test_bench_config_variants():
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Interleaving, medians and spread, the load average
+# ------------------------------------------------------------------------------------------------------------
+
+
+class _Clock:
+    """A fake `time.perf_counter`: it moves only when a fake side works, so every duration is known exactly."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+class _FakeSide:
+    """Logs (side, "prepare" | "repeat", start time) of every call into a shared log; each call takes a set time."""
+
+    def __init__(self, name, log, clock, prepare_s, repeat_s, fail=False):
+        self.name, self.log, self.clock, self.fail = name, log, clock, fail
+        self.prepare_s, self.repeat_s = prepare_s, list(repeat_s)
+
+    def prepare(self):
+        self.log.append((self.name, "prepare", self.clock.now))
+        if self.fail:
+            raise RuntimeError("no compiler here\nsecond line")
+        self.clock.now += self.prepare_s
+
+    def repeat(self):
+        self.log.append((self.name, "repeat", self.clock.now))
+        seconds = self.repeat_s.pop(0)
+        self.clock.now += seconds
+        return {"step_s": seconds, "half_s": seconds / 2}
+
+
+def _assert_interleaved(timeline, sides, rounds):
+    """Every side's prepare, in order, ends before the first timed call; then rounds of one call per side in order."""
+    calls = [(e["side"], e["call"]) for e in timeline]
+    assert calls == [(s, "prepare") for s in sides] + [(s, r) for r in range(rounds) for s in sides]
+    assert all(a["end_s"] <= b["start_s"] for a, b in zip(timeline, timeline[1:]))  # one after the other
+
+
+def test_interleave_prepares_every_side_then_alternates_round_by_round(monkeypatch):
+    clock, log = _Clock(), []
+    monkeypatch.setattr(run.time, "perf_counter", clock)
+    sides = {name: _FakeSide(name, log, clock, prepare_s=10.0, repeat_s=[1.0] * 4) for name in ("A", "B", "C")}
+    timed, timeline = run.interleave(sides, 4)
+    # As the sides saw it: all the prepares (compile / warm-up), then A B C A B C ...
+    assert [(name, kind) for name, kind, _ in log] == ([(n, "prepare") for n in "ABC"]
+                                                        + [(n, "repeat") for _ in range(4) for n in "ABC"])
+    starts = [t for _, _, t in log]
+    assert starts == sorted(starts) and len(set(starts)) == len(starts)
+    first_timed = next(t for _, kind, t in log if kind == "repeat")
+    assert all(t < first_timed for _, kind, t in log if kind == "prepare")
+    # ... and as the harness recorded it (seconds from the first call's start)
+    _assert_interleaved(timeline, "ABC", 4)
+    assert timeline[0]["start_s"] == 0.0 and timeline[3]["start_s"] == 30.0  # after three 10 s prepares
+    assert [e["start_s"] for e in timeline[3:6]] == [30.0, 31.0, 32.0]
+    assert set(timed) == set("ABC")
+
+
+def test_interleave_reports_medians_spread_and_compile_apart(monkeypatch):
+    clock, log = _Clock(), []
+    monkeypatch.setattr(run.time, "perf_counter", clock)
+    sides = {"jax": _FakeSide("jax", log, clock, prepare_s=7.0, repeat_s=[3.0, 1.0, 2.0, 9.0, 2.5]),
+             "torch": _FakeSide("torch", log, clock, prepare_s=0.5, repeat_s=[4.0, 4.0, 4.0, 4.0, 4.0])}
+    timed, _ = run.interleave(sides, 5)
+    j = timed["jax"]
+    assert j["step_s"] == 2.5 and j["half_s"] == 1.25  # medians, per phase
+    assert j["timings"]["step_s"] == {"median": 2.5, "min": 1.0, "max": 9.0, "n": 5, "times": [3.0, 1.0, 2.0, 9.0, 2.5]}
+    assert j["compile_s"] == 7.0 - 2.5  # the prepare less one median repeat
+    assert timed["torch"]["timings"]["step_s"]["min"] == timed["torch"]["timings"]["step_s"]["max"] == 4.0
+
+
+def test_interleave_leaves_out_an_optional_side_that_cannot_prepare(monkeypatch):
+    clock, log = _Clock(), []
+    monkeypatch.setattr(run.time, "perf_counter", clock)
+    sides = {"jax": _FakeSide("jax", log, clock, 1.0, [1.0, 1.0]),
+             "torch_compile": _FakeSide("torch_compile", log, clock, 1.0, [], fail=True),
+             "torch": _FakeSide("torch", log, clock, 1.0, [1.0, 1.0])}
+    timed, timeline = run.interleave(sides, 2, optional=("torch_compile",))
+    assert timed["torch_compile"] == {"error": "RuntimeError: no compiler here"}
+    assert [(e["side"], e["call"]) for e in timeline] == [("jax", "prepare"), ("torch", "prepare"), ("jax", 0),
+                                                          ("torch", 0), ("jax", 1), ("torch", 1)]
+    with pytest.raises(RuntimeError, match="no compiler"):  # a side that must run may not fail quietly
+        run.interleave({"torch": _FakeSide("torch", [], clock, 1.0, [], fail=True)}, 1)
+    with pytest.raises(ValueError, match="at least 1"):
+        run.interleave(sides, 0)
+
+
+def test_load_warning_only_above_the_cpu_count():
+    assert len(hardware.load_average()) == 3
+    assert hardware.load_warning([1.5, 9.0, 9.0], 2) is None
+    assert hardware.load_warning([float("nan")] * 3, 2) is None
+    warning = hardware.load_warning([3.1, 0.5, 0.5], 2)
+    assert "3.10" in warning and "2 CPUs" in warning and "not trustworthy" in warning
+
+
+def test_the_run_reads_the_load_at_start_and_end_and_warns(tmp_path, monkeypatch):
+    """A run with no sections (cheap): the load average before and after, in bench.json and the table's header, and
+    the warning when the 1-minute load at the start exceeds the CPU count."""
+    loads = iter([[64.0, 3.0, 2.0], [1.0, 2.0, 3.0]])
+    monkeypatch.setattr(hardware, "load_average", lambda: next(loads))
+    c = _smoke_config()
+    c.sections, c.torch.enabled = (), False
+    results = run.run(c, str(tmp_path))
+    cpus = results["machine"]["cpus"]
+    assert results["load_average"] == {"start": [64.0, 3.0, 2.0], "end": [1.0, 2.0, 3.0], "cpus": cpus}
+    on_disk = json.load(open(tmp_path / "bench.json"))
+    assert on_disk["load_average"] == results["load_average"] and on_disk["load_warning"] == results["load_warning"]
+    assert "min and max" in on_disk["spread"]
+    text = run.table(results)
+    assert "load average (1, 5, 15 min): 64.00 3.00 2.00 at the start, 1.00 2.00 3.00 at the end" in text
+    assert f"WARNING: 1-minute load average 64.00 at the start exceeds the {cpus} CPUs" in text
+    quiet = dict(results, load_average={"start": [0.0, 0.0, 0.0], "end": [0.0, 0.0, 0.0], "cpus": cpus})
+    del quiet["load_warning"]
+    assert "WARNING" not in run.table(quiet) and "load average" in run.table(quiet)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # The harness, both sides
 # ------------------------------------------------------------------------------------------------------------
 
@@ -113,8 +233,8 @@ def _smoke_config():
     # 112 px images: 4 x 4 merged tokens, so M-RoPE's 3-D positions differ from 1-D ones (a baseline placing the
     # image on the wrong positions fails the parity checks).
     c.sft.update(steps=2, batch_size=4, seq_len=64, completion_len=16, image_hw=(112, 112))
-    c.grpo.update(steps=1, prompts=2, num_generations=4, prompt_len=32, max_new_tokens=8, image_hw=(112, 112))
-    c.decode.update(batches=(1, 4), prompt_len=16, new_tokens=8, repeats=1)
+    c.grpo.update(steps=2, prompts=2, num_generations=4, prompt_len=32, max_new_tokens=8, image_hw=(112, 112))
+    c.decode.update(batches=(1, 4), prompt_len=16, new_tokens=8, repeats=2)
     c.torch.compile = False  # inductor's compile takes minutes on 2 cores; BENCHMARKS.md reports it
     c.peak.matmul_size = 256
     c.mesh.shape = (1, 1, 1)  # one of the 8 simulated devices (the sharded steps have their own tests)
@@ -164,21 +284,59 @@ def test_the_report_has_every_section_and_is_written(smoke):
         assert label in text
 
 
+def test_every_section_interleaves_the_sides_after_their_warm_up(smoke):
+    """The timelines of the real run: in each section (and each decode batch size) every side compiles / warms up
+    before the first timed repeat, then the sides alternate round by round."""
+    results, _ = smoke
+    c = _smoke_config()
+    _assert_interleaved(results["sft"]["timeline"], ("jax", "torch"), c.sft.steps)
+    _assert_interleaved(results["grpo"]["timeline"], ("jax", "torch"), c.grpo.steps)
+    for r in results["decode"]["rows"]:
+        _assert_interleaved(r["timeline"], ("jax", "torch"), c.decode.repeats)
+
+
+def test_figures_are_medians_with_their_spread(smoke):
+    results, workdir = smoke
+    on_disk = json.load(open(workdir / "bench.json"))
+    c = _smoke_config()
+    sft, grpo = results["sft"], results["grpo"]
+    timed = [(sft[s], ("step_s",), c.sft.steps) for s in ("jax", "torch")]
+    timed += [(grpo[s], ("prefill_s", "rollout_s", "reward_s", "update_s", "step_s"), c.grpo.steps)
+              for s in ("jax", "torch")]
+    timed += [(r[s], ("prefill_s", "generate_s", "first_token_s", "decode_s"), c.decode.repeats)
+              for r in results["decode"]["rows"] for s in ("jax", "torch")]
+    for side, keys, n in timed:
+        for key in keys:
+            t = side["timings"][key]
+            assert t["n"] == len(t["times"]) == n
+            assert t["min"] <= t["median"] <= t["max"] and side[key] == t["median"]
+            assert t["median"] == pytest.approx(np.median(t["times"]))
+        assert np.isfinite(side["compile_s"])
+    assert on_disk["sft"]["jax"]["timings"] == sft["jax"]["timings"]
+    # Ratios come from the medians.
+    assert sft["jax"]["tokens_per_s"] == pytest.approx(sft["tokens"] / sft["jax"]["timings"]["step_s"]["median"])
+    row = results["decode"]["rows"][0]
+    assert row["torch"]["decode_tok_s"] == pytest.approx(
+        row["batch"] * (results["decode"]["new_tokens"] - 1) / row["torch"]["timings"]["decode_s"]["median"])
+    text = run.table(results)
+    assert "min–max" in text and "medians" in text and f"{c.sft.steps} repeats per side" in text
+
+
 def test_the_parity_check_has_teeth(tmp_path):
     """A baseline that does different work (another learning rate) is caught by the step-by-step loss comparison."""
-    from jaxvlm.bench import jax_side
-    from jaxvlm.bench.torch_side import TorchBaseline
+    from jaxvlm.bench import jax_side, torch_side
 
     c = _smoke_config()
     model, params = run._model(c)
     rows = workload.make_rows(model.config, 4, 64, 16, (56, 56))
     models.save_pretrained(model, params, str(tmp_path))
-    j = jax_side.sft(model, params, rows, micro_batches=1, steps=1, opt=c.optimizer,
-                     mesh=jax_side.default_mesh((1, 1, 1)))
+    j = jax_side.Sft(model, params, rows, micro_batches=1, opt=c.optimizer, mesh=jax_side.default_mesh((1, 1, 1)))
     c.optimizer.learning_rate *= 3
-    t = TorchBaseline(str(tmp_path), "float32", c.optimizer).sft(rows, micro_batches=1, steps=1)
-    assert run._rel(j["losses"][0], t["losses"][0]) < 1e-4  # same start
-    assert run._rel(j["losses"][1], t["losses"][1]) > 1e-3  # different update
+    t = torch_side.Sft(torch_side.TorchBaseline(str(tmp_path), "float32", c.optimizer), rows, micro_batches=1)
+    run.interleave({"jax": j, "torch": t}, 1)
+    assert len(j.losses) == len(t.losses) == 2
+    assert run._rel(j.losses[0], t.losses[0]) < 1e-4  # same start
+    assert run._rel(j.losses[1], t.losses[1]) > 1e-3  # different update
 
 
 @pytest.mark.parametrize("variant", ["0.5b", "3b"])

@@ -7,7 +7,10 @@ text prompts in float32 with greedy decoding and no stop token, so every row dec
 * prefill tokens/s = B * prompt_len / (time of the prompt forward that fills the cache);
 * decode tokens/s = B * (new_tokens - 1) / (time of generate(new_tokens) - time of generate(1)), so the
   prefill and the first token are not counted as decoding.
-Times are medians over `--repeats` runs after a warm-up run (which also compiles); compile time is reported apart.
+One repeat of a side runs the prompt forward, generate(new_tokens) and generate(1) back to back. After a warm-up
+repeat per side (which also compiles; reported apart), the sides' `--repeats` timed repeats alternate (jaxvlm,
+transformers, jaxvlm, ...: `jaxvlm.bench.run.interleave`), so a change in the machine's load hits both; the figures
+are medians over the repeats, with their min and max.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 
@@ -27,22 +29,18 @@ from jaxvlm import models, sampling
 from jaxvlm.models.qwen2_5_vl import Qwen25VL
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("preset", "small", "model preset (jaxvlm.models.config.PRESETS)")
-flags.DEFINE_list("batch", ["1", "16", "64"], "batch sizes (rows = prompts, one generation each)")
-flags.DEFINE_integer("prompt_len", 64, "prompt tokens per row")
-flags.DEFINE_integer("new_tokens", 64, "generated tokens per row")
-flags.DEFINE_integer("repeats", 3, "timed runs per measurement (median reported)")
-flags.DEFINE_bool("torch", True, "also time transformers' generate on the same checkpoint")
-flags.DEFINE_string("out", None, "write the results as JSON here")
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _define_flags() -> None:
+    """The command line's flags, defined only when this module is the program: `main` imports `jaxvlm.bench.run`,
+    which imports this module again under its package name."""
+    flags.DEFINE_string("preset", "small", "model preset (jaxvlm.models.config.PRESETS)")
+    flags.DEFINE_list("batch", ["1", "16", "64"], "batch sizes (rows = prompts, one generation each)")
+    flags.DEFINE_integer("prompt_len", 64, "prompt tokens per row")
+    flags.DEFINE_integer("new_tokens", 64, "generated tokens per row")
+    flags.DEFINE_integer("repeats", 5, "timed repeats per side, interleaved (median reported)")
+    flags.DEFINE_bool("torch", True, "also time transformers' generate on the same checkpoint")
+    flags.DEFINE_string("out", None, "write the results as JSON here")
 
 
 def _prompts(batch: int, length: int, vocab: int, seed: int = 0) -> dict:
@@ -50,73 +48,119 @@ def _prompts(batch: int, length: int, vocab: int, seed: int = 0) -> dict:
     return dict(input_ids=ids, attention_mask=np.ones_like(ids))
 
 
-def _throughput(batch: dict, new_tokens: int, t_prefill: float, t_full: float, t_one: float) -> dict:
-    """Tokens/s from the three timings (see the module docstring)."""
+def _timings(prefill, generate, new_tokens: int) -> dict[str, float]:
+    """One repeat: the prompt forward, generate(new_tokens), generate(1); seconds of each, and decode_s, the time of
+    the `new_tokens - 1` decode steps (the difference of the two generates, which run back to back)."""
+    t0 = time.perf_counter()
+    prefill()
+    t1 = time.perf_counter()
+    generate(new_tokens)
+    t2 = time.perf_counter()
+    generate(1)
+    t3 = time.perf_counter()
+    return dict(prefill_s=t1 - t0, generate_s=t2 - t1, first_token_s=t3 - t2, decode_s=(t2 - t1) - (t3 - t2))
+
+
+def throughput(batch: dict, new_tokens: int, timed: dict) -> dict:
+    """Tokens/s from a side's median seconds (see the module docstring)."""
     rows, length = batch["input_ids"].shape
-    return dict(
-        prefill_s=t_prefill, generate_s=t_full, first_token_s=t_one,
-        prefill_tok_s=rows * length / t_prefill,
-        decode_tok_s=rows * (new_tokens - 1) / max(t_full - t_one, 1e-9),
-    )
+    return dict(prefill_tok_s=rows * length / timed["prefill_s"],
+                decode_tok_s=rows * (new_tokens - 1) / max(timed["decode_s"], 1e-9))
 
 
-def bench_jax(model, params, batch: dict, new_tokens: int, repeats: int) -> dict:
-    inputs = sampling.prepare_prompts(model.config, batch)
-    prefill = jax.jit(
-        lambda p, x: model.apply(
-            {"params": p}, x["input_ids"], x["attention_mask"], None, None, x["position_ids"], method=Qwen25VL.prefill
+class JaxGenerate:
+    """jaxvlm's prompt forward and greedy `sampling.generate` on one prompt batch, as a side of
+    `jaxvlm.bench.run.interleave`: `prepare()` runs (and so compiles) what a repeat runs; `repeat()` times it."""
+
+    def __init__(self, model, params, batch: dict, new_tokens: int):
+        self.model, self.params, self.batch, self.new_tokens = model, params, batch, new_tokens
+        self._inputs = sampling.prepare_prompts(model.config, batch)
+        self._prefill = jax.jit(
+            lambda p, x: model.apply(
+                {"params": p}, x["input_ids"], x["attention_mask"], None, None, x["position_ids"],
+                method=Qwen25VL.prefill,
+            )
         )
-    )
-    start = time.perf_counter()
-    jax.block_until_ready(prefill(params, inputs))
-    compile_prefill = time.perf_counter() - start
-    t_prefill = _median_time(lambda: jax.block_until_ready(prefill(params, inputs)), repeats)
 
-    def gen(n):
-        out = sampling.generate(model, params, batch, jax.random.key(0), max_new_tokens=n, temperature=0.0,
-                                use_eos=False)
-        return jax.block_until_ready(out)
+    def prepare(self) -> None:
+        self.repeat()
 
-    start = time.perf_counter()
-    gen(new_tokens)
-    compile_generate = time.perf_counter() - start
-    gen(1)
-    t_full = _median_time(lambda: gen(new_tokens), repeats)
-    t_one = _median_time(lambda: gen(1), repeats)
-    return dict(_throughput(batch, new_tokens, t_prefill, t_full, t_one), compile_s=compile_prefill + compile_generate)
+    def repeat(self) -> dict[str, float]:
+        return _timings(lambda: jax.block_until_ready(self._prefill(self.params, self._inputs)), self._generate,
+                        self.new_tokens)
+
+    def _generate(self, n: int) -> None:
+        out = sampling.generate(self.model, self.params, self.batch, jax.random.key(0), max_new_tokens=n,
+                                temperature=0.0, use_eos=False)
+        jax.block_until_ready(out)
 
 
-def bench_torch(path: str, batch: dict, new_tokens: int, repeats: int, dtype: str = "float32") -> dict:
-    """transformers' `generate` on the checkpoint at `path`, weights held in `dtype`, on CUDA when available."""
+def load_torch(path: str, dtype: str = "float32"):
+    """transformers' model of the checkpoint at `path`, weights held in `dtype`, on CUDA when available."""
     import torch
     from transformers import AutoModelForImageTextToText
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
-    ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=device)
-    mask = torch.as_tensor(batch["attention_mask"], dtype=torch.long, device=device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
 
-    def prefill():
+
+class TorchGenerate:
+    """transformers' prompt forward and greedy `generate` with `model` (`load_torch`) on one prompt batch, as
+    `JaxGenerate`."""
+
+    def __init__(self, model, batch: dict, new_tokens: int):
+        import torch
+
+        self.model, self.new_tokens = model, new_tokens
+        device = model.device
+        self._ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=device)
+        self._mask = torch.as_tensor(batch["attention_mask"], dtype=torch.long, device=device)
+        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def prepare(self) -> None:
+        self.repeat()
+
+    def repeat(self) -> dict[str, float]:
+        return _timings(self._prefill, self._generate, self.new_tokens)
+
+    def _prefill(self) -> None:
+        import torch
+
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
-        sync()
+            self.model(input_ids=self._ids, attention_mask=self._mask, use_cache=True, logits_to_keep=1)
+        self._sync()
 
-    def gen(n):
+    def _generate(self, n: int) -> None:
+        import torch
+
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                 do_sample=False, pad_token_id=0)
-        sync()
-        assert out.shape[1] == ids.shape[1] + n
-
-    prefill(), gen(2)  # warm-up
-    t_prefill = _median_time(prefill, repeats)
-    t_full = _median_time(lambda: gen(new_tokens), repeats)
-    t_one = _median_time(lambda: gen(1), repeats)
-    return dict(_throughput(batch, new_tokens, t_prefill, t_full, t_one), threads=torch.get_num_threads())
+            out = self.model.generate(input_ids=self._ids, attention_mask=self._mask, max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, pad_token_id=0)
+        self._sync()
+        assert out.shape[1] == self._ids.shape[1] + n
 
 
-def main(argv):
+def _alone(side, batch: dict, new_tokens: int, repeats: int) -> dict:
+    from jaxvlm.bench.run import interleave  # (run imports this module)
+
+    timed, _ = interleave({"side": side}, repeats)
+    return dict(timed["side"], **throughput(batch, new_tokens, timed["side"]))
+
+
+def bench_jax(model, params, batch: dict, new_tokens: int, repeats: int) -> dict:
+    """The JAX side alone: median seconds, their spread (`timings`), compile_s and tokens/s."""
+    return _alone(JaxGenerate(model, params, batch, new_tokens), batch, new_tokens, repeats)
+
+
+def bench_torch(path: str, batch: dict, new_tokens: int, repeats: int, dtype: str = "float32") -> dict:
+    """The transformers side alone, on the checkpoint at `path`."""
+    import torch
+
+    result = _alone(TorchGenerate(load_torch(path, dtype), batch, new_tokens), batch, new_tokens, repeats)
+    return dict(result, threads=torch.get_num_threads())
+
+
+def main(argv) -> None:
     del argv
     cfg = models.preset(FLAGS.preset)
     model = Qwen25VL(cfg)
@@ -127,20 +171,25 @@ def main(argv):
         device=str(jax.devices()[0].device_kind), platform=platform.platform(), cpus=os.cpu_count(),
         jax=jax.__version__, rows=[],
     )
+    from jaxvlm.bench.run import interleave
+
     with tempfile.TemporaryDirectory() as tmp:
+        torch_model = None
         if FLAGS.torch:
             models.save_pretrained(model, params, tmp)
+            torch_model = load_torch(tmp)
         for b in map(int, FLAGS.batch):
             batch = _prompts(b, FLAGS.prompt_len, cfg.text.vocab_size)
-            row = dict(batch=b, jax=bench_jax(model, params, batch, FLAGS.new_tokens, FLAGS.repeats))
-            if FLAGS.torch:
-                row["torch"] = bench_torch(tmp, batch, FLAGS.new_tokens, FLAGS.repeats)
+            sides = {"jax": JaxGenerate(model, params, batch, FLAGS.new_tokens)}
+            if torch_model is not None:
+                sides["torch"] = TorchGenerate(torch_model, batch, FLAGS.new_tokens)
+            timed, _ = interleave(sides, FLAGS.repeats)
+            row = dict(batch=b, **{k: dict(v, **throughput(batch, FLAGS.new_tokens, v)) for k, v in timed.items()})
             results["rows"].append(row)
             _print_row(row)
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
             json.dump(results, f, indent=2)
-    return results
 
 
 def _print_row(row: dict) -> None:
@@ -156,4 +205,5 @@ def _print_row(row: dict) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

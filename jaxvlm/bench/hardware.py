@@ -1,4 +1,5 @@
-"""The machine's peak: nominal dense FLOP/s and memory bandwidth on known GPUs, a measured matmul peak on CPU."""
+"""The machine: its peak (nominal dense FLOP/s and memory bandwidth on known GPUs, a measured matmul peak on CPU),
+and how loaded it is (the load average, read at the start and end of a run)."""
 
 from __future__ import annotations
 
@@ -83,3 +84,21 @@ def peak(dtype: str, matmul_size: int = 2048) -> dict:
     return {"flops": flops, "bandwidth": measured_read_bandwidth(),
             "source": f"measured: jitted {matmul_size}x{matmul_size} {dtype} matmul on {device.device_kind}; "
                       "bandwidth: a jitted sum over 512 MiB"}
+
+
+def load_average() -> list[float]:
+    """The 1-, 5- and 15-minute load averages (`os.getloadavg`): runnable processes, averaged. NaN where the
+    platform has none."""
+    try:
+        return [float(x) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return [float("nan")] * 3
+
+
+def load_warning(load: list[float], cpus: int | None) -> str | None:
+    """A warning when the 1-minute load exceeds the CPU count: other processes then compete for the cores, and they
+    slow the two sides unequally (a thread pool sized to the cores suffers most), so a ratio says little."""
+    if not cpus or not load[0] > cpus:
+        return None
+    return (f"WARNING: 1-minute load average {load[0]:.2f} at the start exceeds the {cpus} CPUs: other work competes "
+            "for the cores, so the ratios below are not trustworthy")

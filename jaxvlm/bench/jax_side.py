@@ -1,12 +1,13 @@
-"""The JAX side of the benchmarks: jaxvlm's own jitted SFT step, GRPO step (sampler + update) and prefill.
+"""The JAX side of the benchmarks: jaxvlm's own jitted SFT step and GRPO step (sampler + update).
 
-Every function returns plain floats (seconds, losses) so the harness can put them next to the PyTorch side's.
-Compile time is measured apart: a step is lowered and compiled explicitly before the timed calls.
+Each is a "side" as `jaxvlm.bench.run.interleave` runs it: `prepare()` compiles and warms up (its time is the
+compile / warm-up figure), `repeat()` runs one timed repeat and returns its seconds per phase ({"step_s": ...}).
+A side keeps its own state from repeat to repeat (the params it updates, the losses it saw), so the harness can
+interleave its repeats with the PyTorch side's and still compare the two sequences of steps.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import jax
@@ -15,7 +16,6 @@ import numpy as np
 
 from jaxvlm import batching, losses, sampling, train_steps
 from jaxvlm.bench import workload
-from jaxvlm.bench.decode import _median_time
 from jaxvlm.models.qwen2_5_vl import Qwen25VL
 
 
@@ -37,27 +37,34 @@ def _state(model, params, opt, mesh):
     return jax.device_put(state, state_sh), state_sh, optimizer, schedule
 
 
-def sft(model: Qwen25VL, params, rows: workload.Rows, *, micro_batches: int, steps: int, opt, mesh) -> dict:
-    """Compile, then run 1 + `steps` SFT updates on the same batch. Returns compile_s (with the first call's extra
-    time), step_s (median of the last `steps`), the loss and gradient norm of every step (before its update)."""
-    state, state_sh, optimizer, schedule = _state(model, params, opt, mesh)
-    mb = workload.sft_microbatches(model.config, rows, micro_batches)
-    step, batch_sh = train_steps.jit_step(train_steps.sft_step, mesh, state_sh, mb, 1, model=model,
-                                          optimizer=optimizer, schedule=schedule, cfg=train_steps.LossConfig())
-    device_mb = jax.device_put(mb, batch_sh)
-    start = time.perf_counter()
-    compiled = step.lower(state, device_mb).compile()
-    compile_s = time.perf_counter() - start
-    losses_, norms, times = [], [], []
-    for _ in range(steps + 1):  # the first call is timed apart (first-call overheads), not in the median
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, device_mb)
-        loss = float(metrics["loss"])  # blocks on the step
-        times.append(time.perf_counter() - t0)
-        losses_.append(loss)
-        norms.append(float(metrics["grad_norm"]))
-    return {"compile_s": compile_s + times[0] - statistics.median(times[1:]), "step_s": statistics.median(times[1:]),
-            "step_times": times[1:], "losses": losses_, "grad_norms": norms}
+class Sft:
+    """jaxvlm's jitted SFT step, again and again on one batch. `prepare()` compiles the step and runs the first update
+    (its loss is the initial params'); `repeat()` runs one more and returns its seconds. `losses` / `grad_norms`:
+    every step's, before its update, the first included."""
+
+    def __init__(self, model: Qwen25VL, params, rows: workload.Rows, *, micro_batches: int, opt, mesh):
+        self.state, state_sh, optimizer, schedule = _state(model, params, opt, mesh)
+        mb = workload.sft_microbatches(model.config, rows, micro_batches)
+        self._step, batch_sh = train_steps.jit_step(train_steps.sft_step, mesh, state_sh, mb, 1, model=model,
+                                                    optimizer=optimizer, schedule=schedule,
+                                                    cfg=train_steps.LossConfig())
+        self._batch = jax.device_put(mb, batch_sh)
+        self.losses: list[float] = []
+        self.grad_norms: list[float] = []
+
+    def prepare(self) -> None:
+        self._step = self._step.lower(self.state, self._batch).compile()
+        self._update()
+
+    def repeat(self) -> dict[str, float]:
+        start = time.perf_counter()
+        self._update()
+        return {"step_s": time.perf_counter() - start}
+
+    def _update(self) -> None:
+        self.state, metrics = self._step(self.state, self._batch)
+        self.losses.append(float(metrics["loss"]))  # blocks on the step
+        self.grad_norms.append(float(metrics["grad_norm"]))
 
 
 def _prefill_fn(model: Qwen25VL):
@@ -68,68 +75,68 @@ def _prefill_fn(model: Qwen25VL):
     return jax.jit(prefill)
 
 
-def prefill_seconds(model: Qwen25VL, params, prompts: dict, repeats: int) -> tuple[float, float]:
-    """(compile_s, median seconds) of the prompt forward that fills the KV cache."""
-    inputs = sampling.prepare_prompts(model.config, prompts)
-    fn = _prefill_fn(model)
-    start = time.perf_counter()
-    jax.block_until_ready(fn(params, inputs))
-    compile_s = time.perf_counter() - start
-    return compile_s, _median_time(lambda: jax.block_until_ready(fn(params, inputs)), repeats)
+class Grpo:
+    """jaxvlm's GRPO step end to end on the same prompts: rollout (`sampling.generate`), host reward, update
+    (`train_steps.grpo_step`). `prepare()` runs the first step, which compiles the sampler and the update (and the
+    prompt forward timed apart); `first` keeps that step's update rows, loss and gradient norm (the initial params':
+    the parity batch). `repeat()` times the prompt forward alone (`prefill_s`, for the rollout's prefill / decode
+    split), then one more step and its phases."""
 
+    def __init__(self, model: Qwen25VL, params, rows: workload.Rows, *, num_generations: int, max_new_tokens: int,
+                 micro_batches: int, opt, mesh):
+        self.model, self.mesh = model, mesh
+        self.g, self.n, self.micro_batches = num_generations, max_new_tokens, micro_batches
+        self.state, self._state_sh, self._optimizer, self._schedule = _state(model, params, opt, mesh)
+        self._prompts = workload.prompt_batch(rows)
+        self._inputs = sampling.prepare_prompts(model.config, self._prompts)  # the prompts do not change
+        self._row_pixels = rows.row_pixels()
+        self._prefill = _prefill_fn(model)
+        self._update = self._batch_sh = None  # compiled by the first step, on its batch
+        self._steps = 0
+        self.first: dict = {}
 
-def grpo(model: Qwen25VL, params, rows: workload.Rows, *, num_generations: int, max_new_tokens: int,
-         micro_batches: int, steps: int, opt, mesh, repeats: int = 3) -> dict:
-    """`steps` end-to-end GRPO steps (rollout, host reward, update) on the same prompts, after one warm-up step
-    that compiles. Reports medians of each phase, the prefill alone, and the first step's loss and its batch."""
-    state, state_sh, optimizer, schedule = _state(model, params, opt, mesh)
-    prompts = workload.prompt_batch(rows)
-    g = num_generations
-    prefill_compile_s, prefill_s = prefill_seconds(model, state.params, prompts, repeats)
-    update = None
-    phases: dict[str, list[float]] = {"rollout_s": [], "reward_s": [], "update_s": [], "step_s": []}
-    first: dict = {}
-    compile_s = 0.0
-    row_pixels = rows.row_pixels()
-    inputs = sampling.prepare_prompts(model.config, prompts)  # the prompts do not change between steps
-    for i in range(steps + 1):  # step 0 is the warm-up: it compiles, and its loss is the initial params' loss
+    def prepare(self) -> None:
+        jax.block_until_ready(self._prefill(self.state.params, self._inputs))
+        _, update_rows, metrics = self._step()
+        self.first = {"rows": update_rows, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"])}
+
+    def repeat(self) -> dict[str, float]:
+        start = time.perf_counter()
+        jax.block_until_ready(self._prefill(self.state.params, self._inputs))
+        prefill_s = time.perf_counter() - start
+        phases, _, _ = self._step()
+        return {"prefill_s": prefill_s, **phases}
+
+    def _step(self):
+        """One rollout + reward + update (the first call compiles the update, outside its phases' times)."""
+        g, key = self.g, jax.random.key(self._steps)
+        self._steps += 1
         t0 = time.perf_counter()
-        rollout = sampling.generate(model, state.params, prompts, jax.random.key(i), num_generations=g,
-                                    max_new_tokens=max_new_tokens, temperature=1.0, use_eos=False, mesh=mesh)
+        rollout = sampling.generate(self.model, self.state.params, self._prompts, key, num_generations=g,
+                                    max_new_tokens=self.n, temperature=1.0, use_eos=False, mesh=self.mesh)
         rollout = jax.block_until_ready(rollout)
         t1 = time.perf_counter()
         host = jax.tree.map(np.asarray, rollout)
-        update_rows = sampling.update_rows(inputs, host, g)
+        update_rows = sampling.update_rows(self._inputs, host, g)
         rewards = workload.token_parity_reward(host.tokens, host.mask)
         update_rows["advantages"] = np.asarray(
             losses.group_advantages(jnp.asarray(rewards), g, scale="group")).astype(np.float32)
-        mb = batching.microbatches(update_rows, (1, micro_batches),
-                                   row_pixels=None if row_pixels is None else batching.repeat_rows(row_pixels, g),
-                                   vision_config=model.config.vision)
+        row_pixels = None if self._row_pixels is None else batching.repeat_rows(self._row_pixels, g)
+        mb = batching.microbatches(update_rows, (1, self.micro_batches), row_pixels=row_pixels,
+                                   vision_config=self.model.config.vision)
         t2 = time.perf_counter()
-        if update is None:
-            fn, batch_sh = train_steps.jit_step(train_steps.grpo_step, mesh, state_sh, mb, 2, model=model,
-                                                optimizer=optimizer, schedule=schedule,
-                                                cfg=train_steps.LossConfig(group_size=g))
-            update = fn.lower(state, jax.device_put(mb, batch_sh)).compile()
-            compile_s += time.perf_counter() - t2
+        if self._update is None:
+            fn, self._batch_sh = train_steps.jit_step(
+                train_steps.grpo_step, self.mesh, self._state_sh, mb, 2, model=self.model,
+                optimizer=self._optimizer, schedule=self._schedule, cfg=train_steps.LossConfig(group_size=g))
+            self._update = fn.lower(self.state, jax.device_put(mb, self._batch_sh)).compile()
         t3 = time.perf_counter()
-        state, metrics = update(state, jax.device_put(mb, batch_sh))
-        loss = float(metrics["loss"])  # blocks on the update
+        self.state, metrics = self._update(self.state, jax.device_put(mb, self._batch_sh))
+        metrics = jax.block_until_ready(metrics)
         t4 = time.perf_counter()
-        if i == 0:
-            first = {"rows": update_rows, "loss": loss, "grad_norm": float(metrics["grad_norm"])}
-            compile_s += t1 - t0  # the warm-up rollout's time is mostly the sampler's compile
-            continue
-        phases["rollout_s"].append(t1 - t0)
-        phases["reward_s"].append(t2 - t1)
-        phases["update_s"].append(t4 - t3)
-        phases["step_s"].append((t1 - t0) + (t2 - t1) + (t4 - t3))
-    out = {k: statistics.median(v) for k, v in phases.items()}
-    out.update(prefill_s=prefill_s, compile_s=compile_s + prefill_compile_s, first_loss=first["loss"],
-               first_grad_norm=first["grad_norm"], first_rows=first["rows"], tokens=int(first["rows"]["prompt_mask"].sum()
-                                                    + first["rows"]["completion_mask"].sum()))
-    return out
+        phases = {"rollout_s": t1 - t0, "reward_s": t2 - t1, "update_s": t4 - t3,
+                  "step_s": (t1 - t0) + (t2 - t1) + (t4 - t3)}
+        return phases, update_rows, metrics
 
 
 def default_mesh(shape=(1, -1, 1)):

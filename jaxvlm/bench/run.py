@@ -9,6 +9,14 @@ Sections (`config.sections`):
           step time, tokens/s as EasyR1 reports it ((prompt + completion tokens) / step time / devices)
   decode  greedy decode throughput at several batch sizes (`jaxvlm.bench.decode`) and its memory-bandwidth
           roofline (weights + KV bytes read per step / bandwidth: a GPU's nominal HBM figure, else measured)
+
+Every section times its sides with `interleave`: each side compiles and warms up first (`compile_s`, reported
+apart), then the sides' timed repeats alternate round by round (JAX, torch, torch.compile, JAX, ...), so a change
+in the machine's load hits every side alike. A figure is the median of a side's repeats (`sft.steps`,
+`grpo.steps`, `decode.repeats` of them); `timings` holds each phase's min and max (the spread) and every repeat's
+seconds; ratios are of medians. The machine's load average at the start and end of the run is in the table and in
+`load_average`; a 1-minute load above the CPU count at the start gets a warning (`load_warning`).
+
 Before any timing the two sides must agree: SFT losses step by step on the same batch, and the GRPO loss and
 gradient norm on the same rollout batch (the JAX sampler's rows scored by both); the harness records the
 differences (`parity`), and the test suite asserts them on the tiny config.
@@ -22,8 +30,10 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import tempfile
 import time
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +44,66 @@ from jaxvlm.bench import decode as decode_bench
 from jaxvlm.bench import flops, hardware, jax_side, workload
 
 SECTIONS = ("sft", "grpo", "decode")
+SPREAD = "min and max over a side's timed repeats (medians are the figures; ratios are of medians)"
+
+
+class Side(Protocol):
+    """One contestant of a section (`jax_side`, `torch_side`, `decode`). It keeps its own state from call to call."""
+
+    def prepare(self) -> None:
+        """Compile and warm up: everything before the first timed repeat."""
+
+    def repeat(self) -> dict[str, float]:
+        """One timed repeat: seconds per phase, e.g. {"step_s": 0.02}."""
+
+
+def interleave(sides: dict[str, Side], rounds: int, *, optional: tuple[str, ...] = ()) -> tuple[dict, list]:
+    """Prepare every side in turn, then run `rounds` rounds of one timed repeat per side, in the order given:
+    A B C A B C ... A load change on the machine then hits every side alike, where timing all of one side's repeats
+    before the other's lets it favour one.
+
+    Returns (per side its `_summary`, the timeline). A side in `optional` whose prepare raises gets {"error": ...}
+    instead and sits the rounds out. The timeline has one {"side", "call" ("prepare" or the round), "start_s",
+    "end_s"} per call, in call order, in seconds from the first call's start."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1 (a median of nothing), got {rounds}")
+    timeline: list[dict] = []
+
+    def call(name: str, what, fn):
+        start = time.perf_counter()
+        out = fn()
+        end = time.perf_counter()
+        timeline.append({"side": name, "call": what, "start_s": start, "end_s": end})
+        return out, end - start
+
+    warmup_s, errors = {}, {}
+    for name, side in sides.items():
+        try:
+            _, warmup_s[name] = call(name, "prepare", side.prepare)
+        except Exception as e:  # noqa: BLE001 - e.g. torch.compile may not work here; say so in the table
+            if name not in optional:
+                raise
+            errors[name] = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"}
+    repeats: dict[str, list] = {name: [] for name in warmup_s}
+    for r in range(rounds):
+        for name in repeats:
+            repeats[name].append(call(name, r, sides[name].repeat))
+    t0 = timeline[0]["start_s"] if timeline else 0.0
+    for entry in timeline:
+        entry["start_s"] -= t0
+        entry["end_s"] -= t0
+    return {name: errors.get(name) or _summary(warmup_s[name], repeats[name]) for name in sides}, timeline
+
+
+def _summary(warmup_s: float, repeats: list[tuple[dict[str, float], float]]) -> dict:
+    """A side's figures from its (phases, wall seconds) per repeat: each phase's median; `timings`: per phase the
+    median, min, max (the spread), count and every repeat's seconds; `compile_s`: its prepare's seconds less one
+    median repeat (what compiling and warming up cost beyond a steady-state repeat)."""
+    phases = {key: [p[key] for p, _ in repeats] for key in repeats[0][0]}
+    return {**{key: statistics.median(v) for key, v in phases.items()},
+            "compile_s": warmup_s - statistics.median(wall for _, wall in repeats),
+            "timings": {key: {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v), "times": v}
+                        for key, v in phases.items()}}
 
 
 def _model(c):
@@ -64,8 +134,8 @@ def bench_sft(c, model, params, mesh, peak: dict, checkpoint: str | None) -> dic
     verl = flops.verl_lm_flops(model.config.text, [rows.seq_len] * rows.num_rows)
     devices = mesh.devices.size  # the devices the step runs on
 
-    def summary(r):
-        return {**{k: v for k, v in r.items() if k != "step_times"}, "tokens_per_s": tokens / r["step_s"],
+    def summary(r, side):
+        return {**r, "losses": side.losses, "grad_norms": side.grad_norms, "tokens_per_s": tokens / r["step_s"],
                 "mfu": flops.mfu(count["total"], r["step_s"], peak["flops"] * devices),
                 "mfu_lm_verl": flops.mfu(verl, r["step_s"], peak["flops"] * devices)}
 
@@ -77,21 +147,20 @@ def bench_sft(c, model, params, mesh, peak: dict, checkpoint: str | None) -> dic
         lambda p, b: train_steps.completion_logprobs(model, p, b), params, one)
     out = {"rows": rows.num_rows, "seq_len": rows.seq_len, "completion_len": s.completion_len,
            "image_hw": _image_hw(s.image_hw), "tokens": tokens, "flops": count, "flops_lm_verl": verl,
-           "executed_matmul_flops": executed}
-    out["jax"] = summary(jax_side.sft(model, params, rows, micro_batches=s.micro_batches, steps=s.steps,
-                                      opt=c.optimizer, mesh=mesh))
+           "executed_matmul_flops": executed, "repeats": s.steps}
+    sides = {"jax": jax_side.Sft(model, params, rows, micro_batches=s.micro_batches, opt=c.optimizer, mesh=mesh)}
     if checkpoint:
-        for variant, compiled in (("torch", False), ("torch_compile", True)):
-            if compiled and not c.torch.compile:
-                continue
-            try:
-                baseline = _torch_baseline(c, checkpoint)  # fresh weights: both sides start from the same params
-                out[variant] = summary(baseline.sft(rows, micro_batches=s.micro_batches, steps=s.steps,
-                                                    compile=compiled))
-            except Exception as e:  # noqa: BLE001 - torch.compile may not work here; say so in the table
-                if not compiled:
-                    raise
-                out[variant] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+        from jaxvlm.bench import torch_side
+
+        # Fresh weights for each: every side starts from the same params and runs its own sequence of steps.
+        sides["torch"] = torch_side.Sft(_torch_baseline(c, checkpoint), rows, micro_batches=s.micro_batches)
+        if c.torch.compile:
+            sides["torch_compile"] = torch_side.Sft(_torch_baseline(c, checkpoint), rows,
+                                                    micro_batches=s.micro_batches, compile=True)
+    timed, out["timeline"] = interleave(sides, s.steps, optional=("torch_compile",))
+    for name, side in sides.items():
+        out[name] = timed[name] if "error" in timed[name] else summary(timed[name], side)
+    if checkpoint:
         j, t = out["jax"], out["torch"]
         n = min(len(j["losses"]), len(t["losses"]))
         out["parity"] = {"loss_rel_diff": [_rel(a, b) for a, b in zip(j["losses"][:n], t["losses"][:n])],
@@ -112,38 +181,38 @@ def bench_grpo(c, model, params, mesh, peak: dict, checkpoint: str | None) -> di
 
     def summary(r):
         decode_s = max(r["rollout_s"] - r["prefill_s"], 1e-12)
-        return {**{k: v for k, v in r.items() if k not in ("first_rows",)},
-                "prefill_tokens_per_s": rows.num_rows * rows.seq_len / r["prefill_s"],
+        return {**r, "prefill_tokens_per_s": rows.num_rows * rows.seq_len / r["prefill_s"],
                 "decode_tokens_per_s": completions * (n - 1) / decode_s,
                 "update_tokens_per_s": tokens / r["update_s"],
                 "tokens_per_s_per_device": tokens / r["step_s"] / devices,
                 "update_mfu_lm_verl": flops.mfu(verl, r["update_s"], peak["flops"] * devices),
                 "update_mfu": flops.mfu(update_flops["total"], r["update_s"], peak["flops"] * devices)}
 
-    jax_result = jax_side.grpo(model, params, rows, num_generations=g, max_new_tokens=n,
-                               micro_batches=s.micro_batches, steps=s.steps, opt=c.optimizer, mesh=mesh)
     out = {"prompts": rows.num_rows, "prompt_len": rows.seq_len, "num_generations": g, "max_new_tokens": n,
            "image_hw": _image_hw(s.image_hw), "tokens": tokens, "flops": update_flops, "flops_lm_verl": verl,
-           "jax": summary(jax_result)}
+           "repeats": s.steps}
+    kw = dict(num_generations=g, max_new_tokens=n, micro_batches=s.micro_batches)
+    jax_grpo = jax_side.Grpo(model, params, rows, opt=c.optimizer, mesh=mesh, **kw)
+    sides = {"jax": jax_grpo}
     if checkpoint:
-        baseline = _torch_baseline(c, checkpoint)
-        # Parity first, on fresh weights: the JAX sampler's first batch, scored and differentiated by both.
-        first = jax_result["first_rows"]
-        ids = np.concatenate([first["prompt_ids"], first["completion_ids"]], axis=1)
-        pixels, grid = workload.repeated_pixels(rows, g)
-        import torch
+        from jaxvlm.bench import torch_side
 
-        with torch.no_grad():  # the torch side's log-probs of the JAX sampler's tokens vs the sampler's own
-            torch_logp = baseline.completion_logprobs(baseline.model, ids, pixels, grid, n).float().cpu().numpy()
-        loss, norm = baseline.grpo_update(ids, pixels, grid, n, torch.as_tensor(first["advantages"]),
-                                          s.micro_batches, old_logp=first["old_logp"])
-        out["parity"] = {"logp_max_abs_diff": float(np.max(np.abs(torch_logp - first["old_logp"]))),
-                         "jax_loss": jax_result["first_loss"], "torch_loss": loss,
-                         "loss_abs_diff": abs(jax_result["first_loss"] - loss),
-                         "jax_grad_norm": jax_result["first_grad_norm"], "torch_grad_norm": norm,
-                         "grad_norm_rel_diff": _rel(jax_result["first_grad_norm"], norm)}
-        out["torch"] = summary(baseline.grpo(rows, num_generations=g, max_new_tokens=n,
-                                             micro_batches=s.micro_batches, steps=s.steps))
+        # Parity first, on fresh weights (the torch side's prepare, after the JAX side's first step): the JAX
+        # sampler's first batch, scored and differentiated by both.
+        sides["torch"] = torch_side.Grpo(_torch_baseline(c, checkpoint), rows,
+                                         parity_batch=lambda: jax_grpo.first["rows"], **kw)
+    timed, out["timeline"] = interleave(sides, s.steps)
+    for name in sides:
+        out[name] = summary(timed[name])
+    first = jax_grpo.first
+    out["jax"].update(first_loss=first["loss"], first_grad_norm=first["grad_norm"])
+    if checkpoint:
+        q = sides["torch"].parity
+        out["parity"] = {"logp_max_abs_diff": float(np.max(np.abs(q["logp"] - first["rows"]["old_logp"]))),
+                         "jax_loss": first["loss"], "torch_loss": q["loss"],
+                         "loss_abs_diff": abs(first["loss"] - q["loss"]),
+                         "jax_grad_norm": first["grad_norm"], "torch_grad_norm": q["grad_norm"],
+                         "grad_norm_rel_diff": _rel(first["grad_norm"], q["grad_norm"])}
     return out
 
 
@@ -153,37 +222,50 @@ def bench_decode(c, model, params, peak: dict, checkpoint: str | None) -> dict:
     # Decode reads weights in the compute dtype (what an inference engine holds), so the roofline is in that dtype.
     decode_params = jax.tree.map(lambda x: x.astype(dtype), params)
     bytes_per = jnp.dtype(dtype).itemsize
-    out = {"prompt_len": d.prompt_len, "new_tokens": d.new_tokens, "dtype": dtype, "rows": []}
+    torch_model = decode_bench.load_torch(checkpoint, dtype) if checkpoint else None
+    out = {"prompt_len": d.prompt_len, "new_tokens": d.new_tokens, "dtype": dtype, "repeats": d.repeats, "rows": []}
     for b in d.batches:
         batch = decode_bench._prompts(int(b), d.prompt_len, model.config.text.vocab_size)
-        row = {"batch": int(b), "jax": decode_bench.bench_jax(model, decode_params, batch, d.new_tokens, d.repeats)}
-        if checkpoint:
-            row["torch"] = decode_bench.bench_torch(checkpoint, batch, d.new_tokens, d.repeats, dtype=dtype)
+        sides = {"jax": decode_bench.JaxGenerate(model, decode_params, batch, d.new_tokens)}
+        if torch_model is not None:
+            sides["torch"] = decode_bench.TorchGenerate(torch_model, batch, d.new_tokens)
+        timed, timeline = interleave(sides, d.repeats)
+        row = {"batch": int(b), **{name: {**r, **decode_bench.throughput(batch, d.new_tokens, r)}
+                                   for name, r in timed.items()}}
         if not np.isnan(peak["bandwidth"]):
             roof = flops.decode_roofline(model.config, int(b), d.prompt_len + d.new_tokens / 2, peak["bandwidth"],
                                          bytes_per, bytes_per)
             row["roofline"] = {**roof, "jax_fraction": row["jax"]["decode_tok_s"] / roof["tokens_per_s"]}
             if "torch" in row:
                 row["roofline"]["torch_fraction"] = row["torch"]["decode_tok_s"] / roof["tokens_per_s"]
+        row["timeline"] = timeline
         out["rows"].append(row)
     return out
 
 
 def run(c, workdir: str) -> dict:
     """Run the configured sections; write `<workdir>/bench.json`; return the results."""
+    load_start = hardware.load_average()
     os.makedirs(workdir, exist_ok=True)
     unknown = set(c.sections) - set(SECTIONS)
     if unknown:
         raise ValueError(f"config.sections: unknown {sorted(unknown)}; known: {SECTIONS}")
+    machine = hardware.describe()
+    warning = hardware.load_warning(load_start, machine["cpus"])
+    if warning:
+        print(f"[bench] {warning}", flush=True)
     model, params = _model(c)
     mesh = jax_side.default_mesh(c.mesh.shape)
     peak = hardware.peak(c.model.dtype, c.peak.matmul_size)
     n_params = int(sum(x.size for x in jax.tree.leaves(params)))
     n_vision = int(sum(x.size for x in jax.tree.leaves(params.get("visual", {}))))
-    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": hardware.describe(), "peak": peak,
+    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine, "peak": peak,
+               "load_average": {"start": load_start, "end": None, "cpus": machine["cpus"]}, "spread": SPREAD,
                "model": {"preset": c.model.preset, "params": n_params, "vision_params": n_vision,
                          "dtype": c.model.dtype, "param_dtype": c.model.param_dtype, "remat": c.model.remat},
                "config": c.to_dict()}
+    if warning:
+        results["load_warning"] = warning
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         try:
@@ -209,6 +291,7 @@ def run(c, workdir: str) -> dict:
                 results["decode"] = bench_decode(c, model, params, peak, checkpoint)
             results[section]["wall_s"] = time.perf_counter() - t0
             print(f"[bench] {section}: done in {results[section]['wall_s']:.0f} s", flush=True)
+    results["load_average"]["end"] = hardware.load_average()
     with open(os.path.join(workdir, "bench.json"), "w") as f:
         json.dump(results, f, indent=1, default=_json_default)
     return results
@@ -245,21 +328,35 @@ def _fmt(v) -> str:
 
 
 def _pct(v) -> str:
-    return "n/a" if v is None or np.isnan(v) else f"{100 * v:.1f}%"
+    if v is None:
+        return "-"
+    return "n/a" if np.isnan(v) else f"{100 * v:.1f}%"
+
+
+def _load(values) -> str:
+    return "n/a" if values is None else " ".join(f"{x:.2f}" for x in values)
 
 
 def table(results: dict) -> str:
-    """Side by side: JAX, PyTorch eager, torch.compile, and JAX's speed-up over each (higher = JAX faster)."""
-    m, p, mod = results["machine"], results["peak"], results["model"]
-    head = (f"jaxvlm bench {results['date']}: preset {mod['preset']} ({mod['params'] / 1e6:.1f}M params, "
+    """Side by side: JAX, PyTorch eager, torch.compile, and JAX's speed-up over each (higher = JAX faster), from
+    the medians of the sides' interleaved repeats; under each time, its spread (min–max over the repeats)."""
+    m, p, mod, load = results["machine"], results["peak"], results["model"], results["load_average"]
+    head = [f"jaxvlm bench {results['date']}: preset {mod['preset']} ({mod['params'] / 1e6:.1f}M params, "
             f"{mod['vision_params'] / 1e6:.1f}M vision), {mod['dtype']} compute / {mod['param_dtype']} weights, "
             f"{m['device_kind']} x{m['devices']} ({m['cpus']} CPUs), jax {m['jax']}"
-            + (f", torch {m['torch']} ({m['torch_threads']} threads)" if "torch" in m else "")
-            + f"\npeak {p['flops'] / 1e9:,.1f} GFLOP/s ({p['source']})")
+            + (f", torch {m['torch']} ({m['torch_threads']} threads)" if "torch" in m else ""),
+            f"peak {p['flops'] / 1e9:,.1f} GFLOP/s ({p['source']}), memory bandwidth {p['bandwidth'] / 1e9:,.1f} GB/s",
+            f"load average (1, 5, 15 min): {_load(load['start'])} at the start, {_load(load['end'])} at the end "
+            f"({load['cpus']} CPUs)"]
+    if "load_warning" in results:
+        head.append(results["load_warning"])
     if "torch_missing" in results:
-        head += f"\n{results['torch_missing']}"
-    head += f", memory bandwidth {p['bandwidth'] / 1e9:,.1f} GB/s"
-    lines = [head, "", f"{'':38s}{'JAX':>12s}{'torch':>12s}{'compile':>12s}{'vs torch':>10s}{'vs compile':>11s}"]
+        head.append(results["torch_missing"])
+    head += ["Figures: medians of each side's timed repeats, which alternate between the sides round by round after",
+             "every side's compile / warm-up; ratios are of medians; min–max: the fastest and slowest repeat."]
+    w = 15
+    lines = [*head, "", f"{'':38s}{'JAX':>{w}s}{'torch':>{w}s}{'compile':>{w}s}{'vs torch':>10s}{'vs compile':>11s}"]
+    sides = ("jax", "torch", "torch_compile")
 
     def row(label, j, t=None, tc=None, kind="value"):
         def cell(x):
@@ -270,7 +367,15 @@ def table(results: dict) -> str:
                 return "-"
             return f"{(j / other if kind == 'rate' else other / j):.2f}x"
 
-        lines.append(f"{label:38s}{cell(j):>12s}{cell(t):>12s}{cell(tc):>12s}{speedup(t):>10s}{speedup(tc):>11s}")
+        lines.append(f"{label:38s}{cell(j):>{w}s}{cell(t):>{w}s}{cell(tc):>{w}s}{speedup(t):>10s}{speedup(tc):>11s}")
+
+    def spread(section, key):
+        """The row under a median time: each side's fastest and slowest repeat."""
+        cells = []
+        for side in sides:
+            t = (section.get(side) or {}).get("timings", {}).get(key)
+            cells.append("-" if t is None else f"{_fmt(t['min'])}–{_fmt(t['max'])}")
+        lines.append(f"{'      min–max':38s}" + "".join(f"{x:>{w}s}" for x in cells))
 
     def get(section, side, key):
         r = section.get(side)
@@ -282,21 +387,25 @@ def table(results: dict) -> str:
         s = results["sft"]
         lines.append(f"SFT step: {s['rows']} rows x {s['seq_len']} tokens ({s['completion_len']} scored), image "
                      f"{s['image_hw']}; {s['flops']['total'] / 1e9:,.1f} GFLOP ({s['flops']['vision'] / 1e9:,.1f} vision),"
-                     f" executed matmuls {s['executed_matmul_flops'] / s['flops']['total']:.2f}x that")
+                     f" executed matmuls {s['executed_matmul_flops'] / s['flops']['total']:.2f}x that; "
+                     f"{s['repeats']} repeats per side")
         for label, key, kind in (("  step time (s)", "step_s", "time"), ("  tokens/s", "tokens_per_s", "rate"),
                                  ("  MFU (model incl. vision)", "mfu", "pct"),
                                  ("  MFU (LM only, verl's count)", "mfu_lm_verl", "pct"),
                                  ("  compile / warm-up (s)", "compile_s", "value")):
-            row(label, get(s, "jax", key), get(s, "torch", key), get(s, "torch_compile", key), kind)
+            row(label, *(get(s, side, key) for side in sides), kind)
+            if key == "step_s":
+                spread(s, key)
         if "error" in s.get("torch_compile", {}):
             lines.append(f"  torch.compile: {s['torch_compile']['error']}")
         if "parity" in s:
-            lines.append(f"  parity: loss rel. diff per step {', '.join(f'{x:.1e}' for x in s['parity']['loss_rel_diff'])}"
-                         f"; grad-norm rel. diff {s['parity']['grad_norm_rel_diff']:.1e}")
+            diffs = s["parity"]["loss_rel_diff"]
+            lines.append(f"  parity: loss rel. diff <= {max(diffs):.1e} over {len(diffs)} steps; grad-norm rel. diff "
+                         f"{s['parity']['grad_norm_rel_diff']:.1e}")
     if "grpo" in results:
         g = results["grpo"]
         lines.append(f"GRPO step: {g['prompts']} prompts x G {g['num_generations']}, prompt {g['prompt_len']} + "
-                     f"{g['max_new_tokens']} new tokens, image {g['image_hw']}")
+                     f"{g['max_new_tokens']} new tokens, image {g['image_hw']}; {g['repeats']} repeats per side")
         for label, key, kind in (("  rollout prefill tokens/s", "prefill_tokens_per_s", "rate"),
                                  ("  rollout decode tokens/s", "decode_tokens_per_s", "rate"),
                                  ("  rollout (s)", "rollout_s", "time"), ("  update (s)", "update_s", "time"),
@@ -305,16 +414,24 @@ def table(results: dict) -> str:
                                  ("  tokens/s per device (EasyR1's)", "tokens_per_s_per_device", "rate"),
                                  ("  update MFU (LM only, verl's)", "update_mfu_lm_verl", "pct")):
             row(label, get(g, "jax", key), get(g, "torch", key), None, kind)
+            if kind == "time":
+                spread(g, key)
         if "parity" in g:
             q = g["parity"]
             lines.append(f"  parity on the same rollouts: log-prob max abs diff {q['logp_max_abs_diff']:.1e}; loss "
                          f"{q['jax_loss']:.3g} vs {q['torch_loss']:.3g}; grad norm rel. diff {q['grad_norm_rel_diff']:.1e}")
     if "decode" in results:
         d = results["decode"]
-        lines.append(f"Decode (greedy, {d['dtype']}, prompt {d['prompt_len']}, {d['new_tokens']} new tokens)")
+        lines.append(f"Decode (greedy, {d['dtype']}, prompt {d['prompt_len']}, {d['new_tokens']} new tokens; "
+                     f"{d['repeats']} repeats per side)")
         for r in d["rows"]:
             row(f"  batch {r['batch']:>3d} decode tokens/s", r["jax"]["decode_tok_s"],
                 r.get("torch", {}).get("decode_tok_s"), None, "rate")
+            # (the spread of the timed generate itself: a repeat's decode time is a difference of two timings,
+            # which load can make near zero or negative; the median of those differences is the figure above)
+            row(f"    generate({d['new_tokens']}) (s)", get(r, "jax", "generate_s"), get(r, "torch", "generate_s"),
+                None, "time")
+            spread(r, "generate_s")
             if "roofline" in r:
                 lines.append(f"  batch {r['batch']:>3d} bandwidth roofline {r['roofline']['tokens_per_s']:,.0f} tok/s:"
                              f" JAX at {_pct(r['roofline']['jax_fraction'])}"

@@ -8,19 +8,19 @@ What a TRL user runs, written out so both sides do the same work:
   sequences of per-sequence token means, / gradient-accumulation steps), AdamW.
 * Optionally the SFT step through `torch.compile(model)` (inductor), where it compiles.
 Mixed precision as on the JAX side: float32 master weights, `torch.autocast` to bfloat16 when the compute dtype is
-bfloat16. Only the benchmarks and the parity tests import this module (jaxvlm itself never needs torch).
+bfloat16. `Sft` and `Grpo` at the end are the sides the harness interleaves with the JAX side's (`prepare()`, then
+`repeat()` after `repeat()`). Only the benchmarks and the parity tests import this module (jaxvlm itself never
+needs torch).
 """
 
 from __future__ import annotations
 
 import contextlib
-import statistics
 import time
 
 import numpy as np
 
 from jaxvlm.bench import workload
-from jaxvlm.bench.decode import _median_time
 
 
 def _torch():
@@ -110,29 +110,6 @@ class TorchBaseline:
             loss_value += float(loss.detach())
         return loss_value, self._apply_update()
 
-    def sft(self, rows: workload.Rows, *, micro_batches: int, steps: int, compile: bool = False) -> dict:
-        """Warm-up step (timed as `compile_s`: it includes torch.compile's compilation), then `steps` timed steps."""
-        torch = _torch()
-        model = self.model
-        if compile:
-            model = torch.compile(self.model)
-        losses, norms, times = [], [], []
-        start = time.perf_counter()
-        first = self.sft_step(rows, micro_batches, model)
-        self._sync()
-        warmup_s = time.perf_counter() - start
-        losses.append(first[0])
-        norms.append(first[1])
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            loss, norm = self.sft_step(rows, micro_batches, model)
-            self._sync()
-            times.append(time.perf_counter() - t0)
-            losses.append(loss)
-            norms.append(norm)
-        return {"compile_s": warmup_s - statistics.median(times), "step_s": statistics.median(times),
-                "step_times": times, "losses": losses, "grad_norms": norms}
-
     # -- GRPO ------------------------------------------------------------------------------------------------------
 
     def generate(self, rows: workload.Rows, num_generations: int, max_new_tokens: int):
@@ -191,35 +168,96 @@ class TorchBaseline:
             total += float(loss.detach()) / micro_batches
         return total, self._apply_update()
 
-    def grpo(self, rows: workload.Rows, *, num_generations: int, max_new_tokens: int, micro_batches: int,
-             steps: int, repeats: int = 3) -> dict:
-        """`steps` end-to-end steps after a warm-up step; medians of each phase (as the JAX side)."""
+
+# -- the sides the harness interleaves (see `jaxvlm.bench.run.interleave`) ---------------------------------------------
+
+
+class Sft:
+    """The SFT step of `baseline` (eager, or through `torch.compile(model)`), again and again on one batch, as the
+    JAX side's `Sft`: `prepare()` runs the first update (torch.compile compiles there), `repeat()` one more and
+    returns its seconds; `losses` / `grad_norms` hold every step's, the first included."""
+
+    def __init__(self, baseline: TorchBaseline, rows: workload.Rows, *, micro_batches: int, compile: bool = False):
+        self.baseline, self.rows, self.micro_batches, self.compile = baseline, rows, micro_batches, compile
+        self.model = baseline.model
+        self.losses: list[float] = []
+        self.grad_norms: list[float] = []
+
+    def prepare(self) -> None:
+        if self.compile:
+            self.model = _torch().compile(self.baseline.model)
+        self._update()
+
+    def repeat(self) -> dict[str, float]:
+        start = time.perf_counter()
+        self._update()
+        return {"step_s": time.perf_counter() - start}
+
+    def _update(self) -> None:
+        loss, norm = self.baseline.sft_step(self.rows, self.micro_batches, self.model)
+        self.baseline._sync()
+        self.losses.append(loss)
+        self.grad_norms.append(norm)
+
+
+class Grpo:
+    """The GRPO step of `baseline` end to end (`generate`, host reward, TRL's advantages and loss, AdamW), as the JAX
+    side's `Grpo`: `prepare()` warms up with one whole step; `repeat()` times the prompt forward alone (`prefill_s`),
+    then one step and its phases.
+
+    `parity_batch`, if given, returns the JAX sampler's first update rows (prompt_ids, completion_ids, advantages,
+    old_logp): `prepare()` first scores them on the fresh weights (`parity`: the log-probs of those tokens, the GRPO
+    loss and gradient norm of one update on them), as the JAX side's first step did; that update is this side's
+    first."""
+
+    def __init__(self, baseline: TorchBaseline, rows: workload.Rows, *, num_generations: int, max_new_tokens: int,
+                 micro_batches: int, parity_batch=None):
+        self.baseline, self.rows = baseline, rows
+        self.g, self.n, self.micro_batches = num_generations, max_new_tokens, micro_batches
+        self.parity_batch = parity_batch
+        self.parity: dict = {}
+        self._steps = 0
+
+    def prepare(self) -> None:
+        if self.parity_batch is not None:
+            self.parity = self._score(self.parity_batch())
+        self.baseline.prefill(self.rows)
+        self._step()
+
+    def repeat(self) -> dict[str, float]:
+        start = time.perf_counter()
+        self.baseline.prefill(self.rows)
+        self.baseline._sync()
+        prefill_s = time.perf_counter() - start
+        return {"prefill_s": prefill_s, **self._step()}
+
+    def _score(self, first: dict) -> dict:
         torch = _torch()
-        g = num_generations
-        self.prefill(rows)  # warm-up
-        prefill_s = _median_time(lambda: (self.prefill(rows), self._sync()), repeats)
-        phases: dict[str, list[float]] = {"rollout_s": [], "reward_s": [], "update_s": [], "step_s": []}
-        for i in range(steps + 1):
-            torch.manual_seed(i)
-            t0 = time.perf_counter()
-            seqs = self.generate(rows, g, max_new_tokens)
-            self._sync()
-            t1 = time.perf_counter()
-            completions = seqs[:, rows.seq_len:].cpu().numpy()
-            rewards = workload.token_parity_reward(completions, np.ones_like(completions))
-            advantages = self.group_advantages(torch.as_tensor(rewards, device=self.device), g)
-            ids = seqs.cpu().numpy()
-            pixels, grid = workload.repeated_pixels(rows, g)
-            t2 = time.perf_counter()
-            self.grpo_update(ids, pixels, grid, max_new_tokens, advantages, micro_batches)
-            self._sync()
-            t3 = time.perf_counter()
-            if i == 0:
-                continue
-            phases["rollout_s"].append(t1 - t0)
-            phases["reward_s"].append(t2 - t1)
-            phases["update_s"].append(t3 - t2)
-            phases["step_s"].append(t3 - t0)
-        out = {k: statistics.median(v) for k, v in phases.items()}
-        out["prefill_s"] = prefill_s
-        return out
+        b = self.baseline
+        ids = np.concatenate([first["prompt_ids"], first["completion_ids"]], axis=1)
+        pixels, grid = workload.repeated_pixels(self.rows, self.g)
+        with torch.no_grad():
+            logp = b.completion_logprobs(b.model, ids, pixels, grid, self.n).float().cpu().numpy()
+        loss, norm = b.grpo_update(ids, pixels, grid, self.n, torch.as_tensor(first["advantages"]),
+                                   self.micro_batches, old_logp=first["old_logp"])
+        return {"logp": logp, "loss": loss, "grad_norm": norm}
+
+    def _step(self) -> dict[str, float]:
+        torch = _torch()
+        b, rows = self.baseline, self.rows
+        torch.manual_seed(self._steps)
+        self._steps += 1
+        t0 = time.perf_counter()
+        seqs = b.generate(rows, self.g, self.n)
+        b._sync()
+        t1 = time.perf_counter()
+        completions = seqs[:, rows.seq_len:].cpu().numpy()
+        rewards = workload.token_parity_reward(completions, np.ones_like(completions))
+        advantages = b.group_advantages(torch.as_tensor(rewards, device=b.device), self.g)
+        ids = seqs.cpu().numpy()
+        pixels, grid = workload.repeated_pixels(rows, self.g)
+        t2 = time.perf_counter()
+        b.grpo_update(ids, pixels, grid, self.n, advantages, self.micro_batches)
+        b._sync()
+        t3 = time.perf_counter()
+        return {"rollout_s": t1 - t0, "reward_s": t2 - t1, "update_s": t3 - t2, "step_s": t3 - t0}
