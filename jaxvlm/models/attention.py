@@ -485,10 +485,12 @@ def _splash_local(q: Array, k: Array, v: Array, segment_ids: Array, *, causal: b
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, D]
     per_row = lambda q, k, v, seg: kernel(q, k, v, splash.SegmentIds(q=seg, kv=seg))
     per_device = jax.vmap(jax.vmap(per_row, in_axes=(0, 0, 0, None)))
-    # Mosaic rejects bf16 matmuls at "highest" precision (which e.g. the tests set globally): pin the kernels'
-    # precision to what the dtype needs (bf16 products are exact in float32 at "default").
-    precision = "highest" if q.dtype == jnp.float32 else "default"
-    out = _with_matmul_precision(per_device, precision)(qh, kh, vh, seg)  # [B, K, G, T, D]
+    # Mosaic rejects bf16 matmuls at "highest" precision (which e.g. the tests set globally): there, pin the kernels'
+    # precision to "default" (bf16 products are exact in float32). Only then: the wrapper's custom VJP does not
+    # lower inside a differentiated lax.cond (the vision tower's window / full choice).
+    if q.dtype != jnp.float32 and jax.config.jax_default_matmul_precision not in (None, "default", "bfloat16"):
+        per_device = _with_matmul_precision(per_device, "default")
+    out = per_device(qh, kh, vh, seg)  # [B, K, G, T, D]
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, padded, h, d)
     # Segment-0 queries attended the segment-0 keys (the kernel needs a non-empty row): zero them.
     return jnp.where((seg != 0)[:, :, None, None], out, 0)[:, :t]
