@@ -28,7 +28,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.sections = ("sft", "grpo", "decode")
-    c.model = ml_collections.ConfigDict(dict(preset="tiny", dtype="float32", param_dtype="float32", remat="none"))
+    c.model = ml_collections.ConfigDict(dict(preset="tiny", dtype="float32", param_dtype="float32", remat="none",
+                                             attention="auto", logits_chunk=512, vocab_chunk=32768))
     c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1, 1)))  # (data, fsdp, tensor); -1 = the other devices
     # AdamW, constant lr; weight decay 0 so both sides' decay masks cannot differ (it costs the same either way).
     c.optimizer = ml_collections.ConfigDict(dict(learning_rate=1e-4, weight_decay=0.0, max_grad_norm=1.0))
@@ -50,8 +51,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif variant in ("0.5b", "3b"):
         c.model.update(preset="qwen2_5_vl_0_5b" if variant == "0.5b" else "qwen2_5_vl_3b", dtype="bfloat16",
                        remat="dots" if variant == "0.5b" else "full")
-        c.sft.update(batch_size=8, micro_batches=2 if variant == "3b" else 1, seq_len=2048, completion_len=512,
-                     image_hw=(448, 448), steps=11)
+        # One micro-batch of 8 rows: 8 data-parallel devices (a v5p:2x2x2 slice, `python -m jaxvlm.bench.memory`)
+        # split it one row each; 4-row micro-batches could not be split.
+        c.sft.update(batch_size=8, micro_batches=1, seq_len=2048, completion_len=512, image_hw=(448, 448), steps=11)
         c.grpo.update(prompts=16, num_generations=8, prompt_len=512, max_new_tokens=256, micro_batches=8,
                       image_hw=(448, 448), steps=5)
         c.decode.update(prompt_len=512, new_tokens=128, repeats=5)

@@ -1,12 +1,13 @@
 """Host-side assembly of training batches: rows -> `[*leading, b, ...]` micro-batches with their own images.
 
 The steps in `jaxvlm.train_steps` take SFT batches `[M, b, ...]` and GRPO/DyME batches `[K, M, b, ...]`, where each
-micro-batch carries the pixels of its own rows (`pixel_values [P, patch_dim]` plus the vision tower's index
-arrays, see `jaxvlm.processing.vision`). This module cuts a flat batch of R rows into that layout:
+micro-batch carries the pixels of its own rows in image slots (`pixel_values [S, L, patch_dim]` plus the vision
+tower's index arrays, see `jaxvlm.processing.vision`). This module cuts a flat batch of R rows into that layout:
 
 * row fields `[R, ...]` become `[*leading, b, ...]`, `position_ids [3, R, S]` becomes `[*leading, 3, b, S]`;
-* each micro-batch gets the concatenated pixels of its rows' images (a prompt's images are repeated for each of
-  its G rollout rows), zero-padded to one patch count P shared by all micro-batches (a bucket, so shapes are static).
+* each micro-batch gets its rows' distinct images, laid out in S slots of L patches shared by all micro-batches
+  (buckets, so shapes are static). A prompt's images, repeated for its G rollout rows, are encoded once per
+  micro-batch: the rows point at the same features (`image_offset [*leading, b]`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxvlm.processing.vision import vision_inputs
+from jaxvlm.processing.vision import slot_shape, vision_layout
 
 RowPixels = tuple[np.ndarray, np.ndarray]  # (pixel rows [p, patch_dim], grid [k, 3]) of one row's images
 
@@ -41,35 +42,23 @@ def pixels_per_row(prompts: Mapping[str, Any], images_per_row: Sequence[int]) ->
     return out
 
 
-def patch_bucket(count: int, unit: int, buckets: Sequence[int] = ()) -> int:
-    """The padded patch count for `count` patches: the smallest bucket that fits, else the next power of two
-    times the merge unit."""
-    for bucket in buckets:
-        if bucket >= count:
-            if bucket % unit:
-                raise ValueError(f"patch bucket {bucket} is not a multiple of the merge unit {unit}")
-            return bucket
-    if buckets:
-        raise ValueError(f"{count} patches exceed the largest patch bucket {buckets[-1]}")
-    units = max(1, -(-count // unit))
-    return (1 << (units - 1).bit_length()) * unit
-
-
 def microbatches(
     rows: Mapping[str, np.ndarray],
     leading: tuple[int, ...],
     *,
     row_pixels: Sequence[RowPixels] | None = None,
     vision_config=None,
-    patch_buckets: Sequence[int] = (),
+    slot_multiple: int = 1,
 ) -> dict[str, Any]:
     """Cut R rows into `leading + (b,)` with b = R / prod(leading), attaching each micro-batch's images.
 
     rows: fields with the row axis first (`[R, ...]`), except `position_ids [3, R, S]`.
-    row_pixels: per row, its images' pixels and grid (see `pixels_per_row`, repeated per rollout row), or None
-      for text-only batches. A micro-batch without any image gets one all-padding image so shapes stay static.
-    Returns the reshaped fields plus `pixel_values [*leading, P, patch_dim]` and `vision_inputs` (each array with
-    the leading axes prepended) when there are images.
+    row_pixels: per row, its images' pixels and grid (see `pixels_per_row`; `repeat_rows` repeats a prompt's for
+      its rollout rows, and repeated entries are encoded once), or None for text-only batches. A micro-batch
+      without any image gets all-padding slots so shapes stay static.
+    slot_multiple: the data-parallel size: the slot count is a multiple of it, so slots split over devices.
+    Returns the reshaped fields plus, when there are images, `pixel_values [*leading, S, L, patch_dim]`,
+    `vision_inputs` (each array with the leading axes prepended) and `image_offset [*leading, b]`.
     """
     num_rows = rows["completion_ids"].shape[0] if "completion_ids" in rows else next(
         v.shape[0] for k, v in rows.items() if k != "position_ids")
@@ -91,29 +80,44 @@ def microbatches(
     if len(row_pixels) != num_rows:
         raise ValueError(f"row_pixels has {len(row_pixels)} entries for {num_rows} rows")
     vc = vision_config
-    unit = vc.spatial_merge_size**2
     patch_dim = next(p.shape[-1] for p, grid in row_pixels if len(grid))
-    chunks = [row_pixels[i * b: (i + 1) * b] for i in range(groups)]
-    counts = [sum(p.shape[0] for p, _ in chunk) for chunk in chunks]
-    total = patch_bucket(max(max(counts), unit), unit, patch_buckets)
+    chunks = [_unique_images(row_pixels[i * b: (i + 1) * b], vc.merge_unit) for i in range(groups)]
+    grids = [np.concatenate([g for _, g in images]) if images else np.zeros((0, 3), np.int64)
+             for images, _ in chunks]
+    slot_len = max(slot_shape(g, vc)[1] for g in grids)  # one (S, L) shared by the micro-batches: static shapes
+    num_slots = max(slot_shape(g, vc, slot_multiple=slot_multiple, slot_len=slot_len)[0] for g in grids)
     pixel_values, index_arrays = [], []
-    for chunk, count in zip(chunks, counts):
-        grids = [grid for _, grid in chunk if len(grid)]
-        if grids:
-            grid = np.concatenate(grids).astype(np.int64)
-            pixels = np.concatenate([p for p, g in chunk if len(g)]).astype(np.float32)
-        else:  # a text-only micro-batch in an image batch: one dummy image that no token reads
-            side = int(np.sqrt(unit))
-            grid = np.asarray([[1, side, side]], np.int64)
-            pixels, count = np.zeros((unit, patch_dim), np.float32), unit
-        pixel_values.append(np.concatenate([pixels, np.zeros((total - count, patch_dim), np.float32)]))
-        index_arrays.append(vision_inputs(grid, vc, pad_to=total))
-    out["pixel_values"] = np.stack(pixel_values).reshape(*leading, total, patch_dim)
+    for (images, _), grid in zip(chunks, grids):
+        layout = vision_layout(grid, vc, num_slots=num_slots, slot_len=slot_len)
+        pixels = np.concatenate([p for p, _ in images]) if images else np.zeros((0, patch_dim), np.float32)
+        pixel_values.append(layout.pixels(pixels))
+        index_arrays.append(layout.inputs())
+    out["pixel_values"] = np.stack(pixel_values).reshape(*leading, num_slots, slot_len, patch_dim)
     out["vision_inputs"] = {
         key: np.stack([arrays[key] for arrays in index_arrays]).reshape(*leading, *index_arrays[0][key].shape)
         for key in index_arrays[0]
     }
+    out["image_offset"] = np.asarray([o for _, offsets in chunks for o in offsets], np.int32).reshape(*leading, b)
     return out
+
+
+def _unique_images(rows: Sequence[RowPixels], merge_unit: int) -> tuple[list[RowPixels], list[int]]:
+    """The distinct images of a micro-batch's rows (the same arrays repeated for a prompt's rollout rows count
+    once, by identity) and each row's `image_offset`: where its images' merged features start among them."""
+    images: list[RowPixels] = []
+    start: dict[tuple[int, int], int] = {}
+    offsets, merged = [], 0
+    for pixels, grid in rows:
+        if not len(grid):
+            offsets.append(0)
+            continue
+        key = (id(pixels), id(grid))
+        if key not in start:
+            start[key] = merged
+            images.append((pixels, np.asarray(grid, np.int64).reshape(-1, 3)))
+            merged += int(np.asarray(grid).reshape(-1, 3).prod(-1).sum()) // merge_unit
+        offsets.append(start[key])
+    return images, offsets
 
 
 def repeat_rows(row_pixels: Sequence[RowPixels], times: int) -> list[RowPixels]:

@@ -3,7 +3,8 @@
 A recipe config (big_vision style: `configs/<recipe>.py` with `get_config(arg)`) is::
 
     seed                       int
-    model.{preset, path, tokenizer, dtype, param_dtype, remat, min_pixels, max_pixels}
+    model.{preset, path, tokenizer, dtype, param_dtype, remat, attention, logits_chunk, vocab_chunk, min_pixels,
+           max_pixels}
     mesh.shape                 (data, fsdp, tensor); -1 = the remaining devices
     train.{log_every, eval_every, save_every, keep_checkpoints, max_consecutive_skips, progress, tensorboard}
     eval.{sources, num_examples, batch_size, max_new_tokens, save_completions}
@@ -80,7 +81,7 @@ def stage(mode: str, **overrides) -> ml_collections.ConfigDict:
     s.sampling = ml_collections.ConfigDict(dict(
         num_generations=4, max_new_tokens=64, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0,
     ))
-    s.batch = ml_collections.ConfigDict(dict(micro_batches=1, mini_batches=1, patch_buckets=()))
+    s.batch = ml_collections.ConfigDict(dict(micro_batches=1, mini_batches=1))
     s.rejection = ml_collections.ConfigDict(dict(
         num_samples=4, min_reward=1.0, num_prompts=64, text_share=0.0, text_sources=[], temperature=1.0,
         batch_size=8,
@@ -99,6 +100,12 @@ def _deep_update(config: ml_collections.ConfigDict, overrides: dict) -> None:
             config[key] = value
 
 
+def model_options(model_section) -> dict:
+    """The ModelConfig fields a run's `config.model` sets on top of a preset or checkpoint (numerics, memory)."""
+    return {k: model_section[k]
+            for k in ("dtype", "param_dtype", "remat", "attention", "logits_chunk", "vocab_chunk")}
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Everything but the stages, at defaults that run on a CPU with the built-in tiny model."""
     c = ml_collections.ConfigDict()
@@ -107,7 +114,12 @@ def base_config() -> ml_collections.ConfigDict:
         preset="tiny",  # jaxvlm.models.config.PRESETS entry used when `path` is empty (random weights)
         path="",  # a local Hugging Face checkpoint directory (Qwen2.5-VL, or Qwen2/Qwen2.5 for text-only)
         tokenizer="",  # tokenizer directory; "" = the checkpoint's, or the built-in gym tokenizer for presets
-        dtype="float32", param_dtype="float32", remat="none",
+        dtype="float32", param_dtype="float32",
+        remat="auto",  # auto | none | full | attention | dots: what each layer keeps for the backward ("auto":
+        # none below 0.5B parameters, full above; jaxvlm.models.config.default_remat)
+        attention="auto",  # auto | xla | cudnn | splash: the attention kernel (jaxvlm.models.attention)
+        logits_chunk=512,  # completion tokens per LM-head chunk when scoring
+        vocab_chunk=32768,  # vocabulary entries per LM-head chunk when scoring
         min_pixels=56 * 56, max_pixels=56 * 56,  # image processor bounds (Curr-ReFT: max 401408)
     ))
     c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1, 1)))

@@ -16,11 +16,11 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxvlm import models
+from jaxvlm import configuration, models
 from jaxvlm.processing.image import ImageProcessor
 from jaxvlm.processing.processor import pad_sequences
 from jaxvlm.processing.rope import get_rope_index
-from jaxvlm.processing.vision import vision_inputs
+from jaxvlm.processing.vision import layout_images
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Path to a config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
@@ -28,10 +28,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 
 def build_model(cfg) -> tuple[models.Qwen25VL, dict]:
     """The model and params named by `cfg.model`: a checkpoint directory, or a preset with random weights."""
-    overrides = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
+    overrides = configuration.model_options(cfg.model)
     if cfg.model.path:
-        dtype, param_dtype = overrides.pop("dtype"), overrides.pop("param_dtype")
-        return models.load_pretrained(cfg.model.path, dtype=dtype, param_dtype=param_dtype, **overrides)
+        return models.load_pretrained(cfg.model.path, **overrides)
     model_cfg = models.preset(cfg.model.preset, **overrides)
     return models.Qwen25VL(model_cfg), models.init_params(model_cfg, cfg.seed)
 
@@ -62,8 +61,8 @@ def synthetic_batch(model_cfg: models.ModelConfig, demo, seed: int) -> dict:
     batch = dict(input_ids=input_ids, attention_mask=attention_mask)
     if images:
         pixels = processor(images)
-        batch["pixel_values"] = pixels["pixel_values"]
-        batch["vision_inputs"] = vision_inputs(pixels["image_grid_thw"], model_cfg.vision)
+        batch["pixel_values"], batch["vision_inputs"] = layout_images(
+            pixels["pixel_values"], pixels["image_grid_thw"], model_cfg.vision)
         batch["position_ids"], _ = get_rope_index(
             input_ids, attention_mask, pixels["image_grid_thw"],
             image_token_id=model_cfg.image_token_id, spatial_merge_size=model_cfg.vision.spatial_merge_size,
@@ -88,7 +87,7 @@ def run_forward(cfg, workdir: str | None) -> dict:
     result = {
         "params": int(n_params),
         "batch": list(batch["input_ids"].shape),
-        "image_patches": int(batch["pixel_values"].shape[0]) if "pixel_values" in batch else 0,
+        "image_patches": int(np.prod(batch["pixel_values"].shape[:2])) if "pixel_values" in batch else 0,
         "logits_shape": list(logits.shape),
         "logits_finite": bool(jnp.isfinite(logits[valid]).all()),
         "compile_s": round(compile_s, 3),

@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxvlm.models.config import ModelConfig
 from jaxvlm.models.qwen2_5_vl import Qwen25VL
+from jaxvlm.sharding import traced_on
 
 Array = jax.Array
 
@@ -159,7 +160,7 @@ def generate_from_inputs(
     """The pure (jittable) sampler. `inputs` comes from `prepare_prompts`:
 
       input_ids int [B, T] (left-padded), attention_mask [B, T], position_ids int [3, B, T], rope_deltas int [B, 1],
-      and for image prompts pixel_values [P, patch_dim] + vision_inputs (see `jaxvlm.processing.vision_inputs`).
+      and for image prompts pixel_values [S, L, patch_dim] + vision_inputs (`jaxvlm.processing.layout_images`).
     Returns a `Rollout` with B*G rows and N = sp.max_new_tokens columns.
     """
     model = Qwen25VL(config)
@@ -273,13 +274,15 @@ def update_rows(inputs: dict[str, Any], rollout: Rollout, num_generations: int) 
 
 
 @functools.lru_cache(maxsize=None)
-def _generate_jit(batch_sharding: NamedSharding | None):
-    """The sampler jitted for one placement: explicit output shardings (rows over the batch axes) on a mesh."""
+def compiled_sampler(batch_sharding: NamedSharding | None):
+    """The sampler jitted for one placement: `fn(params, inputs, key, config=, sp=)` with explicit output shardings
+    (rows over the batch axes) on a mesh, traced with that mesh in context so activations stay split by rows."""
     out_shardings = None
     if batch_sharding is not None:
         rows, repl = batch_sharding, NamedSharding(batch_sharding.mesh, P())
         out_shardings = Rollout(tokens=rows, mask=rows, logprobs=rows, lengths=rows, truncated=rows, steps=repl)
     fn = functools.partial(generate_from_inputs, batch_sharding=batch_sharding)
+    fn = traced_on(fn, None if batch_sharding is None else batch_sharding.mesh)
     return jax.jit(fn, static_argnames=("config", "sp"), out_shardings=out_shardings)
 
 
@@ -288,15 +291,17 @@ def _generate_jit(batch_sharding: NamedSharding | None):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def prepare_prompts(config: ModelConfig, batch: dict[str, Any]) -> dict[str, Any]:
+def prepare_prompts(config: ModelConfig, batch: dict[str, Any], *, slot_multiple: int = 1) -> dict[str, Any]:
     """Check a prompt batch and fill in what the compiled sampler needs (numpy, host side).
 
     `batch` is a `Processor` output or any dict with `input_ids` [B, T] and optionally `attention_mask`,
-    `position_ids`, `rope_deltas`, `pixel_values` + `image_grid_thw`, `vision_inputs`. Prompts must be
-    left-padded (the processor's default) so each row's last column is its last prompt token.
+    `position_ids`, `rope_deltas`, `pixel_values` [N, patch_dim] + `image_grid_thw` (laid out here in image slots,
+    a multiple of `slot_multiple`, the data-parallel size), or pixel_values already in the slot layout with their
+    `vision_inputs` (`jaxvlm.processing.layout_images`). Prompts must be left-padded (the processor's default) so
+    each row's last column is its last prompt token.
     """
     from jaxvlm.processing.rope import get_rope_index, text_position_ids
-    from jaxvlm.processing.vision import vision_inputs as make_vision_inputs
+    from jaxvlm.processing.vision import layout_images
 
     unknown = set(batch) - {
         "input_ids", "attention_mask", "position_ids", "rope_deltas", "pixel_values", "image_grid_thw",
@@ -344,11 +349,12 @@ def prepare_prompts(config: ModelConfig, batch: dict[str, Any]) -> dict[str, Any
     rope_deltas = np.asarray(rope_deltas, np.int32).reshape(ids.shape[0], 1)
     out = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, rope_deltas=rope_deltas)
     if pixel_values is not None:
-        out["pixel_values"] = np.asarray(pixel_values)
         vi = batch.get("vision_inputs")
-        out["vision_inputs"] = vi if vi is not None else make_vision_inputs(
-            np.asarray(grid), config.vision, pad_to=out["pixel_values"].shape[0]
-        )
+        if vi is None:
+            out["pixel_values"], out["vision_inputs"] = layout_images(
+                pixel_values, np.asarray(grid), config.vision, slot_multiple=slot_multiple)
+        else:
+            out["pixel_values"], out["vision_inputs"] = np.asarray(pixel_values), vi
     return out
 
 
@@ -408,6 +414,25 @@ def generate(
     image sizes on the host (the data pipeline does) to keep the number of compilations small.
     """
     config = model.config if isinstance(model, Qwen25VL) else model
+    sp = sampling_params(config, num_generations=num_generations, max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, stop_token_ids=stop_token_ids,
+                         use_eos=use_eos, pad_token_id=pad_token_id, suppress_token_ids=suppress_token_ids)
+    sharding = batch_sharding(mesh, batch_axes)
+    inputs = prepare_prompts(config, batch, slot_multiple=rows_multiple(sharding))
+    if sharding is not None:
+        from jaxvlm.distributed import feed_global_batch
+
+        # every process holds all prompts; each feeds its devices' rows
+        inputs = feed_global_batch(inputs, input_shardings(inputs, sharding))
+        params = _on_mesh(params, mesh)
+    return compiled_sampler(sharding)(params, inputs, key, config=config, sp=sp)
+
+
+def sampling_params(config: ModelConfig, *, num_generations: int = 1, max_new_tokens: int = 256,
+                    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+                    stop_token_ids: Sequence[int] | None = None, use_eos: bool = True, pad_token_id: int | None = None,
+                    suppress_token_ids: Sequence[int] | None = None) -> SamplingParams:
+    """`generate`'s settings resolved against the model config (stop ids, pad id, suppressed ids) and checked."""
     stops = resolve_stop_ids(config, stop_token_ids, use_eos)
     if pad_token_id is None:
         pad_token_id = config.text.pad_token_id if config.text.pad_token_id is not None else (stops or (0,))[0]
@@ -420,18 +445,12 @@ def generate(
         else default_suppressed_ids(config),
     )
     sp.validate()
-    inputs = prepare_prompts(config, batch)
-    sharding = batch_sharding(mesh, batch_axes)
-    if sharding is not None:
-        size = int(np.prod([mesh.shape[a] for a in sharding.spec[0]]))
-        if inputs["input_ids"].shape[0] % size:
-            raise ValueError(
-                f"{inputs['input_ids'].shape[0]} prompts cannot be split over the {size} devices of mesh axes "
-                f"{sharding.spec[0]}; pad the prompt batch to a multiple of {size}"
-            )
-        inputs = _place_inputs(inputs, sharding)
-        params = _on_mesh(params, mesh)
-    return _generate_jit(sharding)(params, inputs, key, config=config, sp=sp)
+    return sp
+
+
+def rows_multiple(sharding: NamedSharding | None) -> int:
+    """How many devices the prompts (and their image slots) split over: the size of `sharding`'s batch axes."""
+    return 1 if sharding is None else int(np.prod([sharding.mesh.shape[a] for a in sharding.spec[0]]))
 
 
 def default_suppressed_ids(config: ModelConfig) -> tuple[int, ...]:
@@ -453,16 +472,18 @@ def _on_mesh(params: Any, mesh: Mesh) -> Any:
     return jax.tree.map(place, params)
 
 
-def _place_inputs(inputs: dict[str, Any], sharding: NamedSharding) -> dict[str, Any]:
-    """Per-prompt arrays sharded on their row axis; image arrays (not per prompt) replicated."""
+def input_shardings(inputs: dict[str, Any], sharding: NamedSharding) -> dict[str, Any]:
+    """Placements of `prepare_prompts`' arrays: per-prompt arrays on their row axis, image slots on their slot axis,
+    over the batch axes of `sharding`. The prompt count must split over them."""
     from jaxvlm import sharding as shard_rules
-    from jaxvlm.processing.vision import VISION_INPUT_KEYS
 
-    row_axes = {"position_ids": 1, "pixel_values": None, **{k: None for k in VISION_INPUT_KEYS}}
-    from jaxvlm.distributed import feed_global_batch
-
-    placements = shard_rules.batch_shardings(inputs, sharding.mesh, row_axes, axes=tuple(sharding.spec[0]))
-    return feed_global_batch(inputs, placements)  # every process holds all prompts; each feeds its devices' rows
+    size = rows_multiple(sharding)
+    if inputs["input_ids"].shape[0] % size:
+        raise ValueError(
+            f"{inputs['input_ids'].shape[0]} prompts cannot be split over the {size} devices of mesh axes "
+            f"{sharding.spec[0]}; pad the prompt batch to a multiple of {size}"
+        )
+    return shard_rules.batch_shardings(inputs, sharding.mesh, {"position_ids": 1}, axes=tuple(sharding.spec[0]))
 
 
 def decode_completions(tokenizer, rollout: Rollout, *, skip_special_tokens: bool = True) -> list[str]:

@@ -14,6 +14,7 @@ instead of failing. One device is a (1, 1, 1) mesh: nothing is special-cased.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+BATCH = BATCH_AXES  # an activation's row dimension, in `constrain` specs
 
 # (regex on the param path, spec of the trailing dims). Stacked layers carry a leading layer axis that is never
 # split (the rule's spec applies to the last len(spec) dims; leading dims are None).
@@ -149,6 +151,39 @@ def batch_shardings(
     return jax.tree_util.tree_map_with_path(one, batch)
 
 
+def constrain(x, *spec):
+    """`x` constrained to `spec` (one entry per dim: None, a mesh axis name, a tuple of names, or BATCH for the
+    data-parallel axes) on the mesh in context (`jax.sharding.get_abstract_mesh()`: the steps and the sampler
+    trace under their mesh); a no-op without one. Axes that the mesh lacks or that do not divide the dimension are
+    dropped, so the same model code runs on one device, any mesh, and for any batch size.
+
+    This is what keeps activations split by rows under FSDP: without it XLA propagates the parameters' split on
+    the model dimension into the activations and all-reduces every projection's output."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    fitted = []
+    for dim, axes in zip(x.shape, spec):
+        names = tuple(a for a in ((axes,) if isinstance(axes, str) else (axes or ())) if a in mesh.axis_names)
+        size = math.prod(mesh.shape[a] for a in names)
+        fitted.append(names if names and size > 1 and dim % size == 0 else None)
+    return jax.lax.with_sharding_constraint(x, P(*fitted))
+
+
+def traced_on(fn, mesh: Mesh | None):
+    """`fn` traced with `mesh` as the abstract mesh in context, so `constrain` inside it sees the mesh (jit it
+    after wrapping). With mesh None, `fn` itself."""
+    if mesh is None:
+        return fn
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
@@ -167,6 +202,6 @@ def describe(tree: Any) -> dict[str, str]:
 
 
 __all__ = [
-    "BATCH_AXES", "MESH_AXES", "PARAM_RULES", "batch_shardings", "batch_spec", "data_parallel_size", "describe",
+    "BATCH", "BATCH_AXES", "MESH_AXES", "constrain", "traced_on", "PARAM_RULES", "batch_shardings", "batch_spec", "data_parallel_size", "describe",
     "make_mesh", "path_str", "replicated", "spec_for", "tree_shardings",
 ]

@@ -7,7 +7,9 @@ slice of hidden states at columns T-1 .. T+N-2 and the LM head never runs over t
     prompt_ids, prompt_mask            int [.., b, T]
     completion_ids, completion_mask    int [.., b, N]    (the mask is the loss mask: SFT targets / sampled tokens)
     position_ids                       int [.., 3, b, T+N]  (`jaxvlm.sampling.rollout_sequences` builds them)
-    pixel_values, vision_inputs        optional: the micro-batch's images (not per row; replicated)
+    pixel_values, vision_inputs        optional: the micro-batch's images in S slots ([.., S, L, patch_dim] and the
+                                       index arrays of `jaxvlm.processing.vision_layout`), split over devices by slot
+    image_offset [.., b]               optional: where each row's image features start (rows sharing an image)
     advantages [.., b], old_logp / ref_logp [.., b, N]        (GRPO)
     rewards, accuracy [.., b], reference_ids / reference_mask [.., b, N]   (DyME, see `dyme_plan`)
 
@@ -33,8 +35,8 @@ import jax.numpy as jnp
 import optax
 
 from jaxvlm import losses
-from jaxvlm.models.qwen2_5_vl import Qwen25VL
-from jaxvlm.sharding import path_str
+from jaxvlm.models.qwen2_5_vl import Qwen25VL, head_weight
+from jaxvlm.sharding import BATCH, constrain, path_str, traced_on
 
 Array = jax.Array
 
@@ -171,13 +173,76 @@ def completion_logprobs(model: Qwen25VL, params, batch: dict, temperature: float
     mask = jnp.concatenate([batch["prompt_mask"], batch["completion_mask"]], axis=-1)
     hidden = model.apply(
         {"params": params}, ids, mask, batch.get("pixel_values"), None, batch["position_ids"],
-        vision_inputs=batch.get("vision_inputs"), method=Qwen25VL.encode,
+        vision_inputs=batch.get("vision_inputs"), image_offset=batch.get("image_offset"), method=Qwen25VL.encode,
     )
-    logits = model.apply({"params": params}, hidden[:, prompt_len - 1 : prompt_len + n - 1], method=Qwen25VL.lm_logits)
-    logp = losses.logprobs_from_logits(logits, batch["completion_ids"], temperature)
-    if not with_entropy:
-        return logp
-    return logp, losses.entropy_from_logits(logits, temperature)
+    scored = hidden[:, prompt_len - 1 : prompt_len + n - 1]
+    logp, entropy = lm_head_logprobs(model, params, scored, batch["completion_ids"], temperature)
+    return (logp, entropy) if with_entropy else logp
+
+
+def lm_head_logprobs(model: Qwen25VL, params, hidden: Array, targets: Array, temperature: float = 1.0):
+    """Log-probs of `targets` [b, N] and the entropy [b, N] (float32) from final hidden states [b, N, D], with the
+    LM head run over chunks of `model.config.logits_chunk` positions and `model.config.vocab_chunk` vocabulary
+    entries, so that neither [b, N, V] logits nor (under FSDP) the whole gathered [V, D] head ever exist at once.
+
+    * Positions: up to one chunk, at once; longer completions go through a scan over position chunks whose body
+      is rematerialised (the backward recomputes a chunk's logits from its hidden states). With `remat` on, a
+      single chunk is rematerialised too, so its logits are not kept for the backward.
+    * Vocabulary: a head larger than one chunk is read chunk by chunk, with an online (max, sum of exponentials)
+      log-sum-exp in float32; each chunk's logits are recomputed in the backward, and its weight gradient is
+      formed chunk by chunk (under FSDP: gathered and reduce-scattered a chunk at a time)."""
+    b, n, d = hidden.shape
+    chunk = min(model.config.logits_chunk, n)
+    weight = head_weight(model.config, params)  # [V, D]
+    vocab = weight.shape[0]
+    pieces = -(-vocab // model.config.vocab_chunk)
+
+    def one(h, t):  # h [b, c, D], t [b, c]
+        if pieces == 1:
+            logits = constrain(model.apply({"params": params}, h, method=Qwen25VL.lm_logits), BATCH, None, "tensor")
+            return losses.logprobs_from_logits(logits, t, temperature), losses.entropy_from_logits(logits, temperature)
+        return _vocab_chunked_logprobs(h.astype(model.config.dtype), weight, t, temperature, pieces)
+
+    if chunk == n:
+        return (one if model.config.remat == "none" else jax.checkpoint(one))(hidden, targets)
+    pad = -n % chunk
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    per_chunk = lambda x: jnp.moveaxis(x.reshape(b, -1, chunk, *x.shape[2:]), 1, 0)  # noqa: E731  [chunks, b, c, ..]
+    _, (logp, entropy) = jax.lax.scan(lambda carry, xs: (carry, jax.checkpoint(one)(*xs)), None,
+                                      (per_chunk(hidden), per_chunk(targets)))
+    unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, -1)[:, :n]  # noqa: E731
+    return unchunk(logp), unchunk(entropy)
+
+
+def _vocab_chunked_logprobs(h: Array, weight: Array, targets: Array, temperature: float, pieces: int):
+    """log softmax(h W^T / temperature) at `targets`, and the entropy, over `pieces` vocabulary chunks of
+    `weight` [V, D]: h [b, c, D], targets [b, c] -> ([b, c], [b, c]) float32."""
+    vocab = weight.shape[0]
+    size = -(-vocab // pieces)
+    weight = jnp.pad(weight.astype(h.dtype), ((0, pieces * size - vocab), (0, 0))).reshape(pieces, size, -1)
+    neg = jnp.finfo(jnp.float32).min
+
+    @jax.checkpoint
+    def step(carry, xs):
+        top, total, weighted, picked = carry  # running max, sum exp(z - top), sum exp(z - top) z, target logit
+        w, start = xs
+        z = jnp.einsum("bcd,vd->bcv", h, w).astype(jnp.float32) / temperature  # as lm_logits: compute dtype
+        ids = start + jnp.arange(size)
+        z = constrain(jnp.where(ids < vocab, z, neg), BATCH, None, "tensor")
+        new_top = jax.lax.stop_gradient(jnp.maximum(top, jnp.max(z, axis=-1)))
+        scale = jnp.exp(top - new_top)
+        p = jnp.exp(z - new_top[..., None])
+        total = total * scale + jnp.sum(p, axis=-1)
+        weighted = weighted * scale + jnp.sum(p * jnp.where(p > 0, z, 0.0), axis=-1)
+        picked = picked + jnp.sum(jnp.where(ids == targets[..., None], z, 0.0), axis=-1)
+        return (new_top, total, weighted, picked), None
+
+    zeros = jnp.zeros(targets.shape, jnp.float32)
+    init = (jnp.full(targets.shape, neg, jnp.float32), zeros, zeros, zeros)
+    (top, total, weighted, picked), _ = jax.lax.scan(step, init, (weight, jnp.arange(pieces) * size))
+    log_normalizer = top + jnp.log(total)
+    return picked - log_normalizer, log_normalizer - weighted / total
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -395,10 +460,9 @@ def dyme_step(state: TrainState, batch: dict, *, model, optimizer, schedule, cfg
 
 def batch_row_axes(num_leading: int) -> dict[str, int | None]:
     """Row axis of the batch fields that differ from the default (`num_leading`: [M] for SFT, [K, M] for RL):
-    position_ids [.., 3, b, S]; images and vision metadata are not per row (replicated)."""
-    from jaxvlm.processing.vision import VISION_INPUT_KEYS
-
-    return {"position_ids": num_leading + 1, "pixel_values": None, **{k: None for k in VISION_INPUT_KEYS}}
+    position_ids [.., 3, b, S]. Image slots (`pixel_values` [.., S, L, patch_dim] and the vision index arrays
+    [.., S, ...]) split over the devices on their slot axis like rows."""
+    return {"position_ids": num_leading + 1}
 
 
 def state_shardings(state: TrainState, mesh) -> TrainState:
@@ -411,11 +475,12 @@ def state_shardings(state: TrainState, mesh) -> TrainState:
 
 
 def jit_step(step_fn, mesh, state_sharding: TrainState, batch_example: dict, num_leading: int, **static):
-    """`step_fn` with its static arguments bound, jitted with explicit in/out shardings and the state donated."""
+    """`step_fn` with its static arguments bound, jitted with explicit in/out shardings and the state donated;
+    traced with `mesh` in context, so the model's activations are split by rows (`sharding.constrain`)."""
     from jaxvlm.sharding import batch_shardings, replicated
 
     batch_sharding = batch_shardings(batch_example, mesh, batch_row_axes(num_leading), default_axis=num_leading)
-    fn = functools.partial(step_fn, **static)
+    fn = traced_on(functools.partial(step_fn, **static), mesh)  # activations constrained on this mesh
     return jax.jit(
         fn, in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated(mesh)),
         donate_argnums=(0,),

@@ -112,10 +112,9 @@ def setup(config, workdir: str) -> Runtime:
     os.makedirs(workdir, exist_ok=True)
     tokenizer = _tokenizer(config, workdir)
     if m.path:
-        model, params = models.load_pretrained(m.path, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+        model, params = models.load_pretrained(m.path, **configuration.model_options(m))
     else:
-        model_cfg = configure_model_for_tokenizer(
-            models.preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat), tokenizer)
+        model_cfg = configure_model_for_tokenizer(models.preset(m.preset, **configuration.model_options(m)), tokenizer)
         model, params = models.Qwen25VL(model_cfg), models.init_params(model_cfg, config.seed)
     image_processor = None
     vc = model.config.vision
@@ -290,10 +289,9 @@ def _row_pixels(rt: Runtime, batch: dict, repeat: int = 1):
 
 def sft_microbatches(rt: Runtime, plan: StagePlan, batch: dict) -> dict:
     """A pipeline batch (with targets) as `[M, b, ...]` micro-batches for `sft_step`."""
-    rows = pipeline.sft_batch(batch)
-    rows = {k: v for k, v in rows.items() if k not in ("pixel_values", "vision_inputs")}
-    return batching.microbatches(rows, plan.leading, row_pixels=_row_pixels(rt, batch),
-                                 vision_config=rt.model_config.vision, patch_buckets=plan.cfg.batch.patch_buckets)
+    return batching.microbatches(pipeline.sft_batch(batch), plan.leading, row_pixels=_row_pixels(rt, batch),
+                                 vision_config=rt.model_config.vision,
+                                 slot_multiple=sharding.data_parallel_size(rt.mesh))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,7 +319,7 @@ class Rollouts:
 def sample_and_score(rt: Runtime, params, batch: dict, key, *, num_generations: int, sampling_cfg, reward_specs,
                      accuracy_reward: str | None) -> Rollouts:
     """G rollouts per prompt from the sampler, decoded and scored on the host."""
-    prompts = pipeline.device_prompts(batch)
+    prompts = batch["prompts"]
     rollout = sampling.generate(
         rt.model, params, prompts, key, num_generations=num_generations,
         max_new_tokens=sampling_cfg.max_new_tokens, temperature=sampling_cfg.temperature,
@@ -578,7 +576,7 @@ def run_stage(rt: Runtime, name: str, params, global_offset: int, stop: StopSign
                     rows["reference_mask"] = np.repeat(batch["targets"]["completion_mask"], g, axis=0)
                 mb = batching.microbatches(rows, plan.leading, row_pixels=_row_pixels(rt, batch, g),
                                            vision_config=rt.model_config.vision,
-                                           patch_buckets=s.batch.patch_buckets)
+                                           slot_multiple=sharding.data_parallel_size(rt.mesh))
             else:
                 mb = sft_microbatches(rt, plan, batch)
             if ref_logprobs is not None:

@@ -185,10 +185,8 @@ def test_batches_render_the_chat_template_and_static_shapes(tokenizer, model_con
     b, t = p["input_ids"].shape
     assert b == 4 and t in (16, 32, 64, 128, 256, 512) and (p["attention_mask"][:, -1] == 1).all()
     assert p["position_ids"].shape == (3, b, t) and p["rope_deltas"].shape == (b, 1)
-    unit = model_config.vision.spatial_merge_size ** 2
-    n_patches = p["pixel_values"].shape[0]
-    assert n_patches % unit == 0 and (n_patches // unit) & (n_patches // unit - 1) == 0  # a power-of-two bucket
-    assert p["vision_inputs"]["patch_order"].shape == (n_patches,)
+    # the rows' images one after the other, unpadded (the sampler and the steps lay them out in image slots)
+    assert p["pixel_values"].shape[0] == int(p["image_grid_thw"].prod(-1).sum()) and "vision_inputs" not in p
     for row, ex in enumerate(batch["examples"]):
         assert ex["id"] == f"ex{row}" and ex["num_images"] == row % 3 and "images" not in ex
         valid = p["input_ids"][row][p["attention_mask"][row] == 1]
@@ -221,16 +219,19 @@ def test_training_positions_equal_get_rope_index_of_the_whole_sequence(tokenizer
 
 
 def test_pipeline_batches_feed_the_sampler_and_the_training_forward(tokenizer, model_config):
-    from jaxvlm import models, sampling, train_steps
+    from jaxvlm import batching, models, sampling, train_steps
 
     examples = [make_example(k, images=1 + k % 2) for k in range(4)]
     batch = next(iter(make_pipeline([examples], tokenizer, model_config, shuffle=False, with_targets=True,
                                     max_target_length=32)))
     model = models.Qwen25VL(model_config)
     params = models.init_params(model_config, 0)
-    inputs = sampling.prepare_prompts(model_config, pipeline.device_prompts(batch))
+    inputs = sampling.prepare_prompts(model_config, batch["prompts"])
     assert inputs["input_ids"].shape == batch["prompts"]["input_ids"].shape
-    sft = jax.tree.map(jnp.asarray, pipeline.sft_batch(batch))
+    assert inputs["pixel_values"].ndim == 3  # laid out in image slots
+    per_row = batching.pixels_per_row(batch["prompts"], [ex["num_images"] for ex in batch["examples"]])
+    mb = batching.microbatches(pipeline.sft_batch(batch), (1,), row_pixels=per_row, vision_config=model_config.vision)
+    sft = jax.tree.map(lambda x: jnp.asarray(x[0]), mb)
     logp = train_steps.completion_logprobs(model, params, sft)
     assert logp.shape == sft["completion_ids"].shape and bool(jnp.isfinite(logp).all())
 
@@ -387,9 +388,9 @@ def test_bucket_rules():
     assert pipeline._bucket(17, (), "x", floor=16) == 32
     assert pipeline._bucket(3, (), "x", floor=16) == 16
     assert pipeline._bucket(20, (8, 24, 40), "x") == 24
-    assert pipeline._bucket(5, (), "x", multiple=4) == 8 and pipeline._bucket(9, (), "x", multiple=4) == 16
+    assert pipeline._bucket(5, (), "x") == 8 and pipeline._bucket(16, (), "x") == 16
     with pytest.raises(ValueError, match="exceeds the largest bucket"):
-        pipeline._bucket(50, (8, 24, 40), "patch count")
+        pipeline._bucket(50, (8, 24, 40), "prompt length")
 
 
 # ----------------------------------------------------------------------------------------------------------

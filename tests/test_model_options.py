@@ -9,7 +9,8 @@ import pytest
 from conftest import image_batch
 
 from jaxvlm import models
-from jaxvlm.processing import get_rope_index, vision_inputs
+from jaxvlm.processing import get_rope_index, layout_images
+from jaxvlm.models.config import PRESETS
 from jaxvlm.models.qwen2_5_vl import splice_image_features
 
 CFG = models.preset("tiny").replace(
@@ -25,7 +26,7 @@ def jit_batch(batch, cfg=CFG):
     batch["position_ids"], _ = get_rope_index(
         batch["input_ids"], batch["attention_mask"], grid, image_token_id=cfg.image_token_id, spatial_merge_size=2
     )
-    batch["vision_inputs"] = vision_inputs(grid, cfg.vision)
+    batch["pixel_values"], batch["vision_inputs"] = layout_images(batch["pixel_values"], grid, cfg.vision)
     return batch
 
 
@@ -37,7 +38,7 @@ def mean_log_prob(model, params, batch):
     return (tgt * mask).sum() / mask.sum()
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("remat", ["full", "attention", "dots"])
 def test_remat_changes_neither_values_nor_gradients(remat):
     params = models.init_params(CFG, 0)
     batch = jit_batch(BATCH)
@@ -76,8 +77,10 @@ def test_abstract_params_match_init():
 def test_traced_inputs_without_host_metadata_fail_clearly():
     model, params = models.Qwen25VL(CFG), models.init_params(CFG, 0)
     batch = dict(BATCH)
-    with pytest.raises(ValueError, match="image_grid_thw is traced.*vision_inputs"):
+    with pytest.raises(ValueError, match="pixel_values is traced.*layout_images"):
         jax.jit(lambda p, b: model.apply({"params": p}, **b))(params, batch)
+    with pytest.raises(ValueError, match=r"pixel_values must be in the slot layout \[S, L, patch_dim\]"):
+        model.apply({"params": params}, **dict(jit_batch(BATCH), pixel_values=BATCH["pixel_values"]))
     batch = jit_batch(BATCH)
     del batch["position_ids"]
     batch["image_grid_thw"] = BATCH["image_grid_thw"]
@@ -108,6 +111,9 @@ def test_splice_fills_image_positions_in_row_major_order():
     feats = jnp.arange(1.0, 6.0)[:, None]  # one spare feature (bucket padding) is never used
     out = splice_image_features(embeds, ids, feats, image_token_id=7)[..., 0]
     np.testing.assert_array_equal(out, [[0, 1, 2, 0], [3, 0, 0, 4]])
+    # rows that share an image (a prompt's rollouts) point at the same features
+    shared = splice_image_features(embeds, ids, feats, image_token_id=7, image_offset=jnp.array([2, 2]))[..., 0]
+    np.testing.assert_array_equal(shared, [[0, 3, 4, 0], [3, 0, 0, 4]])
 
 
 @pytest.mark.parametrize(
@@ -147,6 +153,16 @@ def test_3b_preset_has_qwen2_5_vl_3b_parameter_counts():
     assert round(count(shapes["visual"]) / 1e5) == 6687
     assert round(count(shapes["language_model"]) / 1e5) == 30859
     assert "lm_head" not in shapes  # tied
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_parameter_count_and_the_auto_remat_default(name):
+    from jaxvlm.models.config import num_params
+
+    cfg = models.preset(name)
+    assert num_params(cfg) == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(models.abstract_params(cfg)))
+    expected = "none" if name in ("tiny", "small", "100m") else "full"  # the documented default per preset
+    assert models.preset(name, remat="auto").remat == expected
 
 
 def test_every_supported_activation_is_implemented():

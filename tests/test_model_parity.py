@@ -8,7 +8,7 @@ from conftest import VL_CONFIGS, hf_logits, image_batch, max_diff_on_valid
 
 from jaxvlm import models
 from jaxvlm.processing.rope import get_rope_index
-from jaxvlm.processing.vision import vision_inputs
+from jaxvlm.processing.vision import layout_images, vision_layout, window_patches
 
 ATOL = 1e-4
 
@@ -42,7 +42,7 @@ def test_logits_match_transformers(loaded, config_name, case):
 
 
 def test_jit_path_with_precomputed_inputs_matches_eager(loaded):
-    """Under jit the host computes vision_inputs and position_ids; results equal the eager path."""
+    """Under jit the host lays out the images and computes position_ids; results equal transformers."""
     torch_model, model, params = loaded["gqa2_tied_win56"]
     batch = image_batch(*CASES["left_padded_0_1_2_images"])
     grid = batch.pop("image_grid_thw")
@@ -50,24 +50,37 @@ def test_jit_path_with_precomputed_inputs_matches_eager(loaded):
         batch["input_ids"], batch["attention_mask"], grid, image_token_id=model.config.image_token_id,
         spatial_merge_size=2,
     )
-    jit_batch = dict(batch, position_ids=position_ids, vision_inputs=vision_inputs(grid, model.config.vision))
+    pixels, vision_inputs = layout_images(batch["pixel_values"], grid, model.config.vision)
+    jit_batch = dict(batch, position_ids=position_ids, pixel_values=pixels, vision_inputs=vision_inputs)
     ours = jax.jit(lambda p, b: model.apply({"params": p}, **b))(params, jit_batch)
     ref = hf_logits(torch_model, dict(batch, image_grid_thw=grid))
     assert max_diff_on_valid(ours, ref, batch["attention_mask"]) < ATOL
 
 
-def test_padded_vision_bucket_gives_same_logits(loaded):
-    """Padding pixel_values to a bucket size (extra patches) must not change any real token's logits."""
-    _, model, params = loaded["gqa6_untied_win112"]
-    batch = image_batch(*CASES["two_images_different_resolutions"])
+@pytest.mark.parametrize("config_name", list(VL_CONFIGS))
+def test_slot_layouts_give_the_same_logits(loaded, config_name):
+    """Block-local vision: the image frames packed into slots (full attention within each frame of a slot, windows
+    within each W patches) as the bucket gives, all in one slot, or with extra padding slots and padding full of
+    garbage pixels, all give transformers' logits (which attend within windows and frames by cu_seqlens)."""
+    torch_model, model, params = loaded[config_name]
+    vc = model.config.vision
+    batch = image_batch(*CASES["left_padded_0_1_2_images"])
+    ref = hf_logits(torch_model, batch)
     grid = batch.pop("image_grid_thw")
-    pos, _ = get_rope_index(batch["input_ids"], batch["attention_mask"], grid, image_token_id=290, spatial_merge_size=2)
-    n = batch["pixel_values"].shape[0]
-    exact = dict(batch, position_ids=pos, vision_inputs=vision_inputs(grid, model.config.vision))
-    padded_pixels = np.concatenate([batch["pixel_values"], np.full((64, 1176), 3.0, np.float32)])
-    padded = dict(exact, pixel_values=padded_pixels, vision_inputs=vision_inputs(grid, model.config.vision, pad_to=n + 64))
+    pos, _ = get_rope_index(batch["input_ids"], batch["attention_mask"], grid,
+                            image_token_id=model.config.image_token_id, spatial_merge_size=2)
+    w = window_patches(vc)
+    longest = vision_layout(grid, vc).patch_index.shape[1]
     forward = jax.jit(lambda p, b: model.apply({"params": p}, **b))
-    np.testing.assert_allclose(forward(params, padded), forward(params, exact), atol=1e-5)
+    layouts = {"natural": vision_layout(grid, vc),
+               "packed": vision_layout(grid, vc, num_slots=1, slot_len=8 * longest),  # all frames in one slot
+               "padded": vision_layout(grid, vc, num_slots=5, slot_len=longest + 2 * w)}
+    assert layouts["packed"].segment_ids.max() == len(grid)
+    for name, layout in layouts.items():
+        pixels = layout.pixels(batch["pixel_values"])
+        pixels[layout.patch_index < 0] = 3.0  # padding patches must not reach any real token
+        ours = forward(params, dict(batch, position_ids=pos, pixel_values=pixels, vision_inputs=layout.inputs()))
+        assert max_diff_on_valid(ours, ref, batch["attention_mask"]) < ATOL, name
 
 
 def test_image_features_equal_transformers_vision_tower(loaded):
@@ -79,7 +92,8 @@ def test_image_features_equal_transformers_vision_tower(loaded):
     with torch.no_grad():
         ref = torch_model.model.visual(torch.tensor(pixels), grid_thw=torch.tensor(grid)).pooler_output.numpy()
     ours = model.apply({"params": params}, jnp.asarray(pixels), grid, method=models.Qwen25VL.image_features)
-    np.testing.assert_allclose(ours, ref, atol=ATOL)
+    assert ours.shape[0] >= ref.shape[0]  # processor order, then the slot layout's padding
+    np.testing.assert_allclose(ours[: ref.shape[0]], ref, atol=ATOL)
 
 
 def test_processor_batch_end_to_end(tmp_path):

@@ -12,7 +12,7 @@ from conftest import IMAGE_TOKEN, image_batch, make_hf_qwen2_checkpoint
 from jaxvlm import models, sampling
 from jaxvlm.models import qwen2_5_vl
 from jaxvlm.processing.rope import get_rope_index
-from jaxvlm.processing.vision import vision_inputs
+from jaxvlm.processing.vision import layout_images
 
 BATCHES = {  # (images per row, grids)
     "text_left_padded": ([0, 0, 0], []),
@@ -141,9 +141,10 @@ def test_logprobs_equal_teacher_forced_forward(loaded, temperature):
     inputs = sampling.prepare_prompts(model.config, batch)
     seq = sampling.rollout_sequences(inputs, rollout, g)
     pixels, grids = _repeat_images(batch, BATCHES[case][0], g)
+    pixels, vision_inputs = layout_images(pixels, grids, model.config.vision)
     logits = model.apply(
         {"params": params}, seq["input_ids"], seq["attention_mask"], pixels, position_ids=seq["position_ids"],
-        vision_inputs=vision_inputs(grids, model.config.vision),
+        vision_inputs=vision_inputs,
     )
     t = batch["input_ids"].shape[1]
     forced = sampling.token_logprobs(logits[:, t - 1 : t + n - 1], rollout.tokens, temperature)
@@ -378,7 +379,8 @@ def test_prompt_and_images_are_prefilled_once_per_group(loaded, monkeypatch):
     g, n = 5, 6
     b, t = batch["input_ids"].shape
     out = sampling.generate(model, params, batch, jax.random.key(3), num_generations=g, max_new_tokens=n + 0)
-    assert seen["vision"] == [batch["pixel_values"].shape]  # one call, the batch's patches once
+    slotted, _ = layout_images(batch["pixel_values"], batch["image_grid_thw"], model.config.vision)
+    assert seen["vision"] == [slotted.shape]  # one call, the batch's images once
     assert seen["prefill"] == [(b, t, model.config.text.hidden_size)]
     (embeds, prompt_k, gen_k), = seen["decode"]  # the loop body, traced once
     layers, kv_heads = model.config.text.num_hidden_layers, model.config.text.num_key_value_heads
@@ -448,7 +450,8 @@ def test_bad_prompts_and_settings_are_rejected(loaded):
         sampling.generate(model, params, batch, jax.random.key(0), max_new_tokens=2)
     with pytest.raises(ValueError, match="position_ids"):  # vision inputs given, but no way to place the image
         batch = make_batch("image")
-        batch["vision_inputs"] = vision_inputs(batch.pop("image_grid_thw"), model.config.vision)
+        batch["pixel_values"], batch["vision_inputs"] = layout_images(
+            batch["pixel_values"], batch.pop("image_grid_thw"), model.config.vision)
         sampling.generate(model, params, batch, jax.random.key(0), max_new_tokens=2)
 
 

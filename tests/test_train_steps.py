@@ -11,7 +11,7 @@ import pytest
 from jaxvlm import losses, models, sharding, train_steps
 from jaxvlm.models.qwen2_5_vl import Qwen25VL
 from jaxvlm.processing.rope import get_rope_index
-from jaxvlm.processing.vision import vision_inputs
+from jaxvlm.processing.vision import layout_images
 
 CFG = models.preset("tiny")
 MODEL = Qwen25VL(CFG)
@@ -47,8 +47,10 @@ def policy_batch(lead, b, t=10, n=6, seed=0, image=True, group_size=2):
         for k, v in zip(out, (p_ids, p_mask, c_ids, c_mask, pos)):
             out[k].append(v.astype(np.int32))
         if image:
-            pixels.append(rng.standard_normal((16, CFG.vision.patch_dim)).astype(np.float32))
-            vis.append(vision_inputs(GRID, CFG.vision))
+            slotted, inputs = layout_images(rng.standard_normal((16, CFG.vision.patch_dim)).astype(np.float32), GRID,
+                                            CFG.vision, slot_multiple=8)  # slots split over up to 8 devices
+            pixels.append(slotted)
+            vis.append(inputs)
     batch = {k: np.stack(v).reshape(*lead, *v[0].shape) for k, v in out.items()}
     if image:
         batch["pixel_values"] = np.stack(pixels).reshape(*lead, *pixels[0].shape)
@@ -307,3 +309,29 @@ def test_bfloat16_compute_keeps_float32_master_weights():
         losses_by_dtype[name] = float(metrics["loss"])
     assert np.isfinite(losses_by_dtype["bfloat16"])
     assert abs(losses_by_dtype["bfloat16"] - losses_by_dtype["float32"]) < 0.05 * abs(losses_by_dtype["float32"])
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_lm_head_equals_the_whole_head(remat, tied):
+    """Log-probs and entropy over position chunks (4 of 6 completion tokens: one padded chunk) and vocabulary chunks
+    (1024 entries in 3 chunks of 342: the last one padded) equal the one-shot head, values and gradients."""
+    cfg = CFG.replace(tie_word_embeddings=tied, remat=remat)
+    params = models.init_params(cfg, 3)
+    whole = Qwen25VL(cfg.replace(logits_chunk=1024, vocab_chunk=4096))
+    chunked = Qwen25VL(cfg.replace(logits_chunk=4, vocab_chunk=400))
+    mb = jax.tree.map(lambda x: jnp.asarray(x[0]), policy_batch((1,), 3, seed=4))
+    cotangents = jax.random.normal(jax.random.key(0), (2, *mb["completion_ids"].shape))
+
+    def weighted(model, p):
+        logp, entropy = train_steps.completion_logprobs(model, p, mb, temperature=0.7, with_entropy=True)
+        return jnp.sum(logp * cotangents[0]) + jnp.sum(entropy * cotangents[1]), (logp, entropy)
+
+    (_, (logp, ent)), grads = jax.jit(jax.value_and_grad(functools.partial(weighted, whole), has_aux=True))(params)
+    (_, (logp_c, ent_c)), grads_c = jax.jit(jax.value_and_grad(functools.partial(weighted, chunked),
+                                                               has_aux=True))(params)
+    np.testing.assert_allclose(logp_c, logp, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(ent_c, ent, atol=2e-5, rtol=1e-5)
+    assert float(jnp.abs(logp).max()) > 1.0
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads))
+    assert max_tree_diff(grads, grads_c) < 1e-5 * scale

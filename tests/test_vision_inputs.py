@@ -1,4 +1,4 @@
-"""Vision metadata equals transformers' window index / rotary positions / cu_seqlens."""
+"""The image-slot layout reproduces transformers' window index, rotary positions and attention blocks."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
 from jaxvlm.models import VisionConfig
-from jaxvlm.processing.vision import vision_inputs, vision_rotary_positions, vision_window_index
+from jaxvlm.processing.vision import (bucket, layout_images, slot_shape, vision_layout, vision_rotary_positions,
+                                      vision_window_index, window_patches)
 
 grids = st.lists(
     st.tuples(st.just(1), st.integers(1, 9).map(lambda x: 2 * x), st.integers(1, 9).map(lambda x: 2 * x)),
@@ -29,44 +30,95 @@ def test_window_index_and_positions_equal_transformers(grid, window):
     )
 
 
-@pytest.mark.parametrize("grid", [[[1, 4, 6]], [[1, 10, 6], [1, 4, 16]], [[2, 4, 4], [1, 6, 2]]])
-def test_segments_reproduce_transformers_attention_blocks(grid):
-    """Window order + segment ids describe exactly transformers' (permuted) cu_window_seqlens / cu_seqlens blocks."""
-    cfg = VisionConfig(window_size=56)
+def _blocks(layout, width: int | None) -> set[frozenset]:
+    """Sets of processor-order patches that attend to each other: per W-wide run of a slot (windows), or per
+    (slot, frame id) (full attention); padding excluded."""
+    out = set()
+    for s in range(layout.patch_index.shape[0]):
+        patches, segments = layout.patch_index[s], layout.segment_ids[s]
+        if width:
+            groups = [patches[i: i + width][segments[i: i + width] > 0] for i in range(0, len(patches), width)]
+        else:
+            groups = [patches[segments == k] for k in range(1, segments.max() + 1)]
+        out |= {frozenset(g.tolist()) for g in groups if len(g)}
+    return out
+
+
+def _reference_blocks(order: np.ndarray, cu: np.ndarray) -> set[frozenset]:
+    return {frozenset(order[a:b].tolist()) for a, b in zip(cu[:-1], cu[1:]) if b > a}
+
+
+@settings(max_examples=25, deadline=None)
+@given(grid=grids, window=st.sampled_from([56, 112]), extra=st.sampled_from([None, 2]))
+def test_layout_reproduces_transformers_attention_blocks(grid, window, extra):
+    """Each W-patch run of a slot holds exactly one of transformers' windows (cu_window_seqlens over the window
+    order) and each frame id of a slot exactly one frame (cu_seqlens), whatever the packing; rotary positions
+    travel with their patches and merge_inverse finds every merged token."""
+    cfg = VisionConfig(window_size=window)
     g = torch.tensor(grid)
-    vi = vision_inputs(grid, cfg)
-    ref_index, ref_cu_win = get_vision_window_index(g, spatial_merge_size=2, window_size=56, patch_size=14)
-    expected_order = (ref_index.numpy()[:, None] * 4 + np.arange(4)).reshape(-1)
-    np.testing.assert_array_equal(vi["patch_order"], expected_order)
-    boundaries = lambda seg: np.flatnonzero(np.diff(seg)) + 1  # noqa: E731
-    np.testing.assert_array_equal(boundaries(vi["window_segment_ids"]), ref_cu_win.numpy()[1:-1])
-    np.testing.assert_array_equal(boundaries(vi["full_segment_ids"]), get_vision_cu_seqlens(g).numpy()[1:-1])
+    w = window_patches(cfg)
+    natural = vision_layout(grid, cfg)
+    layout = natural if extra is None else vision_layout(
+        grid, cfg, num_slots=1, slot_len=w * -(-natural.patch_index.size // w) * extra)  # everything in one slot
+    ref_index, ref_cu_win = get_vision_window_index(g, spatial_merge_size=2, window_size=window, patch_size=14)
+    window_order = (ref_index.numpy()[:, None] * 4 + np.arange(4)).reshape(-1)
+    assert _blocks(layout, w) == _reference_blocks(window_order, ref_cu_win.numpy())
+    assert _blocks(layout, None) == _reference_blocks(np.arange(int(g.prod(-1).sum())), get_vision_cu_seqlens(g).numpy())
     positions = get_vision_position_ids(g, 2).numpy()
-    np.testing.assert_array_equal(vi["rotary_pos"], positions[expected_order])
-    np.testing.assert_array_equal(vi["merge_inverse"], np.argsort(ref_index.numpy()))
+    valid = layout.patch_index >= 0
+    np.testing.assert_array_equal(layout.rotary_pos[valid], positions[layout.patch_index[valid]])
+    assert (layout.rotary_pos[~valid] == 0).all()
+    first_patch = layout.patch_index.reshape(-1, 4)[:, 0]  # merge units stay contiguous
+    np.testing.assert_array_equal(first_patch[layout.merge_inverse.reshape(-1)[: layout.num_merged]],
+                                  np.arange(layout.num_merged) * 4)
+    assert sorted(layout.merge_inverse.reshape(-1).tolist()) == list(range(layout.merge_inverse.size))
 
 
-def test_padding_to_a_bucket():
+def test_pixels_and_index_arrays():
     cfg = VisionConfig(window_size=56)
-    exact = vision_inputs([[1, 4, 6]], cfg)
-    padded = vision_inputs([[1, 4, 6]], cfg, pad_to=40)
-    n = 24
-    assert {k: v.shape[0] for k, v in padded.items()} == {
-        "patch_order": 40, "rotary_pos": 40, "full_segment_ids": 40, "window_segment_ids": 40, "merge_inverse": 10
-    }
-    for key, value in exact.items():
-        np.testing.assert_array_equal(padded[key][: len(value)], value)
-    # padding patches form their own segment in every block type, so real patches never attend to them
-    assert set(padded["full_segment_ids"][n:]).isdisjoint(padded["full_segment_ids"][:n])
-    assert set(padded["window_segment_ids"][n:]).isdisjoint(padded["window_segment_ids"][:n])
-    with pytest.raises(ValueError, match="multiple of merge unit 4"):
-        vision_inputs([[1, 4, 6]], cfg, pad_to=26)
-    with pytest.raises(ValueError, match="must be >= 24 patches"):
-        vision_inputs([[1, 4, 6]], cfg, pad_to=20)
+    grid = [[1, 4, 6], [1, 2, 2]]
+    n = 28
+    pixels = np.arange(n * 3, dtype=np.float32).reshape(n, 3)
+    slotted, inputs = layout_images(pixels, grid, cfg, slot_multiple=4)
+    layout = vision_layout(grid, cfg, slot_multiple=4)
+    assert slotted.shape == (*layout.patch_index.shape, 3) and slotted.shape[0] == 4  # 1 slot, rounded up to 4
+    valid = layout.patch_index >= 0
+    np.testing.assert_array_equal(slotted[valid], pixels[layout.patch_index[valid]])
+    assert (slotted[~valid] == 0).all() and valid.sum() == n
+    assert set(inputs) == {"rotary_pos", "segment_ids", "merge_inverse"}
+    assert all(v.dtype == np.int32 for v in inputs.values())
+    with pytest.raises(ValueError, match="pixel_values has 27 patches but image_grid_thw gives 28"):
+        layout_images(pixels[:27], grid, cfg)
+
+
+def test_no_images_is_all_padding():
+    cfg = VisionConfig(window_size=56)
+    layout = vision_layout(np.zeros((0, 3), np.int64), cfg, slot_multiple=2)
+    assert layout.patch_index.shape == (2, window_patches(cfg)) and (layout.patch_index == -1).all()
+    assert (layout.segment_ids == 0).all() and layout.num_merged == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 100_000))
+def test_bucket_wastes_under_a_quarter(n):
+    b = bucket(n)
+    assert b >= n and (n <= 4 or b < 1.25 * n) and bucket(b) == b and bucket(n + 1) >= b
+
+
+def test_slot_shape_buckets_and_rejects_a_short_slot():
+    cfg = VisionConfig(window_size=112)  # W = 64 patches
+    big = [[1, 32, 32]]  # a 448 px image: 16 windows, 1024 patches
+    assert slot_shape(big, cfg) == (1, 1024)
+    assert slot_shape(big * 9, cfg, slot_multiple=8) == (16, 1024)  # 9 slots -> bucket 10 -> multiple of 8
+    assert slot_shape([[1, 4, 4]] * 3, cfg, slot_len=1024) == (1, 1024)  # three small frames share a slot
+    with pytest.raises(ValueError, match="must be a multiple of 64 patches and fit the longest frame"):
+        slot_shape(big, cfg, slot_len=960)
 
 
 def test_bad_grids_are_rejected():
     with pytest.raises(ValueError, match="not divisible by spatial_merge_size=2"):
-        vision_inputs([[1, 3, 4]], VisionConfig())
+        vision_layout([[1, 3, 4]], VisionConfig())
     with pytest.raises(ValueError, match="must be positive"):
-        vision_inputs([[1, 0, 4]], VisionConfig())
+        vision_layout([[1, 0, 4]], VisionConfig())
+    with pytest.raises(ValueError, match="need 2 slots of 64 patches, more than the 1 given"):
+        vision_layout([[1, 8, 8], [1, 8, 8]], VisionConfig(), num_slots=1, slot_len=64)

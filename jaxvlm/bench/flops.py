@@ -143,7 +143,9 @@ def mfu(flops: float, seconds: float, peak: float) -> float:
 def traced_matmul_flops(fn, *args, **kwargs) -> float:
     """2 x multiply-adds of every `dot_general` that `fn(*args)` executes, read from its jaxpr (scan bodies counted
     `length` times, nested calls and remat followed). An independent check of the analytic counts above, and a way
-    to count a model variant they do not describe. Loops with a data-dependent trip count (while) are refused."""
+    to count a model variant they do not describe. Loops with a data-dependent trip count (while) are refused; a
+    `cond` counts its costliest branch (an upper bound: the vision tower chooses window or full attention per
+    block with one)."""
     import jax
     from jax.extend import core as jax_core
 
@@ -159,6 +161,9 @@ def traced_matmul_flops(fn, *args, **kwargs) -> float:
                 continue
             if name == "while":
                 raise ValueError("traced_matmul_flops: a while loop's trip count is not static")
+            if name == "cond":
+                total += max(count(branch.jaxpr) for branch in eqn.params["branches"])
+                continue
             factor = eqn.params.get("length", 1) if name == "scan" else 1
             for sub in jax_core.jaxprs_in_params(eqn.params):
                 total += factor * count(sub)

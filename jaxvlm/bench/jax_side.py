@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvlm import batching, losses, sampling, train_steps
+from jaxvlm import sampling, sharding, train_steps
 from jaxvlm.bench import workload
 from jaxvlm.models.qwen2_5_vl import Qwen25VL
 
@@ -44,7 +44,7 @@ class Sft:
 
     def __init__(self, model: Qwen25VL, params, rows: workload.Rows, *, micro_batches: int, opt, mesh):
         self.state, state_sh, optimizer, schedule = _state(model, params, opt, mesh)
-        mb = workload.sft_microbatches(model.config, rows, micro_batches)
+        mb = workload.sft_microbatches(model.config, rows, micro_batches, sharding.data_parallel_size(mesh))
         self._step, batch_sh = train_steps.jit_step(train_steps.sft_step, mesh, state_sh, mb, 1, model=model,
                                                     optimizer=optimizer, schedule=schedule,
                                                     cfg=train_steps.LossConfig())
@@ -89,7 +89,7 @@ class Grpo:
         self.state, self._state_sh, self._optimizer, self._schedule = _state(model, params, opt, mesh)
         self._prompts = workload.prompt_batch(rows)
         self._inputs = sampling.prepare_prompts(model.config, self._prompts)  # the prompts do not change
-        self._row_pixels = rows.row_pixels()
+        self._rows = rows
         self._prefill = _prefill_fn(model)
         self._update = self._batch_sh = None  # compiled by the first step, on its batch
         self._steps = 0
@@ -117,13 +117,8 @@ class Grpo:
         rollout = jax.block_until_ready(rollout)
         t1 = time.perf_counter()
         host = jax.tree.map(np.asarray, rollout)
-        update_rows = sampling.update_rows(self._inputs, host, g)
-        rewards = workload.token_parity_reward(host.tokens, host.mask)
-        update_rows["advantages"] = np.asarray(
-            losses.group_advantages(jnp.asarray(rewards), g, scale="group")).astype(np.float32)
-        row_pixels = None if self._row_pixels is None else batching.repeat_rows(self._row_pixels, g)
-        mb = batching.microbatches(update_rows, (1, self.micro_batches), row_pixels=row_pixels,
-                                   vision_config=self.model.config.vision)
+        update_rows, mb = workload.grpo_update_batch(self.model.config, self._rows, self._inputs, host, g,
+                                                     self.micro_batches, sharding.data_parallel_size(self.mesh))
         t2 = time.perf_counter()
         if self._update is None:
             fn, self._batch_sh = train_steps.jit_step(

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvlm import models, train_steps
+from jaxvlm import configuration, models, train_steps
 from jaxvlm.bench import decode as decode_bench
 from jaxvlm.bench import flops, hardware, jax_side, workload
 
@@ -107,12 +107,8 @@ def _summary(warmup_s: float, repeats: list[tuple[dict[str, float], float]]) -> 
 
 
 def _model(c):
-    cfg = models.preset(c.model.preset, dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
+    cfg = models.preset(c.model.preset, **configuration.model_options(c.model))
     return models.Qwen25VL(cfg), models.init_params(cfg, c.seed)
-
-
-def _image_hw(value):
-    return None if value is None or not len(value) else tuple(int(x) for x in value)
 
 
 def _torch_baseline(c, checkpoint):
@@ -127,7 +123,7 @@ def _rel(a: float, b: float) -> float:
 
 def bench_sft(c, model, params, mesh, peak: dict, checkpoint: str | None) -> dict:
     s = c.sft
-    rows = workload.make_rows(model.config, s.batch_size, s.seq_len, s.completion_len, _image_hw(s.image_hw), c.seed)
+    rows = workload.make_rows(model.config, s.batch_size, s.seq_len, s.completion_len, workload.image_hw(s.image_hw), c.seed)
     tokens = rows.num_rows * rows.seq_len
     count = flops.train_flops(model.config, [rows.seq_len] * rows.num_rows, rows.num_rows * s.completion_len,
                               rows.image_grid_thw)
@@ -146,7 +142,7 @@ def bench_sft(c, model, params, mesh, peak: dict, checkpoint: str | None) -> dic
     executed = 3 * s.micro_batches * flops.traced_matmul_flops(
         lambda p, b: train_steps.completion_logprobs(model, p, b), params, one)
     out = {"rows": rows.num_rows, "seq_len": rows.seq_len, "completion_len": s.completion_len,
-           "image_hw": _image_hw(s.image_hw), "tokens": tokens, "flops": count, "flops_lm_verl": verl,
+           "image_hw": workload.image_hw(s.image_hw), "tokens": tokens, "flops": count, "flops_lm_verl": verl,
            "executed_matmul_flops": executed, "repeats": s.steps}
     sides = {"jax": jax_side.Sft(model, params, rows, micro_batches=s.micro_batches, opt=c.optimizer, mesh=mesh)}
     if checkpoint:
@@ -170,7 +166,7 @@ def bench_sft(c, model, params, mesh, peak: dict, checkpoint: str | None) -> dic
 
 def bench_grpo(c, model, params, mesh, peak: dict, checkpoint: str | None) -> dict:
     s = c.grpo
-    rows = workload.make_rows(model.config, s.prompts, s.prompt_len, 0, _image_hw(s.image_hw), c.seed + 1)
+    rows = workload.make_rows(model.config, s.prompts, s.prompt_len, 0, workload.image_hw(s.image_hw), c.seed + 1)
     g, n = s.num_generations, s.max_new_tokens
     completions = rows.num_rows * g
     seq_lens = [rows.seq_len + n] * completions
@@ -189,7 +185,7 @@ def bench_grpo(c, model, params, mesh, peak: dict, checkpoint: str | None) -> di
                 "update_mfu": flops.mfu(update_flops["total"], r["update_s"], peak["flops"] * devices)}
 
     out = {"prompts": rows.num_rows, "prompt_len": rows.seq_len, "num_generations": g, "max_new_tokens": n,
-           "image_hw": _image_hw(s.image_hw), "tokens": tokens, "flops": update_flops, "flops_lm_verl": verl,
+           "image_hw": workload.image_hw(s.image_hw), "tokens": tokens, "flops": update_flops, "flops_lm_verl": verl,
            "repeats": s.steps}
     kw = dict(num_generations=g, max_new_tokens=n, micro_batches=s.micro_batches)
     jax_grpo = jax_side.Grpo(model, params, rows, opt=c.optimizer, mesh=mesh, **kw)

@@ -98,15 +98,39 @@ def make_rows(cfg: ModelConfig, rows: int, seq_len: int, completion_len: int, im
     return Rows(ids, seq_len - completion_len, pixel_values, grids, np.asarray(position_ids, np.int32))
 
 
-def sft_microbatches(cfg: ModelConfig, rows: Rows, micro_batches: int) -> dict:
-    """`rows` as `[M, b, ...]` micro-batches for `train_steps.sft_step` (loss on the completion tokens)."""
+def sft_microbatches(cfg: ModelConfig, rows: Rows, micro_batches: int, slot_multiple: int = 1) -> dict:
+    """`rows` as `[M, b, ...]` micro-batches for `train_steps.sft_step` (loss on the completion tokens); image
+    slots a multiple of `slot_multiple` (the data-parallel size)."""
     p = rows.prompt_len
     fields = {
         "prompt_ids": rows.input_ids[:, :p], "prompt_mask": np.ones_like(rows.input_ids[:, :p]),
         "completion_ids": rows.input_ids[:, p:], "completion_mask": np.ones_like(rows.input_ids[:, p:]),
         "position_ids": rows.position_ids,
     }
-    return batching.microbatches(fields, (micro_batches,), row_pixels=rows.row_pixels(), vision_config=cfg.vision)
+    return batching.microbatches(fields, (micro_batches,), row_pixels=rows.row_pixels(), vision_config=cfg.vision,
+                                 slot_multiple=slot_multiple)
+
+
+def grpo_update_batch(cfg: ModelConfig, rows: Rows, inputs: dict, rollout, num_generations: int, micro_batches: int,
+                      slot_multiple: int = 1) -> tuple[dict, dict]:
+    """The GRPO update's rows [R, ...] and their `[1, M, b, ...]` batch, from a host rollout of `rows`' prompts
+    (`inputs`: their `sampling.prepare_prompts`): the sampler's rows with `token_parity_reward`'s group advantages,
+    each prompt's image shared by its G rows."""
+    from jaxvlm import losses, sampling
+
+    g = num_generations
+    update_rows = sampling.update_rows(inputs, rollout, g)
+    rewards = token_parity_reward(np.asarray(rollout.tokens), np.asarray(rollout.mask))
+    update_rows["advantages"] = np.asarray(losses.group_advantages(rewards, g, scale="group")).astype(np.float32)
+    row_pixels = rows.row_pixels()
+    return update_rows, batching.microbatches(
+        update_rows, (1, micro_batches), vision_config=cfg.vision, slot_multiple=slot_multiple,
+        row_pixels=None if row_pixels is None else batching.repeat_rows(row_pixels, g))
+
+
+def image_hw(value) -> tuple[int, int] | None:
+    """A config's `image_hw`: None (or empty) for text-only rows, else (height, width)."""
+    return None if value is None or not len(value) else tuple(int(x) for x in value)
 
 
 def prompt_batch(rows: Rows) -> dict:

@@ -12,9 +12,10 @@
   "skip" it is dropped and counted by kind: each batch carries the records dropped while it was read
   (`batch["skipped"]`), and `add_skip_counts` keeps the running totals. A record is never replaced by another.
 * **Batch** (`BatchCollator`): prompts left-padded to the smallest length bucket that fits (the sampler needs
-  each row's last column to be its last prompt token), targets right-padded to `max_target_length`, image
-  patches concatenated and padded to a patch bucket, M-RoPE positions and the vision tower's index arrays
-  computed on the host. Only a handful of shapes ever reach jit.
+  each row's last column to be its last prompt token), targets right-padded to `max_target_length`, the rows'
+  image patches concatenated, M-RoPE positions computed on the host. The images are laid out in bucketed image
+  slots where they go to the device (`sampling.prepare_prompts`, `batching.microbatches`), so only a handful of
+  shapes ever reach jit.
 * **State**: `iterator.get_state()` is a JSON-serialisable dict (saved by `TrainCheckpointer` as `data_state`);
   `iterator.set_state(state)` resumes at the next unseen batch.
 
@@ -39,7 +40,6 @@ from jaxvlm.data.jsonl import DataError
 from jaxvlm.processing.image import ImageProcessor
 from jaxvlm.processing.processor import expand_image_placeholders, pad_sequences
 from jaxvlm.processing.rope import get_rope_index, text_position_ids
-from jaxvlm.processing.vision import vision_inputs
 
 ON_ERROR_CHOICES = ("raise", "skip")
 SKIP_KINDS = ("parse", "field", "missing_image", "bad_image", "too_long")
@@ -57,7 +57,6 @@ class PipelineConfig:
     max_prompt_length: int = 512  # tokens, image tokens included; longer prompts are bad records
     max_target_length: int = 256  # tokens incl. end-of-turn; also the static completion width
     prompt_buckets: tuple[int, ...] = ()  # padded prompt lengths; () = powers of two (>= 16) up to the max
-    patch_buckets: tuple[int, ...] = ()  # padded patch counts per batch; () = powers of two (x merge unit)
     shuffle: bool = True
     seed: int = 0
     num_epochs: int | None = None  # None = repeat forever; with a mixture, epochs of the first source
@@ -80,10 +79,9 @@ class PipelineConfig:
             raise ValueError("data.max_prompt_length and data.max_target_length must be >= 1")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ValueError(f"data.num_epochs must be >= 1 or None, got {self.num_epochs}")
-        for name in ("prompt_buckets", "patch_buckets"):
-            buckets = getattr(self, name)
-            if list(buckets) != sorted(set(buckets)) or any(b < 1 for b in buckets):
-                raise ValueError(f"data.{name} must be strictly increasing positive ints, got {buckets}")
+        buckets = self.prompt_buckets
+        if list(buckets) != sorted(set(buckets)) or any(b < 1 for b in buckets):
+            raise ValueError(f"data.prompt_buckets must be strictly increasing positive ints, got {buckets}")
         if self.prompt_buckets and self.prompt_buckets[-1] < self.max_prompt_length:
             raise ValueError(
                 f"data.prompt_buckets' largest entry {self.prompt_buckets[-1]} must be >= "
@@ -98,21 +96,19 @@ class PipelineConfig:
         if unknown:
             raise ValueError(f"unknown data config key(s) {unknown}; known: {sorted(names)}")
         values = dict(values)
-        for key in ("prompt_buckets", "patch_buckets"):
-            if key in values:
-                values[key] = tuple(int(x) for x in values[key])
+        if "prompt_buckets" in values:
+            values["prompt_buckets"] = tuple(int(x) for x in values["prompt_buckets"])
         return cls(**values)
 
 
-def _bucket(value: int, buckets: Sequence[int], what: str, floor: int = 1, multiple: int = 1) -> int:
-    """Smallest bucket >= value; with no buckets, the next power of two (>= floor) times `multiple`."""
+def _bucket(value: int, buckets: Sequence[int], what: str, floor: int = 1) -> int:
+    """Smallest bucket >= value; with no buckets, the next power of two (>= floor)."""
     if buckets:
         for bucket in buckets:
             if bucket >= value:
                 return bucket
         raise ValueError(f"{what} of {value} exceeds the largest bucket {buckets[-1]}")
-    units = max(1, -(-value // multiple))
-    return max(floor, 1 << (units - 1).bit_length()) * multiple
+    return max(floor, 1 << (max(value, 1) - 1).bit_length())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -328,8 +324,8 @@ class BatchCollator:
 
         prompts: model inputs for the sampler — `input_ids` int32 [B, T] (left-padded), `attention_mask` [B, T],
           `position_ids` int32 [3, B, T], `rope_deltas` int32 [B, 1]; with images also `pixel_values` float32
-          [P, patch_dim] (zero-padded to a bucket), `vision_inputs` (index arrays for P patches) and
-          `image_grid_thw` int64 [num_images, 3] (host-side only).
+          [N, patch_dim] (the rows' images one after the other, processor order) and `image_grid_thw` int64
+          [num_images, 3]; `sampling.prepare_prompts` lays them out in image slots for the device.
         targets (with_targets): `completion_ids` int32 [B, N] (right-padded with pad), `completion_mask` [B, N],
           `position_ids` int32 [3, B, T + N] for the prompt|completion training layout (`train_steps`).
         examples: B metadata dicts (for rewards and evaluation); skipped: records dropped (per kind) while this
@@ -350,18 +346,13 @@ class BatchCollator:
             vc = self.vision_config
             grid = np.concatenate(grids).astype(np.int64)
             patches = np.concatenate(pixels).astype(np.float32)
-            unit = vc.spatial_merge_size**2
-            total = _bucket(len(patches), cfg.patch_buckets, "patch count", multiple=unit)
-            if total % unit:
-                raise ValueError(f"data.patch_buckets entry {total} is not a multiple of the merge unit {unit}")
-            patches = np.concatenate([patches, np.zeros((total - len(patches), patches.shape[1]), np.float32)])
             position_ids, rope_deltas = get_rope_index(
                 input_ids, attention_mask, grid, image_token_id=self.image_token_id,
                 spatial_merge_size=vc.spatial_merge_size,
             )
             prompts_out.update(
                 position_ids=np.asarray(position_ids, np.int32), rope_deltas=np.asarray(rope_deltas, np.int32),
-                pixel_values=patches, vision_inputs=vision_inputs(grid, vc, pad_to=total), image_grid_thw=grid,
+                pixel_values=patches, image_grid_thw=grid,
             )
         else:
             prompts_out["position_ids"] = np.broadcast_to(
@@ -388,25 +379,17 @@ class BatchCollator:
 
 
 def sft_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """The prompt|completion training layout of `train_steps` (`sft_step`, DyME reference rows) for a batch
-    built with `with_targets=True`: prompt_ids, prompt_mask, completion_ids, completion_mask, position_ids
-    [3, B, T+N], plus pixel_values / vision_inputs when there are images."""
+    """The row fields of the prompt|completion training layout of `train_steps` (`sft_step`, DyME reference rows)
+    for a batch built with `with_targets=True`: prompt_ids, prompt_mask, completion_ids, completion_mask,
+    position_ids [3, B, T+N]. The images go in per micro-batch (`batching.microbatches`, `pixels_per_row`)."""
     if "targets" not in batch:
         raise ValueError("this batch has no targets: build the pipeline with data.with_targets=True")
     p, t = batch["prompts"], batch["targets"]
-    out = {
+    return {
         "prompt_ids": p["input_ids"], "prompt_mask": p["attention_mask"],
         "completion_ids": t["completion_ids"], "completion_mask": t["completion_mask"],
         "position_ids": t["position_ids"],
     }
-    if "pixel_values" in p:
-        out["pixel_values"], out["vision_inputs"] = p["pixel_values"], p["vision_inputs"]
-    return out
-
-
-def device_prompts(batch: Mapping[str, Any]) -> dict[str, Any]:
-    """The prompt inputs that go to the device (drops the host-only `image_grid_thw`)."""
-    return {k: v for k, v in batch["prompts"].items() if k != "image_grid_thw"}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2")
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: debugging parity (needs jax_enable_x64)
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "attention", "dots")  # see qwen2_5_vl._remat_policy; "auto": `default_remat`
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")  # see jaxvlm.models.attention
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "quick_gelu")
 
 
@@ -101,13 +102,41 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat: str = "none"  # "none" | "full" (recompute each layer) | "dots" (save matmul outputs only)
+    # Numerics and memory (not part of config.json):
+    remat: str = "none"  # "auto" | "none" | "full" | "attention" | "dots": what a layer keeps for its backward
+    attention: str = "auto"  # "auto" | "xla" | "cudnn" | "splash": the attention kernel (jaxvlm.models.attention)
+    logits_chunk: int = 512  # completion tokens per LM-head chunk when scoring (train_steps.lm_head_logprobs)
+    vocab_chunk: int = 32768  # vocabulary entries per LM-head chunk when scoring (151,936 -> 5 chunks)
 
     def __post_init__(self):
+        if self.remat == "auto":
+            object.__setattr__(self, "remat", default_remat(self))
         validate(self)
 
     def replace(self, **kwargs) -> "ModelConfig":
         return dataclasses.replace(self, **kwargs)
+
+
+def num_params(cfg: ModelConfig) -> int:
+    """Parameter count from the shapes (matmul weights, embeddings, biases and norms), without building anything."""
+    t, v = cfg.text, cfg.vision
+    hd = t.resolved_head_dim
+    q, kv = t.num_attention_heads * hd, t.num_key_value_heads * hd
+    layer = t.hidden_size * (q + 2 * kv) + (q + 2 * kv) + q * t.hidden_size + 3 * t.hidden_size * t.intermediate_size
+    text = t.num_hidden_layers * (layer + 2 * t.hidden_size) + t.hidden_size + t.vocab_size * t.hidden_size
+    text += 0 if cfg.tie_word_embeddings else t.vocab_size * t.hidden_size
+    if v is None:
+        return text
+    h, i, width = v.hidden_size, v.intermediate_size, v.hidden_size * v.merge_unit
+    block = 3 * h * h + 3 * h + h * h + h + 3 * h * i + 2 * i + h + 2 * h
+    merger = h + width * width + width + width * v.out_hidden_size + v.out_hidden_size
+    return text + v.patch_dim * h + v.depth * block + merger
+
+
+def default_remat(cfg: ModelConfig) -> str:
+    """remat="auto": "none" below 0.5B parameters (activations of small models fit, and recomputing costs a third
+    more FLOPs), "full" from there (what a 3B run on one accelerator needs; see BENCHMARKS.md's memory table)."""
+    return "none" if num_params(cfg) < 500_000_000 else "full"
 
 
 def validate(cfg: ModelConfig) -> None:
@@ -119,6 +148,12 @@ def validate(cfg: ModelConfig) -> None:
         raise ValueError(f"dtype={cfg.dtype!r} / param_dtype={cfg.param_dtype!r}: each must be one of {DTYPES}")
     if cfg.remat not in REMAT_POLICIES:
         raise ValueError(f"remat={cfg.remat!r}: must be one of {REMAT_POLICIES}")
+    if cfg.attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention={cfg.attention!r}: must be one of {ATTENTION_IMPLEMENTATIONS}")
+    for name in ("logits_chunk", "vocab_chunk"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: must be a positive integer")
     if t.num_attention_heads % t.num_key_value_heads:
         raise ValueError(
             f"text.num_attention_heads={t.num_attention_heads} is not a multiple of "

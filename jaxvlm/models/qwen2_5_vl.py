@@ -19,10 +19,14 @@ import functools
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
+from jaxvlm.models import fused
+from jaxvlm.models.attention import attention, resolve_implementation
 from jaxvlm.models.config import ModelConfig, TextConfig, VisionConfig
+from jaxvlm.sharding import BATCH, constrain
 
 Array = jax.Array
 
@@ -55,12 +59,47 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
-def _dense(features: int, use_bias: bool, dtype, param_dtype, name: str) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=_INIT, name=name)
+def _linear_params(module: nn.Module, in_features: int, features: int, use_bias: bool, param_dtype):
+    """kernel [in, out] (normal(0.02)) and bias [out] (zeros, or None), named as flax's nn.Dense names them."""
+    kernel = module.param("kernel", _INIT, (in_features, features), param_dtype)
+    bias = module.param("bias", nn.initializers.zeros, (features,), param_dtype) if use_bias else None
+    return kernel, bias
+
+
+class LinearParams(nn.Module):
+    """A linear layer's parameters alone, for layers that apply several at once (`GatedMLP`)."""
+
+    features: int
+    use_bias: bool
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, in_features: int):
+        return _linear_params(self, in_features, self.features, self.use_bias, self.param_dtype)
+
+
+class Dense(nn.Module):
+    """x @ kernel + bias in the compute dtype, with `fused.dense`'s backward; params as flax's nn.Dense."""
+
+    features: int
+    use_bias: bool
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel, bias = _linear_params(self, x.shape[-1], self.features, self.use_bias, self.param_dtype)
+        return fused.dense(x.astype(self.dtype), kernel.astype(self.dtype),
+                           None if bias is None else bias.astype(self.dtype))
+
+
+def _dense(features: int, use_bias: bool, dtype, param_dtype, name: str) -> Dense:
+    return Dense(features, use_bias, dtype, param_dtype, name=name)
 
 
 class GatedMLP(nn.Module):
-    """SwiGLU: down(act(gate(x)) * up(x)); the vision tower's has biases, the decoder's does not."""
+    """SwiGLU: down(act(gate(x)) * up(x)); the vision tower's has biases, the decoder's does not. One fused
+    backward (`fused.gated_mlp`); the parameters keep the Hugging Face names gate_proj / up_proj / down_proj."""
 
     hidden_size: int
     intermediate_size: int
@@ -71,10 +110,11 @@ class GatedMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        dense = functools.partial(_dense, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
-        gate = dense(self.intermediate_size, name="gate_proj")(x)
-        up = dense(self.intermediate_size, name="up_proj")(x)
-        return dense(self.hidden_size, name="down_proj")(_ACTIVATIONS[self.act](gate) * up)
+        d, i = x.shape[-1], self.intermediate_size
+        params = [LinearParams(n, self.use_bias, self.param_dtype, name=name)(k)
+                  for name, k, n in (("gate_proj", d, i), ("up_proj", d, i), ("down_proj", i, self.hidden_size))]
+        cast = [None if p is None else p.astype(self.dtype) for pair in params for p in pair]
+        return fused.gated_mlp(_ACTIVATIONS[self.act], x.astype(self.dtype), *cast)
 
 
 def rotate_half(x: Array) -> Array:
@@ -87,25 +127,6 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
     xf = x.astype(jnp.float32)
     out = xf * cos[..., None, :] + rotate_half(xf) * sin[..., None, :]
     return out.astype(x.dtype)
-
-
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Grouped-query attention with a boolean mask; scores and softmax in float32.
-
-    Args:
-      q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K (query head h reads kv head h // (H/K)).
-      mask: bool [B, T, S], True where query t may attend to key s.
-    Returns [B, T, H, D]. A fully masked row gets uniform weights (finite, like transformers' eager path);
-    callers ignore such rows (padding).
-    """
-    b, t, h, d = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
 
 
 def _inv_freq(dim: int, theta: float) -> np.ndarray:
@@ -138,19 +159,43 @@ def mrope_cos_sin(position_ids: Array, head_dim: int, theta: float, mrope_sectio
 
 
 def vision_cos_sin(rotary_pos: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
-    """2-D RoPE of the vision tower: rotary_pos int [P, 2] (h, w) -> cos, sin float32 [P, head_dim]."""
+    """2-D RoPE of the vision tower: rotary_pos int [..., 2] (h, w) -> cos, sin float32 [..., head_dim]."""
     inv = _inv_freq(head_dim // 2, theta)  # [head_dim / 4]
-    freqs = rotary_pos.astype(jnp.float32)[..., None] * inv  # [P, 2, head_dim / 4]
-    freqs = freqs.reshape(freqs.shape[0], -1)  # h frequencies then w frequencies
+    freqs = rotary_pos.astype(jnp.float32)[..., None] * inv  # [..., 2, head_dim / 4]
+    freqs = freqs.reshape(*freqs.shape[:-2], -1)  # h frequencies then w frequencies
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
+
+
+# Names of the activations a remat policy may keep (`jax.ad_checkpoint.checkpoint_name`).
+ATTENTION_INPUTS, ATTENTION_OUTPUT = "attention_inputs", "attention_output"
+
+
+def _remat_policy(policy: str):
+    """What a rematerialised layer keeps for its backward (config.REMAT_POLICIES):
+    * "full": only the layer's input; the backward recomputes the whole layer;
+    * "attention": also the attention's rotated q, k, v and its output, so the backward recomputes the
+      projections and the MLP but not the attention (the cheapest FLOPs to keep per byte: about 2-3 x D per token);
+    * "dots": every matmul output without a batch dimension (projections, MLP, LM head): little recomputation,
+      about as much memory as no remat."""
+    if policy == "full":
+        return None
+    if policy == "attention":
+        return jax.checkpoint_policies.save_only_these_names(ATTENTION_INPUTS, ATTENTION_OUTPUT)
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
 
 def _maybe_remat(layer_cls, policy: str):
     if policy == "none":
         return layer_cls
-    saveable = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "dots" else None
-    return nn.remat(layer_cls, prevent_cse=False, policy=saveable)
+    return nn.remat(layer_cls, prevent_cse=False, policy=_remat_policy(policy))
+
+
+def _attend(q: Array, k: Array, v: Array, segment_ids: Array, *, causal: bool, implementation: str) -> Array:
+    """`attention` with the remat names around it: q, k, v [B, T, heads, Dh] -> [B, T, H, Dh]."""
+    q, k, v = (checkpoint_name(x, ATTENTION_INPUTS) for x in (q, k, v))
+    out = attention(q, k, v, segment_ids, causal=causal, implementation=implementation)
+    return checkpoint_name(out, ATTENTION_OUTPUT)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -162,39 +207,57 @@ class VisionAttention(nn.Module):
     config: VisionConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    implementation: str
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
-        """x [P, D], cos/sin [P, Dh], mask bool [P, P] -> [P, D]."""
+    def __call__(self, x: Array, cos: Array, sin: Array, segment_ids: Array, is_full_attention: Array) -> Array:
+        """x [S, L, D] (image slots), cos/sin [S, L, Dh], segment_ids [S, L] -> [S, L, D].
+
+        Full-attention blocks attend within each frame of a slot ([S, L, L] scores); window blocks within each run
+        of W = `window_patches` positions ([S * L / W, W, W]). The flag is traced (one scan over all blocks), so
+        both shapes are compiled and `lax.cond` runs the block's own."""
         c = self.config
+        s, length = x.shape[:2]
         qkv = _dense(3 * c.hidden_size, True, self.dtype, self.param_dtype, "qkv")(x)
-        q, k, v = jnp.moveaxis(qkv.reshape(x.shape[0], 3, c.num_heads, c.head_dim), 1, 0)
+        q, k, v = jnp.moveaxis(qkv.reshape(s, length, 3, c.num_heads, c.head_dim), 2, 0)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = dot_product_attention(q[None], k[None], v[None], mask[None])[0]
+        q, k, v = (constrain(t, BATCH, None, "tensor", None) for t in (q, k, v))
+        w = c.window_merged**2 * c.merge_unit
+
+        def full(q, k, v):
+            return _attend(q, k, v, segment_ids, causal=False, implementation=self.implementation)
+
+        def windows(q, k, v):
+            cut = lambda t: t.reshape(s * length // w, w, *t.shape[2:])  # noqa: E731
+            out = _attend(cut(q), cut(k), cut(v), cut(segment_ids), causal=False, implementation=self.implementation)
+            return out.reshape(q.shape)
+
+        out = jax.lax.cond(is_full_attention, full, windows, q, k, v)
         return _dense(c.hidden_size, True, self.dtype, self.param_dtype, "proj")(out.reshape(x.shape))
 
 
 class VisionBlock(nn.Module):
-    """Pre-norm ViT block; attends within its window, or within the whole image on full-attention blocks."""
+    """Pre-norm ViT block; attends within its window, or within the whole frame on full-attention blocks."""
 
     config: VisionConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    implementation: str
 
     @nn.compact
-    def __call__(self, x, cos, sin, full_segment_ids, window_segment_ids, is_full_attention):
+    def __call__(self, x, cos, sin, segment_ids, is_full_attention):
         c = self.config
-        segments = jnp.where(is_full_attention, full_segment_ids, window_segment_ids)
-        mask = segments[:, None] == segments[None, :]
         norm = functools.partial(RMSNorm, c.rms_norm_eps, self.dtype, self.param_dtype)
-        x = x + VisionAttention(c, self.dtype, self.param_dtype, name="attn")(norm(name="norm1")(x), cos, sin, mask)
+        attn = VisionAttention(c, self.dtype, self.param_dtype, self.implementation, name="attn")
+        x = x + attn(norm(name="norm1")(x), cos, sin, segment_ids, is_full_attention)
         mlp = GatedMLP(c.hidden_size, c.intermediate_size, True, c.hidden_act, self.dtype, self.param_dtype, name="mlp")
         x = x + mlp(norm(name="norm2")(x))
-        return x, None
+        return constrain(x, BATCH, None, None), None
 
 
 class PatchMerger(nn.Module):
-    """RMSNorm, then each 2x2 merge unit (4 consecutive patches) -> Linear -> GELU -> Linear(out_hidden_size)."""
+    """RMSNorm, then each 2x2 merge unit (4 consecutive patches) -> Linear -> GELU -> Linear(out_hidden_size):
+    [..., L, D] -> [..., L / merge_unit, out_hidden_size]."""
 
     config: VisionConfig
     dtype: jnp.dtype
@@ -204,7 +267,8 @@ class PatchMerger(nn.Module):
     def __call__(self, x: Array) -> Array:
         c = self.config
         width = c.hidden_size * c.merge_unit
-        x = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="ln_q")(x).reshape(-1, width)
+        x = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="ln_q")(x)
+        x = x.reshape(*x.shape[:-2], x.shape[-2] // c.merge_unit, width)  # merge units are contiguous
         x = _dense(width, True, self.dtype, self.param_dtype, "fc1")(x)
         x = jax.nn.gelu(x, approximate=False)
         return _dense(c.out_hidden_size, True, self.dtype, self.param_dtype, "fc2")(x)
@@ -215,27 +279,30 @@ class VisionTower(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     remat: str = "none"
+    implementation: str = "xla"
 
     @nn.compact
     def __call__(self, pixel_values: Array, vision_inputs: dict[str, Array]) -> Array:
-        """pixel_values [P, C*T*p*p] in processor order -> merged image features [P / merge_unit, out_hidden_size],
-        in processor order (image after image), ready to be spliced at the image-token positions."""
+        """pixel_values [S, L, C*T*p*p] in the slot layout of `jaxvlm.processing.vision_layout` -> merged image
+        features [S * L / merge_unit, out_hidden_size] in processor order (image after image; the first
+        `num_merged` rows are the images' tokens, the rest padding), ready to be spliced at the image tokens."""
         c = self.config
         # The Conv3d patch embedding (kernel = stride = (T, p, p), no bias) is a matmul over the flattened patch.
-        x = _dense(c.hidden_size, False, self.dtype, self.param_dtype, "patch_embed")(pixel_values.astype(self.dtype))
-        x = x[vision_inputs["patch_order"]]  # window order
+        x = constrain(pixel_values.astype(self.dtype), BATCH, None, None)
+        x = _dense(c.hidden_size, False, self.dtype, self.param_dtype, "patch_embed")(x)
         cos, sin = vision_cos_sin(vision_inputs["rotary_pos"], c.head_dim, c.rope_theta)
         is_full = jnp.asarray([i in c.fullatt_block_indexes for i in range(c.depth)])
         blocks = nn.scan(
             _maybe_remat(VisionBlock, self.remat),
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=c.depth,
-        )(c, self.dtype, self.param_dtype, name="blocks")
-        x, _ = blocks(x, cos, sin, vision_inputs["full_segment_ids"], vision_inputs["window_segment_ids"], is_full)
-        merged = PatchMerger(c, self.dtype, self.param_dtype, name="merger")(x)
-        return merged[vision_inputs["merge_inverse"]]  # back to processor order
+        )(c, self.dtype, self.param_dtype, self.implementation, name="blocks")
+        x, _ = blocks(x, cos, sin, vision_inputs["segment_ids"], is_full)
+        merged = PatchMerger(c, self.dtype, self.param_dtype, name="merger")(x)  # [S, L / unit, D_out]
+        merged = merged.reshape(-1, merged.shape[-1])
+        return merged[vision_inputs["merge_inverse"].reshape(-1)]  # back to processor order
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -281,13 +348,15 @@ class TextAttention(nn.Module):
     config: TextConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    implementation: str
 
     @nn.compact
     def __call__(self, x: Array, cos: Array, sin: Array, ctx: dict, layer, cache):
         """Self-attention in one of two modes, chosen by the (static) structure of `cache`:
 
-        * `cache is None` (training, scoring, prefill): causal attention over `x` [B, T, D] with `ctx["mask"]`
-          bool [B, T, T]; returns (out [B, T, D], (k, v) [B, T, K, Dh] each, the new cache entries).
+        * `cache is None` (training, scoring, prefill): causal attention over `x` [B, T, D] within each row's
+          `ctx["segment_ids"]` [B, T] (the attention mask: 0 = padding); returns (out [B, T, D], (k, v)
+          [B, T, K, Dh] each, the new cache entries).
         * decode: `x` [B*G, 1, D] is one new token per row; `cache` = (gen_k, gen_v) [L, B*G, N, K, Dh] for all
           layers (carried through the layer scan so the write is in place), `layer` = (layer index, prompt_k,
           prompt_v [B, T, K, Dh]); `ctx` holds `prompt_mask` [B, T], `step` (write position) and `gen_mask` [N].
@@ -300,8 +369,10 @@ class TextAttention(nn.Module):
         k = dense(c.num_key_value_heads * hd, True, name="k_proj")(x).reshape(b, t, c.num_key_value_heads, hd)
         v = dense(c.num_key_value_heads * hd, True, name="v_proj")(x).reshape(b, t, c.num_key_value_heads, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = (constrain(t, BATCH, None, "tensor", None) for t in (q, k, v))
         if cache is None:
-            out, new = dot_product_attention(q, k, v, ctx["mask"]), (k, v)
+            out = _attend(q, k, v, ctx["segment_ids"], causal=True, implementation=self.implementation)
+            new = (k, v)
         else:
             index, prompt_k, prompt_v = layer
             gen_k, gen_v = cache
@@ -319,6 +390,7 @@ class DecoderLayer(nn.Module):
     config: TextConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    implementation: str
 
     @nn.compact
     def __call__(self, carry, cos, sin, ctx, layer):
@@ -326,13 +398,13 @@ class DecoderLayer(nn.Module):
         x, cache = carry
         c = self.config
         norm = functools.partial(RMSNorm, c.rms_norm_eps, self.dtype, self.param_dtype)
-        attn = TextAttention(c, self.dtype, self.param_dtype, name="self_attn")
+        attn = TextAttention(c, self.dtype, self.param_dtype, self.implementation, name="self_attn")
         out, new = attn(norm(name="input_layernorm")(x), cos, sin, ctx, layer, cache)
         x = x + out
         mlp = GatedMLP(
             c.hidden_size, c.intermediate_size, False, c.hidden_act, self.dtype, self.param_dtype, name="mlp"
         )
-        x = x + mlp(norm(name="post_attention_layernorm")(x))
+        x = constrain(x + mlp(norm(name="post_attention_layernorm")(x)), BATCH, None, None)
         if cache is None:
             return (x, None), new  # per-layer (k, v), stacked by the scan into [L, B, T, K, Dh]
         return (x, new), None
@@ -343,6 +415,7 @@ class TextModel(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     remat: str = "none"
+    implementation: str = "xla"
 
     def setup(self):
         c = self.config
@@ -355,7 +428,7 @@ class TextModel(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=c.num_hidden_layers,
-        )(c, self.dtype, self.param_dtype)
+        )(c, self.dtype, self.param_dtype, self.implementation)
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
 
     def embed(self, input_ids: Array) -> Array:
@@ -371,10 +444,10 @@ class TextModel(nn.Module):
         When the cache is not returned, jit drops it (dead code), so training does not pay for it."""
         c = self.config
         cos, sin = mrope_cos_sin(position_ids, c.resolved_head_dim, c.rope_theta, c.mrope_section)
-        t = inputs_embeds.shape[1]
-        causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
-        mask = causal[None] & attention_mask.astype(jnp.bool_)[:, None, :]
-        (x, _), kv = self.layers((inputs_embeds.astype(self.dtype), None), cos, sin, {"mask": mask}, None)
+        cos, sin = (constrain(t, BATCH, None, None) for t in (cos, sin))
+        x = constrain(inputs_embeds.astype(self.dtype), BATCH, None, None)
+        ctx = {"segment_ids": constrain(attention_mask.astype(jnp.int32), BATCH, None)}
+        (x, _), kv = self.layers((x, None), cos, sin, ctx, None)
         x = self.norm(x)
         return (x, kv) if return_kv else x
 
@@ -393,7 +466,7 @@ class TextModel(nn.Module):
         n = cache["gen_k"].shape[2]
         ctx = {"prompt_mask": cache["prompt_mask"], "step": cache["step"], "gen_mask": jnp.arange(n) <= cache["step"]}
         layer = (jnp.arange(c.num_hidden_layers), cache["prompt_k"], cache["prompt_v"])
-        carry = (inputs_embeds.astype(self.dtype), (cache["gen_k"], cache["gen_v"]))
+        carry = (constrain(inputs_embeds.astype(self.dtype), BATCH, None, None), (cache["gen_k"], cache["gen_v"]))
         (x, (gen_k, gen_v)), _ = self.layers(carry, cos, sin, ctx, layer)
         return self.norm(x), {**cache, "gen_k": gen_k, "gen_v": gen_v}
 
@@ -403,14 +476,21 @@ class TextModel(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def splice_image_features(embeds: Array, input_ids: Array, features: Array, image_token_id: int) -> Array:
-    """Replace the embeddings at image-token positions, in row-major order, by consecutive image features.
+def splice_image_features(embeds: Array, input_ids: Array, features: Array, image_token_id: int,
+                          image_offset: Array | None = None) -> Array:
+    """Replace the embeddings at image-token positions by image features.
 
-    embeds [B, T, D], input_ids [B, T], features [Q, D] (Q >= number of image tokens) -> [B, T, D].
+    embeds [B, T, D], input_ids [B, T], features [Q, D] in processor order -> [B, T, D]. Row r's k-th image token
+    takes features[image_offset[r] + k]. image_offset int [B] defaults to the image tokens of the rows before r
+    (rows' images one after the other, as a processor lays them out); a batch whose rows share images (a prompt's
+    G rollouts) passes each row the offset of its images' features instead.
     """
     is_image = input_ids == image_token_id
-    index = jnp.cumsum(is_image.reshape(-1)) - 1
-    gathered = features[jnp.clip(index, 0, features.shape[0] - 1)].reshape(embeds.shape)
+    if image_offset is None:
+        counts = jnp.sum(is_image, axis=-1)
+        image_offset = jnp.cumsum(counts) - counts
+    index = image_offset.reshape(-1, 1) + jnp.cumsum(is_image, axis=-1) - 1
+    gathered = features[jnp.clip(index, 0, features.shape[0] - 1)]
     return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
 
 
@@ -434,8 +514,10 @@ class Qwen25VL(nn.Module):
         cfg = self.config
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         if cfg.vision is not None:
-            self.visual = VisionTower(cfg.vision, dtype, param_dtype, cfg.remat)
-        self.language_model = TextModel(cfg.text, dtype, param_dtype, cfg.remat)
+            self.visual = VisionTower(cfg.vision, dtype, param_dtype, cfg.remat, resolve_implementation(
+                cfg.attention, dtype=dtype, head_dim=cfg.vision.head_dim))
+        self.language_model = TextModel(cfg.text, dtype, param_dtype, cfg.remat, resolve_implementation(
+            cfg.attention, dtype=dtype, head_dim=cfg.text.resolved_head_dim))
         if not cfg.tie_word_embeddings:
             self.lm_head = _dense(cfg.text.vocab_size, False, dtype, param_dtype, "lm_head")
 
@@ -448,13 +530,13 @@ class Qwen25VL(nn.Module):
         position_ids: Array | None = None,
         *,
         vision_inputs: dict[str, Array] | None = None,
+        image_offset: Array | None = None,
         rope_deltas: Array | None = None,
         mm_token_type_ids: Array | None = None,
     ) -> Array:
         """Logits [B, T, V]. See `encode` for the arguments."""
-        hidden = self.encode(
-            input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_inputs=vision_inputs
-        )
+        hidden = self.encode(input_ids, attention_mask, pixel_values, image_grid_thw, position_ids,
+                             vision_inputs=vision_inputs, image_offset=image_offset)
         return self.lm_logits(hidden)
 
     def lm_logits(self, hidden: Array) -> Array:
@@ -464,18 +546,25 @@ class Qwen25VL(nn.Module):
         return self.lm_head(hidden)
 
     def image_features(self, pixel_values: Array, image_grid_thw=None, *, vision_inputs=None) -> Array:
-        """pixel_values [P, patch_dim] -> merged features [P / merge_unit, D_text] in processor order."""
+        """Merged image features [S * L / merge_unit, D_text], processor order (see `VisionTower`).
+
+        pixel_values: [S, L, patch_dim] in the slot layout with its `vision_inputs` (what the data pipeline, the
+        sampler and the steps feed), or a processor's [N, patch_dim] with a concrete `image_grid_thw` (laid out
+        here, on the host)."""
         if self.config.vision is None:
             raise ValueError("this is a text-only model (model_type='qwen2'): it cannot take pixel_values")
         if vision_inputs is None:
             if image_grid_thw is None:
-                raise ValueError("pixel_values needs image_grid_thw (or precomputed vision_inputs)")
-            from jaxvlm.processing.vision import vision_inputs as make_vision_inputs
+                raise ValueError("pixel_values needs image_grid_thw (or the slot layout's vision_inputs)")
+            from jaxvlm.processing.vision import layout_images
 
-            grid = _concrete(
-                image_grid_thw, "image_grid_thw", "pass vision_inputs=jaxvlm.processing.vision_inputs(grid, cfg)"
-            )
-            vision_inputs = make_vision_inputs(grid, self.config.vision, pad_to=pixel_values.shape[0])
+            hint = "lay the images out on the host: jaxvlm.processing.layout_images(pixel_values, grid, config)"
+            pixel_values, vision_inputs = layout_images(
+                _concrete(pixel_values, "pixel_values", hint), _concrete(image_grid_thw, "image_grid_thw", hint),
+                self.config.vision)
+        elif pixel_values.ndim != 3:
+            raise ValueError(f"with vision_inputs, pixel_values must be in the slot layout [S, L, patch_dim], got "
+                             f"shape {pixel_values.shape}: see jaxvlm.processing.layout_images")
         return self.visual(pixel_values, vision_inputs)
 
     def encode(
@@ -487,6 +576,7 @@ class Qwen25VL(nn.Module):
         position_ids: Array | None = None,
         *,
         vision_inputs: dict[str, Array] | None = None,
+        image_offset: Array | None = None,
         rope_deltas: Array | None = None,
         mm_token_type_ids: Array | None = None,
     ) -> Array:
@@ -495,17 +585,20 @@ class Qwen25VL(nn.Module):
         Args:
           input_ids: int [B, T], left- or right-padded.
           attention_mask: [B, T], 1 for real tokens (default: all ones).
-          pixel_values: float [P, C*T*p*p], all images of the batch in order (P may include bucket padding).
+          pixel_values: the batch's images: float [S, L, C*T*p*p] in the slot layout with `vision_inputs` (both from
+            `jaxvlm.processing.layout_images`), or a processor's [N, C*T*p*p] with a concrete `image_grid_thw`.
           image_grid_thw: int [n, 3]; needed on the host unless `vision_inputs` and `position_ids` are given.
           position_ids: int [3, B, T] M-RoPE positions, or [B, T]. Default: `get_rope_index` when there are images
             (host side), else positions counted from the first real token (jittable).
-          vision_inputs: precomputed `jaxvlm.processing.vision_inputs(image_grid_thw, config.vision)`.
+          vision_inputs: the slot layout's index arrays (`jaxvlm.processing.layout_images`).
+          image_offset: int [B], where each row's image features start in processor order (default: after the
+            previous rows'; see `splice_image_features`).
           rope_deltas, mm_token_type_ids: accepted so processor outputs can be splatted in, and unused (deltas
             matter only when decoding with a cache; image positions are read off input_ids).
         """
         del rope_deltas, mm_token_type_ids
         embeds, position_ids, attention_mask = self._embed_inputs(
-            input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_inputs
+            input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_inputs, image_offset
         )
         return self.language_model(embeds, position_ids, attention_mask)
 
@@ -518,6 +611,7 @@ class Qwen25VL(nn.Module):
         position_ids: Array | None = None,
         *,
         vision_inputs: dict[str, Array] | None = None,
+        image_offset: Array | None = None,
     ) -> tuple[Array, tuple[Array, Array]]:
         """Run the prompt (vision tower included) once; the start of cached generation.
 
@@ -525,7 +619,7 @@ class Qwen25VL(nn.Module):
         Returns (logits of the last position [B, V], (keys, values) [L, B, T, K, Dh] each).
         """
         embeds, position_ids, attention_mask = self._embed_inputs(
-            input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_inputs
+            input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_inputs, image_offset
         )
         hidden, kv = self.language_model(embeds, position_ids, attention_mask, return_kv=True)
         return self.lm_logits(hidden[:, -1]), kv
@@ -538,7 +632,8 @@ class Qwen25VL(nn.Module):
         hidden, cache = self.language_model.decode(embeds, position_ids[..., None], cache)
         return self.lm_logits(hidden[:, 0]), cache
 
-    def _embed_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_inputs):
+    def _embed_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_inputs,
+                      image_offset):
         """Token embeddings with image features spliced in, plus positions and mask (defaults filled in)."""
         cfg = self.config
         if attention_mask is None:
@@ -548,7 +643,7 @@ class Qwen25VL(nn.Module):
             features = self.image_features(pixel_values, image_grid_thw, vision_inputs=vision_inputs)
             if image_grid_thw is not None and not isinstance(input_ids, jax.core.Tracer):
                 _check_image_token_count(np.asarray(input_ids), np.asarray(image_grid_thw), cfg)
-            embeds = splice_image_features(embeds, input_ids, features, cfg.image_token_id)
+            embeds = splice_image_features(embeds, input_ids, features, cfg.image_token_id, image_offset)
         if position_ids is None:
             position_ids = self._default_position_ids(input_ids, attention_mask, image_grid_thw)
         return embeds, position_ids, attention_mask
@@ -569,6 +664,13 @@ class Qwen25VL(nn.Module):
         return jnp.asarray(position_ids)
 
 
+def head_weight(config: ModelConfig, params: dict) -> Array:
+    """The LM head as a [V, D] matrix (the embedding table when tied), in the parameters' dtype."""
+    if config.tie_word_embeddings:
+        return params["language_model"]["embed_tokens"]["embedding"]
+    return params["lm_head"]["kernel"].T
+
+
 def _check_image_token_count(input_ids: np.ndarray, grid: np.ndarray, cfg: ModelConfig) -> None:
     n_tokens = int((input_ids == cfg.image_token_id).sum())
     n_features = int(np.asarray(grid).reshape(-1, 3).prod(-1).sum()) // cfg.vision.merge_unit
@@ -586,7 +688,7 @@ def _check_image_token_count(input_ids: np.ndarray, grid: np.ndarray, cfg: Model
 
 def _init_inputs(cfg: ModelConfig) -> dict:
     """Smallest inputs that touch every parameter: one image of one merge unit plus two text tokens."""
-    from jaxvlm.processing.vision import vision_inputs
+    from jaxvlm.processing.vision import layout_images
 
     if cfg.vision is None:
         ids = np.zeros((1, 2), np.int32)
@@ -594,12 +696,13 @@ def _init_inputs(cfg: ModelConfig) -> dict:
     m = cfg.vision.spatial_merge_size
     grid = np.array([[1, m, m]])
     ids = np.array([[0, cfg.image_token_id, 0]], np.int32)
+    pixel_values, vision_inputs = layout_images(np.zeros((m * m, cfg.vision.patch_dim), np.float32), grid, cfg.vision)
     return dict(
         input_ids=ids,
         attention_mask=np.ones_like(ids),
-        pixel_values=np.zeros((m * m, cfg.vision.patch_dim), np.float32),
+        pixel_values=pixel_values,
         position_ids=np.zeros((3, 1, 3), np.int32),
-        vision_inputs=vision_inputs(grid, cfg.vision),
+        vision_inputs=vision_inputs,
     )
 
 

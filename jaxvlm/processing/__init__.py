@@ -7,7 +7,7 @@ Nothing here imports torch; the math equals transformers' Qwen2VLImageProcessor,
 from jaxvlm.processing.image import ImageProcessor, smart_resize
 from jaxvlm.processing.processor import Processor
 from jaxvlm.processing.rope import get_rope_index, text_position_ids
-from jaxvlm.processing.vision import VISION_INPUT_KEYS, vision_inputs, vision_window_index
+from jaxvlm.processing.vision import VISION_INPUT_KEYS, layout_images, vision_layout, vision_window_index
 
 __all__ = [
     "VISION_INPUT_KEYS",
@@ -16,6 +16,7 @@ __all__ = [
     "get_rope_index",
     "smart_resize",
     "text_position_ids",
-    "vision_inputs",
+    "layout_images",
+    "vision_layout",
     "vision_window_index",
 ]

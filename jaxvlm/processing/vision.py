@@ -1,21 +1,33 @@
-"""Host-side vision metadata for the Qwen2.5-VL vision tower.
+"""Host-side layout of images for the Qwen2.5-VL vision tower: image slots with block-local attention.
 
 Everything here depends only on `image_grid_thw` and the vision config, so it is computed with numpy on the host
-and shipped to the device as plain int32 arrays of static shape. Inside jit the tower then needs no data-dependent
-shapes: window attention and per-image attention become segment-id masks, and the window permutation and its
-inverse become gathers.
+and shipped to the device as arrays of static shape. Inside jit the tower then needs no data-dependent shapes.
 
-Vocabulary (N = number of patches, M = N / merge_unit merged tokens):
-* processor order: patches as `pixel_values` holds them (image by image, 2x2 merge units contiguous);
-* window order: merge units regrouped so that each attention window is contiguous (transformers'
-  `get_vision_window_index`), which is the order the transformer blocks run in.
+The layout (S slots of L patches; W = patches per attention window = window_merged**2 * merge_unit, 64 for
+Qwen2.5-VL):
+* every image frame is cut into its attention windows (transformers' `get_vision_window_index`); each window is
+  padded to exactly W patches, so a frame is a run of whole windows;
+* frames are packed into slots of L patches (first fit, largest first); a slot holds one or several frames and
+  padding, never part of a frame;
+* window blocks attend within each W-patch window: [S * L / W, W, W] scores;
+* full-attention blocks attend within each frame: [S, L, L] scores masked by the frame ids of the slot
+  (`segment_ids`, 0 = padding), so images never attend to each other and no score is computed across slots;
+* merge units (2x2 patches) stay contiguous, so the merger reads each slot's merged tokens in place, and
+  `merge_inverse` gathers them back into processor order (image after image) for the decoder.
+L and S come from a bucket ladder with at most 25% padding (`bucket`); S is a multiple of the data-parallel size
+so the slots split over the devices like batch rows.
+
+Vocabulary (N = patches of the images, processor order = as `pixel_values` holds them: image by image, 2x2 merge
+units contiguous; window order = merge units regrouped so that each attention window is contiguous).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-VISION_INPUT_KEYS = ("patch_order", "rotary_pos", "full_segment_ids", "window_segment_ids", "merge_inverse")
+VISION_INPUT_KEYS = ("rotary_pos", "segment_ids", "merge_inverse")
 
 
 def _as_grid(image_grid_thw) -> np.ndarray:
@@ -36,24 +48,27 @@ def vision_window_index(image_grid_thw, *, spatial_merge_size: int, window_merge
       window_index: int64 [M], merged tokens in window order, as indexes into processor order.
       window_sizes: int64 [num_windows], merged tokens per (non-empty) window, in window order.
     """
-    grid = _as_grid(image_grid_thw)
-    window_index, window_sizes, offset = [], [], 0
-    m, ws = spatial_merge_size, window_merged
-    for t, h, w in grid:
-        if h % m or w % m:
-            raise ValueError(f"image grid {h}x{w} is not divisible by spatial_merge_size={m}")
-        gh, gw = h // m, w // m
-        index = np.arange(t * gh * gw).reshape(t, gh, gw)
-        pad_h, pad_w = ws - gh % ws, ws - gw % ws
-        nh, nw = (gh + pad_h) // ws, (gw + pad_w) // ws
-        padded = np.pad(index, ((0, 0), (0, pad_h), (0, pad_w)), constant_values=-1)
-        padded = padded.reshape(t, nh, ws, nw, ws).transpose(0, 1, 3, 2, 4).reshape(t, nh * nw, ws * ws)
-        sizes = (padded >= 0).sum(-1).reshape(-1)
-        flat = padded.reshape(-1)
-        window_index.append(flat[flat >= 0] + offset)
-        window_sizes.append(sizes[sizes > 0])
-        offset += t * gh * gw
-    return np.concatenate(window_index), np.concatenate(window_sizes)
+    windows = [_frame_windows(t, h, w, spatial_merge_size, window_merged) for t, h, w in _as_grid(image_grid_thw)]
+    index, sizes, offset = [], [], 0
+    for (t, h, w), frames in zip(_as_grid(image_grid_thw), windows):
+        for frame in frames:  # [windows, window_merged**2], -1 = outside the image
+            index.append(frame[frame >= 0] + offset)
+            sizes.append((frame >= 0).sum(-1))
+        offset += t * (h // spatial_merge_size) * (w // spatial_merge_size)
+    return np.concatenate(index), np.concatenate(sizes)
+
+
+def _frame_windows(t: int, h: int, w: int, m: int, ws: int) -> list[np.ndarray]:
+    """Per frame of one image, its windows in window order: int64 [num_windows, ws * ws] merged-token indexes
+    (processor order within the image, row-major inside a window), -1 where a window overhangs the image."""
+    if h % m or w % m:
+        raise ValueError(f"image grid {h}x{w} is not divisible by spatial_merge_size={m}")
+    gh, gw = h // m, w // m
+    nh, nw = -(-gh // ws), -(-gw // ws)
+    index = np.full((t, nh * ws, nw * ws), -1, np.int64)
+    index[:, :gh, :gw] = np.arange(t * gh * gw).reshape(t, gh, gw)
+    windows = index.reshape(t, nh, ws, nw, ws).transpose(0, 1, 3, 2, 4).reshape(t, nh * nw, ws * ws)
+    return list(windows)
 
 
 def vision_rotary_positions(image_grid_thw, *, spatial_merge_size: int) -> np.ndarray:
@@ -66,57 +81,169 @@ def vision_rotary_positions(image_grid_thw, *, spatial_merge_size: int) -> np.nd
         hpos = hpos.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
         wpos = wpos.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
         out.append(np.tile(np.stack([hpos, wpos], -1), (t, 1)))
-    return np.concatenate(out)
+    return np.concatenate(out) if out else np.zeros((0, 2), np.int64)
 
 
 def num_patches(image_grid_thw) -> int:
     return int(_as_grid(image_grid_thw).prod(-1).sum())
 
 
-def vision_inputs(image_grid_thw, vision_config, *, pad_to: int | None = None) -> dict[str, np.ndarray]:
-    """All static-shape index arrays the vision tower needs, as int32 numpy arrays.
+def bucket(n: int) -> int:
+    """The padded size for n >= 1: n itself up to 4, then the smallest k * 2**e >= n with k in 4..7, so padding
+    stays under 25% (4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, ...)."""
+    if n <= 4:
+        return max(int(n), 1)
+    e = max(int(n).bit_length() - 3, 0)
+    return -(-int(n) // (1 << e)) * (1 << e)
 
-    Args:
-      image_grid_thw: [n, 3] patch grid per image, in `pixel_values` order.
-      vision_config: a `jaxvlm.models.VisionConfig`.
-      pad_to: total patch count to pad to (a bucket size, a multiple of merge_unit), or None for exactly N.
-        Padding patches sit at the end, attend only among themselves and are never spliced into the text.
-    Returns a dict with (P = padded patch count, Q = P / merge_unit):
-      patch_order [P]: window-order patch i is processor-order patch patch_order[i];
-      rotary_pos [P, 2]: (h, w) coordinates for the 2-D RoPE, in window order;
-      full_segment_ids [P]: one segment per image frame (full-attention blocks), window order;
-      window_segment_ids [P]: one segment per attention window, window order;
-      merge_inverse [Q]: processor-order merged token j is window-order merged token merge_inverse[j].
+
+def window_patches(vision_config) -> int:
+    """Patches per attention window (W): 64 for Qwen2.5-VL (4 x 4 merged tokens of 2 x 2 patches)."""
+    return vision_config.window_merged**2 * vision_config.merge_unit
+
+
+@dataclasses.dataclass(frozen=True)
+class Frames:
+    """The frames of a list of images, each cut into whole windows (merged-token granularity).
+
+    merged: per frame, int64 [frame_merged] processor-order merged-token indexes (over all images), -1 = padding
+      inside a window; its length is a multiple of window_merged**2.
     """
+
+    merged: tuple[np.ndarray, ...]
+    num_merged: int  # merged tokens of all images (processor order: 0 .. num_merged - 1)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(f) for f in self.merged]
+
+
+def image_frames(image_grid_thw, vision_config) -> Frames:
     vc = vision_config
     grid = _as_grid(image_grid_thw)
-    unit = vc.spatial_merge_size**2
-    window_index, window_sizes = vision_window_index(
-        grid, spatial_merge_size=vc.spatial_merge_size, window_merged=vc.window_merged
-    )
-    n = num_patches(grid)
-    total = n if pad_to is None else int(pad_to)
-    if total < n or total % unit:
-        raise ValueError(f"pad_to={pad_to} must be >= {n} patches and a multiple of merge unit {unit}")
-    patch_order = (window_index[:, None] * unit + np.arange(unit)).reshape(-1)
-    frames = np.repeat(np.arange(int(grid[:, 0].sum())), np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0]))
-    windows = np.repeat(np.arange(len(window_sizes)), window_sizes * unit)
-    rotary = vision_rotary_positions(grid, spatial_merge_size=vc.spatial_merge_size)[patch_order]
-    merge_inverse = np.argsort(window_index)
+    m = vc.spatial_merge_size
+    merged, offset = [], 0
+    for t, h, w in grid:
+        for frame in _frame_windows(int(t), int(h), int(w), m, vc.window_merged):
+            flat = frame.reshape(-1)
+            merged.append(np.where(flat >= 0, flat + offset, -1))
+        offset += int(t) * (int(h) // m) * (int(w) // m)
+    return Frames(tuple(merged), offset)
 
-    pad = total - n
-    if pad:
-        tail = np.arange(n, total)
-        patch_order = np.concatenate([patch_order, tail])
-        rotary = np.concatenate([rotary, np.zeros((pad, 2), rotary.dtype)])
-        merge_inverse = np.concatenate([merge_inverse, np.arange(n // unit, total // unit)])
-    full_seg = np.concatenate([frames[patch_order[:n]], np.full(pad, frames.max() + 1)])
-    window_seg = np.concatenate([windows, np.full(pad, windows.max() + 1)])
-    out = dict(
-        patch_order=patch_order,
-        rotary_pos=rotary,
-        full_segment_ids=full_seg,
-        window_segment_ids=window_seg,
-        merge_inverse=merge_inverse,
-    )
-    return {k: np.ascontiguousarray(v, dtype=np.int32) for k, v in out.items()}
+
+def _pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: frame indexes per slot."""
+    slots: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for s, room in enumerate(free):
+            if lengths[i] <= room:
+                slots[s].append(i)
+                free[s] -= lengths[i]
+                break
+        else:
+            slots.append([i])
+            free.append(capacity - lengths[i])
+    return slots
+
+
+def slot_shape(image_grid_thw, vision_config, *, slot_multiple: int = 1, slot_len: int | None = None
+               ) -> tuple[int, int]:
+    """(S, L): bucketed slot count (a multiple of `slot_multiple`) and slot length in patches for these images.
+
+    slot_len: a given L (e.g. the largest over several micro-batches), else the bucket of the longest frame."""
+    vc = vision_config
+    frames = image_frames(image_grid_thw, vc)
+    w = window_patches(vc)
+    unit = vc.merge_unit
+    longest = max(frames.lengths, default=0) * unit
+    if slot_len is None:
+        slot_len = bucket(max(-(-longest // w), 1)) * w
+    elif slot_len < longest or slot_len % w:
+        raise ValueError(f"slot length {slot_len} must be a multiple of {w} patches and fit the longest frame ({longest})")
+    count = len(_pack(frames.lengths, slot_len // unit))
+    slots = bucket(max(count, 1))
+    return -(-slots // slot_multiple) * slot_multiple, slot_len
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionLayout:
+    """Where every patch of a list of images sits in S slots of L patches (numpy, host side).
+
+    patch_index [S, L]: processor-order patch at each slot position, -1 = padding;
+    rotary_pos [S, L, 2]: its (h, w) for the 2-D RoPE (0 on padding);
+    segment_ids [S, L]: 1, 2, ... for the frames of a slot, 0 on padding (full-attention blocks attend within a
+      frame; window blocks within each W-patch window, which never mixes frames);
+    merge_inverse [S, L / merge_unit]: flattened, processor-order merged token j sits at flat slot position
+      merge_inverse[j] of the merged [S * L / merge_unit] features (entries past the images' merged tokens point at
+      padding positions, so it is a permutation).
+    """
+
+    patch_index: np.ndarray
+    rotary_pos: np.ndarray
+    segment_ids: np.ndarray
+    merge_inverse: np.ndarray
+    num_merged: int  # merged tokens of the images (the meaningful prefix of merge_inverse)
+
+    def inputs(self) -> dict[str, np.ndarray]:
+        """The arrays the vision tower takes (`VISION_INPUT_KEYS`), int32."""
+        return {k: np.ascontiguousarray(getattr(self, k), dtype=np.int32) for k in VISION_INPUT_KEYS}
+
+    def pixels(self, pixel_values) -> np.ndarray:
+        """Processor-order pixel_values [N, patch_dim] -> float32 [S, L, patch_dim] (zeros at padding)."""
+        pixel_values = np.asarray(pixel_values, np.float32)
+        n = int((self.patch_index >= 0).sum())
+        if pixel_values.ndim != 2 or pixel_values.shape[0] < n:
+            raise ValueError(f"pixel_values must be [patches >= {n}, patch_dim], got {pixel_values.shape}")
+        padded = np.concatenate([pixel_values, np.zeros((1, pixel_values.shape[1]), np.float32)])
+        return padded[np.where(self.patch_index >= 0, self.patch_index, len(pixel_values))]
+
+
+def vision_layout(image_grid_thw, vision_config, *, slot_multiple: int = 1, num_slots: int | None = None,
+                  slot_len: int | None = None) -> VisionLayout:
+    """The slot layout of images with grids `image_grid_thw` [n, 3] (processor order; n may be 0: all padding).
+
+    num_slots / slot_len: a given shape (e.g. shared by the micro-batches of a step), else `slot_shape`'s."""
+    vc = vision_config
+    unit = vc.merge_unit
+    if slot_len is None or num_slots is None:
+        s, l = slot_shape(image_grid_thw, vc, slot_multiple=slot_multiple, slot_len=slot_len)
+        num_slots, slot_len = num_slots or s, slot_len or l
+    frames = image_frames(image_grid_thw, vc)
+    lm = slot_len // unit
+    packing = _pack(frames.lengths, lm)
+    if len(packing) > num_slots or max(frames.lengths, default=0) > lm:
+        raise ValueError(f"{len(frames.lengths)} image frames need {len(packing)} slots of {slot_len} patches, "
+                         f"more than the {num_slots} given")
+    merged = np.full((num_slots, lm), -1, np.int64)
+    segment = np.zeros((num_slots, lm), np.int64)
+    for s, members in enumerate(packing):
+        at = 0
+        for k, f in enumerate(sorted(members)):
+            frame = frames.merged[f]
+            merged[s, at:at + len(frame)] = frame
+            segment[s, at:at + len(frame)] = np.where(frame >= 0, k + 1, 0)
+            at += len(frame)
+    patch = np.where(merged[..., None] >= 0, merged[..., None] * unit + np.arange(unit), -1).reshape(num_slots, -1)
+    rotary = vision_rotary_positions(image_grid_thw, spatial_merge_size=vc.spatial_merge_size)
+    rotary = np.concatenate([rotary, np.zeros((1, 2), np.int64)])[np.where(patch >= 0, patch, len(rotary))]
+    flat = merged.reshape(-1)
+    used = flat >= 0
+    inverse = np.empty(flat.size, np.int64)
+    inverse[flat[used]] = np.flatnonzero(used)
+    inverse[frames.num_merged:] = np.flatnonzero(~used)
+    return VisionLayout(patch_index=patch, rotary_pos=rotary, segment_ids=np.repeat(segment, unit, axis=1),
+                        merge_inverse=inverse.reshape(num_slots, lm), num_merged=frames.num_merged)
+
+
+def layout_images(pixel_values, image_grid_thw, vision_config, *, slot_multiple: int = 1, num_slots: int | None = None,
+                  slot_len: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Processor outputs (pixel_values [N, patch_dim], image_grid_thw [n, 3]) -> the tower's inputs:
+    pixel_values float32 [S, L, patch_dim] and the index arrays (`VisionLayout.inputs`)."""
+    layout = vision_layout(image_grid_thw, vision_config, slot_multiple=slot_multiple, num_slots=num_slots,
+                           slot_len=slot_len)
+    n = num_patches(image_grid_thw)
+    pixel_values = np.asarray(pixel_values)
+    if pixel_values.shape[0] != n:
+        raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw gives {n}")
+    return layout.pixels(pixel_values), layout.inputs()

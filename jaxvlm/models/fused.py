@@ -1,0 +1,101 @@
+"""Dense and gated-MLP layers with hand-written backward passes (`jax.custom_vjp`).
+
+Same values as `x @ kernel + bias` and `down(act(gate(x)) * up(x))`; what changes is what the backward saves and how
+it computes the weight gradients:
+
+* **Weight gradients with one explicit transpose.** dW = x^T dy contracts the row dimension of two row-major
+  operands. Left to autodiff, XLA:CPU transposes the operand that an elementwise backward fusion produces
+  (SiLU', the gate product, RoPE) and writes it with strided stores inside that fusion: the largest cost of the
+  100M SFT step on a CPU after the matmuls (BENCHMARKS.md). Here the narrower operand is transposed on its own
+  (a tiled copy) behind an `optimization_barrier`, so XLA cannot fold it back into the dot, and the dot is a plain
+  [in, rows] x [rows, out] product. On GPU and TPU this costs one transposed copy of a [rows, D] activation.
+* **The gated MLP saves only what it needs**: x, gate(x) and up(x); the activation and its derivative are
+  recomputed inside the backward's elementwise fusion instead of keeping act(gate), its derivative and the
+  product as separate [rows, I] buffers.
+
+Shapes: x [..., D_in] (leading dims are rows), kernels [D_in, D_out] (flax's layout), biases [D_out] or None.
+Everything runs in the dtype of its inputs (the caller casts to the compute dtype); gradients come back in those
+dtypes and autodiff of the caller's cast takes them to the parameters' dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def _rows(x: Array) -> Array:
+    return x.reshape(-1, x.shape[-1])
+
+
+def weight_grad(x: Array, dy: Array) -> Array:
+    """x^T dy for x [..., D_in], dy [..., D_out] -> [D_in, D_out], transposing the narrower operand explicitly."""
+    x2, dy2 = _rows(x), _rows(dy)
+    if x2.shape[1] <= dy2.shape[1]:
+        return jax.lax.optimization_barrier(x2.T) @ dy2
+    return (jax.lax.optimization_barrier(dy2.T) @ x2).T
+
+
+def _bias_grad(bias, dy: Array):
+    return None if bias is None else jnp.sum(_rows(dy), axis=0, dtype=jnp.float32).astype(bias.dtype)
+
+
+@jax.custom_vjp
+def dense(x: Array, kernel: Array, bias: Array | None = None) -> Array:
+    """x [..., D_in] @ kernel [D_in, D_out] (+ bias [D_out]) -> [..., D_out]."""
+    y = x @ kernel
+    return y if bias is None else y + bias
+
+
+def _dense_fwd(x, kernel, bias):
+    return dense(x, kernel, bias), (x, kernel, bias)
+
+
+def _dense_bwd(res, dy):
+    x, kernel, bias = res
+    return dy @ kernel.T, weight_grad(x, dy).astype(kernel.dtype), _bias_grad(bias, dy)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def _affine(x, kernel, bias):
+    y = x @ kernel
+    return y if bias is None else y + bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def gated_mlp(act, x, gate, gate_bias, up, up_bias, down, down_bias) -> Array:
+    """down(act(gate(x)) * up(x)) with a fused backward. act: an elementwise function (static).
+
+    x [..., D]; gate, up [D, I]; down [I, D_out]; biases [I] / [D_out] or None -> [..., D_out]."""
+    return _affine(act(_affine(x, gate, gate_bias)) * _affine(x, up, up_bias), down, down_bias)
+
+
+def _gated_mlp_fwd(act, x, gate, gate_bias, up, up_bias, down, down_bias):
+    g = _affine(x, gate, gate_bias)
+    u = _affine(x, up, up_bias)
+    out = _affine(act(g) * u, down, down_bias)
+    return out, (x, g, u, gate, gate_bias, up, up_bias, down, down_bias)
+
+
+def _gated_mlp_bwd(act, res, dy):
+    x, g, u, gate, gate_bias, up, up_bias, down, down_bias = res
+    a, act_vjp = jax.vjp(act, g)
+    dh = dy @ down.T  # [..., I]
+    du = dh * a
+    (dg,) = act_vjp(dh * u)
+    dx = dg @ gate.T + du @ up.T
+    return (
+        dx,
+        weight_grad(x, dg).astype(gate.dtype), _bias_grad(gate_bias, dg),
+        weight_grad(x, du).astype(up.dtype), _bias_grad(up_bias, du),
+        weight_grad(a * u, dy).astype(down.dtype), _bias_grad(down_bias, dy),
+    )
+
+
+gated_mlp.defvjp(_gated_mlp_fwd, _gated_mlp_bwd)
