@@ -36,7 +36,7 @@ setup(
         # libtpu compiles for TPU without a TPU (`python -m jaxvlm.bench.memory --topology v5p:2x2x2`): the version
         # `jax[tpu]==0.10.2` pins (a jax 0.11 machine needs its own: `pip install 'jax[tpu]==<its version>'`).
         # The tests compile for a TPU topology too, so the test extra carries it where it has wheels (Linux x86-64;
-        # elsewhere those tests skip).
+        # elsewhere those tests fail, naming this extra).
         "tpu": ["libtpu==0.0.42.*"],
         "test": ["pytest>=8", "pytest-xdist>=3.6", "hypothesis>=6.100", "torch==2.13.0", "math-verify>=0.9.0",
                  "libtpu==0.0.42.*; sys_platform == 'linux' and platform_machine == 'x86_64'"],

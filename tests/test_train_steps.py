@@ -311,8 +311,7 @@ def test_bfloat16_compute_keeps_float32_master_weights():
     assert abs(losses_by_dtype["bfloat16"] - losses_by_dtype["float32"]) < 0.05 * abs(losses_by_dtype["float32"])
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])
-@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("remat, tied", [("none", True), ("full", False)])
 def test_chunked_lm_head_equals_the_whole_head(remat, tied):
     """Log-probs and entropy over position chunks (4 of 6 completion tokens: one padded chunk) and vocabulary chunks
     (1024 entries in 3 chunks of 342: the last one padded) equal the one-shot head, values and gradients."""
