@@ -8,7 +8,7 @@ from conftest import VL_CONFIGS, hf_logits, image_batch, max_diff_on_valid
 
 from jaxvlm import models
 from jaxvlm.processing.rope import get_rope_index
-from jaxvlm.processing.vision import layout_images, vision_layout, window_patches
+from jaxvlm.processing.vision import layout_images, vision_layout
 
 ATOL = 1e-4
 
@@ -69,7 +69,7 @@ def test_slot_layouts_give_the_same_logits(loaded, config_name):
     grid = batch.pop("image_grid_thw")
     pos, _ = get_rope_index(batch["input_ids"], batch["attention_mask"], grid,
                             image_token_id=model.config.image_token_id, spatial_merge_size=2)
-    w = window_patches(vc)
+    w = vc.window_patches
     longest = vision_layout(grid, vc).patch_index.shape[1]
     forward = jax.jit(lambda p, b: model.apply({"params": p}, **b))
     layouts = {"natural": vision_layout(grid, vc),

@@ -9,7 +9,7 @@ from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position
 
 from jaxvlm.models import VisionConfig
 from jaxvlm.processing.vision import (bucket, layout_images, slot_shape, vision_layout, vision_rotary_positions,
-                                      vision_window_index, window_patches)
+                                      vision_window_index)
 
 grids = st.lists(
     st.tuples(st.just(1), st.integers(1, 9).map(lambda x: 2 * x), st.integers(1, 9).map(lambda x: 2 * x)),
@@ -56,7 +56,7 @@ def test_layout_reproduces_transformers_attention_blocks(grid, window, extra):
     travel with their patches and merge_inverse finds every merged token."""
     cfg = VisionConfig(window_size=window)
     g = torch.tensor(grid)
-    w = window_patches(cfg)
+    w = cfg.window_patches
     natural = vision_layout(grid, cfg)
     layout = natural if extra is None else vision_layout(
         grid, cfg, num_slots=1, slot_len=w * -(-natural.patch_index.size // w) * extra)  # everything in one slot
@@ -94,7 +94,7 @@ def test_pixels_and_index_arrays():
 def test_no_images_is_all_padding():
     cfg = VisionConfig(window_size=56)
     layout = vision_layout(np.zeros((0, 3), np.int64), cfg, slot_multiple=2)
-    assert layout.patch_index.shape == (2, window_patches(cfg)) and (layout.patch_index == -1).all()
+    assert layout.patch_index.shape == (2, cfg.window_patches) and (layout.patch_index == -1).all()
     assert (layout.segment_ids == 0).all() and layout.num_merged == 0
 
 

@@ -140,6 +140,10 @@ def mfu(flops: float, seconds: float, peak: float) -> float:
     return flops / seconds / peak
 
 
+class DynamicLoopError(ValueError):
+    """A while loop whose trip count is data-dependent: its matmuls cannot be counted from the jaxpr."""
+
+
 def traced_matmul_flops(fn, *args, **kwargs) -> float:
     """2 x multiply-adds of every `dot_general` that `fn(*args)` executes, read from its jaxpr (scan bodies counted
     `length` times, nested calls and remat followed). An independent check of the analytic counts above, and a way
@@ -160,7 +164,7 @@ def traced_matmul_flops(fn, *args, **kwargs) -> float:
                 total += 2.0 * float(np.prod(lhs)) * float(np.prod(rhs_free))
                 continue
             if name == "while":
-                raise ValueError("traced_matmul_flops: a while loop's trip count is not static")
+                raise DynamicLoopError("traced_matmul_flops: a while loop's trip count is not static")
             if name == "cond":
                 total += max(count(branch.jaxpr) for branch in eqn.params["branches"])
                 continue

@@ -136,11 +136,16 @@ def bench_sft(c, model, params, mesh, peak: dict, checkpoint: str | None) -> dic
                 "mfu_lm_verl": flops.mfu(verl, r["step_s"], peak["flops"] * devices)}
 
     # What the step executes: the jaxpr's matmuls (x3 for the backward). Above the model count where the
-    # implementation computes more than the model needs (e.g. masked attention over several images' patches).
+    # implementation computes more than the model needs (e.g. padded windows), below where it skips work (causal
+    # attention blocks above the diagonal). None when a loop's trip count is data-dependent (the blockwise
+    # attention's causal loops over more than one block).
     mb = workload.sft_microbatches(model.config, rows, s.micro_batches)
     one = jax.tree.map(lambda x: x[0], mb)
-    executed = 3 * s.micro_batches * flops.traced_matmul_flops(
-        lambda p, b: train_steps.completion_logprobs(model, p, b), params, one)
+    try:
+        executed = 3 * s.micro_batches * flops.traced_matmul_flops(
+            lambda p, b: train_steps.completion_logprobs(model, p, b), params, one)
+    except flops.DynamicLoopError:
+        executed = None
     out = {"rows": rows.num_rows, "seq_len": rows.seq_len, "completion_len": s.completion_len,
            "image_hw": workload.image_hw(s.image_hw), "tokens": tokens, "flops": count, "flops_lm_verl": verl,
            "executed_matmul_flops": executed, "repeats": s.steps}
@@ -383,8 +388,9 @@ def table(results: dict) -> str:
         s = results["sft"]
         lines.append(f"SFT step: {s['rows']} rows x {s['seq_len']} tokens ({s['completion_len']} scored), image "
                      f"{s['image_hw']}; {s['flops']['total'] / 1e9:,.1f} GFLOP ({s['flops']['vision'] / 1e9:,.1f} vision),"
-                     f" executed matmuls {s['executed_matmul_flops'] / s['flops']['total']:.2f}x that; "
-                     f"{s['repeats']} repeats per side")
+                     + ("" if s["executed_matmul_flops"] is None else
+                        f" executed matmuls {s['executed_matmul_flops'] / s['flops']['total']:.2f}x that;")
+                     + f" {s['repeats']} repeats per side")
         for label, key, kind in (("  step time (s)", "step_s", "time"), ("  tokens/s", "tokens_per_s", "rate"),
                                  ("  MFU (model incl. vision)", "mfu", "pct"),
                                  ("  MFU (LM only, verl's count)", "mfu_lm_verl", "pct"),

@@ -61,6 +61,11 @@ class VisionConfig:
         """Window side in merged tokens (112 px / 14 / 2 = 4 for Qwen2.5-VL)."""
         return self.window_size // self.spatial_merge_size // self.patch_size
 
+    @property
+    def window_patches(self) -> int:
+        """Patches per attention window, W: 64 for Qwen2.5-VL (4 x 4 merged tokens of 2 x 2 patches)."""
+        return self.window_merged**2 * self.merge_unit
+
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:

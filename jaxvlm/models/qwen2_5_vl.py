@@ -214,7 +214,7 @@ class VisionAttention(nn.Module):
         """x [S, L, D] (image slots), cos/sin [S, L, Dh], segment_ids [S, L] -> [S, L, D].
 
         Full-attention blocks attend within each frame of a slot ([S, L, L] scores); window blocks within each run
-        of W = `window_patches` positions ([S * L / W, W, W]). The flag is traced (one scan over all blocks), so
+        of W = `config.window_patches` positions ([S * L / W, W, W]). The flag is traced (one scan over all blocks), so
         both shapes are compiled and `lax.cond` runs the block's own."""
         c = self.config
         s, length = x.shape[:2]
@@ -222,7 +222,7 @@ class VisionAttention(nn.Module):
         q, k, v = jnp.moveaxis(qkv.reshape(s, length, 3, c.num_heads, c.head_dim), 2, 0)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (constrain(t, BATCH, None, "tensor", None) for t in (q, k, v))
-        w = c.window_merged**2 * c.merge_unit
+        w = c.window_patches
 
         def full(q, k, v):
             return _attend(q, k, v, segment_ids, causal=False, implementation=self.implementation)

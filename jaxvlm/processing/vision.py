@@ -97,11 +97,6 @@ def bucket(n: int) -> int:
     return -(-int(n) // (1 << e)) * (1 << e)
 
 
-def window_patches(vision_config) -> int:
-    """Patches per attention window (W): 64 for Qwen2.5-VL (4 x 4 merged tokens of 2 x 2 patches)."""
-    return vision_config.window_merged**2 * vision_config.merge_unit
-
-
 @dataclasses.dataclass(frozen=True)
 class Frames:
     """The frames of a list of images, each cut into whole windows (merged-token granularity).
@@ -154,7 +149,7 @@ def slot_shape(image_grid_thw, vision_config, *, slot_multiple: int = 1, slot_le
     slot_len: a given L (e.g. the largest over several micro-batches), else the bucket of the longest frame."""
     vc = vision_config
     frames = image_frames(image_grid_thw, vc)
-    w = window_patches(vc)
+    w = vc.window_patches
     unit = vc.merge_unit
     longest = max(frames.lengths, default=0) * unit
     if slot_len is None:
