@@ -190,7 +190,8 @@ def lm_head_logprobs(model: Qwen25VL, params, hidden: Array, targets: Array, tem
       single chunk is rematerialised too, so its logits are not kept for the backward.
     * Vocabulary: a head larger than one chunk is read chunk by chunk, with an online (max, sum of exponentials)
       log-sum-exp in float32; each chunk's logits are recomputed in the backward, and its weight gradient is
-      formed chunk by chunk (under FSDP: gathered and reduce-scattered a chunk at a time)."""
+      formed chunk by chunk. Under FSDP a chunk is gathered, and its gradient reduced, one chunk at a time (libtpu
+      all-reduces the chunk's gradient and keeps its own slice, where a reduce-scatter would move half as much)."""
     b, n, d = hidden.shape
     chunk = min(model.config.logits_chunk, n)
     weight = head_weight(model.config, params)  # [V, D]
