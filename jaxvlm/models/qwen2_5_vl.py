@@ -89,8 +89,7 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel, bias = _linear_params(self, x.shape[-1], self.features, self.use_bias, self.param_dtype)
-        return fused.dense(x.astype(self.dtype), kernel.astype(self.dtype),
-                           None if bias is None else bias.astype(self.dtype))
+        return fused.dense(x.astype(self.dtype), fused.cast(kernel, self.dtype), fused.cast(bias, self.dtype))
 
 
 def _dense(features: int, use_bias: bool, dtype, param_dtype, name: str) -> Dense:
@@ -113,7 +112,7 @@ class GatedMLP(nn.Module):
         d, i = x.shape[-1], self.intermediate_size
         params = [LinearParams(n, self.use_bias, self.param_dtype, name=name)(k)
                   for name, k, n in (("gate_proj", d, i), ("up_proj", d, i), ("down_proj", i, self.hidden_size))]
-        cast = [None if p is None else p.astype(self.dtype) for pair in params for p in pair]
+        cast = [fused.cast(p, self.dtype) for pair in params for p in pair]
         return fused.gated_mlp(_ACTIVATIONS[self.act], x.astype(self.dtype), *cast)
 
 
