@@ -37,7 +37,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxvlm.models.config import ModelConfig
-from jaxvlm.models.qwen2_5_vl import Qwen25VL
+from jaxvlm.models.qwen2_5_vl import Qwen25VL, compute_dtype_params
 from jaxvlm.sharding import traced_on
 
 Array = jax.Array
@@ -164,7 +164,9 @@ def generate_from_inputs(
     Returns a `Rollout` with B*G rows and N = sp.max_new_tokens columns.
     """
     model = Qwen25VL(config)
-    variables = {"params": params}
+    # Cast once per call: the decode loop then reads the weights in the compute dtype at every step (2 bytes a
+    # parameter in bf16), where the layers' own cast would convert the float32 weights again at every token.
+    variables = {"params": compute_dtype_params(config, params)}
     mask = inputs["attention_mask"].astype(jnp.bool_)
     b, t = inputs["input_ids"].shape
     g, n = sp.num_generations, sp.max_new_tokens

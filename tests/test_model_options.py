@@ -11,7 +11,7 @@ from conftest import image_batch
 from jaxvlm import models
 from jaxvlm.processing import get_rope_index, layout_images
 from jaxvlm.models.config import PRESETS
-from jaxvlm.models.qwen2_5_vl import splice_image_features
+from jaxvlm.models.qwen2_5_vl import compute_dtype_params, splice_image_features
 
 CFG = models.preset("tiny").replace(
     image_token_id=290, video_token_id=291, vision_start_token_id=292, vision_end_token_id=293,
@@ -65,6 +65,23 @@ def test_bfloat16_compute_with_float32_master_weights():
     assert err < 0.05 * np.abs(np.asarray(ref))[mask].max()
     grads = jax.jit(jax.grad(lambda p: mean_log_prob(bf16, p, batch)))(params)
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))  # master-weight dtype
+
+
+def test_casting_params_to_the_compute_dtype_first_changes_no_value():
+    """The sampler casts the parameters once (`compute_dtype_params`) instead of in every layer at every decode step:
+    that is only sound while every use of a parameter casts it to the compute dtype, as this checks bit for bit."""
+    cfg = CFG.replace(dtype="bfloat16", param_dtype="float32")
+    params = models.init_params(cfg, 0)
+    # Norm scales start at 1 and biases at 0, exact in bf16: perturb every leaf so that none is.
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = tree.unflatten([x + 0.01 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)])
+    batch = jit_batch(BATCH)
+    model = models.Qwen25VL(cfg)
+    cast = compute_dtype_params(cfg, params)
+    assert {x.dtype for x in jax.tree.leaves(cast)} == {jnp.dtype(jnp.bfloat16)}
+    apply = jax.jit(lambda p: model.apply({"params": p}, **batch))
+    np.testing.assert_array_equal(np.asarray(apply(cast), np.float32), np.asarray(apply(params), np.float32))
 
 
 def test_abstract_params_match_init():

@@ -663,6 +663,14 @@ class Qwen25VL(nn.Module):
         return jnp.asarray(position_ids)
 
 
+def compute_dtype_params(config: ModelConfig, params):
+    """`params` with every floating leaf in the compute dtype (`config.dtype`). The model casts each parameter to
+    the compute dtype where it uses it, so applying the model to these gives the same values; for inference, where
+    casting once beats casting at every step (the sampler's decode loop)."""
+    dtype = jnp.dtype(config.dtype)
+    return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+
+
 def head_weight(config: ModelConfig, params: dict) -> Array:
     """The LM head as a [V, D] matrix (the embedding table when tied), in the parameters' dtype."""
     if config.tie_word_embeddings:
