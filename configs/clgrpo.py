@@ -1,6 +1,6 @@
 """CLGRPO (arXiv 2506.18048): incremental training of a small VLM on self-built chain-of-thought data.
 
-Spec: /work/shared/design/METHODS.md §4. Only the abstract (and a summary of the stage names) was available: no paper
+Spec: docs/methods.md §4. Only the abstract (and a summary of the stage names) was available: no paper
 body, code, model or hyperparameters. Everything below that is not one of these four facts is INFERENCE:
 
   sft       "Domain Knowledge Injection": SFT of the pretrained model on the COT data
@@ -8,7 +8,7 @@ body, code, model or hyperparameters. Everything below that is not one of these 
   accuracy  "Reasoning Ability Enhancement": GRPO with format and accuracy rewards
   cliplow   "Capture Space Constraint": ClipLow GRPO, "to constrain the capture space"
 
-ClipLow (inference, METHODS §4): the PPO clip with an asymmetric, tighter LOWER bound,
+ClipLow (inference, docs/methods.md §4.3): the PPO clip with an asymmetric, tighter LOWER bound,
 ℓ = -min(ρA, clip(ρ, 1 - ε_low, 1 + ε_high)A) with ε_low (0.1) < ε_high (0.2). The lower bound only acts on tokens
 with A < 0 and only when the ratio can differ from 1, i.e. with more than one update per rollout batch. So the stage
 takes K = 2 mini-batches x μ = 2 passes = 4 updates per rollout batch (only the very first is on-policy). ε_low is the

@@ -1,6 +1,6 @@
 """Curr-ReFT (arXiv 2503.07065; EMNLP-Findings 2025): curriculum GRPO, then rejection-sampling SFT.
 
-Spec: /work/shared/design/METHODS.md §3. Four stages, each starting from the previous one's final weights:
+Spec: docs/methods.md §3. Four stages, each starting from the previous one's final weights:
 
   judge   GRPO on yes/no questions          ("Ensure your final answer is exactly 'yes' or 'no'.")
   choice  GRPO on multiple choice           (option letters; classification is multi-select)
@@ -25,10 +25,10 @@ Variants (`--config configs/curr_reft.py:<variant>`):
         stage 3 the open tasks) with the tiny random-weight model, on a CPU:
             python -m jaxvlm.main --config configs/curr_reft.py:tiny --workdir /tmp/curr_reft
 
-Bugs of the authors' code we do not copy (METHODS §6): the stage-3 math fallback that rewards any tagged wrong numeric
-answer (our accuracy uses math-verify / exact numbers only); `math_math_test.jsonl` (the in-domain math TEST set) in
-the stage-3 training mix (leave it out of stage 3's sources); missing images silently replaced by other samples
-(jaxvlm stops on them, or skips and counts them with `data.on_error="skip"`).
+Bugs of the authors' code we do not copy (docs/methods.md §3.6): the stage-3 math fallback that rewards any tagged
+wrong numeric answer (our accuracy uses math-verify / exact numbers only); `math_math_test.jsonl` (the in-domain math
+TEST set) in the stage-3 training mix (leave it out of stage 3's sources); missing images silently replaced by other
+samples (jaxvlm stops on them, or skips and counts them with `data.on_error="skip"`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 
 No downloads: the model is the `tiny` preset with random weights (~0.3M parameters), the tokenizer is the built-in
 one (byte-level BPE trained on the gym's text), the data is the built-in gym's easier task families (`exists`:
-yes/no, `count_choice`: multiple choice, `count`: a number) at difficulty 0-1. Two stages:
+yes/no, `count_choice`: multiple choice, `count`: a number) at difficulty 0-1. Two stages (docs/methods.md §8):
 
   sft   teacher-forced SFT on the gym's reference chain of thought + "Answer: x" (DyME's output format); it teaches
         the format and part of the skill

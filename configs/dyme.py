@@ -1,6 +1,6 @@
 """DyME (arXiv 2506.23061, ICLR 2026): one RL stage that switches per prompt between memorisation and exploration.
 
-Spec: /work/shared/design/METHODS.md §2. One stage, mode "dyme". At every step each prompt gets G rollouts; with
+Spec: docs/methods.md §2. One stage, mode "dyme". At every step each prompt gets G rollouts; with
 c = the number of rollouts whose accuracy reward is > 0.5:
 
   c == 0      memorisation: rollout slot 0 becomes the reference y* = reasoning + "\\nAnswer: " + answer, with

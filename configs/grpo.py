@@ -5,7 +5,7 @@ A = (r - mean_G) / (std_G + 1e-4) (unbiased std, TRL's scale_rewards="group"), t
 -min(ρA, clip(ρ, 1 - ε, 1 + ε)A) + β·KL_k3, averaged per sequence then over rows (loss_type "grpo").
 Prompt style "r1" (think/answer tags).
 
-Which TRL defaults (see /work/shared/design/PEERS.md §1.1 and METHODS.md §0 [TRL]):
+Which TRL defaults (docs/methods.md §6, §9.1):
   * taken: lr 1e-6, G 8, max_completion_length 512, ε 0.2 (ε_high = ε), μ = num_iterations 1, temperature 1.0,
     top_p 1.0, scale_rewards "group", weight decay 0 / warmup 0 / grad clip 1.0 (HF Trainer).
   * NOT taken: current TRL's beta 0.0 and loss_type "dapo". We use beta 0.04 (k3) and loss_type "grpo": the GRPO the

@@ -1,6 +1,6 @@
 """Infi-MMR (arXiv 2505.23091): phased rule-based RL that moves from text to multimodal reasoning.
 
-Spec: /work/shared/design/METHODS.md §5. The paper's README and framework figure give the phases and the algorithm;
+Spec: docs/methods.md §5. The paper's README and framework figure give the phases and the algorithm;
 no training code or hyperparameters were released. Three GRPO stages, each starting from the previous one:
 
   text          "Foundational Reasoning Activation": text-only reasoning data (a competition-style math problem in

@@ -5,7 +5,7 @@ One stage, mode "sft": token-mean cross-entropy on the reference completion (r1 
 tokens are not trained. Its final weights (`<workdir>/final_model`) can start an RL recipe, e.g. DyME's "two-stage"
 setting (`configs/dyme.py` with `--config.model.path=<workdir>/final_model`).
 
-Hyperparameters: DyME's SFT baseline (`sft_args` in DyME's configs, METHODS.md §2.6): lr 1e-5, weight decay 0.01,
+Hyperparameters: DyME's SFT baseline (`sft_args` in DyME's configs; docs/methods.md §7): lr 1e-5, weight decay 0.01,
 no warmup, grad clip 1.0, per-device 2 x grad-acc 4 x 8 GPUs = 64 examples per step, 10 epochs, max_length 4096,
 vision tower frozen (DyME fine-tunes its full-size models with the vision tower frozen; Curr-ReFT's SFT baseline
 also sets freeze_vit). Prompt style r1 (the R1-V lineage: Curr-ReFT, CLGRPO, Infi-MMR); for DyME's baseline use
