@@ -7,6 +7,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from conftest import hf_logits, image_batch, make_hf_qwen2_checkpoint, max_diff_on_valid
@@ -209,3 +210,67 @@ def test_transformers5_in_memory_names_are_accepted(hf_checkpoints, tmp_path):
     _rewrite_tensors(path, rename)
     _, got = models.load_pretrained(path)
     jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dtype options: names, aliases and numpy / JAX dtypes, one canonical name in the config
+
+DTYPE_FORMS = [
+    ("bfloat16", "bfloat16"), ("bf16", "bfloat16"), (jnp.bfloat16, "bfloat16"), (jnp.dtype("bfloat16"), "bfloat16"),
+    (ml_dtypes.bfloat16, "bfloat16"), ("float32", "float32"), ("fp32", "float32"), (np.float32, "float32"),
+    (jnp.float32, "float32"), (np.dtype("float32"), "float32"), (np.float16, "float16"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """The tiny preset with random weights, written by save_pretrained in float32 (no torch needed)."""
+    cfg = models.preset("tiny")
+    path = str(tmp_path_factory.mktemp("tiny_checkpoint"))
+    models.save_pretrained(models.Qwen25VL(cfg), models.init_params(cfg, 0), path)
+    return path
+
+
+@pytest.mark.parametrize("form, name", DTYPE_FORMS, ids=[repr(form) for form, _ in DTYPE_FORMS])
+def test_load_pretrained_takes_dtype_names_aliases_and_dtypes(tiny_checkpoint, form, name):
+    model, params = models.load_pretrained(tiny_checkpoint, dtype=form)
+    assert model.config.dtype == model.config.param_dtype == name
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(name)}
+    by_name, _ = models.load_pretrained(tiny_checkpoint, dtype=name)
+    assert model.config == by_name.config and hash(model.config) == hash(by_name.config)
+
+
+def test_load_pretrained_param_dtype_forms(tiny_checkpoint):
+    # np.dtype("float32") is falsy (len 0): it must still be taken as the param dtype, not replaced by `dtype`.
+    for param_dtype in (np.dtype("float32"), np.float32, "fp32"):
+        model, params = models.load_pretrained(tiny_checkpoint, dtype=jnp.bfloat16, param_dtype=param_dtype)
+        assert (model.config.dtype, model.config.param_dtype) == ("bfloat16", "float32")
+        assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+
+
+def test_preset_model_config_and_save_pretrained_normalise_dtypes(tiny_checkpoint, tmp_path):
+    by_name = models.preset("tiny", dtype="bfloat16", param_dtype="float32")
+    assert models.preset("tiny", dtype=jnp.bfloat16, param_dtype=np.float32) == by_name
+    assert models.preset("tiny", dtype="bf16", param_dtype=jnp.dtype("float32")) == by_name
+    assert models.ModelConfig(dtype=jnp.float16).dtype == by_name.replace(dtype=np.float16).dtype == "float16"
+    assert len({by_name, models.preset("tiny", dtype=ml_dtypes.bfloat16, param_dtype="fp32")}) == 1
+    model, params = models.load_pretrained(tiny_checkpoint)
+    models.save_pretrained(model, params, str(tmp_path), dtype=jnp.bfloat16)
+    header = CheckpointTensors(str(tmp_path))
+    assert {header.files[f].header[n]["dtype"] for n, f in header.where.items()} == {"BF16"}
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("argument, value", [
+    ("dtype", "bfloat"), ("dtype", "BF16"), ("dtype", jnp.int8), ("dtype", float), ("param_dtype", "int8"),
+    ("param_dtype", np.int32), ("param_dtype", object()),
+])
+def test_unsupported_dtype_is_rejected_naming_the_argument(tiny_checkpoint, argument, value):
+    message = rf"^{argument}=.* is not a supported dtype.*'float32', 'bfloat16', 'float16', 'float64'.*'bf16'"
+    with pytest.raises(ValueError, match=message):
+        models.load_pretrained(tiny_checkpoint, **{argument: value})
+    with pytest.raises(ValueError, match=message):
+        models.preset("tiny", **{argument: value})
+    with pytest.raises(ValueError, match=message):
+        models.ModelConfig(**{argument: value})

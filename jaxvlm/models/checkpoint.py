@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Iterator
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,8 @@ import numpy as np
 
 from jaxvlm.models import config as config_lib
 from jaxvlm.models.qwen2_5_vl import Qwen25VL, abstract_params
+
+DTypeLike = Any  # a dtype name, alias or numpy / JAX dtype: see config.canonical_dtype
 
 # ----------------------------------------------------------------------------------------------------------
 # safetensors file format (8-byte little-endian header length, JSON header, raw little-endian data)
@@ -236,21 +238,26 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint's tensors do not fit the model built from its config.json."""
 
 
-def load_pretrained(path: str, dtype: str = "float32", param_dtype: str | None = None, **config_overrides):
+def load_pretrained(path: str, dtype: DTypeLike = "float32", param_dtype: DTypeLike | None = None,
+                    **config_overrides):
     """Load a Qwen2.5-VL or text-only Qwen2 / Qwen2.5 checkpoint directory.
 
     Args:
       path: directory with config.json and model.safetensors (or a sharded model.safetensors.index.json).
-      dtype: compute dtype ("float32" | "bfloat16").
-      param_dtype: storage dtype of the returned params (default: `dtype`); use "float32" with
+      dtype: compute dtype: a name ("float32", "bfloat16", "float16", "float64"), an alias ("bf16") or the numpy /
+        JAX dtype (jnp.bfloat16); see `config.canonical_dtype`.
+      param_dtype: storage dtype of the returned params, in the same forms (default: `dtype`); use "float32" with
         dtype="bfloat16" for fp32 master weights.
       **config_overrides: other ModelConfig fields, e.g. remat="full".
     Returns:
       (model, params): a `Qwen25VL` linen module and its params (nested dict of jax arrays).
     Raises:
-      CheckpointMismatchError naming every missing, unexpected and mis-shaped tensor.
+      CheckpointMismatchError naming every missing, unexpected and mis-shaped tensor; ValueError naming `dtype` or
+      `param_dtype` when it is not a supported dtype.
     """
-    cfg = config_lib.load_hf_config(path, dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
+    # `is None`, not `or`: a np.dtype is falsy (it has len 0).
+    param_dtype = dtype if param_dtype is None else param_dtype
+    cfg = config_lib.load_hf_config(path, dtype=dtype, param_dtype=param_dtype, **config_overrides)
     tensors = CheckpointTensors(path)
     available = {canonical_hf_name(n): n for n in tensors.names()}
     target = np.dtype(jnp.dtype(cfg.param_dtype))
@@ -295,19 +302,20 @@ def save_pretrained(
     params: dict,
     path: str,
     *,
-    dtype: str | None = None,
+    dtype: DTypeLike | None = None,
     max_shard_bytes: int = 5 * 1024**3,
     tokenizer_dir: str | None = None,
 ) -> None:
     """Write `path/config.json` and safetensors that `transformers` `from_pretrained` loads.
 
     Args:
-      dtype: storage dtype of the written tensors (default: the model's param_dtype).
+      dtype: storage dtype of the written tensors, in any form `config.canonical_dtype` takes (default: the model's
+        param_dtype).
       max_shard_bytes: split into model-0000i-of-0000n.safetensors + index above this size.
       tokenizer_dir: also copy tokenizer / processor files from this directory (e.g. the original checkpoint).
     """
     cfg = model.config
-    dtype = dtype or cfg.param_dtype
+    dtype = cfg.param_dtype if dtype is None else config_lib.canonical_dtype(dtype, "dtype")
     target = np.dtype(jnp.dtype(dtype))
     os.makedirs(path, exist_ok=True)
     tensors = {}

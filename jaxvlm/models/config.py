@@ -16,8 +16,13 @@ import json
 import os
 from typing import Any
 
+import numpy as np
+
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2")
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: debugging parity (needs jax_enable_x64)
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
+# np.dtype reads both as float64, JAX reads float as its default float (float32): a dtype option names its width.
+_AMBIGUOUS_DTYPES = (None, float)
 REMAT_POLICIES = ("none", "full", "attention", "dots")  # see qwen2_5_vl._remat_policy; "auto": `default_remat`
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")  # see jaxvlm.models.attention
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "quick_gelu")
@@ -95,7 +100,12 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Everything needed to build the model; `dtype` is the compute dtype, `param_dtype` the storage dtype."""
+    """Everything needed to build the model; `dtype` is the compute dtype, `param_dtype` the storage dtype.
+
+    `dtype` and `param_dtype` take a name ("bfloat16"), an alias ("bf16") or a numpy / JAX dtype (jnp.bfloat16,
+    np.float32, jnp.dtype("bfloat16")); the config holds the canonical name (one of `DTYPES`), so configs built
+    from either form compare and hash equal.
+    """
 
     text: TextConfig = TextConfig()
     vision: VisionConfig | None = VisionConfig()
@@ -114,12 +124,40 @@ class ModelConfig:
     vocab_chunk: int = 32768  # vocabulary entries per LM-head chunk when scoring (151,936 -> 5 chunks)
 
     def __post_init__(self):
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype, "dtype"))
+        object.__setattr__(self, "param_dtype", canonical_dtype(self.param_dtype, "param_dtype"))
         if self.remat == "auto":
             object.__setattr__(self, "remat", default_remat(self))
         validate(self)
 
     def replace(self, **kwargs) -> "ModelConfig":
         return dataclasses.replace(self, **kwargs)
+
+
+def canonical_dtype(value: Any, argument: str = "dtype") -> str:
+    """The name in `DTYPES` of a dtype option given as a name, an alias in `DTYPE_ALIASES` or a numpy / JAX dtype
+    or scalar type; ValueError naming `argument` and the allowed values for anything else."""
+    if isinstance(value, str):
+        name = DTYPE_ALIASES.get(value, value)
+    else:
+        name = _numpy_dtype_name(value)
+    if name not in DTYPES:
+        ambiguous = " (Python's float names no width)" if value is float else ""
+        raise ValueError(
+            f"{argument}={value!r} is not a supported dtype{ambiguous}: use one of {DTYPES}, an alias in "
+            f"{tuple(DTYPE_ALIASES)} or the numpy / JAX dtype (e.g. jnp.bfloat16, np.float32, jnp.dtype('bfloat16'))"
+        )
+    return name
+
+
+def _numpy_dtype_name(value: Any) -> str | None:
+    """numpy's name for a dtype-like object (jnp.bfloat16, np.float32, a np.dtype), None when it is not one."""
+    if any(value is ambiguous for ambiguous in _AMBIGUOUS_DTYPES):
+        return None
+    try:
+        return np.dtype(value).name
+    except (TypeError, ValueError):
+        return None
 
 
 def num_params(cfg: ModelConfig) -> int:
@@ -145,12 +183,11 @@ def default_remat(cfg: ModelConfig) -> str:
 
 
 def validate(cfg: ModelConfig) -> None:
-    """Raise ValueError naming the offending field when the configuration cannot be built."""
+    """Raise ValueError naming the offending field when the configuration cannot be built (dtype and param_dtype are
+    checked as they are normalised, by `canonical_dtype`)."""
     t = cfg.text
     if cfg.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model_type={cfg.model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})")
-    if cfg.dtype not in DTYPES or cfg.param_dtype not in DTYPES:
-        raise ValueError(f"dtype={cfg.dtype!r} / param_dtype={cfg.param_dtype!r}: each must be one of {DTYPES}")
     if cfg.remat not in REMAT_POLICIES:
         raise ValueError(f"remat={cfg.remat!r}: must be one of {REMAT_POLICIES}")
     if cfg.attention not in ATTENTION_IMPLEMENTATIONS:
