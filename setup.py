@@ -28,17 +28,17 @@ setup(
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
         "matplotlib>=3.8",  # the reward / accuracy curves a run writes (jaxvlm.report)
         "jinja2>=3.1",  # transformers' apply_chat_template (every prompt); not a transformers dependency
+        # Scores math answers (jaxvlm.rewards); without it a run with an accuracy reward stops at start-up.
+        "math-verify>=0.9.0",
     ],
     extras_require={
-        # torch is only the parity oracle of the tests (and the PyTorch baseline of the benchmarks).
-        # math-verify scores math answers (jaxvlm.rewards falls back to numeric / string match without it).
-        "math": ["math-verify>=0.9.0"],
         # libtpu compiles for TPU without a TPU (`python -m jaxvlm.bench.memory --topology v5p:2x2x2`): the version
         # `jax[tpu]==0.10.2` pins (a jax 0.11 machine needs its own: `pip install 'jax[tpu]==<its version>'`).
         # The tests compile for a TPU topology too, so the test extra carries it where it has wheels (Linux x86-64;
         # elsewhere those tests fail, naming this extra).
         "tpu": ["libtpu==0.0.42.*"],
-        "test": ["pytest>=8", "pytest-xdist>=3.6", "hypothesis>=6.100", "torch==2.13.0", "math-verify>=0.9.0",
+        # torch is only the parity oracle of the tests (and the PyTorch baseline of the benchmarks).
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "hypothesis>=6.100", "torch==2.13.0",
                  "libtpu==0.0.42.*; sys_platform == 'linux' and platform_machine == 'x86_64'"],
     },
 )

@@ -5,7 +5,9 @@ float32 [N, R] matrix to `jaxvlm.losses`. `completions[i]` is scored against `ex
 each prompt's example G times.
 
 Registry: a reward is `fn(completion: str, example: Mapping, **kwargs) -> float`, registered by name with
-`@register("name")`; `parse_reward_specs` turns config entries into `RewardSpec(name, weight, kwargs)`. Built in:
+`@register("name")`; `parse_reward_specs` turns config entries into `RewardSpec(name, weight, kwargs)` and runs each
+reward's start-up check (the accuracy reward's: math-verify imports), so a missing package stops a run before it
+starts, never in the middle. Built in:
 format_think_answer and format_think_answer_bbox (Curr-ReFT), format_dyme (DyME), format_answer_tag (an answer block
 alone, for format-only stages such as CLGRPO's stage 2), accuracy (dispatched on `answer_type`), iou (continuous)
 and think_f1 (DyME's local thinking reward).
@@ -18,7 +20,8 @@ Departures from the papers' code (each also stated where it happens):
   * Yes/no: the no-words need word boundaries too ("nothing" is not "no"); yes- and no-words together score 0.
   * Choice: letter sets (order-insensitive), A-J (Curr-ReFT: ordered string, A-E); a lone lowercase letter counts.
   * Numbers: exactly one distinct number ("3 or 4" scores 0). Tolerance 0 by default, as DyME trains.
-  * Math: math-verify with (gold, prediction) in its documented order, else numbers then exact strings; never
+  * Math: math-verify (a dependency) with (gold, prediction) in its documented order; numbers then exact strings
+    for a reference it cannot parse or with `use_math_verify=False`; never
     Curr-ReFT's stage-3 fallbacks (empty option-letter lists compare equal, substring containment), which give
     `<answer>7</answer>` vs "5" a reward of 1.
   * IoU: exactly one predicted box (Curr-ReFT reads the first); plain area formula unless `inclusive=True`.
@@ -44,15 +47,29 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 RewardFn = Callable[..., float]
+StartupCheck = Callable[[Mapping[str, Any]], None]
 REWARDS: dict[str, RewardFn] = {}
+STARTUP_CHECKS: dict[str, StartupCheck] = {}
 
 
-def register(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator: add `fn(completion, example, **kwargs) -> float` to `REWARDS` under `name` (names are unique)."""
+class MissingDependencyError(ImportError, ValueError):
+    """A reward needs a package that cannot be imported. Also a ValueError, like every other bad reward entry, so the
+    config check reports it under the stage's `rewards` key."""
+
+
+def register(name: str, *, startup_check: StartupCheck | None = None) -> Callable[[RewardFn], RewardFn]:
+    """Decorator: add `fn(completion, example, **kwargs) -> float` to `REWARDS` under `name` (names are unique).
+
+    `startup_check(kwargs)` runs when a spec of the reward is parsed (`parse_reward_specs`, which the config check
+    calls at start-up) and raises what scoring would otherwise meet mid-run, e.g. `require_math_verify()`.
+    """
     def decorate(fn: RewardFn) -> RewardFn:
         if name in REWARDS:
             raise ValueError(f"reward {name!r} is already registered")
         REWARDS[name] = fn
+        STARTUP_CHECKS.pop(name, None)
+        if startup_check is not None:
+            STARTUP_CHECKS[name] = startup_check
         return fn
     return decorate
 
@@ -250,10 +267,26 @@ def string_score(pred: str, gt: str) -> float:
     return float(bool(predicted) and predicted == normalize_text(gt))
 
 
-def math_verify_available() -> bool:
+MATH_VERIFY_MISSING = (
+    "math-verify cannot be imported ({error}); it scores math answers: pip install math-verify (a jaxvlm dependency), "
+    "or pass use_math_verify=False (in the accuracy reward's kwargs) to score them as numbers and exact strings only"
+)
+
+
+def require_math_verify():
+    """The `math_verify` module; MissingDependencyError saying how to install it when it cannot be imported."""
     try:
-        import math_verify  # noqa: F401
-    except ImportError:
+        import math_verify
+    except ImportError as error:
+        raise MissingDependencyError(MATH_VERIFY_MISSING.format(error=error), name="math_verify") from error
+    return math_verify
+
+
+def math_verify_available() -> bool:
+    """Whether `math_verify` imports (`require_math_verify` raises the error saying how to install it)."""
+    try:
+        require_math_verify()
+    except MissingDependencyError:
         return False
     return True
 
@@ -286,23 +319,21 @@ def _math_string(text: str) -> str:
     return re.sub(r"\s+", "", _unwrap_math(text)).lower()
 
 
-def math_score(pred: str, gt: str, *, use_math_verify: bool | None = None) -> float:
+def math_score(pred: str, gt: str, *, use_math_verify: bool = True) -> float:
     """Math answer check. Never substring containment, never option letters unless the reference is a letter.
 
-    With math-verify (`use_math_verify` None = when importable): `verify(parse(gold), parse(prediction))`, gold first
-    as its API asks (R1-V's reward code passes them the other way round), both wrapped in `$...$` when they have no math
-    delimiters. Parsing timeouts (signal-based) are only used on the main thread. A reference math-verify cannot parse
-    falls back to the path below. Without math-verify: both sides as numbers (plain, `a/b`, `\\frac{a}{b}`, `\\boxed`),
-    else exact match after removing `$`, `\\boxed{}`, whitespace, case and a trailing '.'.
+    With math-verify (the default; MissingDependencyError when it cannot be imported, never a silent substitute):
+    `verify(parse(gold), parse(prediction))`, gold first as its API asks (R1-V's reward code passes them the other way
+    round), both wrapped in `$...$` when they have no math delimiters. Parsing timeouts (signal-based) are only used on
+    the main thread. A reference math-verify cannot parse is scored by the path below. With `use_math_verify=False`:
+    both sides as numbers (plain, `a/b`, `\\frac{a}{b}`, `\\boxed`), else exact match after removing `$`, `\\boxed{}`,
+    whitespace, case and a trailing '.'.
     Curr-ReFT's stage-3 bug gave `<answer>7</answer>` vs "5" (and "" or "1" vs "12") a reward of 1; all score 0 here.
     """
     if not pred.strip():
         return 0.0
-    if use_math_verify is None:
-        use_math_verify = math_verify_available()
     if use_math_verify:
-        import math_verify
-
+        math_verify = require_math_verify()
         main = threading.current_thread() is threading.main_thread()
         gold = math_verify.parse(_latex_wrapped(gt), parsing_timeout=5 if main else None)
         if gold:
@@ -456,17 +487,23 @@ def think_f1(thinking: str, reference: str) -> float:
 _DYME_NORMALISED_TYPES = ("yesno", "number", "string", "labels")
 
 
-@register("accuracy")
+def _accuracy_startup_check(kwargs: Mapping[str, Any]) -> None:
+    """Any example may be a math one: the accuracy reward needs math-verify unless told not to use it."""
+    if kwargs.get("use_math_verify", True):
+        require_math_verify()
+
+
+@register("accuracy", startup_check=_accuracy_startup_check)
 def accuracy(completion: str, example: Mapping, *, extract: str = "tags", partial_credit: float = 0.0,
              rel_tol: float = 0.0, abs_tol: float = 0.0, iou_threshold: float | None = 0.5,
-             inclusive_iou: bool = False, use_math_verify: bool | None = None) -> float:
+             inclusive_iou: bool = False, use_math_verify: bool = True) -> float:
     """Answer correctness, dispatched on `example["answer_type"]`:
 
     yesno → yesno_score, choice/multi_choice → choice_score(partial_credit), number → number_score(rel_tol, abs_tol),
-    math → math_score, string → string_score, bbox → iou_score(iou_threshold; None = continuous IoU, inclusive_iou),
-    labels → jaccard_score. The prediction comes from `extract_answer(completion, extract)`; none → 0. With
-    extract="dyme" the prediction of yes/no, number, string and labels answers gets DyME's normalisation (lowercase,
-    trailing '.' stripped) first.
+    math → math_score(use_math_verify), string → string_score, bbox → iou_score(iou_threshold; None = continuous IoU,
+    inclusive_iou), labels → jaccard_score. The prediction comes from `extract_answer(completion, extract)`; none → 0.
+    With extract="dyme" the prediction of yes/no, number, string and labels answers gets DyME's normalisation
+    (lowercase, trailing '.' stripped) first.
     """
     pred = extract_answer(completion, extract)
     if pred is None:
@@ -550,13 +587,26 @@ def _checked_spec(name: Any, weight: Any, kwargs: Any, entry: Any) -> RewardSpec
         inspect.signature(REWARDS[name]).bind("", {}, **kwargs)
     except TypeError as error:
         raise ValueError(f"reward entry {entry!r}: bad kwargs for {name!r}: {error}") from None
+    _run_startup_check(name, kwargs, entry)
     return RewardSpec(name, weight, dict(kwargs))
+
+
+def _run_startup_check(name: str, kwargs: Mapping[str, Any], entry: Any) -> None:
+    """The reward's `startup_check`, its MissingDependencyError naming the entry."""
+    check = STARTUP_CHECKS.get(name)
+    if check is None:
+        return
+    try:
+        check(kwargs)
+    except MissingDependencyError as error:
+        raise MissingDependencyError(f"reward entry {entry!r}: {error}", name=error.name) from error.__cause__
 
 
 def parse_reward_specs(value: Any) -> tuple[RewardSpec, ...]:
     """RewardSpecs from a config value: a sequence of RewardSpec, dicts `{"name", "weight"?, "kwargs"?}` or strings
     "name" / "name:weight"; a single such entry, or one string of comma-separated entries, also works. Unknown names,
-    bad weights, unknown keys or kwargs the function does not take → ValueError naming the entry."""
+    bad weights, unknown keys or kwargs the function does not take → ValueError naming the entry; a package a reward
+    needs that cannot be imported (its `startup_check`) → MissingDependencyError (a ValueError) naming the entry."""
     if value is None:
         return ()
     value = _plain(value)
@@ -618,7 +668,8 @@ def compute_rewards(specs: Any, completions: Sequence[str], examples: Sequence[M
     """Score `completions[i]` against `examples[i]` with every spec (anything `parse_reward_specs` takes).
 
     A function that raises, or returns something that is not a finite number, gives 0 for that sample and counts in
-    `failures` (a warning is logged once per reward name per process); the batch always completes.
+    `failures` (a warning is logged once per reward name per process); the batch always completes, unless the
+    function lacks a package (MissingDependencyError, raised: zeros for every sample would be a silent substitute).
     """
     specs = parse_reward_specs(specs)
     if len(completions) != len(examples):
@@ -633,6 +684,8 @@ def compute_rewards(specs: Any, completions: Sequence[str], examples: Sequence[M
                 value = float(fn(completion, example, **spec.kwargs))
                 if not math.isfinite(value):
                     raise ValueError(f"non-finite reward {value}")
+            except MissingDependencyError:
+                raise
             except Exception as error:  # noqa: BLE001 - one bad sample must not stop the batch
                 failures[name] += 1
                 if spec.name not in _warned:

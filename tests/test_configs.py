@@ -376,6 +376,14 @@ def test_command_line_bad_value_fails_in_check_config_naming_the_key(monkeypatch
         configuration.check_config(c)
 
 
+def test_missing_math_verify_fails_check_config_naming_the_rewards_key(monkeypatch):
+    """Without math-verify a run with an accuracy reward stops at start-up, in the config check (see test_rewards)."""
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # the import fails, as on an install without it
+    with pytest.raises(configuration.ConfigError,
+                       match=r"stages\.grpo\.rewards: reward entry .*accuracy.*pip install math-verify"):
+        configuration.check_config(get_config("grpo", "tiny"))
+
+
 def test_command_line_unknown_variant_fails_listing_the_variants(monkeypatch):
     with pytest.raises(flags.Error, match=r"unknown variant 'huge'"):
         parse_command_line(monkeypatch, "--config", f"{config_path('curr_reft')}:huge")

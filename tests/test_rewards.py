@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import sys
 import threading
 
 import numpy as np
@@ -17,8 +18,8 @@ from jaxvlm import rewards as R
 BUILTIN_REWARDS = tuple(R.REWARDS)  # captured before any test registers its own
 
 
-def test_math_verify_is_installed_with_the_test_extras():
-    # setup.py's `test` extra installs math-verify, so both math paths below always run (never skipped).
+def test_math_verify_is_installed_as_a_dependency():
+    # math-verify is in setup.py's install_requires, so both math paths below always run (never skipped).
     assert R.math_verify_available()
 CURR_REFT_FORMAT = r"<think>.*?</think>\s*<answer>.*?</answer>"
 
@@ -33,14 +34,15 @@ def temp_reward():
     """Register test rewards under fresh names; removed afterwards."""
     added = []
 
-    def add(name, fn):
-        R.register(name)(fn)
+    def add(name, fn, **options):
+        R.register(name, **options)(fn)
         added.append(name)
         return name
 
     yield add
     for name in added:
         R.REWARDS.pop(name, None)
+        R.STARTUP_CHECKS.pop(name, None)
         R._warned.discard(name)
 
 
@@ -284,6 +286,49 @@ def test_math_fallback_is_exact():
     assert R.math_score("1+x^2", "x^2+1", **kw) == 0.0      # no algebra without math-verify
     assert R.math_score("x^2+1", "x^2+12", **kw) == 0.0
     assert R.math_score("A", "5", **kw) == 0.0              # no option-letter fallback for a numeric reference
+
+
+@pytest.fixture
+def without_math_verify(monkeypatch):
+    """math_verify not importable, as on an install without it (a None entry in sys.modules fails the import)."""
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    assert not R.math_verify_available()
+
+
+MATH_VERIFY_MISSING = r"math-verify cannot be imported .*: pip install math-verify"
+
+
+def test_missing_math_verify_is_a_start_up_error_when_specs_are_parsed(without_math_verify):
+    for entry in ("accuracy", "format_dyme,accuracy:0.5", [{"name": "accuracy", "kwargs": {"extract": "dyme"}}]):
+        expected = r"reward entry .*accuracy.*: " + MATH_VERIFY_MISSING
+        with pytest.raises(R.MissingDependencyError, match=expected) as info:
+            R.parse_reward_specs(entry)
+        assert isinstance(info.value, ValueError) and isinstance(info.value, ImportError)  # the config check's type
+        assert info.value.name == "math_verify" and "use_math_verify=False" in str(info.value)
+    with pytest.raises(R.MissingDependencyError, match=MATH_VERIFY_MISSING):
+        R.compute_rewards(["accuracy"], ["<answer>5</answer>"], [make_example("math", "5")])
+    # Rewards that never score math, and an accuracy reward told not to use math-verify, still parse and score.
+    assert [s.name for s in R.parse_reward_specs("format_dyme,think_f1,iou")] == ["format_dyme", "think_f1", "iou"]
+    explicit = [{"name": "accuracy", "kwargs": {"use_math_verify": False}}]
+    result = R.compute_rewards(explicit, ["<think>r</think><answer>1/2</answer>"], [make_example("math", "0.5")])
+    assert result.per_reward.tolist() == [[1.0]]
+
+
+def test_missing_math_verify_is_never_a_silent_substitute(without_math_verify, temp_reward):
+    with pytest.raises(R.MissingDependencyError, match=MATH_VERIFY_MISSING):
+        R.math_score("\\frac{1}{2}", "0.5")
+    with pytest.raises(R.MissingDependencyError, match=MATH_VERIFY_MISSING):
+        R.accuracy("<answer>5</answer>", make_example("math", "5"), extract="raw")
+    assert R.math_score("\\frac{1}{2}", "0.5", use_math_verify=False) == 1.0
+    # A custom reward that needs math-verify without declaring it fails the batch (not a column of counted zeros) ...
+    undeclared = temp_reward("test_undeclared_math", lambda completion, example: R.math_score(completion, "5"))
+    with pytest.raises(R.MissingDependencyError, match=MATH_VERIFY_MISSING):
+        R.compute_rewards([undeclared], ["5"], [make_example("math", "5")])
+    # ... and one that declares it, with a start-up check, fails when its spec is parsed.
+    declared = temp_reward("test_declared_math", lambda completion, example: R.math_score(completion, "5"),
+                           startup_check=lambda kwargs: R.require_math_verify())
+    with pytest.raises(R.MissingDependencyError, match=r"reward entry 'test_declared_math': " + MATH_VERIFY_MISSING):
+        R.parse_reward_specs(declared)
 
 
 def test_math_verify_off_main_thread():

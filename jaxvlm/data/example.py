@@ -24,7 +24,7 @@ Canonical answers by `answer_type`:
   choice        one option letter, "B"
   multi_choice  sorted distinct letters joined by ",", "A,C"
   number        a decimal number, "3", "-2.5"
-  math          a math expression (scored with math-verify when installed, else as a number), "\\frac{1}{2}"
+  math          a math expression (scored with math-verify), "\\frac{1}{2}"
   string        free text, compared after normalisation, "red"
   bbox          "[x1, y1, x2, y2]" (the `bbox` field holds the same four numbers)
   labels        one or more labels joined by ", ", "calm" or "calm, warm" (scored by Jaccard overlap)
