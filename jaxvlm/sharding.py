@@ -5,11 +5,17 @@ The mesh has three axes, `("data", "fsdp", "tensor")`:
 * parameters (and the optimizer state that mirrors them) are split over `fsdp` along the model dimension D
   (ZeRO-3 / FSDP: each device holds 1/fsdp of every weight, gathered on use) and over `tensor` along heads, MLP
   width and vocabulary (Megatron-style tensor parallelism);
-* everything else is replicated.
+* everything else is replicated (a parameter only by an explicit rule, see below).
 
 Every parameter of `Qwen25VL` has a rule (`PARAM_RULES`, first regex match wins, matched against the "/"-joined
-param path); a dimension is only split when the mesh axis divides it, so odd sizes fall back to replication
-instead of failing. One device is a (1, 1, 1) mesh: nothing is special-cased.
+param path), replicated ones included: a parameter that matches no rule is an error (`ShardingRuleError`, raised
+when the shardings are computed, i.e. when a stage starts: `train_steps.state_shardings`), so a renamed or new
+submodule cannot be replicated silently. A dimension is only split when the mesh axis divides it, so odd sizes fall
+back to replication instead of failing. One device is a (1, 1, 1) mesh: nothing is special-cased.
+
+The optimizer state is placed by the parameters it mirrors (`opt_state_shardings`: optax's mu/nu leaves end in a
+parameter's path and get that parameter's rule); its scalar bookkeeping (step counts) is replicated without
+consulting the rules, and any other leaf is an error too.
 """
 
 from __future__ import annotations
@@ -50,9 +56,25 @@ PARAM_RULES: tuple[tuple[str, tuple], ...] = (
     (r"merger/fc1/kernel$", ("fsdp", "tensor")),  # [4 Dv, 4 Dv]
     (r"merger/fc1/bias$", ("tensor",)),
     (r"merger/fc2/kernel$", ("tensor", "fsdp")),  # [4 Dv, D]
-    # Norm scales and the remaining biases (of outputs that are not split) stay replicated.
-    (r".*", ()),
+    # Replicated, each with its reason. There is no catch-all: a parameter that matches none of these rules is a
+    # `ShardingRuleError`, not silently replicated.
+    # Norm scales: one vector of the model width per norm (tiny), applied elementwise to activations that are
+    # split by rows, not by width; splitting them would only add a gather per use.
+    (r"layers/(input_layernorm|post_attention_layernorm)/scale$", ()),  # [L, D]
+    (r"language_model/norm/scale$", ()),  # [D]
+    (r"blocks/(norm1|norm2)/scale$", ()),  # [depth, Dv]
+    (r"merger/ln_q/scale$", ()),  # [Dv]
+    # Biases of the projections back to the residual width (their kernels split their input over `tensor`):
+    # the output is a full-width row, not split over `tensor`, so its bias is not either (D floats per layer).
+    (r"attn/proj/bias$", ()),  # [depth, Dv]
+    (r"blocks/mlp/down_proj/bias$", ()),  # [depth, Dv]
+    (r"merger/fc2/bias$", ()),  # [D]
 )
+
+
+class ShardingRuleError(ValueError):
+    """A parameter whose path matches no rule of `PARAM_RULES`, or an optimizer state leaf that mirrors no parameter
+    and is not a scalar (`opt_state_shardings`)."""
 
 
 def make_mesh(shape: Sequence[int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -83,13 +105,15 @@ def _axis_size(mesh: Mesh, axis) -> int:
 
 
 def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules=PARAM_RULES) -> P:
-    """PartitionSpec of one array from the first matching rule; axes that do not divide the dim are dropped."""
-    for pattern, trailing in rules:
-        if re.search(pattern, path):
-            break
-    else:  # pragma: no cover - the last rule matches everything
-        trailing = ()
-    trailing = tuple(trailing)[-len(shape):] if shape else ()
+    """PartitionSpec of one parameter from the first rule matching `path`; axes that do not divide the dim are
+    dropped. Raises `ShardingRuleError` when no rule matches."""
+    trailing = next((tuple(spec) for pattern, spec in rules if re.search(pattern, path)), None)
+    if trailing is None:
+        raise ShardingRuleError(
+            f"parameter {path!r} with shape {tuple(shape)} matches no sharding rule; add a (regex, spec) rule for "
+            f"it to jaxvlm.sharding.PARAM_RULES (spec () to replicate it)"
+        )
+    trailing = trailing[-len(shape):] if shape else ()
     spec = [None] * (len(shape) - len(trailing)) + list(trailing)
     for i, axis in enumerate(spec):
         if axis is not None and shape[i] % _axis_size(mesh, axis):
@@ -108,15 +132,51 @@ def path_str(path) -> str:
     return "/".join(parts)
 
 
-def tree_shardings(tree: Any, mesh: Mesh, rules=PARAM_RULES) -> Any:
-    """NamedShardings for every leaf of `tree` (params, or an optimizer state whose leaves end in param paths:
-    optax's mu/nu mirror the params, so the same regexes find them). Scalars are replicated."""
+def tree_shardings(params: Any, mesh: Mesh, rules=PARAM_RULES) -> Any:
+    """NamedShardings for every leaf of a parameter tree (arrays or `jax.ShapeDtypeStruct`s). Every leaf is a
+    parameter and needs a rule, scalars included: one that matches none raises `ShardingRuleError` naming it.
+    For an optimizer state use `opt_state_shardings`."""
 
     def one(path, leaf):
-        shape = getattr(leaf, "shape", ())
-        return NamedSharding(mesh, spec_for(path_str(path), shape, mesh, rules) if shape else P())
+        return NamedSharding(mesh, spec_for(path_str(path), getattr(leaf, "shape", ()), mesh, rules))
 
-    return jax.tree_util.tree_map_with_path(one, tree)
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def _mirrored_param(path: str, param_paths: set[str]) -> str | None:
+    """The longest parameter path that `path` ends in (whole "/" components), or None."""
+    parts = path.split("/")
+    for start in range(len(parts)):
+        candidate = "/".join(parts[start:])
+        if candidate in param_paths:
+            return candidate
+    return None
+
+
+def opt_state_shardings(opt_state: Any, params: Any, mesh: Mesh, rules=PARAM_RULES) -> Any:
+    """NamedShardings for an optimizer state of `params` (optax's, e.g. AdamW's, possibly masked or
+    multi-transformed). Each leaf is one of:
+    * a per-parameter leaf, whose path ends in a parameter's path (mu/nu, ".../0/mu/language_model/norm/scale"):
+      split by that parameter's rule, as the parameter itself;
+    * a scalar (step counts of Adam and of the schedule): replicated, without consulting the rules (it is not a
+      parameter: there is nothing to split and no rule to name it);
+    * anything else (an array that mirrors no parameter) raises `ShardingRuleError`: decide how to place it here
+      rather than replicating it silently."""
+    param_paths = {path_str(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+    def one(path, leaf):
+        name, shape = path_str(path), tuple(getattr(leaf, "shape", ()))
+        param = _mirrored_param(name, param_paths)
+        if param is not None:
+            return NamedSharding(mesh, spec_for(param, shape, mesh, rules))
+        if not shape:
+            return NamedSharding(mesh, P())
+        raise ShardingRuleError(
+            f"optimizer state leaf {name!r} with shape {shape} mirrors no parameter (its path does not end in a "
+            f"parameter's path) and is not a scalar; say how to place it in jaxvlm.sharding.opt_state_shardings"
+        )
+
+    return jax.tree_util.tree_map_with_path(one, opt_state)
 
 
 def batch_spec(ndim: int, batch_axis: int = 0, axes: tuple[str, ...] = BATCH_AXES) -> P:
@@ -202,6 +262,7 @@ def describe(tree: Any) -> dict[str, str]:
 
 
 __all__ = [
-    "BATCH", "BATCH_AXES", "MESH_AXES", "constrain", "traced_on", "PARAM_RULES", "batch_shardings", "batch_spec", "data_parallel_size", "describe",
-    "make_mesh", "path_str", "replicated", "spec_for", "tree_shardings",
+    "BATCH", "BATCH_AXES", "MESH_AXES", "PARAM_RULES", "ShardingRuleError", "batch_shardings", "batch_spec",
+    "constrain", "data_parallel_size", "describe", "make_mesh", "opt_state_shardings", "path_str", "replicated",
+    "spec_for", "traced_on", "tree_shardings",
 ]

@@ -467,11 +467,15 @@ def batch_row_axes(num_leading: int) -> dict[str, int | None]:
 
 
 def state_shardings(state: TrainState, mesh) -> TrainState:
-    from jaxvlm.sharding import replicated, tree_shardings
+    """Placements of a train state (arrays or `jax.eval_shape` structs) on `mesh`: params by `PARAM_RULES`, the
+    optimizer state by the params it mirrors, the step counter and the PRNG key replicated (they are not
+    parameters: the rules are not consulted for them). Called when a stage starts, so a parameter without a
+    sharding rule fails here (`sharding.ShardingRuleError`), before anything is compiled."""
+    from jaxvlm.sharding import opt_state_shardings, replicated, tree_shardings
 
     return TrainState(
-        step=replicated(mesh), params=tree_shardings(state.params, mesh), opt_state=tree_shardings(state.opt_state, mesh),
-        rng=replicated(mesh),
+        step=replicated(mesh), params=tree_shardings(state.params, mesh),
+        opt_state=opt_state_shardings(state.opt_state, state.params, mesh), rng=replicated(mesh),
     )
 
 
