@@ -136,6 +136,20 @@ def hf_logits(torch_model, batch: dict) -> np.ndarray:
         return torch_model(**kwargs).logits.float().numpy()
 
 
+def hf_processor(tokenizer, image_processor, **kwargs):
+    """transformers' Qwen2_5_VLProcessor (the oracle of our Processor) without a video processor: that class needs
+    torchvision, which the tests do not install; `image_processor` is a `Qwen2VLImageProcessorPil`."""
+    from transformers import Qwen2_5_VLProcessor
+
+    class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    return ImageOnlyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
+
+
 def image_batch(images_per_row, grids, text_len=5, seed=0, pad_to=None):
     """A left-padded batch whose row i holds images_per_row[i] images (grids consumed in order).
 

@@ -96,15 +96,25 @@ def test_image_features_equal_transformers_vision_tower(loaded):
     np.testing.assert_allclose(ours[: ref.shape[0]], ref, atol=ATOL)
 
 
+def _torch_logits(torch_model, batch: dict) -> np.ndarray:
+    """transformers' forward on exactly these numpy inputs (int32 ids as the int64 torch expects)."""
+    import torch
+
+    inputs = {k: torch.as_tensor(v.astype(np.int64) if v.dtype == np.int32 else v) for k, v in batch.items()}
+    with torch.no_grad():
+        return torch_model(**inputs).logits.numpy()
+
+
 def test_processor_batch_end_to_end(tmp_path):
     """Chat template -> Processor (tokenizer built locally, real PIL images) -> both models: same logits.
 
-    The batch is fed exactly as the processor returns it (including rope_deltas), and also in transformers'
-    processor layout (input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids).
+    The batch is fed to our model exactly as the processor returns it (including rope_deltas), and to transformers'
+    in its own processor's layout (input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids), taken
+    from our processor's output; transformers' processor gives the same fields, hence the same logits.
     """
-    import torch
-    from conftest import make_hf_vl_checkpoint
+    from conftest import hf_processor, make_hf_vl_checkpoint
     from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from jaxvlm.processing import ImageProcessor, Processor
     from jaxvlm.tokenizer import build_tokenizer, special_token_ids
@@ -126,13 +136,23 @@ def test_processor_batch_end_to_end(tmp_path):
         [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Describe."}]}],
     ]
     texts = [processor.apply_chat_template(c) for c in conversations]
-    batch = processor(texts, images=[[], [image(90, 61)], [image(33, 47), image(120, 80)]])
+    images = [[], [image(90, 61)], [image(33, 47), image(120, 80)]]
+    batch = processor(texts, images=images)
+    mask = batch["attention_mask"]
     ours = model.apply({"params": params}, **batch)
-    hf_batch = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
-    hf_batch["mm_token_type_ids"] = (batch["input_ids"] == ids["image_token_id"]).astype(np.int64)
-    with torch.no_grad():
-        ref = torch_model(**{k: torch.as_tensor(v.astype(np.int64) if v.dtype == np.int32 else v)
-                             for k, v in hf_batch.items()}).logits.numpy()
-    assert max_diff_on_valid(ours, ref, batch["attention_mask"]) < ATOL
-    ours_hf_layout = model.apply({"params": params}, **hf_batch)  # no position_ids: computed on the host
-    assert max_diff_on_valid(ours_hf_layout, ref, batch["attention_mask"]) < ATOL
+    hf_keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    ref = _torch_logits(torch_model, {k: batch[k] for k in hf_keys})
+    assert max_diff_on_valid(ours, ref, mask) < ATOL
+    ours_hf_layout = model.apply({"params": params}, **{k: batch[k] for k in hf_keys})  # positions from the host
+    assert max_diff_on_valid(ours_hf_layout, ref, mask) < ATOL
+
+    reference = hf_processor(processor.tokenizer, Qwen2VLImageProcessorPil.from_pretrained(str(tmp_path)))
+    expected = reference(text=texts, images=[i for row in images for i in row], padding=True, padding_side="left",
+                         return_tensors="np")
+    assert set(expected) == set(hf_keys)
+    for key in hf_keys:
+        np.testing.assert_array_equal(batch[key], expected[key], err_msg=key)
+    assert max_diff_on_valid(_torch_logits(torch_model, dict(expected)), ref, mask) < ATOL
+    # Without mm_token_type_ids transformers silently numbers the positions 1-D: another model's logits.
+    one_d = _torch_logits(torch_model, {k: batch[k] for k in hf_keys if k != "mm_token_type_ids"})
+    assert max_diff_on_valid(one_d, ref, mask) > 100 * ATOL

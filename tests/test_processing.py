@@ -16,8 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from conftest import hf_processor
 from jaxvlm.processing.image import ImageProcessor, smart_resize
-from jaxvlm.processing.processor import Processor
+from jaxvlm.processing.processor import PADDING_SIDES, Processor
 from jaxvlm.processing.rope import get_rope_index, image_mrope_positions, text_position_ids
 from jaxvlm.tokenizer import (
     CHAT_TEMPLATE,
@@ -601,28 +602,25 @@ def test_processor_matches_manual_expansion_and_rope(processor, tokenizer, token
     np.testing.assert_array_equal(batch["rope_deltas"], expected_deltas)
 
 
-def test_processor_matches_transformers_qwen2_5_vl_processor(processor, tokenizer):
-    from transformers import Qwen2_5_VLProcessor
-
-    class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-        """Qwen2_5_VLProcessor without a video processor (that class needs torchvision)."""
-
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    reference = ImageOnlyQwen2_5_VLProcessor(
-        image_processor=reference_image_processor(min_pixels=SMALL_MIN_PIXELS, max_pixels=SMALL_MAX_PIXELS),
-        tokenizer=tokenizer,
+@pytest.mark.parametrize("padding_side", PADDING_SIDES)
+def test_processor_matches_transformers_qwen2_5_vl_processor(processor, tokenizer, padding_side):
+    reference = hf_processor(
+        tokenizer,
+        reference_image_processor(min_pixels=SMALL_MIN_PIXELS, max_pixels=SMALL_MAX_PIXELS),
         chat_template=CHAT_TEMPLATE,
     )
     texts, images = three_samples(processor)
     flat_images = [image for sample in images for image in sample]
-    expected = reference(text=texts, images=flat_images, padding=True, return_tensors="np")
-    ours = processor(texts, images)
-    for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw"):
-        np.testing.assert_array_equal(ours[key], expected[key], err_msg=key)
+    for batch_texts, batch_images, flat in ((texts, images, flat_images), (texts[:1], None, None)):  # text only too
+        expected = reference(text=batch_texts, images=flat, padding=True, padding_side=padding_side,
+                             return_tensors="np")
+        ours = processor(batch_texts, batch_images, padding_side=padding_side)
+        assert set(expected) <= set(ours), "a key transformers' processor returns is missing"
+        for key in expected:
+            np.testing.assert_array_equal(ours[key], expected[key], err_msg=key)
+    assert ours["mm_token_type_ids"].dtype == np.int32  # like our input_ids (transformers: int64, same values)
+    with_images = processor(texts, images)["mm_token_type_ids"]
+    assert with_images.max() == 1 and with_images[0].max() == 0  # the text-only sample has no image tokens
 
 
 def test_processor_right_padding_and_multiple(processor, token_ids):

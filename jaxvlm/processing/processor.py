@@ -4,7 +4,9 @@ Mirrors `transformers.Qwen2_5_VLProcessor` for images: every `<|image_pad|>`
 placeholder in a text is expanded to `t * h * w // merge_size**2` copies (one
 per LLM token the vision tower produces for that image), the texts are
 tokenized without extra special tokens and padded, and the M-RoPE position ids
-are computed on the host with `get_rope_index`.
+are computed on the host with `get_rope_index`. Like transformers' processor it
+also returns `mm_token_type_ids`, from which transformers' model builds the
+M-RoPE positions (without it, that model silently uses 1-D positions).
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from jaxvlm.processing.rope import get_rope_index, text_position_ids
 
 ON_OVERFLOW_CHOICES = ("error", "truncate")
 PADDING_SIDES = ("left", "right")
+# transformers' `mm_token_type_ids` values (ProcessorMixin.create_mm_token_type_ids; video is 2, audio 3, and
+# transformers' processor rejects their placeholders without videos / audio, which this processor never takes).
+TEXT_TOKEN_TYPE, IMAGE_TOKEN_TYPE = 0, 1
 
 
 def _is_single_image(value: Any) -> bool:
@@ -90,6 +95,15 @@ def pad_sequences(
         input_ids[row, start : start + len(sequence)] = sequence
         attention_mask[row, start : start + len(sequence)] = 1
     return input_ids, attention_mask
+
+
+def mm_token_type_ids(input_ids: np.ndarray, image_token_id: int) -> np.ndarray:
+    """transformers' `mm_token_type_ids` of a padded batch: int32 `[B, T]`, `IMAGE_TOKEN_TYPE` (1) at the image
+    tokens, `TEXT_TOKEN_TYPE` (0) everywhere else, padding included (transformers' processor gives the same values
+    as int64)."""
+    types = np.full(input_ids.shape, TEXT_TOKEN_TYPE, dtype=np.int32)
+    types[input_ids == image_token_id] = IMAGE_TOKEN_TYPE
+    return types
 
 
 def _round_up(value: int, multiple: int | None) -> int:
@@ -190,6 +204,8 @@ class Processor:
 
         Returns numpy arrays: `input_ids` int32 `[B, T]`, `attention_mask` int32
         `[B, T]`, `position_ids` int32 `[3, B, T]`, `rope_deltas` int32 `[B, 1]`,
+        `mm_token_type_ids` int32 `[B, T]` (1 at image tokens, else 0: what
+        transformers' processor returns, always, and its model needs for M-RoPE),
         and, when there are images, `pixel_values` float32 `[N, patch_dim]` and
         `image_grid_thw` int64 `[num_images, 3]` (images in sample order).
         """
@@ -254,6 +270,7 @@ class Processor:
             "attention_mask": attention_mask,
             "position_ids": position_ids,
             "rope_deltas": rope_deltas,
+            "mm_token_type_ids": mm_token_type_ids(input_ids, self._image_token_id),
         }
         if vision is not None:
             batch["pixel_values"] = vision["pixel_values"]
