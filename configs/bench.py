@@ -28,7 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.sections = ("sft", "grpo", "decode")
-    c.model = ml_collections.ConfigDict(dict(preset="tiny", dtype="float32", param_dtype="float32", remat="none",
+    c.model = ml_collections.ConfigDict(dict(preset="tiny", path="", dtype="float32", param_dtype="float32", remat="none",
                                              attention="auto", logits_chunk=512, vocab_chunk=32768))
     c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1, 1)))  # (data, fsdp, tensor); -1 = the other devices
     # AdamW, constant lr; weight decay 0 so both sides' decay masks cannot differ (it costs the same either way).

@@ -100,6 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     # "a small amount of GRPO training": inference 100 steps.
     c.stages.format = _rl_stage(FORMAT_ONLY, steps=100, sources=cot)
+    c.stages.format.accuracy_reward = ""  # format rewards only: its evaluation scores with the r1 accuracy
     c.stages.accuracy = _rl_stage(FORMAT_ACCURACY, epochs=1, sources=cot)  # inference: 1 epoch
     c.stages.cliplow = _rl_stage(FORMAT_ACCURACY, epochs=1, sources=cot,
                                  eps_low=0.1,  # INFERENCE: ε_low < ε_high (value not public); sweep it
@@ -109,7 +110,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.update(dtype="bfloat16", param_dtype="float32", min_pixels=56 * 56, max_pixels=401408)  # inference
     c.eval.update(sources=[{"kind": "jsonl", "path": "/path/to/emoset_cot/test.jsonl", "record_format": "jaxvlm",
                             "answer_type": "string", "image_root": ""}],
-                  num_examples=512, batch_size=32, max_new_tokens=512)
+                  num_examples=512, batch_size=32)
+    c.eval.sampling.max_new_tokens = 512
     c.train.update(save_every=200, eval_every=0)
 
     if variant == "tiny":
@@ -133,7 +135,7 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
     for name in ("format", "accuracy", "cliplow"):
         s = c.stages[name]
         s.steps, s.epochs = 4, 0
-        s.data.update(tiny_data, batch_size=2)
+        s.data.update({k: v for k, v in tiny_data.items() if k != "max_target_length"}, batch_size=2)  # no targets
         s.sampling.update(num_generations=4, max_new_tokens=48)
         s.optimizer.learning_rate = 1e-3  # tiny (see above)
         # 2 prompts x G 4 = 8 rows: 2 micro-batches (cliplow: 2 mini-batches x 2 micro-batches of 2 rows)

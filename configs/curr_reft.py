@@ -159,13 +159,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             max_grad_norm=1.0,
             frozen=(),  # freeze_vit False: full fine-tune
         ),
-        sampling=dict(max_new_tokens=256, top_p=1.0, top_k=0, min_p=0.0),  # the stage-3 completion budget
+        # Samples per prompt: inference, G of stage 3; the stage-3 completion budget and temperature.
+        sampling=dict(num_generations=4, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0),
         batch=dict(micro_batches=8),  # inference (memory): 4 rows per micro-batch
         rejection=dict(
-            num_samples=4,  # inference: G of stage 3
             min_reward=2.0,  # format + accuracy both 1 (see above)
             num_prompts=2048,  # inference: enough prompts to keep ~1k multimodal samples (the authors kept 1,020)
-            temperature=1.0,
             batch_size=8,
             # 500 of the 1,520 samples are text-only (s1K-1.1 math 400 + science 100): share 0.33.
             text_share=0.33,
@@ -177,8 +176,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # scripts). Departure: the authors also pre-resize math images to <= 262,144 px (stage 1) / 410,000 px.
     c.model.update(dtype="bfloat16", param_dtype="float32", min_pixels=56 * 56, max_pixels=401408)
     # The authors evaluate with an LLM judge (METHODS §6.5); in-training eval uses the stage's accuracy reward.
-    c.eval.update(sources=[_r1v(f"{root}/test/math_math_test.jsonl", "math")], num_examples=512, batch_size=32,
-                  max_new_tokens=256)
+    c.eval.update(sources=[_r1v(f"{root}/test/math_math_test.jsonl", "math")], num_examples=512, batch_size=32)
+    c.eval.sampling.max_new_tokens = 256
     c.train.update(save_every=100, eval_every=0)
 
     if variant == "tiny":
@@ -200,7 +199,8 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
     for name, level in (("judge", 1), ("choice", 2), ("open", 3)):
         s = c.stages[name]
         s.steps = 4
-        s.data.update(tiny_data, sources=[gym_source("train", 64, tasks=_tasks_of_stage(level))])
+        rl_data = {k: v for k, v in tiny_data.items() if k != "max_target_length"}  # RL stages have no targets
+        s.data.update(rl_data, sources=[gym_source("train", 64, tasks=_tasks_of_stage(level))])
         s.sampling.max_new_tokens = 48
         s.optimizer.learning_rate = 1e-3  # tiny: a random-weight toy model; 1e-6 would not move it
         rows = s.data.batch_size * s.sampling.num_generations
@@ -211,11 +211,11 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
     r.steps, r.epochs = 4, 0
     r.data.update(tiny_data, batch_size=4, sources=[gym_source("train", 64, tasks=_tasks_of_stage(3))])
     r.rewards = _open_rewards(inclusive_iou=False)
-    r.sampling.max_new_tokens = 48
+    r.sampling.update(num_generations=2, max_new_tokens=48)
     r.batch.micro_batches = 2
     r.optimizer.update(learning_rate=2e-4, warmup_steps=0)  # tiny: 1/5 of the RL rate, as 2e-7 is of 1e-6
     r.rejection.update(
-        num_samples=2, num_prompts=4, batch_size=2,
+        num_prompts=4, batch_size=2,
         # Tiny: a random-weight model rarely earns any reward, and a stage that keeps nothing stops the run; keep
         # every prompt's best sample (the real variant keeps only full-reward ones).
         min_reward=0.0,

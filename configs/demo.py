@@ -52,11 +52,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    max_pixels=56 * 56)
     c.mesh.shape = (1, 1, 1)
     c.stage_order = ("sft", "dyme")
-    data = dict(prompt_style="dyme", with_caption=True, max_prompt_length=256, max_target_length=128,
-                on_error="skip")
+    data = dict(prompt_style="dyme", with_caption=True, max_prompt_length=256, on_error="skip")
     c.stages.sft = stage(
         "sft", steps=150,
-        data=dict(sources=[gym("train", 4000)], batch_size=16, with_targets=True, **data),
+        data=dict(sources=[gym("train", 4000)], batch_size=16, max_target_length=128, **data),
         optimizer=dict(learning_rate=3e-3, schedule="constant", warmup_steps=10, weight_decay=0.0,
                        max_grad_norm=1.0),
         loss=dict(sft_aggregation="token"),
@@ -64,7 +63,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stages.dyme = stage(
         "dyme", steps=150,
         # Other examples than the warm-up's (gym seed 1): RL on prompts the model has not been taught.
-        data=dict(sources=[gym("train", 4000, seed=1)], batch_size=8, with_targets=True, **data),
+        # (DyME's references are tokenized at the rollouts' width, sampling.max_new_tokens.)
+        data=dict(sources=[gym("train", 4000, seed=1)], batch_size=8, **data),
         rewards=DYME_REWARDS,
         accuracy_reward="accuracy",
         # 3e-4: at 1e-3 the first DyME steps knocked held-out accuracy from 0.64 to 0.29 (tried, RESULTS.md).
@@ -77,7 +77,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         sampling=dict(num_generations=8, max_new_tokens=96, temperature=0.7, top_p=1.0),
         batch=dict(micro_batches=1, mini_batches=1),
     )
-    c.eval.update(sources=[gym("validation", 96)], num_examples=96, batch_size=32, max_new_tokens=96)
+    c.eval.update(sources=[gym("validation", 96)], num_examples=96, batch_size=32)
+    c.eval.sampling.max_new_tokens = 96
     c.train.update(eval_every=50, save_every=50, keep_checkpoints=1, log_every=5)
     del variant
     return c

@@ -115,7 +115,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # greedily with max_new_tokens 1024 and 5% relaxed accuracy (eval/eval_chartqa.py): run that separately.
     c.eval.update(sources=[{"kind": "jsonl", "path": "/path/to/chartqa/test.jsonl", "record_format": "jaxvlm",
                             "answer_type": "string", "image_root": ""}],
-                  num_examples=512, batch_size=32, max_new_tokens=1024)
+                  num_examples=512, batch_size=32)
+    c.eval.sampling.max_new_tokens = 1024
     c.train.update(save_every=200, eval_every=0)
 
     if variant == "tiny":

@@ -1,6 +1,7 @@
 """A smoke check of a model: one jitted forward pass on a synthetic batch with images, no training.
 
-    python -m jaxvlm.main --config configs/forward.py --workdir /tmp/jaxvlm-forward [--config.model.path=DIR]
+    python -m jaxvlm.bench.forward --config configs/forward.py --workdir /tmp/jaxvlm-forward \\
+        [--config.model.preset='' --config.model.path=DIR]
 
 Builds the model (random weights of `model.preset`, or a Hugging Face checkpoint directory), left-pads a small
 synthetic batch with 0, 1 and 2 images per row, compiles and runs the forward pass and writes `forward.json`
@@ -16,7 +17,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = ml_collections.ConfigDict()
-    c.model.preset = "tiny"  # a name from jaxvlm.models.config.PRESETS, used when `path` is empty
+    c.model.preset = "tiny"  # a name from jaxvlm.models.config.PRESETS (random weights; "" to give a `path`)
     c.model.path = ""  # a local Hugging Face checkpoint directory (Qwen2.5-VL or Qwen2 / Qwen2.5)
     c.model.dtype = "float32"  # compute dtype
     c.model.param_dtype = "float32"  # storage dtype (fp32 master weights)

@@ -68,7 +68,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.update(dtype="bfloat16", param_dtype="float32", min_pixels=56 * 56, max_pixels=401408)  # TRL: bf16
     c.eval.update(sources=[{"kind": "jsonl", "path": "/path/to/test.jsonl", "record_format": "jaxvlm",
                             "answer_type": "string", "image_root": ""}],
-                  num_examples=512, batch_size=32, max_new_tokens=512)
+                  num_examples=512, batch_size=32)
+    c.eval.sampling.max_new_tokens = 512
     c.train.update(save_every=200, eval_every=0)
 
     if variant == "tiny":

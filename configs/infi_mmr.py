@@ -94,7 +94,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The paper reports MathVerse / MathVision / OlympiadBench / MathVista; point eval at one of them (placeholder).
     c.eval.update(sources=[{"kind": "jsonl", "path": "/path/to/mathvista_testmini.jsonl", "record_format": "jaxvlm",
                             "answer_type": "math", "image_root": ""}],
-                  num_examples=512, batch_size=32, max_new_tokens=1024)
+                  num_examples=512, batch_size=32)
+    c.eval.sampling.max_new_tokens = 1024
     c.train.update(save_every=200, eval_every=0)
 
     if variant == "tiny":

@@ -62,7 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.update(dtype="bfloat16", param_dtype="float32", min_pixels=56 * 56, max_pixels=401408)  # bf16 training
     c.eval.update(sources=[{"kind": "jsonl", "path": "/path/to/test.jsonl", "record_format": "jaxvlm",
                             "answer_type": "string", "image_root": ""}],
-                  num_examples=512, batch_size=32, max_new_tokens=1024)
+                  num_examples=512, batch_size=32)
+    c.eval.sampling.max_new_tokens = 1024
     c.train.update(save_every=500, eval_every=0)
 
     if variant == "tiny":

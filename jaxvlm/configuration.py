@@ -1,33 +1,35 @@
-"""The shape of a training config: `base_config()`, `stage(mode)`, and `check_config` (fails at start-up).
+"""The shape of a training config and its start-up resolution into typed, frozen specs.
 
 A recipe config (big_vision style: `configs/<recipe>.py` with `get_config(arg)`) is::
 
     seed                       int
-    model.{preset, path, tokenizer, dtype, param_dtype, remat, attention, logits_chunk, vocab_chunk, min_pixels,
+    model.{preset | path, tokenizer, dtype, param_dtype, remat, attention, logits_chunk, vocab_chunk, min_pixels,
            max_pixels}
     mesh.shape                 (data, fsdp, tensor); -1 = the remaining devices
     train.{log_every, eval_every, save_every, keep_checkpoints, max_consecutive_skips, progress, tensorboard}
-    eval.{sources, num_examples, batch_size, max_new_tokens, save_completions}
+    eval.{sources, num_examples, batch_size, sampling.{...}, save_completions}
     stage_order                ("sft", "grpo", ...): names of `stages` entries, run in this order
-    stages.<name>              a stage (see `stage`): mode, steps/epochs, data, rewards, optimizer, loss, sampling,
-                               batch, rejection
+    stages.<name>              a stage: `stage(mode, ...)`, with exactly the keys its mode reads (jaxvlm.stages)
 
-Every leaf has a default here, so `--config.stages.grpo.loss.eps_low=0.1` works for any recipe and a misspelt
-key (`--config.stages.grpo.loss.eps_lw=0.1`) or a wrong type is rejected by ml_collections before anything runs.
-`check_config` then checks values and cross-field rules, naming the offending key.
+Every key has a default, so `--config.stages.grpo.loss.eps_low=0.1` works for any recipe, and a misspelt key
+(`--config.stages.grpo.loss.eps_lw=0.1`) or a wrong type is rejected by ml_collections before anything runs.
+`resolve(config)` then checks values and cross-field rules, naming the offending key, and returns a `RunSpec`:
+the only thing the run reads. A value derived from another key (an RL stage's `loss.temperature` and
+`loss.group_size` from its `sampling`, `optimizer.total_steps` from the stage length) is left unset (None); set to
+a value that disagrees with its source, it is a start-up error naming both keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import ml_collections
+from absl import logging
 
 from jaxvlm.data.pipeline import PipelineConfig
+from jaxvlm.sampling import SamplingParams
 from jaxvlm.train_steps import LossConfig, OptimizerConfig
-
-STAGE_MODES = ("sft", "grpo", "dyme", "rejection_sft")
-RL_MODES = ("grpo", "dyme")
 
 
 def gym_source(split: str, num_examples: int, tasks: tuple[str, ...] | None = None, **kwargs) -> dict:
@@ -38,72 +40,37 @@ def gym_source(split: str, num_examples: int, tasks: tuple[str, ...] | None = No
     return entry
 
 
-def _data_config(**overrides) -> ml_collections.ConfigDict:
-    fields = {f.name: f.default for f in dataclasses.fields(PipelineConfig) if f.name != "batch_size"}
-    fields.update(batch_size=8, sources=[], with_targets=False)
-    d = ml_collections.ConfigDict(fields)
-    d.num_epochs = ml_collections.FieldReference(None, field_type=int)
-    d.update(overrides)
-    return d
-
-
-def _dataclass_config(cls, **overrides) -> ml_collections.ConfigDict:
-    values = {f.name: f.default for f in dataclasses.fields(cls)}
-    d = ml_collections.ConfigDict(values)
-    for name, value in values.items():
-        if value is None:  # typed None so that --config overrides can set a number
-            d[name] = ml_collections.FieldReference(None, field_type=float)
-    d.update(overrides)
-    return d
+def typed_none(field_type=int) -> ml_collections.FieldReference:
+    """A key whose default is None that `--config` overrides may still set to a `field_type` value."""
+    return ml_collections.FieldReference(None, field_type=field_type)
 
 
 def stage(mode: str, **overrides) -> ml_collections.ConfigDict:
-    """A stage with every key at its default; `overrides` (nested dicts allowed) replace some.
+    """A stage of `mode` (jaxvlm.stages.MODES) with every key its mode reads at its default; `overrides` (nested
+    dicts allowed) replace some. A key the mode does not read is an error here, as on the command line."""
+    from jaxvlm import stages
 
-    mode: sft (targets from `data`), grpo, dyme, rejection_sft (sample, filter, then SFT on the kept set).
-    steps: optimizer steps of the stage (one rollout batch per step for RL: K * μ updates); 0 = use epochs.
-    epochs: passes over the stage's (first) data source when steps = 0.
-    batch: micro_batches M (gradient accumulation) and mini_batches K (RL: updates per rollout batch).
-    rejection: num_samples per prompt, min_reward to keep, num_prompts, text_share of text-only examples mixed
-      into the SFT set and their sources, sampling temperature.
-    """
-    if mode not in STAGE_MODES:
-        raise ValueError(f"stage mode must be one of {STAGE_MODES}, got {mode!r}")
-    s = ml_collections.ConfigDict()
+    s = stages.get(mode).defaults()
     s.mode = mode
-    s.steps = 10
-    s.epochs = 0
-    s.data = _data_config()
-    s.rewards = []
-    s.accuracy_reward = "accuracy"  # the reward (display name) used as correctness: DyME's switch, eval, rejection
-    s.optimizer = _dataclass_config(OptimizerConfig, frozen=(), no_decay=(r"bias$", r"scale$"))
-    s.loss = _dataclass_config(LossConfig)
-    s.sampling = ml_collections.ConfigDict(dict(
-        num_generations=4, max_new_tokens=64, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0,
-    ))
-    s.batch = ml_collections.ConfigDict(dict(micro_batches=1, mini_batches=1))
-    s.rejection = ml_collections.ConfigDict(dict(
-        num_samples=4, min_reward=1.0, num_prompts=64, text_share=0.0, text_sources=[], temperature=1.0,
-        batch_size=8,
-    ))
-    _deep_update(s, overrides)
+    _deep_update(s, overrides, f"stage({mode!r})")
     return s
 
 
-def _deep_update(config: ml_collections.ConfigDict, overrides: dict) -> None:
+def _deep_update(config: ml_collections.ConfigDict, overrides: dict, where: str) -> None:
     for key, value in overrides.items():
         if key not in config:
-            raise KeyError(f"unknown stage key {key!r}; known: {sorted(config.keys())}")
+            raise KeyError(f"{where}: unknown key {key!r}; a stage of this mode has {sorted(config.keys())}")
         if isinstance(value, dict) and isinstance(config[key], ml_collections.ConfigDict):
-            _deep_update(config[key], value)
+            _deep_update(config[key], value, f"{where}.{key}")
         else:
             config[key] = value
 
 
-def model_options(model_section) -> dict:
-    """The ModelConfig fields a run's `config.model` sets on top of a preset or checkpoint (numerics, memory)."""
-    return {k: model_section[k]
-            for k in ("dtype", "param_dtype", "remat", "attention", "logits_chunk", "vocab_chunk")}
+def sampling_section(**values) -> ml_collections.ConfigDict:
+    """A `sampling` section: the user-settable `SamplingParams` fields (stop ids and the like come from the model)."""
+    fields = dict(num_generations=1, max_new_tokens=64, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0)
+    fields.update(values)
+    return ml_collections.ConfigDict(fields)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -111,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = ml_collections.ConfigDict(dict(
-        preset="tiny",  # jaxvlm.models.config.PRESETS entry used when `path` is empty (random weights)
+        preset="tiny",  # jaxvlm.models.config.PRESETS entry: random weights (set "" to give a `path` instead)
         path="",  # a local Hugging Face checkpoint directory (Qwen2.5-VL, or Qwen2/Qwen2.5 for text-only)
         tokenizer="",  # tokenizer directory; "" = the checkpoint's, or the built-in gym tokenizer for presets
         dtype="float32", param_dtype="float32",
@@ -128,9 +95,10 @@ def base_config() -> ml_collections.ConfigDict:
         tensorboard=True,
     ))
     c.eval = ml_collections.ConfigDict(dict(
-        sources=[gym_source("validation", 64)], num_examples=64, batch_size=16, max_new_tokens=64,
-        # Every evaluation's greedy completions, with their scores, to <workdir>/eval_completions/ (what the model
-        # actually writes: accuracy does not show whether its reasoning reads the input).
+        sources=[gym_source("validation", 64)], num_examples=64, batch_size=16,
+        sampling=sampling_section(temperature=0.0),  # greedy; num_generations k > 1 with temperature > 0: pass@k
+        # Every evaluation's completions, with their scores, to <workdir>/eval_completions/ (what the model actually
+        # writes: accuracy does not show whether its reasoning reads the input).
         save_completions=True,
     ))
     c.stage_order = ()
@@ -139,7 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checks (start-up)
+# Specs: what the run reads
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -147,95 +115,202 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the key."""
 
 
-def _err(key: str, message: str) -> ConfigError:
+def config_error(key: str, message: str) -> ConfigError:
     return ConfigError(f"config.{key}: {message}")
 
 
-def optimizer_config(s: ml_collections.ConfigDict, total_steps: int) -> OptimizerConfig:
-    values = s.optimizer.to_dict()
-    values["frozen"] = tuple(values["frozen"])
-    values["no_decay"] = tuple(values["no_decay"])
-    values["total_steps"] = total_steps
-    return OptimizerConfig(**values)
+MODEL_OPTIONS = ("dtype", "param_dtype", "remat", "attention", "logits_chunk", "vocab_chunk")
 
 
-def loss_config(s: ml_collections.ConfigDict) -> LossConfig:
-    values = s.loss.to_dict()
-    values["group_size"] = int(s.sampling.num_generations) if s.mode in RL_MODES else values["group_size"]
-    if s.mode in RL_MODES:
-        values["temperature"] = float(s.sampling.temperature) or 1.0
-    cfg = LossConfig(**values)
-    cfg.validate()
-    return cfg
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """`config.model`: a preset (random weights) or a checkpoint directory, and the options set on top of it."""
+
+    preset: str
+    path: str
+    tokenizer: str
+    options: tuple[tuple[str, Any], ...]  # (ModelConfig field, value) for MODEL_OPTIONS
+    min_pixels: int
+    max_pixels: int
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        return dict(self.options)
 
 
-def check_config(c: ml_collections.ConfigDict) -> None:
-    """Value and cross-field checks of a full config; raises ConfigError naming the key."""
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    log_every: int
+    eval_every: int  # 0: only at the end of each stage
+    save_every: int
+    keep_checkpoints: int
+    max_consecutive_skips: int
+    progress: bool
+    tensorboard: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """`config.eval`: what the evaluation during and after each training stage reads (its prompt format is the
+    stage's)."""
+
+    sources: tuple[dict, ...]
+    num_examples: int
+    batch_size: int
+    sampling: SamplingParams
+    save_completions: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class RejectionSpec:
+    """A rejection_sft stage's sampling phase: prompts from `data`, `sampling.num_generations` samples each."""
+
+    min_reward: float
+    num_prompts: int
+    batch_size: int
+    text_share: float
+    text_sources: tuple[dict, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """One stage as its mode resolved it (`jaxvlm.stages`); `optimizer.total_steps` is filled when the stage's
+    length is known (`jaxvlm.stages.base.plan`)."""
+
+    name: str
+    mode: str
+    steps: int  # 0: from `epochs`
+    epochs: int  # passes over the first data source; 0: no bound
+    sources: tuple[dict, ...]
+    data: PipelineConfig | None
+    optimizer: OptimizerConfig | None
+    total_steps: int | None  # optimizer.total_steps as set in the config (None: derived)
+    loss: LossConfig | None
+    micro_batches: int = 1
+    mini_batches: int = 1
+    sampling: SamplingParams | None = None
+    rewards: tuple = ()  # rewards.RewardSpec
+    accuracy_reward: str = ""
+    rejection: RejectionSpec | None = None
+    num_examples: int = 0  # eval stages: examples to score (0 = all)
+
+    @property
+    def key(self) -> str:
+        return f"stages.{self.name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    seed: int
+    model: ModelSpec
+    mesh_shape: tuple[int, int, int]
+    train: TrainSpec
+    eval: EvalSpec
+    stages: tuple[StageSpec, ...]
+
+    def stage(self, name: str) -> StageSpec:
+        return next(s for s in self.stages if s.name == name)
+
+    @property
+    def trains(self) -> bool:
+        from jaxvlm import stages
+
+        return any(stages.get(s.mode).trains for s in self.stages)
+
+
+def resolve(c: ml_collections.ConfigDict) -> RunSpec:
+    """Check a full config and turn it into the `RunSpec` the run reads; ConfigError names the key."""
+    from jaxvlm import stages
+
     if not c.stage_order:
-        raise _err("stage_order", "no stages to run")
+        raise config_error("stage_order", "no stages to run")
     for name in c.stage_order:
         if name not in c.stages:
-            raise _err("stage_order", f"names stage {name!r}, but config.stages has {sorted(c.stages.keys())}")
+            raise config_error("stage_order", f"names stage {name!r}, but config.stages has {sorted(c.stages.keys())}")
     if len(set(c.stage_order)) != len(c.stage_order):
-        raise _err("stage_order", f"a stage appears twice: {c.stage_order}")
-    shape = tuple(c.mesh.shape)
-    if len(shape) != 3 or sum(d == -1 for d in shape) > 1 or any(d == 0 or d < -1 for d in shape):
-        raise _err("mesh.shape", f"must be 3 sizes (data, fsdp, tensor) with at most one -1, got {shape}")
-    if c.train.max_consecutive_skips < 1:
-        raise _err("train.max_consecutive_skips", "must be >= 1")
+        raise config_error("stage_order", f"a stage appears twice: {c.stage_order}")
+    unused = sorted(set(c.stages.keys()) - set(c.stage_order))
+    if unused:  # e.g. --config.stage_order=sft to run a recipe's first stage: said, not silently skipped
+        logging.warning("config.stages %s are not in config.stage_order %s: they will not run", unused,
+                        tuple(c.stage_order))
+    check_known_keys(c, base_config(), "", skip=("stages",))
+    resolved = []
     for name in c.stage_order:
-        s = c.stages[name]
-        key = f"stages.{name}"
-        if s.mode not in STAGE_MODES:
-            raise _err(f"{key}.mode", f"must be one of {STAGE_MODES}, got {s.mode!r}")
-        if s.steps < 0 or s.epochs < 0 or (s.steps == 0 and s.epochs == 0):
-            raise _err(f"{key}.steps", "give a positive number of steps, or steps=0 and epochs > 0")
-        if not s.data.sources:
-            raise _err(f"{key}.data.sources", "empty: the stage needs data")
-        try:
-            PipelineConfig.from_dict({k: v for k, v in s.data.to_dict().items() if k != "sources"})
-        except (ValueError, TypeError) as error:
-            raise _err(f"{key}.data", str(error)) from None
-        try:
-            cfg = loss_config(s)
-            optimizer_config(s, max(1, s.steps))
-        except (ValueError, TypeError) as error:
-            raise _err(f"{key}.loss", str(error)) from None
-        m, k = s.batch.micro_batches, s.batch.mini_batches
-        if m < 1 or k < 1:
-            raise _err(f"{key}.batch", "micro_batches and mini_batches must be >= 1")
-        if s.mode in ("sft", "rejection_sft"):
-            if s.data.batch_size % m:
-                raise _err(f"{key}.batch.micro_batches", f"{m} does not divide data.batch_size={s.data.batch_size}")
-        if s.mode in RL_MODES or s.mode == "rejection_sft":
-            if not s.rewards:
-                raise _err(f"{key}.rewards", f"a {s.mode} stage needs rewards")
-            from jaxvlm import rewards
+        section = c.stages[name]
+        mode = section.get("mode")
+        if mode not in stages.MODES:
+            raise config_error(f"stages.{name}.mode", f"must be one of {tuple(stages.MODES)}, got {mode!r}")
+        check_known_keys(section, stages.get(mode).defaults(), f"stages.{name}")
+        resolved.append(stages.get(mode).resolve(section, name, seed=int(c.seed)))
+    return RunSpec(seed=int(c.seed), model=resolve_model(c.model), mesh_shape=resolve_mesh(c.mesh),
+                   train=resolve_train(c.train), eval=resolve_eval(c.eval), stages=tuple(resolved))
 
-            try:
-                specs = rewards.parse_reward_specs(list(s.rewards))
-            except (ValueError, KeyError) as error:
-                raise _err(f"{key}.rewards", str(error)) from None
-            if s.mode == "dyme" and s.accuracy_reward not in rewards.display_names(specs):
-                raise _err(f"{key}.accuracy_reward", f"{s.accuracy_reward!r} is not one of the stage's rewards "
-                           f"{rewards.display_names(specs)}")
-        if s.mode in RL_MODES:
-            g = s.sampling.num_generations
-            if g < 2:
-                raise _err(f"{key}.sampling.num_generations", "group advantages need >= 2 rollouts per prompt")
-            rows = s.data.batch_size * g
-            if rows % (m * k):
-                raise _err(f"{key}.batch", f"{rows} rollout rows (batch_size x num_generations) cannot be cut into "
-                           f"{k} mini-batches x {m} micro-batches")
-            if s.mode == "dyme" and cfg.beta > 0:
-                raise _err(f"{key}.loss.beta", "DyME trains without a KL term (the authors assert beta == 0)")
-        if s.mode == "rejection_sft":
-            if s.rejection.num_samples < 1 or s.rejection.num_prompts < 1:
-                raise _err(f"{key}.rejection", "num_samples and num_prompts must be >= 1")
-            if not 0.0 <= s.rejection.text_share < 1.0:
-                raise _err(f"{key}.rejection.text_share", "must be in [0, 1)")
-            if s.rejection.text_share > 0 and not s.rejection.text_sources:
-                raise _err(f"{key}.rejection.text_sources", "text_share > 0 needs text-only sources")
+
+def check_known_keys(section: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, key: str,
+                     skip: tuple[str, ...] = ()) -> None:
+    """Every key of `section` exists in `schema` (recursively): a key added by a recipe file (`ConfigDict.update`
+    adds unknown keys) would otherwise be read by nothing."""
+    for name, value in section.items():
+        path = f"{key}.{name}" if key else name
+        if name in skip:
+            continue
+        if name not in schema:
+            raise config_error(path, f"not a key here, so nothing would read it; the keys are {sorted(schema.keys())}")
+        if isinstance(value, ml_collections.ConfigDict) and isinstance(schema[name], ml_collections.ConfigDict):
+            check_known_keys(value, schema[name], path)
+
+
+def check_config(c: ml_collections.ConfigDict) -> RunSpec:
+    """`resolve`, for callers that only want the checks."""
+    return resolve(c)
+
+
+def resolve_model(m: ml_collections.ConfigDict) -> ModelSpec:
+    """`config.model` (a preset or a path, and MODEL_OPTIONS; a section without `tokenizer` or pixel bounds, as the
+    benchmarks' and the forward check's, gets the defaults)."""
+    if m.path and m.preset:
+        raise config_error("model.preset", f"{m.preset!r} is set together with config.model.path={m.path!r}: give one "
+                           "(--config.model.preset='' to use the checkpoint)")
+    if not m.path and not m.preset:
+        raise config_error("model.path", "this config trains a real checkpoint; set --config.model.path=/path/to/"
+                           "checkpoint (or --config.model.preset=tiny for a random-weight toy model)")
+    min_pixels, max_pixels = int(m.get("min_pixels", 56 * 56)), int(m.get("max_pixels", 56 * 56))
+    if not 0 < min_pixels <= max_pixels:
+        raise config_error("model.min_pixels", f"need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
+    return ModelSpec(preset=m.preset, path=m.path, tokenizer=m.get("tokenizer", ""),
+                     options=tuple((k, m[k]) for k in MODEL_OPTIONS), min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def resolve_mesh(mesh: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    shape = tuple(int(d) for d in mesh.shape)
+    if len(shape) != 3 or sum(d == -1 for d in shape) > 1 or any(d == 0 or d < -1 for d in shape):
+        raise config_error("mesh.shape", f"must be 3 sizes (data, fsdp, tensor) with at most one -1, got {shape}")
+    return shape
+
+
+def resolve_train(t: ml_collections.ConfigDict) -> TrainSpec:
+    if t.max_consecutive_skips < 1:
+        raise config_error("train.max_consecutive_skips", "must be >= 1")
+    return TrainSpec(**{f.name: t[f.name] for f in dataclasses.fields(TrainSpec)})
+
+
+def resolve_sampling(section: ml_collections.ConfigDict, key: str) -> SamplingParams:
+    try:
+        sp = SamplingParams.from_config(section)
+        sp.validate()
+    except (ValueError, TypeError) as error:
+        raise config_error(key, str(error)) from None
+    return sp
+
+
+def resolve_eval(e: ml_collections.ConfigDict) -> EvalSpec:
+    if not e.sources:
+        raise config_error("eval.sources", "empty: evaluation needs data")
+    if e.batch_size < 1 or e.num_examples < 1:
+        raise config_error("eval", f"batch_size and num_examples must be >= 1, got {e.batch_size}, {e.num_examples}")
+    return EvalSpec(sources=tuple(dict(x) for x in e.sources), num_examples=int(e.num_examples),
+                    batch_size=int(e.batch_size), sampling=resolve_sampling(e.sampling, "eval.sampling"),
+                    save_completions=bool(e.save_completions))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -261,4 +336,5 @@ def use_tiny_model(c: ml_collections.ConfigDict, eval_tasks, *, max_new_tokens: 
     c.mesh.shape = (1, 1, 1)
     c.train.update(save_every=2, keep_checkpoints=1)
     c.eval.update(sources=[gym_source("validation", eval_examples, tasks=tuple(eval_tasks))], num_examples=8,
-                  batch_size=8, max_new_tokens=max_new_tokens)
+                  batch_size=8)
+    c.eval.sampling.max_new_tokens = max_new_tokens

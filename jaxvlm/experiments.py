@@ -69,9 +69,13 @@ def _gym(split, n, tasks, seed=0):
 
 
 def _data(tasks, *, caption=True, targets=True, batch, seed=1, shuffle=True):
-    return dict(sources=[_gym("train", 4000, tasks, seed)], batch_size=batch, prompt_style="dyme",
-                with_caption=caption, with_targets=targets, max_prompt_length=256, max_target_length=128,
-                on_error="skip", shuffle=shuffle)
+    """A stage's data; `targets`: an SFT stage's reference completions are tokenized to 128 tokens (RL stages have
+    none, and DyME's are tokenized at the rollouts' width)."""
+    data = dict(sources=[_gym("train", 4000, tasks, seed)], batch_size=batch, prompt_style="dyme",
+                with_caption=caption, max_prompt_length=256, on_error="skip", shuffle=shuffle)
+    if targets:
+        data["max_target_length"] = 128
+    return data
 
 
 def sft_stage(b: Budget, steps: int, tasks=VISUAL_TASKS, seed=0, caption=True, lr=None):
@@ -85,12 +89,12 @@ def rl_stage(b: Budget, steps: int, tasks=VISUAL_TASKS, *, mode="grpo", caption=
              eps_low=0.2, num_iterations=1, mini_batches=1, batch=None, generations=None, seed=1):
     return stage(
         mode, steps=steps,
-        data=_data(tasks, caption=caption, targets=mode == "dyme", batch=batch or b.rl_batch, seed=seed),
+        data=_data(tasks, caption=caption, targets=False, batch=batch or b.rl_batch, seed=seed),
         rewards=DYME_REWARDS if mode == "dyme" else GRPO_REWARDS, accuracy_reward="accuracy",
         optimizer=dict(learning_rate=b.rl_lr, schedule="constant", warmup_steps=0, weight_decay=0.0,
                        max_grad_norm=1.0),
         loss=dict(beta=0.0, num_iterations=num_iterations, aggregation="grpo", advantage_scale="group",
-                  eps_low=eps_low, eps_high=0.2, dyme_granularity=granularity),
+                  eps_low=eps_low, eps_high=0.2, **({"dyme_granularity": granularity} if mode == "dyme" else {})),
         sampling=dict(num_generations=generations or b.num_generations, max_new_tokens=b.max_new_tokens,
                       temperature=b.temperature),
         batch=dict(micro_batches=1, mini_batches=mini_batches))
@@ -161,8 +165,8 @@ def arm_config(stages, b: Budget, seed: int):
     c.stage_order = tuple(n for n, _ in stages)
     for name, s in stages:
         c.stages[name] = s
-    c.eval.update(sources=[_eval_source(b)], num_examples=b.eval_examples,
-                  batch_size=32, max_new_tokens=b.max_new_tokens)
+    c.eval.update(sources=[_eval_source(b)], num_examples=b.eval_examples, batch_size=32)
+    c.eval.sampling.max_new_tokens = b.max_new_tokens
     c.train.update(eval_every=0, save_every=10_000, keep_checkpoints=1, log_every=5, progress=False)
     configuration.check_config(c)
     return c

@@ -1,6 +1,6 @@
 """Rollouts: group generation with a KV cache, compiled end to end.
 
-    rollout = generate(model, params, batch, key, num_generations=8, max_new_tokens=256, temperature=1.0)
+    rollout = generate(model, params, batch, key, SamplingParams(num_generations=8, max_new_tokens=256))
 
 How it runs (one `jax.jit`):
 1. **Prefill once per prompt.** The vision tower and the prompt go through the model once for the B prompts;
@@ -45,7 +45,9 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """Static sampling settings (hashable: one compilation per distinct value)."""
+    """How to sample: the one representation of sampling settings. Built directly, or from a config's `sampling`
+    section (`from_config`), passed to `generate`, and resolved against the model (`resolve`: stop ids, pad id,
+    suppressed ids) into the static form the jitted sampler closes over (hashable: one compilation per value)."""
 
     num_generations: int = 1
     max_new_tokens: int = 256
@@ -53,9 +55,37 @@ class SamplingParams:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     min_p: float = 0.0  # 0: off
-    stop_token_ids: tuple[int, ...] = ()  # EOS ids plus any extra stop ids
-    pad_token_id: int = 0  # written after a row stops (masked out)
-    suppress_token_ids: tuple[int, ...] = ()  # never sampled (e.g. <|image_pad|>: a completion cannot hold an image)
+    stop_token_ids: tuple[int, ...] = ()  # ids that end a completion besides the model's EOS (with use_eos)
+    use_eos: bool = True  # the model config's eos_token_id ends a completion
+    pad_token_id: int | None = None  # written after a row stops (None: the config's pad id, else the first stop id)
+    suppress_token_ids: tuple[int, ...] | None = None  # never sampled (None: the image / video placeholder ids)
+
+    @classmethod
+    def from_config(cls, section) -> SamplingParams:
+        """From a config section (a ConfigDict or a dict) holding some of the fields; unknown keys are an error."""
+        values = dict(section.items())
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown sampling settings {unknown}")
+        for name in ("stop_token_ids", "suppress_token_ids"):
+            if values.get(name) is not None:
+                values[name] = tuple(int(i) for i in values[name])
+        return cls(**values)
+
+    def resolve(self, config: ModelConfig) -> SamplingParams:
+        """These settings with the model's ids filled in (EOS among the stop ids, pad id, suppressed ids), checked.
+        Idempotent: resolving a resolved value returns it unchanged."""
+        stops = resolve_stop_ids(config, self.stop_token_ids, self.use_eos)
+        pad = self.pad_token_id
+        if pad is None:
+            pad = config.text.pad_token_id if config.text.pad_token_id is not None else (stops or (0,))[0]
+        suppress = self.suppress_token_ids
+        resolved = dataclasses.replace(
+            self, temperature=float(self.temperature), top_k=int(self.top_k), top_p=float(self.top_p),
+            min_p=float(self.min_p), stop_token_ids=stops, use_eos=False, pad_token_id=int(pad),
+            suppress_token_ids=default_suppressed_ids(config) if suppress is None else tuple(int(i) for i in suppress))
+        resolved.validate()
+        return resolved
 
     def validate(self) -> None:
         if self.num_generations < 1:
@@ -163,6 +193,7 @@ def generate_from_inputs(
       and for image prompts pixel_values [S, L, patch_dim] + vision_inputs (`jaxvlm.processing.layout_images`).
     Returns a `Rollout` with B*G rows and N = sp.max_new_tokens columns.
     """
+    sp = sp.resolve(config)  # idempotent; a caller may pass unresolved settings
     model = Qwen25VL(config)
     # Cast once per call: the decode loop then reads the weights in the compute dtype at every step (2 bytes a
     # parameter in bf16), where the layers' own cast would convert the float32 weights again at every token.
@@ -383,30 +414,19 @@ def generate(
     params: Any,
     batch: dict[str, Any],
     key: Array,
+    sp: SamplingParams = SamplingParams(),
     *,
-    num_generations: int = 1,
-    max_new_tokens: int = 256,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    stop_token_ids: Sequence[int] | None = None,
-    use_eos: bool = True,
-    pad_token_id: int | None = None,
-    suppress_token_ids: Sequence[int] | None = None,
     mesh: Mesh | None = None,
     batch_axes: Sequence[str] | None = None,
 ) -> Rollout:
-    """Sample `num_generations` completions for every prompt of `batch` (see the module docstring).
+    """Sample `sp.num_generations` completions for every prompt of `batch` (see the module docstring).
 
     Args:
       model: the `Qwen25VL` module (or its `ModelConfig`); params: its parameters (float32 or bfloat16).
       batch: prompt batch, e.g. `Processor(...)(texts, images)` (left-padded).
       key: a `jax.random` key; the result is a deterministic function of it.
-      stop_token_ids: extra ids that end a completion, besides the model's EOS (unless `use_eos=False`).
-      pad_token_id: fills columns after the stop token (default: the config's pad id, else the first stop id, else 0).
-      suppress_token_ids: ids never sampled; default the image and video placeholder ids of a VL model (a
-        completion holding one could not be scored: no image stands behind it). Pass () to sample freely.
+      sp: the sampling settings (`SamplingParams`; resolved here against the model's EOS, pad and placeholder ids:
+        a VL model never samples its image / video placeholders unless `suppress_token_ids=()`).
       mesh: shard the prompts (and so the B*G rollout rows) over the mesh's batch axes (`batch_axes`, default
         "data" and "fsdp"); B must be divisible by their size. Params already placed on the mesh keep their
         sharding; params elsewhere (e.g. on one device) are replicated over it.
@@ -416,9 +436,7 @@ def generate(
     image sizes on the host (the data pipeline does) to keep the number of compilations small.
     """
     config = model.config if isinstance(model, Qwen25VL) else model
-    sp = sampling_params(config, num_generations=num_generations, max_new_tokens=max_new_tokens,
-                         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, stop_token_ids=stop_token_ids,
-                         use_eos=use_eos, pad_token_id=pad_token_id, suppress_token_ids=suppress_token_ids)
+    sp = sp.resolve(config)
     sharding = batch_sharding(mesh, batch_axes)
     inputs = prepare_prompts(config, batch, slot_multiple=rows_multiple(sharding))
     if sharding is not None:
@@ -428,26 +446,6 @@ def generate(
         inputs = feed_global_batch(inputs, input_shardings(inputs, sharding))
         params = _on_mesh(params, mesh)
     return compiled_sampler(sharding)(params, inputs, key, config=config, sp=sp)
-
-
-def sampling_params(config: ModelConfig, *, num_generations: int = 1, max_new_tokens: int = 256,
-                    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-                    stop_token_ids: Sequence[int] | None = None, use_eos: bool = True, pad_token_id: int | None = None,
-                    suppress_token_ids: Sequence[int] | None = None) -> SamplingParams:
-    """`generate`'s settings resolved against the model config (stop ids, pad id, suppressed ids) and checked."""
-    stops = resolve_stop_ids(config, stop_token_ids, use_eos)
-    if pad_token_id is None:
-        pad_token_id = config.text.pad_token_id if config.text.pad_token_id is not None else (stops or (0,))[0]
-    sp = SamplingParams(
-        num_generations=num_generations, max_new_tokens=max_new_tokens, temperature=float(temperature),
-        top_k=int(top_k), top_p=float(top_p), min_p=float(min_p), stop_token_ids=stops,
-        pad_token_id=int(pad_token_id),
-        suppress_token_ids=tuple(int(i) for i in suppress_token_ids)
-        if suppress_token_ids is not None
-        else default_suppressed_ids(config),
-    )
-    sp.validate()
-    return sp
 
 
 def rows_multiple(sharding: NamedSharding | None) -> int:

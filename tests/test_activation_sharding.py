@@ -70,7 +70,7 @@ def test_sampler_prefill_keeps_rows_split():
                           sampling.input_shardings(inputs, sh))
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           models.abstract_params(cfg), sharding.tree_shardings(models.abstract_params(cfg), mesh))
-    sp = sampling.sampling_params(cfg, num_generations=2, max_new_tokens=4)
+    sp = sampling.SamplingParams(num_generations=2, max_new_tokens=4).resolve(cfg)
     hlo = sampling.compiled_sampler(sh).lower(params, placed, jax.random.key(0), config=cfg, sp=sp).compile().as_text()
     moved = [s for found in _collective_shapes(hlo).values() for s in found if SEQ in s]
     assert not moved, f"prompt activations cross devices: {moved}"

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxvlm import configuration, models, sharding, train_steps
+from jaxvlm import configuration, models, runtime, sharding, train_steps
 from jaxvlm.bench import hlo, memory, workload
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -208,8 +208,8 @@ def test_sft_argument_bytes_are_the_state_and_batch(cpu_run):
         reported = json.load(f)["sections"]["sft"]["memory"]
     c = bench_config.get_config("tiny")
     mesh = sharding.make_mesh((1, 8, 1))
-    cfg = models.preset(c.model.preset, **configuration.model_options(c.model))
-    params = models.abstract_params(cfg)
+    model, params = runtime.build_model(configuration.resolve_model(c.model), c.seed, abstract=True)
+    cfg = model.config
     param_bytes = _per_device_bytes(params, sharding.tree_shardings(params, mesh))
     optimizer = train_steps.make_optimizer(jax_side._optimizer_config(c.optimizer), params)
     state = jax.eval_shape(lambda p: train_steps.create_train_state(p, optimizer, 0), params)

@@ -12,7 +12,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from jaxvlm import configuration, rewards
+from jaxvlm import configuration, rewards, stages
 from jaxvlm.data.gym import TASK_STAGE, TASKS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,8 +49,9 @@ def all_sources(c) -> list[tuple[str, dict]]:
     for name in c.stage_order:
         s = c.stages[name]
         out += [(f"stages.{name}.data.sources[{k}]", dict(e)) for k, e in enumerate(s.data.sources)]
-        out += [(f"stages.{name}.rejection.text_sources[{k}]", dict(e))
-                for k, e in enumerate(s.rejection.text_sources)]
+        if "rejection" in s:
+            out += [(f"stages.{name}.rejection.text_sources[{k}]", dict(e))
+                    for k, e in enumerate(s.rejection.text_sources)]
     out += [(f"eval.sources[{k}]", dict(e)) for k, e in enumerate(c.eval.sources)]
     return out
 
@@ -81,11 +82,15 @@ def tasks_of(s) -> set[str]:
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_variant_builds_and_passes_check_config(recipe, variant):
     c = get_config(recipe, variant)
+    if not c.model.preset:  # the full-size variants train a checkpoint the user names, checked at start-up
+        with pytest.raises(configuration.ConfigError, match=r"config\.model\.path: this config trains a real"):
+            configuration.check_config(c)
+        c.model.path = "/ckpt"
     configuration.check_config(c)
     assert tuple(c.stage_order) == STAGE_NAMES[recipe]
     assert set(c.stage_order) <= set(c.stages.keys())
     for name in c.stage_order:
-        assert c.stages[name].mode in configuration.STAGE_MODES
+        assert c.stages[name].mode in stages.MODES
     assert c.eval.sources and c.eval.num_examples >= c.eval.batch_size
 
 
@@ -106,7 +111,7 @@ def test_tiny_variant_runs_on_the_gym_with_the_tiny_model(recipe):
     c = get_config(recipe, "tiny")
     assert c.model.preset == "tiny" and c.model.path == ""
     assert tuple(c.mesh.shape) == (1, 1, 1)
-    assert c.eval.batch_size == 8 and 8 <= c.eval.num_examples <= 16 and c.eval.max_new_tokens <= 48
+    assert c.eval.batch_size == 8 and 8 <= c.eval.num_examples <= 16 and c.eval.sampling.max_new_tokens <= 48
     assert c.train.save_every <= 4
     for where, entry in all_sources(c):
         assert entry["kind"] == "gym", where
@@ -116,7 +121,7 @@ def test_tiny_variant_runs_on_the_gym_with_the_tiny_model(recipe):
         assert 2 <= s.data.batch_size <= 4, name
         assert s.data.on_error == "skip", name
         assert s.data.max_prompt_length >= 192, name
-        if s.mode in configuration.RL_MODES:
+        if s.mode in ("grpo", "dyme"):
             assert 2 <= s.sampling.num_generations <= 4, name
             assert s.sampling.max_new_tokens <= (96 if s.mode == "dyme" else 48), name
         if s.mode in ("sft", "rejection_sft"):
@@ -333,7 +338,8 @@ def parse_command_line(monkeypatch, *args: str):
 def test_command_line_good_overrides_change_the_values(monkeypatch):
     c = parse_command_line(monkeypatch, "--config", f"{config_path('clgrpo')}:tiny",
                            "--config.stages.cliplow.loss.eps_low=0.05", "--config.stages.format.steps=2",
-                           "--config.stages.sft.data.sources[0].num_examples=32", "--config.model.path=/ckpt")
+                           "--config.stages.sft.data.sources[0].num_examples=32", "--config.model.preset=",
+                           "--config.model.path=/ckpt")
     assert c.stages.cliplow.loss.eps_low == 0.05 and c.stages.format.steps == 2
     assert c.stages.sft.data.sources[0]["num_examples"] == 32 and c.model.path == "/ckpt"
     configuration.check_config(c)

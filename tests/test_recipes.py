@@ -34,7 +34,7 @@ def reduced(config):
         if stage.mode == "rejection_sft":
             stage.rejection.num_prompts = stage.rejection.batch_size
     config.eval.num_examples = config.eval.batch_size = 4
-    config.eval.max_new_tokens = 8
+    config.eval.sampling.max_new_tokens = 8
     config.train.update(save_every=1, progress=False)
     return config
 

@@ -14,14 +14,15 @@ import time
 import numpy as np
 import pytest
 
-from jaxvlm import configuration, models, trainer
+from jaxvlm import configuration, evaluation, models, rollouts, runtime, trainer
 from jaxvlm.configuration import gym_source, stage
 from jaxvlm.data.jsonl import JsonlSource
 from jaxvlm.metrics import read_metrics, read_tensorboard_scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_TASKS = ("exists", "count")
-DATA = dict(batch_size=2, max_prompt_length=256, max_target_length=160, on_error="skip", prefetch=0, num_threads=1)
+DATA = dict(batch_size=2, max_prompt_length=256, on_error="skip", prefetch=0, num_threads=1)  # + targets: SFT_DATA
+SFT_DATA = dict(DATA, max_target_length=160)
 
 
 def mechanics_config():
@@ -29,12 +30,12 @@ def mechanics_config():
     c = configuration.base_config()
     c.mesh.shape = (1, 1, 1)
     c.train.update(save_every=1, progress=False)
-    c.eval.update(sources=[gym_source("validation", 8, tasks=TRAIN_TASKS)], num_examples=2, batch_size=2,
-                  max_new_tokens=8)
+    c.eval.update(sources=[gym_source("validation", 8, tasks=TRAIN_TASKS)], num_examples=2, batch_size=2)
+    c.eval.sampling.max_new_tokens = 8
     prompts = [gym_source("train", 16, tasks=TRAIN_TASKS)]
     r1 = ["format_think_answer", "accuracy"]
     c.stage_order = ("sft", "grpo", "dyme", "reject")
-    c.stages.sft = stage("sft", steps=2, data=dict(DATA, sources=prompts, batch_size=4),
+    c.stages.sft = stage("sft", steps=2, data=dict(SFT_DATA, sources=prompts, batch_size=4),
                          batch=dict(micro_batches=2), optimizer=dict(learning_rate=3e-3, weight_decay=0.0))
     c.stages.grpo = stage("grpo", steps=2, data=dict(DATA, sources=prompts), rewards=r1,
                           sampling=dict(num_generations=2, max_new_tokens=8),
@@ -43,9 +44,9 @@ def mechanics_config():
     c.stages.dyme = stage("dyme", steps=2, data=dict(DATA, sources=prompts, prompt_style="dyme"),
                           rewards=["format_dyme", {"name": "accuracy", "kwargs": {"extract": "dyme"}}],
                           sampling=dict(num_generations=2, max_new_tokens=112), batch=dict(mini_batches=2))
-    c.stages.reject = stage("rejection_sft", steps=2, data=dict(DATA, sources=prompts), rewards=r1,
-                            sampling=dict(max_new_tokens=8),
-                            rejection=dict(num_samples=2, min_reward=0.0, num_prompts=4, batch_size=2, text_share=0.5,
+    c.stages.reject = stage("rejection_sft", steps=2, data=dict(SFT_DATA, sources=prompts), rewards=r1,
+                            sampling=dict(num_generations=2, max_new_tokens=8),
+                            rejection=dict(min_reward=0.0, num_prompts=4, batch_size=2, text_share=0.5,
                                            text_sources=[gym_source("train", 8, tasks=("word_arithmetic",))]))
     return c
 
@@ -91,7 +92,7 @@ def test_every_evaluation_writes_its_greedy_completions_and_reasoning_f1(trained
         f"{r['eval/stage']}-step{r['step']:06d}.jsonl" for r in evals)
     for r in evals:
         stage_name = r["eval/stage"]
-        with open(trainer.evaluation_completions_path(workdir, stage_name, r["step"])) as f:
+        with open(evaluation.completions_path(workdir, stage_name, r["step"])) as f:
             rows = [json.loads(line) for line in f]
         assert len(rows) == config.eval.num_examples == r["eval/examples"]
         assert all(row["task"] in TRAIN_TASKS and row["question"] and row["answer"] for row in rows)
@@ -110,13 +111,15 @@ def test_every_evaluation_writes_its_greedy_completions_and_reasoning_f1(trained
 def test_evaluation_writes_no_completions_when_switched_off_and_none_for_plain_prompts(tmp_path):
     config = mechanics_config()
     config.eval.save_completions = False
-    rt = trainer.setup(config, str(tmp_path))
-    path = trainer.evaluation_completions_path(str(tmp_path), "dyme", 1)
-    metrics = trainer.evaluate(rt, rt.init_params, config.stages.dyme, path)
+    spec = configuration.resolve(config)
+    rt = runtime.setup(spec, str(tmp_path))
+    path = evaluation.completions_path(str(tmp_path), "dyme", 1)
+    metrics = evaluation.evaluate(rt, rt.init_params, evaluation.task_for_stage(spec.eval, spec.stage("dyme")), path)
     assert "think_f1" in metrics and not os.path.exists(path)
-    rt.config.eval.save_completions = True
+    config.eval.save_completions = True
     config.stages.sft.data.prompt_style = "plain"  # answer only: no reasoning to compare
-    metrics = trainer.evaluate(rt, rt.init_params, config.stages.sft, path)
+    spec = configuration.resolve(config)
+    metrics = evaluation.evaluate(rt, rt.init_params, evaluation.task_for_stage(spec.eval, spec.stage("sft")), path)
     assert "think_f1" not in metrics
     with open(path) as f:
         rows = [json.loads(line) for line in f]
@@ -218,7 +221,7 @@ def test_nan_reward_is_contained_and_poisoned_batches_stop_the_run(tmp_path, mon
     """Step 1: every reward total is NaN -> those rows get advantage 0 (losses.group_advantages), the update is
     finite. Steps 2+: the batch's old log-probs are NaN -> non-finite loss, the update is skipped; after
     max_consecutive_skips the run stops naming the step and the quantity."""
-    real = trainer.sample_and_score
+    real = rollouts.sample_and_score
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -230,7 +233,7 @@ def test_nan_reward_is_contained_and_poisoned_batches_stop_the_run(tmp_path, mon
             out.rows["old_logp"] = np.full_like(out.rows["old_logp"], np.nan)
         return out
 
-    monkeypatch.setattr(trainer, "sample_and_score", poisoned)
+    monkeypatch.setattr(rollouts, "sample_and_score", poisoned)
     c = sft_grpo_config(steps=6)
     c.stage_order = ("grpo",)
     c.train.max_consecutive_skips = 2

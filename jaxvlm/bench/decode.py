@@ -90,8 +90,7 @@ class JaxGenerate:
                         self.new_tokens)
 
     def _generate(self, n: int) -> None:
-        out = sampling.generate(self.model, self.params, self.batch, jax.random.key(0), max_new_tokens=n,
-                                temperature=0.0, use_eos=False)
+        out = sampling.generate(self.model, self.params, self.batch, jax.random.key(0), sampling.SamplingParams(max_new_tokens=n, temperature=0.0, use_eos=False))
         jax.block_until_ready(out)
 
 

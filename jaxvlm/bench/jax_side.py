@@ -112,8 +112,7 @@ class Grpo:
         g, key = self.g, jax.random.key(self._steps)
         self._steps += 1
         t0 = time.perf_counter()
-        rollout = sampling.generate(self.model, self.state.params, self._prompts, key, num_generations=g,
-                                    max_new_tokens=self.n, temperature=1.0, use_eos=False, mesh=self.mesh)
+        rollout = sampling.generate(self.model, self.state.params, self._prompts, key, sampling.SamplingParams(num_generations=g, max_new_tokens=self.n, temperature=1.0, use_eos=False), mesh=self.mesh)
         rollout = jax.block_until_ready(rollout)
         t1 = time.perf_counter()
         host = jax.tree.map(np.asarray, rollout)
@@ -137,6 +136,6 @@ class Grpo:
 def default_mesh(shape=(1, -1, 1)):
     """The benchmark's mesh, as the trainer builds it from `mesh.shape` (a shape without -1 may use the first
     devices only, e.g. (1, 1, 1) on a multi-device host)."""
-    from jaxvlm.trainer import _mesh
+    from jaxvlm.runtime import build_mesh
 
-    return _mesh(shape)
+    return build_mesh(shape)

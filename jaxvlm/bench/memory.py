@@ -227,12 +227,10 @@ def shard_bytes(tree) -> int:
 def model_and_state(c, mesh):
     """(model, abstract train state with its shardings, state shardings, optimizer, schedule), as
     `jax_side._state` builds them, from `jax.eval_shape`s: nothing is allocated."""
-    from jaxvlm import configuration, models, train_steps
+    from jaxvlm import configuration, runtime, train_steps
     from jaxvlm.bench import jax_side
 
-    cfg = models.preset(c.model.preset, **configuration.model_options(c.model))
-    model = models.Qwen25VL(cfg)
-    params = jax.eval_shape(lambda: models.init_params(cfg, c.seed))
+    model, params = runtime.build_model(configuration.resolve_model(c.model), c.seed, abstract=True)
     ocfg = jax_side._optimizer_config(c.optimizer)
     optimizer = train_steps.make_optimizer(ocfg, params)
     schedule = train_steps.learning_rate_schedule(ocfg)
@@ -337,8 +335,8 @@ def sampler_program(c, model, state, state_sh, mesh) -> Program:
     try:
         rows = workload.make_rows(model.config, s.prompts, s.prompt_len, 0, workload.image_hw(s.image_hw), c.seed + 1)
         sharding = sampling.batch_sharding(mesh)
-        sp = sampling.sampling_params(model.config, num_generations=g, max_new_tokens=n, temperature=1.0,
-                                      use_eos=False)
+        sp = sampling.SamplingParams(num_generations=g, max_new_tokens=n, temperature=1.0, use_eos=False).resolve(
+            model.config)
         inputs = sampling.prepare_prompts(model.config, workload.prompt_batch(rows),
                                           slot_multiple=sampling.rows_multiple(sharding))
         placements = sampling.input_shardings(inputs, sharding)

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvlm import configuration, models, train_steps
+from jaxvlm import configuration, models, runtime, train_steps
 from jaxvlm.bench import decode as decode_bench
 from jaxvlm.bench import flops, hardware, jax_side, workload
 
@@ -107,8 +107,7 @@ def _summary(warmup_s: float, repeats: list[tuple[dict[str, float], float]]) -> 
 
 
 def _model(c):
-    cfg = models.preset(c.model.preset, **configuration.model_options(c.model))
-    return models.Qwen25VL(cfg), models.init_params(cfg, c.seed)
+    return runtime.build_model(configuration.resolve_model(c.model), c.seed)
 
 
 def _torch_baseline(c, checkpoint):

@@ -114,18 +114,17 @@ def sft_microbatches(cfg: ModelConfig, rows: Rows, micro_batches: int, slot_mult
 def grpo_update_batch(cfg: ModelConfig, rows: Rows, inputs: dict, rollout, num_generations: int, micro_batches: int,
                       slot_multiple: int = 1) -> tuple[dict, dict]:
     """The GRPO update's rows [R, ...] and their `[1, M, b, ...]` batch, from a host rollout of `rows`' prompts
-    (`inputs`: their `sampling.prepare_prompts`): the sampler's rows with `token_parity_reward`'s group advantages,
-    each prompt's image shared by its G rows."""
-    from jaxvlm import losses, sampling
+    (`inputs`: their `sampling.prepare_prompts`), assembled by the trainer's own `rollouts.grpo_update_batch` with
+    `token_parity_reward`'s group advantages, each prompt's image shared by its G rows."""
+    from jaxvlm import rollouts, sampling
 
     g = num_generations
-    update_rows = sampling.update_rows(inputs, rollout, g)
     rewards = token_parity_reward(np.asarray(rollout.tokens), np.asarray(rollout.mask))
-    update_rows["advantages"] = np.asarray(losses.group_advantages(rewards, g, scale="group")).astype(np.float32)
     row_pixels = rows.row_pixels()
-    return update_rows, batching.microbatches(
-        update_rows, (1, micro_batches), vision_config=cfg.vision, slot_multiple=slot_multiple,
-        row_pixels=None if row_pixels is None else batching.repeat_rows(row_pixels, g))
+    return rollouts.grpo_update_batch(
+        sampling.update_rows(inputs, rollout, g), rewards, g, "group", (1, micro_batches),
+        row_pixels=None if row_pixels is None else batching.repeat_rows(row_pixels, g), vision_config=cfg.vision,
+        slot_multiple=slot_multiple)
 
 
 def image_hw(value) -> tuple[int, int] | None:
