@@ -73,6 +73,14 @@ def sampling_section(**values) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(fields)
 
 
+def evaluation_config() -> ml_collections.ConfigDict:
+    """A config without training (`python -m jaxvlm.evaluate`): seed, model, mesh and eval stages only."""
+    c = base_config()
+    del c["train"], c["eval"]
+    c.model.preset = ""  # evaluate a checkpoint: --config.model.path=DIR
+    return c
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Everything but the stages, at defaults that run on a CPU with the built-in tiny model."""
     c = ml_collections.ConfigDict()
@@ -205,7 +213,7 @@ class RunSpec:
     model: ModelSpec
     mesh_shape: tuple[int, int, int]
     train: TrainSpec
-    eval: EvalSpec
+    eval: EvalSpec | None  # None: no training stage (an evaluation config)
     stages: tuple[StageSpec, ...]
 
     def stage(self, name: str) -> StageSpec:
@@ -242,8 +250,22 @@ def resolve(c: ml_collections.ConfigDict) -> RunSpec:
             raise config_error(f"stages.{name}.mode", f"must be one of {tuple(stages.MODES)}, got {mode!r}")
         check_known_keys(section, stages.get(mode).defaults(), f"stages.{name}")
         resolved.append(stages.get(mode).resolve(section, name, seed=int(c.seed)))
+    trains = any(stages.get(s.mode).trains for s in resolved)
+    for s in resolved:  # the reward each stage's evaluation scores with, checked now (e.g. math-verify installed)
+        if stages.get(s.mode).trains:
+            from jaxvlm import evaluation, rewards
+
+            try:
+                rewards.parse_reward_specs([evaluation.accuracy_spec(s.rewards, s.accuracy_reward,
+                                                                     s.data.prompt_style)])
+            except ValueError as error:
+                raise config_error(f"{s.key}.accuracy_reward", f"its evaluation's reward: {error}") from None
+    if trains and ("eval" not in c or "train" not in c):
+        raise config_error("eval" if "eval" not in c else "train", "a config with training stages needs this section "
+                           "(configuration.base_config() has it)")
     return RunSpec(seed=int(c.seed), model=resolve_model(c.model), mesh_shape=resolve_mesh(c.mesh),
-                   train=resolve_train(c.train), eval=resolve_eval(c.eval), stages=tuple(resolved))
+                   train=resolve_train(c.train) if "train" in c else NO_TRAINING,
+                   eval=resolve_eval(c.eval) if "eval" in c else None, stages=tuple(resolved))
 
 
 def check_known_keys(section: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, key: str,
@@ -277,8 +299,16 @@ def resolve_model(m: ml_collections.ConfigDict) -> ModelSpec:
     min_pixels, max_pixels = int(m.get("min_pixels", 56 * 56)), int(m.get("max_pixels", 56 * 56))
     if not 0 < min_pixels <= max_pixels:
         raise config_error("model.min_pixels", f"need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
-    return ModelSpec(preset=m.preset, path=m.path, tokenizer=m.get("tokenizer", ""),
-                     options=tuple((k, m[k]) for k in MODEL_OPTIONS), min_pixels=min_pixels, max_pixels=max_pixels)
+    from jaxvlm.models.config import canonical_dtype
+
+    options = {k: m[k] for k in MODEL_OPTIONS}
+    for k in ("dtype", "param_dtype"):  # one spelling: "bf16" and "bfloat16" are the same run
+        try:
+            options[k] = canonical_dtype(options[k], k)
+        except ValueError as error:
+            raise config_error(f"model.{k}", str(error)) from None
+    return ModelSpec(preset=m.preset, path=m.path, tokenizer=m.get("tokenizer", ""), options=tuple(options.items()),
+                     min_pixels=min_pixels, max_pixels=max_pixels)
 
 
 def resolve_mesh(mesh: ml_collections.ConfigDict) -> tuple[int, int, int]:
@@ -286,6 +316,11 @@ def resolve_mesh(mesh: ml_collections.ConfigDict) -> tuple[int, int, int]:
     if len(shape) != 3 or sum(d == -1 for d in shape) > 1 or any(d == 0 or d < -1 for d in shape):
         raise config_error("mesh.shape", f"must be 3 sizes (data, fsdp, tensor) with at most one -1, got {shape}")
     return shape
+
+
+# The train section of a run without training stages (an evaluation config has none): metrics to JSONL only.
+NO_TRAINING = TrainSpec(log_every=1, eval_every=0, save_every=1, keep_checkpoints=1, max_consecutive_skips=1,
+                        progress=False, tensorboard=False)
 
 
 def resolve_train(t: ml_collections.ConfigDict) -> TrainSpec:

@@ -14,7 +14,7 @@
     export the final params as a Hugging Face checkpoint (workdir/final_model) when a stage trained
 
 Layout of `workdir`: `checkpoints/<stage>/<step>/` (Orbax: train state, KL reference, data-iterator state),
-`progress.json` (completed stages), `metrics.jsonl`, `tensorboard/`, `eval_completions/`, `eval/<stage>/`,
+`progress.json` (completed training stages; eval stages run on every run), `metrics.jsonl`, `tensorboard/`, `eval_completions/`, `eval/<stage>/`,
 `rejection/<stage>/kept.jsonl`, `tokenizer/` (the built-in tokenizer), `final_model/`. Re-running the same command
 resumes.
 
@@ -69,8 +69,9 @@ def run(config, workdir: str, stop: StopSignal | None = None) -> dict:
             if not finished:
                 rt.writer.close()
                 return {"finished": False, "stages": list(progress["completed"])}
-            progress["completed"][stage.name] = completed_steps(rt, stage)
-            runtime.save_progress(rt, progress)
+            if stages.get(stage.mode).trains:  # an eval stage runs again on a re-run: its model may have changed
+                progress["completed"][stage.name] = completed_steps(rt, stage)
+                runtime.save_progress(rt, progress)
     if spec.trains:
         export_final_model(rt, params if params is not None else starting_params(rt, spec.stages))
     rt.writer.close()
@@ -145,8 +146,6 @@ def stage_final_params(rt: Runtime, spec: StageSpec, params_template):
 
 
 def completed_steps(rt: Runtime, spec: StageSpec) -> int:
-    if not stages.get(spec.mode).trains:
-        return 0
     with stage_checkpointer(rt, spec) as ckpt:
         return int(ckpt.latest_step() or 0)
 
