@@ -40,7 +40,7 @@ VARIANTS = ("", "tiny")
 STAGES = ("sft", "format", "accuracy", "cliplow")
 TINY_TASKS = ("mood", "largest_attribute", "count")
 
-# Inference (METHODS §4: "presumably <think>...</think><answer>...</answer>"). Departure from R1-V's rule: each tag
+# Inference (docs/methods.md §4.2: "presumably <think>...</think><answer>...</answer>"). Departure from R1-V's rule: each tag
 # exactly once.
 FORMAT_ONLY = ["format_think_answer"]
 # Inference: exact match of the emotion label (answer_type "string": case and surrounding punctuation ignored).

@@ -41,7 +41,7 @@ from jaxvlm.data.gym import TASK_STAGE
 VARIANTS = ("", "tiny")
 STAGES = ("judge", "choice", "open", "reject")
 
-# Format (think/answer tags, each once) + accuracy, weight 1 each (METHODS §3.2). Departures: the format rule also
+# Format (think/answer tags, each once) + accuracy, weight 1 each (docs/methods.md §3.2-3.3). Departures: the format rule also
 # wants every tag exactly once (Curr-ReFT's lazy regex accepts two answers); stage 2 scores exact option SETS
 # (letter order ignored, A-J; the released code compares the ordered A-E string) with no partial credit (the
 # released Stage-2 code has none; the EMNLP note's 0.2 exists only in experimental files).
@@ -77,7 +77,7 @@ def _grpo_stage(steps: int, sources: list, num_generations: int, rewards: list) 
         ),
         rewards=rewards,
         optimizer=dict(
-            learning_rate=1e-6,  # lr not set: TRL default 1e-6. The EMNLP note claims 2e-5 (conflicts; METHODS §3.4)
+            learning_rate=1e-6,  # lr not set: TRL default 1e-6. The EMNLP note claims 2e-5 (conflicts; docs/methods.md §3.4)
             # Not set in the scripts: the HF Trainer defaults (weight decay 0, warmup 0, grad clip 1.0).
             weight_decay=0.0, warmup_steps=0, max_grad_norm=1.0,
             # Departure: the HF default schedule is linear decay to 0; cosine to 0 is the closest jaxvlm has.
@@ -122,7 +122,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                   # Curriculum-based_RL/ scripts and 7B use G 4.
                                   num_generations=2, rewards=R1_REWARDS)
     # Stage 3, others/det_classify_math_v2.yaml minus openr1_8k/math_math_test.jsonl (the README's in-domain math
-    # test set: test leakage, METHODS §6.2). steps: the rejection SFT starts from stage-3 checkpoint-2300 (2 epochs).
+    # test set: test leakage, docs/methods.md §3.6). steps: the rejection SFT starts from stage-3 checkpoint-2300 (2 epochs).
     c.stages.open = _grpo_stage(2300, [_r1v(f"{root}/stage3_open/classify_v2.jsonl", "labels"),
                                        _r1v(f"{root}/stage3_open/math.jsonl", "math"),
                                        _r1v(f"{root}/stage3_open/detection.jsonl", "bbox")],
@@ -155,7 +155,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # warmup ratio 0.05 (script). Inference: ~10 of the ~150-200 steps of 3 epochs over ~1.5k samples.
             warmup_steps=10,
             schedule="cosine", final_lr_ratio=0.0,  # ms-swift's default cosine schedule
-            weight_decay=0.0,  # inference: not in METHODS.md (ms-swift's own default may differ)
+            weight_decay=0.0,  # inference: not published (docs/methods.md §3.5; ms-swift's own default may differ)
             max_grad_norm=1.0,
             frozen=(),  # freeze_vit False: full fine-tune
         ),
@@ -175,7 +175,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # bf16 compute, float32 master weights (scripts: bf16); max_pixels 401,408 (one launch script, and the older 3B
     # scripts). Departure: the authors also pre-resize math images to <= 262,144 px (stage 1) / 410,000 px.
     c.model.update(dtype="bfloat16", param_dtype="float32", min_pixels=56 * 56, max_pixels=401408)
-    # The authors evaluate with an LLM judge (METHODS §6.5); in-training eval uses the stage's accuracy reward.
+    # The authors evaluate with an LLM judge (docs/methods.md §3.6); in-training eval uses the stage's accuracy reward.
     c.eval.update(sources=[_r1v(f"{root}/test/math_math_test.jsonl", "math")], num_examples=512, batch_size=32)
     c.eval.sampling.max_new_tokens = 256
     c.train.update(save_every=100, eval_every=0)

@@ -39,7 +39,7 @@ from jaxvlm.configuration import base_config, check_variant, gym_source, stage, 
 
 VARIANTS = ("", "tiny")
 
-# r = r_format + r_think + r_acc, all weight 1 (METHODS §2.3: the trainer sums rewards_per_func; the format-gated sum
+# r = r_format + r_think + r_acc, all weight 1 (docs/methods.md §2.3: the trainer sums rewards_per_func; the format-gated sum
 # in compute_rewards.py is computed but unused, so we do not gate either).
 DYME_REWARDS = [
     "format_dyme",  # "answer:" (any case) exactly once (checker.py, min_thinking_length 0)
@@ -47,7 +47,7 @@ DYME_REWARDS = [
     # the text before "answer:" vs the reference reasoning. Departure: a rule lemmatiser + stop-word list instead of
     # spaCy's POS filter (no spaCy model is available); the LLM "visual checker" of Full DyME is not implemented.
     {"name": "think_f1", "kwargs": {"extract": "dyme"}},
-    # The text after the LAST "answer:", lowercased, '.' stripped; tolerance 0 during training (METHODS §2.3, §6.3).
+    # The text after the LAST "answer:", lowercased, '.' stripped; tolerance 0 during training (docs/methods.md §2.3, §2.7).
     # Departure: no "answer:" scores 0 (DyME compares the whole text, which almost never matches anyway).
     {"name": "accuracy", "kwargs": {"extract": "dyme"}},
 ]
@@ -82,14 +82,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         rewards=DYME_REWARDS,
         accuracy_reward="accuracy",  # the switch uses answer correctness only (acc > 0.5), never format or think
         optimizer=dict(
-            learning_rate=8e-5,  # DyME config.py: lr 8e-5 (other configs 1e-5, METHODS §2.6)
+            learning_rate=8e-5,  # DyME config.py: lr 8e-5 (other configs 1e-5, docs/methods.md §2.6)
             weight_decay=0.01,  # config.py
             warmup_steps=0,  # config.py
             max_grad_norm=1.0,  # config.py
             # Departure: the HF Trainer's default schedule is linear decay to 0 (DyME sets none); jaxvlm has cosine
             # or constant, and cosine to 0 is the closest.
             schedule="cosine", final_lr_ratio=0.0,
-            frozen=("^visual/",),  # LLaVA-OV-0.5B: full fine-tune with the vision tower frozen (METHODS §2.6)
+            frozen=("^visual/",),  # LLaVA-OV-0.5B: full fine-tune with the vision tower frozen (docs/methods.md §2.6)
         ),
         loss=dict(
             beta=0.0,  # asserted by DyME's trainer: no KL, no reference model

@@ -55,7 +55,7 @@ def test_window_attention_counts_windows_not_the_whole_image():
 
 
 def test_verl_formula_and_3b_roofline_anchors():
-    """verl's Qwen2 count by hand for one row; the decode anchors of PEERS.md §6.2 for Qwen2.5-VL-3B."""
+    """verl's Qwen2 count by hand for one row; the decode roofline by hand for Qwen2.5-VL-3B."""
     t = models.preset("qwen2_5_vl_3b").text
     s = 1000
     n = (3 * 2048 * 11008 + 2048 * (2048 + 2 * 256 + 2048)) * 36 + 2 * 151936 * 2048
@@ -63,10 +63,10 @@ def test_verl_formula_and_3b_roofline_anchors():
     cfg = models.preset("qwen2_5_vl_3b")
     assert flops.kv_bytes_per_token(t, 2) == 36_864
     weights = flops.decoder_weight_bytes(cfg, 2)
-    assert weights == pytest.approx(3.086e9 * 2, rel=0.01)  # PEERS: 3.086 B LM params x 2 bytes
+    assert weights == pytest.approx(3.086e9 * 2, rel=0.01)  # 3.086 B LM params x 2 bytes
     roof = flops.decode_roofline(cfg, 1, 0, 3.35e12, 2, 2)
     assert roof["tokens_per_s"] == pytest.approx(543, rel=0.01)
-    # B = 256, mean context 1,000: 9.4 GB of KV + 6.2 GB of weights per step -> <= 215 steps/s (PEERS.md §6.2)
+    # B = 256, mean context 1,000: 9.4 GB of KV + 6.2 GB of weights per step -> <= 215 steps/s
     assert flops.decode_roofline(cfg, 256, 1000, 3.35e12, 2, 2)["steps_per_s"] == pytest.approx(215, rel=0.01)
 
 

@@ -1,5 +1,5 @@
 """The recipe configs (`configs/<recipe>.py`): every variant builds and passes `check_config`, each recipe has the
-shape its paper describes (METHODS.md), the tiny variants fit the gym on a CPU, and command-line overrides are
+shape its paper describes (docs/methods.md), the tiny variants fit the gym on a CPU, and command-line overrides are
 checked by ml_collections the way `jaxvlm/main.py` parses them."""
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def test_frozen_vision_pattern_matches_exactly_the_vision_tower():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Recipe facts (METHODS.md)
+# Recipe facts (docs/methods.md)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -165,7 +165,7 @@ def test_dyme_is_one_dyme_stage_without_kl(variant):
     assert reward_kwargs(s, "think_f1")["extract"] == "dyme" and reward_kwargs(s, "accuracy")["extract"] == "dyme"
     assert s.accuracy_reward == "accuracy"
     assert tuple(s.optimizer.frozen) == ("^visual/",)
-    if variant == "":  # DyME config.py (METHODS §2.6)
+    if variant == "":  # DyME config.py (docs/methods.md §2.6)
         assert s.sampling.num_generations == 8 and s.sampling.max_new_tokens == 300
         assert s.optimizer.learning_rate == 8e-5 and s.optimizer.weight_decay == 0.01
         assert s.optimizer.warmup_steps == 0 and s.optimizer.max_grad_norm == 1.0
@@ -204,14 +204,14 @@ def test_curr_reft_curriculum_then_rejection_sft(variant):
         assert tasks_of(reject) == tasks_of(open_)
         text = reject.rejection.text_sources
         assert [tuple(e["tasks"]) for e in text] == [("word_arithmetic",)]
-    else:  # answer types by stage, and the 3B launch scripts' numbers (METHODS §3)
+    else:  # answer types by stage, and the 3B launch scripts' numbers (docs/methods.md §3)
         answer_types = [{e["answer_type"] for e in s.data.sources} for s in (judge, choice, open_)]
         assert answer_types == [{"yesno"}, {"choice", "multi_choice"}, {"math", "bbox", "labels"}]
         assert [s.sampling.num_generations for s in (judge, choice, open_)] == [4, 2, 4]
         assert all(s.sampling.max_new_tokens == 256 and s.optimizer.learning_rate == 1e-6
                    for s in (judge, choice, open_))
         assert all("math_math_test" not in e["path"] for s in (judge, choice, open_, reject)
-                   for e in s.data.sources)  # the test set stays out of training (METHODS §6.2)
+                   for e in s.data.sources)  # the test set stays out of training (docs/methods.md §3.6)
         assert reject.optimizer.learning_rate == 2e-7 and reject.epochs == 3
         assert reject.rejection.min_reward == 2.0  # full format + accuracy reward
 

@@ -144,3 +144,17 @@ def test_recipe_config_docstring_cites_the_methods_doc(name):
     assert "docs/methods.md" in docstring, f"configs/{name}.py: the module docstring should cite docs/methods.md"
     notes = DESIGN_NOTES.findall(docstring)
     assert not notes, f"configs/{name}.py: the module docstring cites design notes outside the repository: {notes}"
+
+
+def test_no_file_cites_the_outside_design_notes():
+    """Code, configs, docs and tests cite docs/ (or a paper, a repository, a datasheet), never the design notes that
+    live outside the repository, by name ("METHODS §3.4") or by file ("PEERS.md")."""
+    outside = re.compile(r"\b(?:METHODS|PEERS|JAX_ANCHORS)(?:\.md\b|\s+§|:)")
+    problems = []
+    for path in tracked_files():
+        if path == "tests/test_repository.py" or (text := read_text(path)) is None:
+            continue
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if outside.search(line):
+                problems.append(f"{path}:{lineno}: {line.strip()[:100]}")
+    assert not problems, "\n".join(problems)

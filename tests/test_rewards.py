@@ -239,7 +239,7 @@ def test_number_score():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Math, including Curr-ReFT's stage-3 reward bug (METHODS §6, Curr-ReFT bug 1)
+# Math, including Curr-ReFT's stage-3 reward bug (docs/methods.md §3.6, Curr-ReFT bug 1)
 
 @pytest.mark.parametrize("use_math_verify", [
     True, False])

@@ -10,7 +10,7 @@ Two counts, both for one forward + backward over a batch (training = 3 x the for
   6 x (per-layer matmul params x layers + 2 x vocab x hidden) x tokens + 12 x sum(S^2) x head_dim x heads x layers.
   It counts the embedding as a matmul and ignores the vision tower; this is what their "MFU" divides.
 
-`decode_roofline` is the memory-bandwidth ceiling of one decode step (PEERS.md §6.2): every step reads the decoder
+`decode_roofline` is the memory-bandwidth ceiling of one decode step: every step reads the decoder
 weights once and each row's KV cache; tokens/s <= B x bandwidth / bytes.
 """
 

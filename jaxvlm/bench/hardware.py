@@ -10,7 +10,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-# (substring of jax's device_kind, dense bf16 FLOP/s, HBM bytes/s): NVIDIA datasheets (PEERS.md §6.1). Order
+# (substring of jax's device_kind, dense bf16 FLOP/s, HBM bytes/s): NVIDIA datasheets. Order
 # matters: the first match wins ("H100 PCIe" before "H100").
 GPUS = (
     ("H100 PCIe", 756e12, 2.0e12),

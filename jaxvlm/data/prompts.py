@@ -1,6 +1,6 @@
 """Prompt styles: how an example becomes chat messages (the prompt) and a target text (SFT / memorisation rows).
 
-Each recipe asks its questions the way its authors did (METHODS.md):
+Each recipe asks its questions the way its authors did (docs/methods.md §1.6):
 
 * ``"r1"`` — Curr-ReFT / CLGRPO / Infi-MMR (the R1-V lineage): the question followed by
   "First output the thinking process in <think> </think> tags and then output the final answer in <answer>

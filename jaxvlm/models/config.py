@@ -411,7 +411,7 @@ def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------
 
 PRESETS: dict[str, ModelConfig] = {
-    # Qwen2.5-VL-3B-Instruct shapes (PEERS.md §5.1).
+    # Qwen2.5-VL-3B-Instruct shapes (its config.json).
     "qwen2_5_vl_3b": ModelConfig(),
     # A tiny model for CPU demos and tests: 2 vision blocks, 2 decoder layers.
     "tiny": ModelConfig(
