@@ -59,6 +59,10 @@ class StageMode:
         """A data batch -> the step's `[*leading, b, ...]` micro-batches and host-side metrics."""
         raise NotImplementedError
 
+    def run(self, rt, spec: StageSpec, params, global_step: int) -> dict[str, float]:
+        """A mode without updates (`trains = False`) runs here instead of the training loop; returns its metrics."""
+        raise NotImplementedError
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Sections
