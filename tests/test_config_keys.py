@@ -133,8 +133,8 @@ def test_derived_loss_keys_may_only_repeat_their_source():
     with pytest.raises(configuration.ConfigError) as error:
         configuration.resolve(rl_config(temperature=0.7))
     assert str(error.value) == (
-        "config.stages.grpo.loss.temperature: is derived from config.stages.grpo.sampling.temperature (0 -> 1.0) "
-        "(= 0.9); got 0.7. Set config.stages.grpo.sampling.temperature (0 -> 1.0) instead, or leave "
+        "config.stages.grpo.loss.temperature: is derived from config.stages.grpo.sampling.temperature (= 0.9; greedy "
+        "sampling, 0, scores at 1.0); got 0.7. Set config.stages.grpo.sampling.temperature instead, or leave "
         "config.stages.grpo.loss.temperature unset")
     with pytest.raises(configuration.ConfigError, match=r"^config\.stages\.grpo\.loss\.group_size: is derived from "
                                                         r"config\.stages\.grpo\.sampling\.num_generations \(= 4\); got 8"):

@@ -148,15 +148,15 @@ def resolve_optimizer(section, key: str) -> tuple[OptimizerConfig, int | None]:
     return cfg, total
 
 
-def resolve_loss(section, key: str, derived: dict[str, tuple[Any, str]] | None = None) -> LossConfig:
-    """LossConfig from the section's `loss` keys plus the derived values {field: (value, source key)}: a derived
-    key left unset takes its value; set to another value it is a ConfigError naming both keys."""
+def resolve_loss(section, key: str, derived: dict[str, tuple[Any, str, str]] | None = None) -> LossConfig:
+    """LossConfig from the section's `loss` keys plus the derived values {field: (value, source key, how)}: a
+    derived key left unset takes its value; set to another value it is a ConfigError naming both keys."""
     values = section.loss.to_dict()
-    for field, (value, source) in (derived or {}).items():
+    for field, (value, source, how) in (derived or {}).items():
         given = values.get(field)
         if given is not None and given != value:
-            raise config_error(f"{key}.loss.{field}", f"is derived from config.{source} (= {value!r}); got {given!r}. "
-                               f"Set config.{source} instead, or leave config.{key}.loss.{field} unset")
+            raise config_error(f"{key}.loss.{field}", f"is derived from config.{source} (= {value!r}{how}); got "
+                               f"{given!r}. Set config.{source} instead, or leave config.{key}.loss.{field} unset")
         values[field] = value
     try:
         cfg = LossConfig(**values)

@@ -44,8 +44,9 @@ def resolve_rl(mode: str, section, name: str, seed: int, *, with_targets: bool =
     if g < 2:
         raise config_error(f"{key}.sampling.num_generations", "group advantages need >= 2 rollouts per prompt")
     loss = base.resolve_loss(section, key, {
-        "temperature": (float(sampling.temperature) or 1.0, f"{key}.sampling.temperature (0 -> 1.0)"),
-        "group_size": (g, f"{key}.sampling.num_generations"),
+        "temperature": (float(sampling.temperature) or 1.0, f"{key}.sampling.temperature",
+                        "; greedy sampling, 0, scores at 1.0"),
+        "group_size": (g, f"{key}.sampling.num_generations", ""),
     })
     m, k = int(section.batch.micro_batches), int(section.batch.mini_batches)
     if m < 1 or k < 1:
