@@ -11,6 +11,9 @@ import pytest
 from jaxvlm import models, sampling, sharding, train_steps
 from jaxvlm.bench import workload
 
+# Compiles the steps and the sampler on an 8-device mesh: outside the fast tier (`-m "not slow"`); CI runs it.
+pytestmark = pytest.mark.slow
+
 SEQ, SCORED = 88, 24  # a sequence length that no parameter dimension of the tiny preset shares
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 

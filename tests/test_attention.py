@@ -198,6 +198,7 @@ class _Stack(nn.Module):
         return layers(self.impl, name="layers")(x, seg)[0]
 
 
+@pytest.mark.slow
 def test_xla_in_jit_vmap_scan_remat():
     """Per-example parameter gradients (jax.vmap over two inputs) of an nn.scan(nn.remat(layer)) stack, in jit,
     equal the reference's, within 1e-5 of the largest gradient (gradients summed over all positions are O(10))."""
@@ -267,6 +268,7 @@ def test_cudnn_matches_reference_on_gpu(causal, heads, kv_heads, d, t, layouts):
 # ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_splash_interpret_matches_reference_under_a_mesh():
     """Causal GQA through the Pallas interpreter, run per device under shard_map on a CPU mesh (batch over
     data x fsdp, heads over tensor); T = 200 is padded to 256 (2 kernel blocks of 128)."""
@@ -284,6 +286,7 @@ def test_splash_interpret_matches_reference_under_a_mesh():
     assert_close(got, reference(200, 4, 2, 16, causal=True, layouts=layouts), F32_TOL)
 
 
+@pytest.mark.slow
 def test_splash_interpret_vision_head_dim_80():
     """Non-causal packed segments with the vision head dim (80, not a multiple of 128) and a 64-long window."""
     q, k, v, seg, g = make_inputs(64, 2, 2, 80)
@@ -308,6 +311,7 @@ def tpu_mesh():
     return topologies.make_mesh(topo, (1, 8, 1), ("data", "fsdp", "tensor"))
 
 
+@pytest.mark.slow
 def test_splash_compiles_for_tpu(tpu_mesh):
     """Forward and backward of the splash path compile for TPU under the model's mesh, through
     `attention(implementation="auto")`: 3B text (bf16, B=8, T=512, H=16, K=2, D=128, causal) and 3B vision (16

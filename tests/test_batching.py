@@ -58,6 +58,7 @@ def test_each_microbatch_carries_its_rows_images(tokenizer, model_config):
     assert mixed["pixel_values"].shape[0] == 2 and not mixed["pixel_values"][0].any()
 
 
+@pytest.mark.slow
 def test_a_prompts_rollout_rows_share_one_encoding(tokenizer, model_config):
     """repeat_rows' G copies of a prompt's images are laid out once per micro-batch and every copy's row points at
     them; the log-probs equal those of a micro-batch holding G separate copies."""

@@ -247,6 +247,7 @@ def smoke(tmp_path_factory):
     return run.run(_smoke_config(), str(workdir)), workdir
 
 
+@pytest.mark.slow
 def test_both_sides_compute_the_same_sft_losses_step_by_step(smoke):
     """Same weights, same batch, same AdamW: the losses before each of the 3 updates agree (so the updates did too),
     and so do the first gradient norms."""
@@ -258,6 +259,7 @@ def test_both_sides_compute_the_same_sft_losses_step_by_step(smoke):
     assert sft["parity"]["grad_norm_rel_diff"] < 1e-3
 
 
+@pytest.mark.slow
 def test_both_sides_compute_the_same_grpo_gradient_on_the_same_rollouts(smoke):
     results, _ = smoke
     parity = results["grpo"]["parity"]
@@ -267,6 +269,7 @@ def test_both_sides_compute_the_same_grpo_gradient_on_the_same_rollouts(smoke):
     assert parity["loss_abs_diff"] < 1e-4
 
 
+@pytest.mark.slow
 def test_the_report_has_every_section_and_is_written(smoke):
     results, workdir = smoke
     on_disk = json.load(open(workdir / "bench.json"))
@@ -284,6 +287,7 @@ def test_the_report_has_every_section_and_is_written(smoke):
         assert label in text
 
 
+@pytest.mark.slow
 def test_every_section_interleaves_the_sides_after_their_warm_up(smoke):
     """The timelines of the real run: in each section (and each decode batch size) every side compiles / warms up
     before the first timed repeat, then the sides alternate round by round."""
@@ -295,6 +299,7 @@ def test_every_section_interleaves_the_sides_after_their_warm_up(smoke):
         _assert_interleaved(r["timeline"], ("jax", "torch"), c.decode.repeats)
 
 
+@pytest.mark.slow
 def test_figures_are_medians_with_their_spread(smoke):
     results, workdir = smoke
     on_disk = json.load(open(workdir / "bench.json"))
@@ -322,6 +327,7 @@ def test_figures_are_medians_with_their_spread(smoke):
     assert "min–max" in text and "medians" in text and f"{c.sft.steps} repeats per side" in text
 
 
+@pytest.mark.slow
 def test_the_parity_check_has_teeth(tmp_path):
     """A baseline that does different work (another learning rate) is caught by the step-by-step loss comparison."""
     from jaxvlm.bench import jax_side, torch_side
@@ -339,6 +345,7 @@ def test_the_parity_check_has_teeth(tmp_path):
     assert run._rel(j.losses[1], t.losses[1]) > 1e-3  # different update
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["0.5b", "3b"])
 def test_gpu_variants_trace_their_sft_step(variant):
     """The GPU sizes cannot run here; their SFT step must still build (shapes only: jax.eval_shape, no memory)."""

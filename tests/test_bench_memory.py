@@ -85,6 +85,7 @@ def _check_report(proc, workdir, platform: str, sections=memory.SECTIONS) -> dic
     return result
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_tpu_topology_report(tmp_path):
     """v5p:2x2x2 compiled by libtpu: every section's figures, buffers and collectives; the versions recorded; and
@@ -99,6 +100,7 @@ def test_tpu_topology_report(tmp_path):
     assert sft["memory"]["generated_code_bytes"] > 0
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_layer_weights_are_cast_inside_the_layer_loop(tmp_path):
     """With bfloat16 compute and float32 weights, no bfloat16 copy of a scanned layer stack is made outside the layer
@@ -128,12 +130,14 @@ def cpu_run(tmp_path_factory):
     return _memory(workdir, "--topology", "cpu:8", "--mesh", "1,-1,1", "--sections", "sft"), workdir
 
 
+@pytest.mark.slow
 def test_cpu_topology_report(cpu_run):
     result = _check_report(*cpu_run, "cpu", sections=("sft",))
     for r in result["sections"].values():  # CPU arrays are not padded: XLA's figure is the shapes' exactly
         assert r["memory"]["argument_bytes"] == r["expected_argument_bytes"]
 
 
+@pytest.mark.slow
 def test_rows_the_devices_cannot_split_are_that_sections_error(tmp_path):
     """4 SFT rows on 8 data-parallel devices: the SFT section says which key to change; the sampler still runs
     (in this process, on the test session's 8 CPU devices)."""
@@ -148,6 +152,7 @@ def test_rows_the_devices_cannot_split_are_that_sections_error(tmp_path):
         assert json.load(f)["sections"]["sft"]["error"] == error
 
 
+@pytest.mark.slow
 def test_setup_errors_are_one_line(tmp_path):
     """A mesh that does not match the devices, and a TPU topology without libtpu (hidden by a stand-in that
     fails to import): one line naming the fix, no traceback."""
@@ -196,6 +201,7 @@ def _per_device_bytes(tree, shardings) -> int:
                for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
 
 
+@pytest.mark.slow
 def test_sft_argument_bytes_are_the_state_and_batch(cpu_run):
     """XLA's argument bytes of the cpu:8 run's SFT section equal, per device, the train state (params + AdamW's two
     moments, split by the param rules, plus a few scalars) and the bench's SFT batch (split by rows), computed here

@@ -53,6 +53,7 @@ def test_export_round_trip_through_transformers(hf_checkpoints, tmp_path, name):
     jax.tree.map(np.testing.assert_array_equal, again, params)
 
 
+@pytest.mark.slow
 def test_randomly_initialised_model_exports_to_transformers(tmp_path):
     """A model born in jaxvlm (init_params) is a valid transformers checkpoint with the same logits."""
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -76,6 +77,7 @@ def test_randomly_initialised_model_exports_to_transformers(tmp_path):
     assert max_diff_on_valid(ours, hf_logits(torch_model, BATCH), BATCH["attention_mask"]) < ATOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tie", [False, True])
 def test_text_only_qwen2_checkpoint(tmp_path, tie):
     import torch
@@ -139,6 +141,7 @@ def test_sharded_checkpoint_round_trip(hf_checkpoints, tmp_path):
     assert max_diff_on_valid(hf_logits(reloaded, BATCH), hf_logits(torch_model, BATCH), BATCH["attention_mask"]) < ATOL
 
 
+@pytest.mark.slow
 def test_bfloat16_load_and_save(hf_checkpoints, tmp_path):
     _, path = hf_checkpoints["gqa2_tied_win56"]
     model32, params32 = models.load_pretrained(path)

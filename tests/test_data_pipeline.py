@@ -218,6 +218,7 @@ def test_training_positions_equal_get_rope_index_of_the_whole_sequence(tokenizer
     np.testing.assert_array_equal(sft["position_ids"][:, valid], np.asarray(expected)[:, valid])
 
 
+@pytest.mark.slow
 def test_pipeline_batches_feed_the_sampler_and_the_training_forward(tokenizer, model_config):
     from jaxvlm import batching, models, sampling, train_steps
 

@@ -15,6 +15,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+# A subprocess training run of minutes: outside the fast tier (`-m "not slow"`); CI runs it.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL = bool(os.environ.get("JAXVLM_FULL_TESTS"))
 SFT_STEPS, DYME_STEPS, EVAL_EXAMPLES = (100, 40, 96) if FULL else (3, 2, 8)

@@ -95,6 +95,7 @@ def jsonl_config(checkpoint: str, path: str, mesh_shape, on_error: str = "skip")
     return c
 
 
+@pytest.mark.slow
 def test_a_saved_checkpoint_on_a_jsonl_set_on_a_mesh_equals_one_device(checkpoint_and_set, tmp_path):
     """Every example is scored (batches of 4, 4 and a last one of 1, which cannot split over 2 devices and runs on
     one), the bad record is skipped and counted, and greedy completions on a (1, 2, 1) mesh equal one device's."""

@@ -29,6 +29,7 @@ def test_forward_config_runs_and_writes_result(tmp_path):
     assert "jaxvlm forward" in proc.stdout
 
 
+@pytest.mark.slow
 def test_main_loads_a_checkpoint_directory(hf_checkpoints, tmp_path):
     _, path = hf_checkpoints["gqa6_untied_win112"]
     run_main(

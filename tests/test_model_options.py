@@ -38,6 +38,7 @@ def mean_log_prob(model, params, batch):
     return (tgt * mask).sum() / mask.sum()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["full", "attention", "dots"])
 def test_remat_changes_neither_values_nor_gradients(remat):
     params = models.init_params(CFG, 0)
@@ -52,6 +53,7 @@ def test_remat_changes_neither_values_nor_gradients(remat):
     assert float(jnp.abs(base[1]["visual"]["patch_embed"]["kernel"]).sum()) > 0
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_with_float32_master_weights():
     params = models.init_params(CFG.replace(param_dtype="float32"), 0)
     batch = jit_batch(BATCH)
@@ -67,6 +69,7 @@ def test_bfloat16_compute_with_float32_master_weights():
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))  # master-weight dtype
 
 
+@pytest.mark.slow
 def test_casting_params_to_the_compute_dtype_first_changes_no_value():
     """The sampler casts the parameters once (`compute_dtype_params`) instead of in every layer at every decode step:
     that is only sound while every use of a parameter casts it to the compute dtype, as this checks bit for bit."""

@@ -26,6 +26,7 @@ def loaded(hf_checkpoints):
     return {name: (torch_model, *models.load_pretrained(path)) for name, (torch_model, path) in hf_checkpoints.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("config_name", list(VL_CONFIGS))
 def test_logits_match_transformers(loaded, config_name, case):
@@ -57,6 +58,7 @@ def test_jit_path_with_precomputed_inputs_matches_eager(loaded):
     assert max_diff_on_valid(ours, ref, batch["attention_mask"]) < ATOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config_name", list(VL_CONFIGS))
 def test_slot_layouts_give_the_same_logits(loaded, config_name):
     """Block-local vision: the image frames packed into slots (full attention within each frame of a slot, windows
@@ -105,6 +107,7 @@ def _torch_logits(torch_model, batch: dict) -> np.ndarray:
         return torch_model(**inputs).logits.numpy()
 
 
+@pytest.mark.slow
 def test_processor_batch_end_to_end(tmp_path):
     """Chat template -> Processor (tokenizer built locally, real PIL images) -> both models: same logits.
 

@@ -64,8 +64,10 @@ def hf_generate(torch_model, batch, max_new_tokens, eos_token_id=None, pad_token
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", list(BATCHES))
-@pytest.mark.parametrize("config_name", ["gqa2_tied_win56", "gqa6_untied_win112"])
+# The fast tier (-m "not slow") keeps one case: text rows of one config.
+@pytest.mark.parametrize("case", [c if c == "text_left_padded" else pytest.param(c, marks=pytest.mark.slow)
+                                  for c in BATCHES])
+@pytest.mark.parametrize("config_name", ["gqa2_tied_win56", pytest.param("gqa6_untied_win112", marks=pytest.mark.slow)])
 def test_greedy_matches_transformers_generate(loaded, config_name, case):
     torch_model, model, params = loaded[config_name]
     batch = make_batch(case)
@@ -77,6 +79,7 @@ def test_greedy_matches_transformers_generate(loaded, config_name, case):
     assert all(len(np.unique(row)) > 2 for row in ref)  # no row is one repeated token
 
 
+@pytest.mark.slow
 def test_greedy_with_eos_matches_transformers_rows_stop_independently(loaded):
     """Pick as EOS a token that one row emits mid-way: that row stops and pads, the others run on."""
     torch_model, model, params = loaded["gqa2_tied_win56"]
@@ -125,6 +128,7 @@ def _repeat_images(batch, images_per_row, g):
     return np.concatenate(pixels), np.stack(rep_grids)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [0.7, 1.0])
 def test_logprobs_equal_teacher_forced_forward(loaded, temperature):
     torch_model, model, params = loaded["gqa6_untied_win112"]
@@ -154,6 +158,7 @@ def test_logprobs_equal_teacher_forced_forward(loaded, temperature):
     np.testing.assert_array_equal(np.asarray(seq["position_ids"])[valid], ref_pos[valid])
 
 
+@pytest.mark.slow
 def test_text_only_qwen2_greedy_matches_transformers(tmp_path):
     torch_model = make_hf_qwen2_checkpoint(tmp_path, tie=True)
     model, params = models.load_pretrained(str(tmp_path))
@@ -167,6 +172,7 @@ def test_text_only_qwen2_greedy_matches_transformers(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_stop_tokens_masks_lengths_truncation_and_early_exit(loaded):
     _, model, params = loaded["mha_untied_win28_nofull"]
     batch = text_batch([6, 3, 8, 5], seed=11)
@@ -194,6 +200,7 @@ def test_stop_tokens_masks_lengths_truncation_and_early_exit(loaded):
     assert not np.asarray(all_stop.truncated).any()
 
 
+@pytest.mark.slow
 def test_eos_from_config_and_use_eos_false(loaded):
     _, model, params = loaded["gqa2_tied_win56"]
     batch = text_batch([5, 7], seed=2)
@@ -236,6 +243,7 @@ def test_filters_keep_exactly_the_right_tokens():
     assert kept(logits, top_k=3, top_p=0.6).tolist() == [[False, True, False, True]]
 
 
+@pytest.mark.slow
 def test_filters_match_transformers_warpers():
     import torch
     from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -304,6 +312,7 @@ def test_sample_frequencies_match_tempered_filtered_softmax(kw):
     assert 0.5 * np.abs(counts / counts.sum() - target).sum() < 0.02  # total variation
 
 
+@pytest.mark.slow
 def test_first_token_frequencies_through_generate(loaded):
     """G draws of the first token of one prompt follow softmax(logits / T) of the model's last position."""
     _, model, params = loaded["gqa2_tied_win56"]
@@ -336,6 +345,7 @@ def test_deterministic_for_a_key(loaded):
 # ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_prompt_and_images_are_prefilled_once_per_group(loaded, monkeypatch):
     """Trace-time record of what the vision tower and the full-sequence decoder pass see: the B prompts, not B*G."""
     _, model, params = loaded["gqa2_tied_win56"]
@@ -379,6 +389,7 @@ def test_prompt_and_images_are_prefilled_once_per_group(loaded, monkeypatch):
 # ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sharded_generation_equals_single_device(loaded):
     assert jax.device_count() >= 8, "conftest sets XLA_FLAGS=--xla_force_host_platform_device_count=8"
     _, model, params = loaded["gqa6_untied_win112"]
@@ -395,6 +406,7 @@ def test_sharded_generation_equals_single_device(loaded):
         sampling.generate(model, params, text_batch([3, 4, 5]), jax.random.key(0), sampling.SamplingParams(max_new_tokens=2), mesh=mesh)
 
 
+@pytest.mark.slow
 def test_bfloat16_params_generate_and_score_consistently(hf_checkpoints):
     _, path = hf_checkpoints["gqa2_tied_win56"]
     model, params = models.load_pretrained(path, dtype="bfloat16", param_dtype="bfloat16")
@@ -460,6 +472,7 @@ def test_decode_completions_with_the_built_in_tokenizer(tmp_path):
     assert sampling.decode_completions(tok, rollout, skip_special_tokens=False)[0] == "red circle<|im_end|>"
 
 
+@pytest.mark.slow
 def test_decode_benchmark_runs_on_both_sides(tmp_path):
     """Smoke test of `python -m jaxvlm.bench.decode` pieces (measures nothing; checks they run and report)."""
     from jaxvlm.bench import decode as bench

@@ -185,6 +185,7 @@ def test_errors_name_the_directory(tmp_path):
         TrainCheckpointer(tmp_path / "bad", save_every=0)
 
 
+@pytest.mark.slow
 def test_bitwise_resume_of_real_sft_steps_and_restore_across_meshes(tmp_path):
     """The model's sft_step: 2 steps, save, restore in a fresh checkpointer, 2 more steps == 4 uninterrupted steps,
     bit for bit; the sharded train state also restores onto one device and back."""

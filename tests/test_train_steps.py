@@ -95,6 +95,7 @@ def test_sft_loss_is_masked_token_mean_nll():
     np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("aggregation", ["token", "sequence"])
 def test_gradient_accumulation_is_exact_for_sft(aggregation):
     """Two micro-batches of 4 rows give the loss and gradient of one batch of 8 (equal sizes for "sequence")."""
@@ -111,6 +112,7 @@ def test_gradient_accumulation_is_exact_for_sft(aggregation):
     assert max_tree_diff(g1, g2) < 1e-5 * scale
 
 
+@pytest.mark.slow
 def test_frozen_vision_tower_and_schedule():
     opt_cfg = train_steps.OptimizerConfig(learning_rate=1e-2, warmup_steps=2, total_steps=6, frozen=("^visual/",))
     state, optimizer, schedule = make_state(opt_cfg)
@@ -125,6 +127,7 @@ def test_frozen_vision_tower_and_schedule():
         train_steps.make_optimizer(train_steps.OptimizerConfig(frozen=("^nothing/",)), base_params())
 
 
+@pytest.mark.slow
 def test_grpo_mu_iterations_update_k_times_mu_and_clip_binds():
     cfg = train_steps.LossConfig(num_iterations=3, eps_low=0.05, eps_high=0.05, group_size=2)
     state, optimizer, schedule = make_state(train_steps.OptimizerConfig(learning_rate=3e-2, total_steps=10))
@@ -139,6 +142,7 @@ def test_grpo_mu_iterations_update_k_times_mu_and_clip_binds():
     assert float(metrics["clip_region_fraction"]) > 0  # after the first pass the ratio leaves [0.95, 1.05]
 
 
+@pytest.mark.slow
 def test_nonfinite_update_is_skipped():
     cfg = train_steps.LossConfig()
     state, optimizer, schedule = make_state()
@@ -190,6 +194,7 @@ def dyme_batch(acc, seed=0):
     return batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("granularity", ["prompt", "batch"])
 def test_dyme_step_compiles_once_and_memorize_rows_are_sft(granularity):
     cfg = train_steps.LossConfig(group_size=2, dyme_granularity=granularity)
@@ -278,6 +283,7 @@ def steps_on_mesh(shape):
 SHARDED_MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)] if os.environ.get("JAXVLM_FULL_TESTS") else [(2, 2, 2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", SHARDED_MESHES)
 def test_sharded_steps_match_single_device(mesh_shape):
     assert jax.device_count() >= 8, "conftest sets XLA_FLAGS=--xla_force_host_platform_device_count=8"
@@ -293,6 +299,7 @@ def test_sharded_steps_match_single_device(mesh_shape):
             np.testing.assert_allclose(sharded[1][step][key], value, atol=1e-5, rtol=1e-5, err_msg=f"{step}/{key}")
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_master_weights():
     """dtype=bfloat16, param_dtype=float32: the step computes in bf16, updates fp32 params, and its loss agrees
     with the float32 step to bf16 precision."""
@@ -311,6 +318,7 @@ def test_bfloat16_compute_keeps_float32_master_weights():
     assert abs(losses_by_dtype["bfloat16"] - losses_by_dtype["float32"]) < 0.05 * abs(losses_by_dtype["float32"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat, tied", [("none", True), ("full", False)])
 def test_chunked_lm_head_equals_the_whole_head(remat, tied):
     """Log-probs and entropy over position chunks (4 of 6 completion tokens: one padded chunk) and vocabulary chunks
