@@ -15,7 +15,7 @@ from jaxvlm import models, trainer
 from jaxvlm.metrics import read_metrics
 from test_trainer import ROOT, sft_grpo_config
 
-# Two trainer subprocesses beside an in-process run, minutes in all: outside the fast tier (`-m "not slow"`); CI runs it.
+# Two trainer subprocesses beside an in-process run, minutes: outside the fast tier (`-m "not slow"`); CI runs it.
 pytestmark = pytest.mark.slow
 
 MULTIPROCESS_CONFIG = """
