@@ -39,7 +39,13 @@ setup(
         "tpu": ["libtpu==0.0.42.*"],
         # torch is only the parity oracle of the tests (and the PyTorch baseline of the benchmarks).
         # ruff: lint and format (ruff.toml; CI runs `ruff check .` and `ruff format --check .`).
-        "test": ["pytest>=8", "pytest-xdist>=3.6", "hypothesis>=6.100", "torch==2.13.0",
-                 "libtpu==0.0.42.*; sys_platform == 'linux' and platform_machine == 'x86_64'", "ruff>=0.17"],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.6",
+            "hypothesis>=6.100",
+            "torch==2.13.0",
+            "libtpu==0.0.42.*; sys_platform == 'linux' and platform_machine == 'x86_64'",
+            "ruff>=0.17",
+        ],
     },
 )

@@ -28,17 +28,31 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.sections = ("sft", "grpo", "decode")
-    c.model = ml_collections.ConfigDict(dict(preset="tiny", path="", dtype="float32", param_dtype="float32", remat="none",
-                                             attention="auto", logits_chunk=512, vocab_chunk=32768))
+    c.model = ml_collections.ConfigDict(
+        dict(
+            preset="tiny",
+            path="",
+            dtype="float32",
+            param_dtype="float32",
+            remat="none",
+            attention="auto",
+            logits_chunk=512,
+            vocab_chunk=32768,
+        )
+    )
     c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1, 1)))  # (data, fsdp, tensor); -1 = the other devices
     # AdamW, constant lr; weight decay 0 so both sides' decay masks cannot differ (it costs the same either way).
     c.optimizer = ml_collections.ConfigDict(dict(learning_rate=1e-4, weight_decay=0.0, max_grad_norm=1.0))
     # SFT: rows of seq_len tokens = one image (image_hw pixels; None = text only) + prompt + completion_len scored.
-    c.sft = ml_collections.ConfigDict(dict(batch_size=8, micro_batches=1, seq_len=128, completion_len=32,
-                                           image_hw=(56, 56), steps=21))
+    c.sft = ml_collections.ConfigDict(
+        dict(batch_size=8, micro_batches=1, seq_len=128, completion_len=32, image_hw=(56, 56), steps=21)
+    )
     # GRPO: prompts of prompt_len tokens (one image each), G rollouts of exactly max_new_tokens (no stop token).
-    c.grpo = ml_collections.ConfigDict(dict(prompts=4, num_generations=4, prompt_len=64, max_new_tokens=16,
-                                            micro_batches=1, image_hw=(56, 56), steps=11))
+    c.grpo = ml_collections.ConfigDict(
+        dict(
+            prompts=4, num_generations=4, prompt_len=64, max_new_tokens=16, micro_batches=1, image_hw=(56, 56), steps=11
+        )
+    )
     c.decode = ml_collections.ConfigDict(dict(batches=(1, 16, 64), prompt_len=32, new_tokens=32, repeats=11))
     c.torch = ml_collections.ConfigDict(dict(enabled=True, compile=True))
     c.peak = ml_collections.ConfigDict(dict(matmul_size=4096))  # CPU: the measured-matmul peak's size
@@ -49,12 +63,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.grpo.update(prompts=2, num_generations=4, prompt_len=128, max_new_tokens=32, image_hw=(112, 112), steps=5)
         c.decode.update(prompt_len=64, new_tokens=32, repeats=5)
     elif variant in ("0.5b", "3b"):
-        c.model.update(preset="qwen2_5_vl_0_5b" if variant == "0.5b" else "qwen2_5_vl_3b", dtype="bfloat16",
-                       remat="dots" if variant == "0.5b" else "full")
+        c.model.update(
+            preset="qwen2_5_vl_0_5b" if variant == "0.5b" else "qwen2_5_vl_3b",
+            dtype="bfloat16",
+            remat="dots" if variant == "0.5b" else "full",
+        )
         # One micro-batch of 8 rows: 8 data-parallel devices (a v5p:2x2x2 slice, `python -m jaxvlm.bench.memory`)
         # split it one row each; 4-row micro-batches could not be split.
         c.sft.update(batch_size=8, micro_batches=1, seq_len=2048, completion_len=512, image_hw=(448, 448), steps=11)
-        c.grpo.update(prompts=16, num_generations=8, prompt_len=512, max_new_tokens=256, micro_batches=8,
-                      image_hw=(448, 448), steps=5)
+        c.grpo.update(
+            prompts=16,
+            num_generations=8,
+            prompt_len=512,
+            max_new_tokens=256,
+            micro_batches=8,
+            image_hw=(448, 448),
+            steps=5,
+        )
         c.decode.update(prompt_len=512, new_tokens=128, repeats=5)
     return c

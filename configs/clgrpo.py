@@ -40,33 +40,49 @@ VARIANTS = ("", "tiny")
 STAGES = ("sft", "format", "accuracy", "cliplow")
 TINY_TASKS = ("mood", "largest_attribute", "count")
 
-# Inference (docs/methods.md §4.2: "presumably <think>...</think><answer>...</answer>"). Departure from R1-V's rule: each tag
-# exactly once.
+# Inference (docs/methods.md §4.2: "presumably <think>...</think><answer>...</answer>"). Departure from R1-V's rule:
+# each tag exactly once.
 FORMAT_ONLY = ["format_think_answer"]
 # Inference: exact match of the emotion label (answer_type "string": case and surrounding punctuation ignored).
 FORMAT_ACCURACY = ["format_think_answer", "accuracy"]
 
 
-def _rl_stage(rewards: list, *, steps: int = 0, epochs: int = 0, eps_low: float = 0.2, num_iterations: int = 1,
-              mini_batches: int = 1, sources: list) -> ml_collections.ConfigDict:
+def _rl_stage(
+    rewards: list,
+    *,
+    steps: int = 0,
+    epochs: int = 0,
+    eps_low: float = 0.2,
+    num_iterations: int = 1,
+    mini_batches: int = 1,
+    sources: list,
+) -> ml_collections.ConfigDict:
     rows = 16 * 8
     return stage(
         "grpo",
-        steps=steps, epochs=epochs,
+        steps=steps,
+        epochs=epochs,
         data=dict(sources=sources, batch_size=16, prompt_style="r1", max_prompt_length=1024),  # inference
         rewards=rewards,
         optimizer=dict(
             # Inference: TRL's GRPO defaults (lr 1e-6, weight decay 0, warmup 0, clip 1.0); cosine (TRL: linear).
-            learning_rate=1e-6, weight_decay=0.0, warmup_steps=0, max_grad_norm=1.0, schedule="cosine",
+            learning_rate=1e-6,
+            weight_decay=0.0,
+            warmup_steps=0,
+            max_grad_norm=1.0,
+            schedule="cosine",
             final_lr_ratio=0.0,
             frozen=(),  # inference: whole model, as in the R1-V lineage
         ),
         loss=dict(
             # Inference: k3 KL at 0.04, the TRL default of the R1-V lineage in mid-2025 (today's TRL default is 0).
-            beta=0.04, kl_estimator="k3",
-            eps_low=eps_low, eps_high=0.2,  # standard ε = 0.2; only the ClipLow stage lowers ε_low
+            beta=0.04,
+            kl_estimator="k3",
+            eps_low=eps_low,
+            eps_high=0.2,  # standard ε = 0.2; only the ClipLow stage lowers ε_low
             num_iterations=num_iterations,
-            aggregation="grpo", advantage_scale="group",
+            aggregation="grpo",
+            advantage_scale="group",
         ),
         # Inference: TRL defaults G 8, 512 new tokens, temperature 1.0
         sampling=dict(num_generations=8, max_new_tokens=512, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0),
@@ -84,17 +100,31 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stage_order = STAGES
     # Placeholder: EmoSet-118K turned into COT data by >= 7B LVLMs (the paper's "Self-Supervised COT Data Construction
     # System"); records {"image", "question", "answer": "<emotion>", "reasoning": "..."}.
-    cot = [{"kind": "jsonl", "path": "/path/to/emoset_cot/train.jsonl", "record_format": "jaxvlm",
-            "answer_type": "string", "image_root": ""}]
+    cot = [
+        {
+            "kind": "jsonl",
+            "path": "/path/to/emoset_cot/train.jsonl",
+            "record_format": "jaxvlm",
+            "answer_type": "string",
+            "image_root": "",
+        }
+    ]
     c.stages.sft = stage(
         "sft",
-        steps=0, epochs=1,  # inference
-        data=dict(sources=cot, batch_size=64, prompt_style="r1", max_prompt_length=1024,
-                  max_target_length=1024),  # inference
+        steps=0,
+        epochs=1,  # inference
+        data=dict(
+            sources=cot, batch_size=64, prompt_style="r1", max_prompt_length=1024, max_target_length=1024
+        ),  # inference
         optimizer=dict(
             # Inference: DyME's SFT baseline settings (lr 1e-5, weight decay 0.01, no warmup, clip 1.0).
-            learning_rate=1e-5, weight_decay=0.01, warmup_steps=0, max_grad_norm=1.0, schedule="cosine",
-            final_lr_ratio=0.0, frozen=(),
+            learning_rate=1e-5,
+            weight_decay=0.01,
+            warmup_steps=0,
+            max_grad_norm=1.0,
+            schedule="cosine",
+            final_lr_ratio=0.0,
+            frozen=(),
         ),
         batch=dict(micro_batches=8),
     )
@@ -102,15 +132,30 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stages.format = _rl_stage(FORMAT_ONLY, steps=100, sources=cot)
     c.stages.format.accuracy_reward = ""  # format rewards only: its evaluation scores with the r1 accuracy
     c.stages.accuracy = _rl_stage(FORMAT_ACCURACY, epochs=1, sources=cot)  # inference: 1 epoch
-    c.stages.cliplow = _rl_stage(FORMAT_ACCURACY, epochs=1, sources=cot,
-                                 eps_low=0.1,  # INFERENCE: ε_low < ε_high (value not public); sweep it
-                                 num_iterations=2, mini_batches=2)  # inference: > 1 update, so the clip can bind
+    c.stages.cliplow = _rl_stage(
+        FORMAT_ACCURACY,
+        epochs=1,
+        sources=cot,
+        eps_low=0.1,  # INFERENCE: ε_low < ε_high (value not public); sweep it
+        num_iterations=2,
+        mini_batches=2,
+    )  # inference: > 1 update, so the clip can bind
     # Departure (affects only μ > 1 stages): π_old is the sampler's log-probs of the rollouts, recorded while sampling
     # at the same temperature, not a second forward pass; in bf16 the first update's ratio can differ slightly from 1.
     c.model.update(dtype="bfloat16", param_dtype="float32", min_pixels=56 * 56, max_pixels=401408)  # inference
-    c.eval.update(sources=[{"kind": "jsonl", "path": "/path/to/emoset_cot/test.jsonl", "record_format": "jaxvlm",
-                            "answer_type": "string", "image_root": ""}],
-                  num_examples=512, batch_size=32)
+    c.eval.update(
+        sources=[
+            {
+                "kind": "jsonl",
+                "path": "/path/to/emoset_cot/test.jsonl",
+                "record_format": "jaxvlm",
+                "answer_type": "string",
+                "image_root": "",
+            }
+        ],
+        num_examples=512,
+        batch_size=32,
+    )
     c.eval.sampling.max_new_tokens = 512
     c.train.update(save_every=200, eval_every=0)
 

@@ -41,8 +41,8 @@ from jaxvlm.data.gym import TASK_STAGE
 VARIANTS = ("", "tiny")
 STAGES = ("judge", "choice", "open", "reject")
 
-# Format (think/answer tags, each once) + accuracy, weight 1 each (docs/methods.md §3.2-3.3). Departures: the format rule also
-# wants every tag exactly once (Curr-ReFT's lazy regex accepts two answers); stage 2 scores exact option SETS
+# Format (think/answer tags, each once) + accuracy, weight 1 each (docs/methods.md §3.2-3.3). Departures: the format
+# rule also wants every tag exactly once (Curr-ReFT's lazy regex accepts two answers); stage 2 scores exact option SETS
 # (letter order ignored, A-J; the released code compares the ordered A-E string) with no partial credit (the
 # released Stage-2 code has none; the EMNLP note's 0.2 exists only in experimental files).
 R1_REWARDS = ["format_think_answer", "accuracy"]
@@ -52,8 +52,10 @@ def _open_rewards(inclusive_iou: bool) -> list:
     """Stage 3 / rejection: detection IoU > 0.5 -> 1, classification Jaccard, math via math-verify (never the buggy
     fallbacks). Departure: the format reward is the plain think/answer rule for every task (Curr-ReFT's detection
     rule also wants a JSON box in the answer); the accuracy reward already needs exactly one box."""
-    return ["format_think_answer",
-            {"name": "accuracy", "kwargs": {"iou_threshold": 0.5, "inclusive_iou": inclusive_iou}}]
+    return [
+        "format_think_answer",
+        {"name": "accuracy", "kwargs": {"iou_threshold": 0.5, "inclusive_iou": inclusive_iou}},
+    ]
 
 
 def _tasks_of_stage(k: int) -> tuple[str, ...]:
@@ -77,23 +79,30 @@ def _grpo_stage(steps: int, sources: list, num_generations: int, rewards: list) 
         ),
         rewards=rewards,
         optimizer=dict(
-            learning_rate=1e-6,  # lr not set: TRL default 1e-6. The EMNLP note claims 2e-5 (conflicts; docs/methods.md §3.4)
+            # lr not set: TRL default 1e-6. The EMNLP note claims 2e-5 (conflicts; docs/methods.md §3.4)
+            learning_rate=1e-6,
             # Not set in the scripts: the HF Trainer defaults (weight decay 0, warmup 0, grad clip 1.0).
-            weight_decay=0.0, warmup_steps=0, max_grad_norm=1.0,
+            weight_decay=0.0,
+            warmup_steps=0,
+            max_grad_norm=1.0,
             # Departure: the HF default schedule is linear decay to 0; cosine to 0 is the closest jaxvlm has.
-            schedule="cosine", final_lr_ratio=0.0,
+            schedule="cosine",
+            final_lr_ratio=0.0,
             frozen=(),  # the whole model is trained, vision tower included (no freezing in the trainer)
         ),
         loss=dict(
-            beta=0.04, kl_estimator="k3",  # TRL 0.15 default beta 0.04 (not overridden), k3 estimator
-            eps_low=0.2, eps_high=0.2,  # no clipping in the R1-V loss; at μ = 1 the clip cannot bind anyway
+            beta=0.04,
+            kl_estimator="k3",  # TRL 0.15 default beta 0.04 (not overridden), k3 estimator
+            eps_low=0.2,
+            eps_high=0.2,  # no clipping in the R1-V loss; at μ = 1 the clip cannot bind anyway
             num_iterations=1,  # one update per rollout batch
             aggregation="grpo",  # per-sequence token mean, then mean over rows
             advantage_scale="group",  # (r - mean) / (std_unbiased + 1e-4)
         ),
         # temperature 1 (hard-coded "HACK"), max_completion_length unset: TRL 0.15 default 256
-        sampling=dict(num_generations=num_generations, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0,
-                      min_p=0.0),
+        sampling=dict(
+            num_generations=num_generations, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0
+        ),
         # Inference (memory only, the update is the same): rollout rows in micro-batches of 8.
         batch=dict(micro_batches=max(1, rows // 8), mini_batches=1),
     )
@@ -109,25 +118,42 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     root = "/path/to/Curr-ReFT-data"  # placeholder: the ZTE-AIM/Curr-ReFT-data files
     # Stage 1, stage1_judge/3_tasks_4000.yaml: judge_math train x2, val x2 + judge_v2_coco train + val (all yes/no).
     # steps: the stage-2 launch waits for checkpoint-600 ("about 600 steps", 1 epoch at 8 prompts per step).
-    c.stages.judge = _grpo_stage(600, [_r1v(f"{root}/stage1_judge/judge_math.jsonl", "yesno"),
-                                       _r1v(f"{root}/stage1_judge/judge_v2_coco.jsonl", "yesno")],
-                                 num_generations=4, rewards=R1_REWARDS)  # G 4
+    c.stages.judge = _grpo_stage(
+        600,
+        [
+            _r1v(f"{root}/stage1_judge/judge_math.jsonl", "yesno"),
+            _r1v(f"{root}/stage1_judge/judge_v2_coco.jsonl", "yesno"),
+        ],
+        num_generations=4,
+        rewards=R1_REWARDS,
+    )  # G 4
     # Stage 2, stage2_multi_choice/3_tasks_3000.yaml: math_choice, choice_detection (single letter) and
     # choice_classify_v2 (multi-select letters). steps: stage 3 starts from stage-2 checkpoint-500.
-    c.stages.choice = _grpo_stage(500, [_r1v(f"{root}/stage2_multi_choice/math_choice.jsonl", "choice"),
-                                        _r1v(f"{root}/stage2_multi_choice/choice_detection.jsonl", "choice"),
-                                        _r1v(f"{root}/stage2_multi_choice/choice_classify_v2.jsonl",
-                                             "multi_choice")],
-                                  # 3B *_math_resize scripts: G 2 (advantages are then only +-0.707 or 0); the older
-                                  # Curriculum-based_RL/ scripts and 7B use G 4.
-                                  num_generations=2, rewards=R1_REWARDS)
+    c.stages.choice = _grpo_stage(
+        500,
+        [
+            _r1v(f"{root}/stage2_multi_choice/math_choice.jsonl", "choice"),
+            _r1v(f"{root}/stage2_multi_choice/choice_detection.jsonl", "choice"),
+            _r1v(f"{root}/stage2_multi_choice/choice_classify_v2.jsonl", "multi_choice"),
+        ],
+        # 3B *_math_resize scripts: G 2 (advantages are then only +-0.707 or 0); the older
+        # Curriculum-based_RL/ scripts and 7B use G 4.
+        num_generations=2,
+        rewards=R1_REWARDS,
+    )
     # Stage 3, others/det_classify_math_v2.yaml minus openr1_8k/math_math_test.jsonl (the README's in-domain math
-    # test set: test leakage, docs/methods.md §3.6). steps: the rejection SFT starts from stage-3 checkpoint-2300 (2 epochs).
-    c.stages.open = _grpo_stage(2300, [_r1v(f"{root}/stage3_open/classify_v2.jsonl", "labels"),
-                                       _r1v(f"{root}/stage3_open/math.jsonl", "math"),
-                                       _r1v(f"{root}/stage3_open/detection.jsonl", "bbox")],
-                                num_generations=4,  # G 4
-                                rewards=_open_rewards(inclusive_iou=True))  # Curr-ReFT: inclusive-pixel IoU formula
+    # test set: test leakage, docs/methods.md §3.6). steps: the rejection SFT starts from stage-3 checkpoint-2300
+    # (2 epochs).
+    c.stages.open = _grpo_stage(
+        2300,
+        [
+            _r1v(f"{root}/stage3_open/classify_v2.jsonl", "labels"),
+            _r1v(f"{root}/stage3_open/math.jsonl", "math"),
+            _r1v(f"{root}/stage3_open/detection.jsonl", "bbox"),
+        ],
+        num_generations=4,  # G 4
+        rewards=_open_rewards(inclusive_iou=True),
+    )  # Curr-ReFT: inclusive-pixel IoU formula
     # Stage 4 (reject_sft_all.sh, ms-swift 3.2.0): full fine-tune at lr 2e-7, 1 x grad-acc 4 x 8 GPUs = 32 per step,
     # 3 epochs, warmup ratio 0.05, freeze_vit False, max_length 8192.
     # Departure: the authors curated 1,520 samples scored 0-100 by GPT-4o (kept >= 85); jaxvlm samples with the
@@ -135,13 +161,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # accuracy 1 = 2.0), the rule-based analogue of that threshold.
     c.stages.reject = stage(
         "rejection_sft",
-        steps=0, epochs=3,  # 3 epochs (the script's max_steps 2000 is a cap)
+        steps=0,
+        epochs=3,  # 3 epochs (the script's max_steps 2000 is a cap)
         data=dict(
             # Prompts to sample from: the multimodal part of the authors' mix (math 300: Geometry3K_MathV360K,
             # Geo170k_qa, Geomverse; science 220: ScienceQA-cauldron, ScienceQA-nona-context; general 500:
             # LLaVA-CoT-100k, Visual7W, VSR), with an answer_type per record. Placeholder path.
-            sources=[{"kind": "jsonl", "path": f"{root}/reject/prompts.jsonl", "record_format": "jaxvlm",
-                      "answer_type": "string", "image_root": ""}],
+            sources=[
+                {
+                    "kind": "jsonl",
+                    "path": f"{root}/reject/prompts.jsonl",
+                    "record_format": "jaxvlm",
+                    "answer_type": "string",
+                    "image_root": "",
+                }
+            ],
             batch_size=32,  # 1 x 4 x 8
             prompt_style="r1",
             max_prompt_length=2048,
@@ -154,7 +188,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             learning_rate=2e-7,  # reject_sft_all.sh: lr 2e-7
             # warmup ratio 0.05 (script). Inference: ~10 of the ~150-200 steps of 3 epochs over ~1.5k samples.
             warmup_steps=10,
-            schedule="cosine", final_lr_ratio=0.0,  # ms-swift's default cosine schedule
+            schedule="cosine",
+            final_lr_ratio=0.0,  # ms-swift's default cosine schedule
             weight_decay=0.0,  # inference: not published (docs/methods.md §3.5; ms-swift's own default may differ)
             max_grad_norm=1.0,
             frozen=(),  # freeze_vit False: full fine-tune
@@ -168,8 +203,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             batch_size=8,
             # 500 of the 1,520 samples are text-only (s1K-1.1 math 400 + science 100): share 0.33.
             text_share=0.33,
-            text_sources=[{"kind": "jsonl", "path": f"{root}/reject/sk1.1_text.jsonl", "record_format": "jaxvlm",
-                           "answer_type": "math", "image_root": ""}],
+            text_sources=[
+                {
+                    "kind": "jsonl",
+                    "path": f"{root}/reject/sk1.1_text.jsonl",
+                    "record_format": "jaxvlm",
+                    "answer_type": "math",
+                    "image_root": "",
+                }
+            ],
         ),
     )
     # bf16 compute, float32 master weights (scripts: bf16); max_pixels 401,408 (one launch script, and the older 3B
@@ -215,9 +257,11 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
     r.batch.micro_batches = 2
     r.optimizer.update(learning_rate=2e-4, warmup_steps=0)  # tiny: 1/5 of the RL rate, as 2e-7 is of 1e-6
     r.rejection.update(
-        num_prompts=4, batch_size=2,
+        num_prompts=4,
+        batch_size=2,
         # Tiny: a random-weight model rarely earns any reward, and a stage that keeps nothing stops the run; keep
         # every prompt's best sample (the real variant keeps only full-reward ones).
         min_reward=0.0,
-        text_share=0.33, text_sources=[gym_source("train", 16, tasks=_tasks_of_stage(0))],  # word_arithmetic
+        text_share=0.33,
+        text_sources=[gym_source("train", 16, tasks=_tasks_of_stage(0))],  # word_arithmetic
     )

@@ -39,15 +39,16 @@ from jaxvlm.configuration import base_config, check_variant, gym_source, stage, 
 
 VARIANTS = ("", "tiny")
 
-# r = r_format + r_think + r_acc, all weight 1 (docs/methods.md §2.3: the trainer sums rewards_per_func; the format-gated sum
-# in compute_rewards.py is computed but unused, so we do not gate either).
+# r = r_format + r_think + r_acc, all weight 1 (docs/methods.md §2.3: the trainer sums rewards_per_func; the
+# format-gated sum in compute_rewards.py is computed but unused, so we do not gate either).
 DYME_REWARDS = [
     "format_dyme",  # "answer:" (any case) exactly once (checker.py, min_thinking_length 0)
     # The local "Pure DyME" thinking reward (main.py's default RewardCalculatorLocal): F1 of content-word lemmas of
     # the text before "answer:" vs the reference reasoning. Departure: a rule lemmatiser + stop-word list instead of
     # spaCy's POS filter (no spaCy model is available); the LLM "visual checker" of Full DyME is not implemented.
     {"name": "think_f1", "kwargs": {"extract": "dyme"}},
-    # The text after the LAST "answer:", lowercased, '.' stripped; tolerance 0 during training (docs/methods.md §2.3, §2.7).
+    # The text after the LAST "answer:", lowercased, '.' stripped; tolerance 0 during training (docs/methods.md §2.3,
+    # §2.7).
     # Departure: no "answer:" scores 0 (DyME compares the whole text, which almost never matches anyway).
     {"name": "accuracy", "kwargs": {"extract": "dyme"}},
 ]
@@ -64,13 +65,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stage_order = ("dyme",)
     c.stages.dyme = stage(
         "dyme",
-        steps=0, epochs=10,  # config.py: num_train_epochs 10
+        steps=0,
+        epochs=10,  # config.py: num_train_epochs 10
         data=dict(
-            sources=[{"kind": "jsonl",
-                      # ChartQA train rewritten offline by the refiner with the default Goal/Observation template
-                      # (data_utils/chart/pre_refinement.py). Placeholder: set your own path.
-                      "path": "/path/to/chartqa/train_new_prerefine.jsonl",
-                      "record_format": "jaxvlm", "answer_type": "string", "image_root": ""}],
+            sources=[
+                {
+                    "kind": "jsonl",
+                    # ChartQA train rewritten offline by the refiner with the default Goal/Observation template
+                    # (data_utils/chart/pre_refinement.py). Placeholder: set your own path.
+                    "path": "/path/to/chartqa/train_new_prerefine.jsonl",
+                    "record_format": "jaxvlm",
+                    "answer_type": "string",
+                    "image_root": "",
+                }
+            ],
             # config.py: per-device 2 x grad-acc 16 x 8 GPUs = 256 completions = 32 prompts x G 8 per optimizer step
             batch_size=32,
             prompt_style="dyme",  # §2.5 prompt; reference = reasoning + "\nAnswer: " + answer
@@ -88,12 +96,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             max_grad_norm=1.0,  # config.py
             # Departure: the HF Trainer's default schedule is linear decay to 0 (DyME sets none); jaxvlm has cosine
             # or constant, and cosine to 0 is the closest.
-            schedule="cosine", final_lr_ratio=0.0,
+            schedule="cosine",
+            final_lr_ratio=0.0,
             frozen=("^visual/",),  # LLaVA-OV-0.5B: full fine-tune with the vision tower frozen (docs/methods.md §2.6)
         ),
         loss=dict(
             beta=0.0,  # asserted by DyME's trainer: no KL, no reference model
-            eps_low=0.2, eps_high=0.2,  # TRL 0.23.1 default ε; no effect at μ = 1 (ratio ≡ 1 in value)
+            eps_low=0.2,
+            eps_high=0.2,  # TRL 0.23.1 default ε; no effect at μ = 1 (ratio ≡ 1 in value)
             num_iterations=1,  # TRL default μ = 1: one update per rollout batch
             aggregation="grpo",  # loss_type 'grpo': per-sequence token mean, then mean over rows
             advantage_scale="group",  # TRL scale_rewards="group": (r - mean) / (std_unbiased + 1e-4)
@@ -107,15 +117,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         batch=dict(micro_batches=16, mini_batches=1),
     )
     # Precision: the authors train in bf16 (DeepSpeed); we compute in bf16 with float32 master weights.
-    c.model.update(dtype="bfloat16", param_dtype="float32",
-                   # Inference: DyME's LLaVA-OV uses its own processor; 401,408 px (512 image tokens) is Curr-ReFT's
-                   # bound for Qwen2.5-VL, enough for charts.
-                   min_pixels=56 * 56, max_pixels=401408)
+    c.model.update(
+        dtype="bfloat16",
+        param_dtype="float32",
+        # Inference: DyME's LLaVA-OV uses its own processor; 401,408 px (512 image tokens) is Curr-ReFT's
+        # bound for Qwen2.5-VL, enough for charts.
+        min_pixels=56 * 56,
+        max_pixels=401408,
+    )
     # In-training evaluation: greedy decoding with the stage's accuracy reward (tolerance 0). DyME evaluates ChartQA
     # greedily with max_new_tokens 1024 and 5% relaxed accuracy (eval/eval_chartqa.py): run that separately.
-    c.eval.update(sources=[{"kind": "jsonl", "path": "/path/to/chartqa/test.jsonl", "record_format": "jaxvlm",
-                            "answer_type": "string", "image_root": ""}],
-                  num_examples=512, batch_size=32)
+    c.eval.update(
+        sources=[
+            {
+                "kind": "jsonl",
+                "path": "/path/to/chartqa/test.jsonl",
+                "record_format": "jaxvlm",
+                "answer_type": "string",
+                "image_root": "",
+            }
+        ],
+        num_examples=512,
+        batch_size=32,
+    )
     c.eval.sampling.max_new_tokens = 1024
     c.train.update(save_every=200, eval_every=0)
 

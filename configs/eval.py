@@ -33,20 +33,40 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stage_order = ("eval",)
     c.stages.eval = stage(
         "eval",
-        data=dict(sources=[{"kind": "jsonl", "path": "/path/to/test.jsonl", "record_format": "jaxvlm",
-                            "answer_type": "string", "image_root": ""}],
-                  batch_size=16, prompt_style="r1", max_prompt_length=2048),
+        data=dict(
+            sources=[
+                {
+                    "kind": "jsonl",
+                    "path": "/path/to/test.jsonl",
+                    "record_format": "jaxvlm",
+                    "answer_type": "string",
+                    "image_root": "",
+                }
+            ],
+            batch_size=16,
+            prompt_style="r1",
+            max_prompt_length=2048,
+        ),
         sampling=dict(num_generations=1, max_new_tokens=1024, temperature=0.0),
     )
     if variant == "gym":
         c.model.update(dtype="float32", param_dtype="float32", max_pixels=56 * 56)
-        c.stages.eval.data.update(sources=[gym_source("test", 256)], prompt_style="dyme", with_caption=False,
-                                  max_prompt_length=256, batch_size=32)
+        c.stages.eval.data.update(
+            sources=[gym_source("test", 256)],
+            prompt_style="dyme",
+            with_caption=False,
+            max_prompt_length=256,
+            batch_size=32,
+        )
         c.stages.eval.sampling.max_new_tokens = 96
     elif variant == "tiny":
         c.model.update(preset="tiny", dtype="float32", param_dtype="float32", max_pixels=56 * 56)
         c.mesh.shape = (1, 1, 1)
-        c.stages.eval.data.update(sources=[gym_source("validation", 8, tasks=("exists", "count"))], batch_size=4,
-                                  prompt_style="r1", max_prompt_length=256)
+        c.stages.eval.data.update(
+            sources=[gym_source("validation", 8, tasks=("exists", "count"))],
+            batch_size=4,
+            prompt_style="r1",
+            max_prompt_length=256,
+        )
         c.stages.eval.sampling.update(num_generations=4, temperature=1.0, max_new_tokens=16)
     return c

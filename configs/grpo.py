@@ -48,27 +48,58 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stage_order = ("grpo",)
     c.stages.grpo = stage(
         "grpo",
-        steps=0, epochs=1,  # TRL: num_train_epochs 3 (HF default); one epoch is usual for RL: inference
+        steps=0,
+        epochs=1,  # TRL: num_train_epochs 3 (HF default); one epoch is usual for RL: inference
         data=dict(
-            sources=[{"kind": "jsonl", "path": "/path/to/train.jsonl", "record_format": "jaxvlm",
-                      "answer_type": "string", "image_root": ""}],  # placeholder
+            sources=[
+                {
+                    "kind": "jsonl",
+                    "path": "/path/to/train.jsonl",
+                    "record_format": "jaxvlm",
+                    "answer_type": "string",
+                    "image_root": "",
+                }
+            ],  # placeholder
             batch_size=16,  # inference: 16 prompts x G 8 = 128 rollouts per optimizer step
             prompt_style="r1",
             max_prompt_length=2048,  # inference: a question and an image of up to 512 tokens
         ),
         rewards=REWARDS,
-        optimizer=dict(learning_rate=1e-6, weight_decay=0.0, warmup_steps=0, max_grad_norm=1.0,  # TRL / HF defaults
-                       schedule="cosine", final_lr_ratio=0.0,
-                       frozen=()),  # TRL trains the whole model
-        loss=dict(beta=0.04, kl_estimator="k3", eps_low=0.2, eps_high=0.2, num_iterations=1, aggregation="grpo",
-                  advantage_scale="group"),
+        optimizer=dict(
+            learning_rate=1e-6,
+            weight_decay=0.0,
+            warmup_steps=0,
+            max_grad_norm=1.0,  # TRL / HF defaults
+            schedule="cosine",
+            final_lr_ratio=0.0,
+            frozen=(),
+        ),  # TRL trains the whole model
+        loss=dict(
+            beta=0.04,
+            kl_estimator="k3",
+            eps_low=0.2,
+            eps_high=0.2,
+            num_iterations=1,
+            aggregation="grpo",
+            advantage_scale="group",
+        ),
         sampling=dict(num_generations=8, max_new_tokens=512, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0),
         batch=dict(micro_batches=16, mini_batches=1),  # 128 rows in micro-batches of 8 (memory only)
     )
     c.model.update(dtype="bfloat16", param_dtype="float32", min_pixels=56 * 56, max_pixels=401408)  # TRL: bf16
-    c.eval.update(sources=[{"kind": "jsonl", "path": "/path/to/test.jsonl", "record_format": "jaxvlm",
-                            "answer_type": "string", "image_root": ""}],
-                  num_examples=512, batch_size=32)
+    c.eval.update(
+        sources=[
+            {
+                "kind": "jsonl",
+                "path": "/path/to/test.jsonl",
+                "record_format": "jaxvlm",
+                "answer_type": "string",
+                "image_root": "",
+            }
+        ],
+        num_examples=512,
+        batch_size=32,
+    )
     c.eval.sampling.max_new_tokens = 512
     c.train.update(save_every=200, eval_every=0)
 

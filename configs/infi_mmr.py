@@ -51,23 +51,32 @@ REWARDS = ["format_think_answer", "accuracy"]
 def _phase(sources: list, *, with_caption: bool, text_only: bool) -> ml_collections.ConfigDict:
     return stage(
         "grpo",
-        steps=0, epochs=1,  # inference
-        data=dict(sources=sources, batch_size=16, prompt_style="r1", with_caption=with_caption,
-                  max_prompt_length=2048),  # inference: room for a caption and a 512-token image
+        steps=0,
+        epochs=1,  # inference
+        data=dict(
+            sources=sources, batch_size=16, prompt_style="r1", with_caption=with_caption, max_prompt_length=2048
+        ),  # inference: room for a caption and a 512-token image
         rewards=REWARDS,
         optimizer=dict(
             learning_rate=1e-6,  # inference (TRL default)
-            weight_decay=0.0, warmup_steps=0, max_grad_norm=1.0,  # inference (HF defaults)
-            schedule="cosine", final_lr_ratio=0.0,  # inference; the HF default is linear decay
+            weight_decay=0.0,
+            warmup_steps=0,
+            max_grad_norm=1.0,  # inference (HF defaults)
+            schedule="cosine",
+            final_lr_ratio=0.0,  # inference; the HF default is linear decay
             # The text-only phase has no images, so the vision tower gets no gradient; freezing it also keeps AdamW's
             # decoupled weight decay and optimizer state off it. The multimodal phases train the whole model
             # (inference, as in the R1-V lineage).
             frozen=("^visual/",) if text_only else (),
         ),
         loss=dict(
-            beta=0.04, kl_estimator="k3",  # KL penalty (framework figure); value and estimator: inference
-            eps_low=0.2, eps_high=0.2, num_iterations=1,  # plain GRPO, one update per rollout batch (inference)
-            aggregation="grpo", advantage_scale="group",
+            beta=0.04,
+            kl_estimator="k3",  # KL penalty (framework figure); value and estimator: inference
+            eps_low=0.2,
+            eps_high=0.2,
+            num_iterations=1,  # plain GRPO, one update per rollout batch (inference)
+            aggregation="grpo",
+            advantage_scale="group",
         ),
         sampling=dict(num_generations=8, max_new_tokens=1024, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0),
         batch=dict(micro_batches=16, mini_batches=1),  # 128 rows in micro-batches of 8 (memory only)
@@ -82,19 +91,43 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.preset = ""
     c.stage_order = STAGES
     # Placeholders. Text: verifiable math problems (DeepScaleR per the notes), answers scored as math.
-    text = [{"kind": "jsonl", "path": "/path/to/deepscaler/train.jsonl", "record_format": "jaxvlm",
-             "answer_type": "math", "image_root": ""}]
+    text = [
+        {
+            "kind": "jsonl",
+            "path": "/path/to/deepscaler/train.jsonl",
+            "record_format": "jaxvlm",
+            "answer_type": "math",
+            "image_root": "",
+        }
+    ]
     # Multimodal: one pool with a `caption` field per record (decontaminated against the benchmarks, per the notes).
-    multimodal = [{"kind": "jsonl", "path": "/path/to/virl39k_captioned/train.jsonl", "record_format": "jaxvlm",
-                   "answer_type": "math", "image_root": ""}]
+    multimodal = [
+        {
+            "kind": "jsonl",
+            "path": "/path/to/virl39k_captioned/train.jsonl",
+            "record_format": "jaxvlm",
+            "answer_type": "math",
+            "image_root": "",
+        }
+    ]
     c.stages.text = _phase(text, with_caption=False, text_only=True)
     c.stages.caption = _phase(multimodal, with_caption=True, text_only=False)
     c.stages.caption_free = _phase(multimodal, with_caption=False, text_only=False)
     c.model.update(dtype="bfloat16", param_dtype="float32", min_pixels=56 * 56, max_pixels=401408)  # inference
     # The paper reports MathVerse / MathVision / OlympiadBench / MathVista; point eval at one of them (placeholder).
-    c.eval.update(sources=[{"kind": "jsonl", "path": "/path/to/mathvista_testmini.jsonl", "record_format": "jaxvlm",
-                            "answer_type": "math", "image_root": ""}],
-                  num_examples=512, batch_size=32)
+    c.eval.update(
+        sources=[
+            {
+                "kind": "jsonl",
+                "path": "/path/to/mathvista_testmini.jsonl",
+                "record_format": "jaxvlm",
+                "answer_type": "math",
+                "image_root": "",
+            }
+        ],
+        num_examples=512,
+        batch_size=32,
+    )
     c.eval.sampling.max_new_tokens = 1024
     c.train.update(save_every=200, eval_every=0)
 
@@ -106,8 +139,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def _tiny(c: ml_collections.ConfigDict) -> None:
     # Eval on the multimodal target tasks (in each stage's prompt: with captions after the caption phase).
     use_tiny_model(c, TINY_MULTIMODAL_TASKS, max_new_tokens=32)
-    for name, tasks in (("text", TINY_TEXT_TASKS), ("caption", TINY_MULTIMODAL_TASKS),
-                        ("caption_free", TINY_MULTIMODAL_TASKS)):
+    for name, tasks in (
+        ("text", TINY_TEXT_TASKS),
+        ("caption", TINY_MULTIMODAL_TASKS),
+        ("caption_free", TINY_MULTIMODAL_TASKS),
+    ):
         s = c.stages[name]
         s.steps, s.epochs = 4, 0
         s.data.update(

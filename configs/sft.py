@@ -41,28 +41,51 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stage_order = ("sft",)
     c.stages.sft = stage(
         "sft",
-        steps=0, epochs=10,  # DyME sft_args: 10 epochs
+        steps=0,
+        epochs=10,  # DyME sft_args: 10 epochs
         data=dict(
-            sources=[{"kind": "jsonl", "path": "/path/to/train_with_reasoning.jsonl", "record_format": "jaxvlm",
-                      "answer_type": "string", "image_root": ""}],  # placeholder
+            sources=[
+                {
+                    "kind": "jsonl",
+                    "path": "/path/to/train_with_reasoning.jsonl",
+                    "record_format": "jaxvlm",
+                    "answer_type": "string",
+                    "image_root": "",
+                }
+            ],  # placeholder
             batch_size=64,  # DyME sft_args: 2 x 4 x 8 GPUs
             prompt_style="r1",
             # DyME sft_args: max_length 4096 (prompt + target); split here as 2048 + 2048.
-            max_prompt_length=2048, max_target_length=2048,
+            max_prompt_length=2048,
+            max_target_length=2048,
         ),
         optimizer=dict(
-            learning_rate=1e-5, weight_decay=0.01, warmup_steps=0, max_grad_norm=1.0,  # DyME sft_args
+            learning_rate=1e-5,
+            weight_decay=0.01,
+            warmup_steps=0,
+            max_grad_norm=1.0,  # DyME sft_args
             # Departure: the HF Trainer's default schedule is linear decay to 0; cosine to 0 is the closest.
-            schedule="cosine", final_lr_ratio=0.0,
+            schedule="cosine",
+            final_lr_ratio=0.0,
             frozen=("^visual/",),  # vision tower frozen (see the module docstring)
         ),
         loss=dict(sft_aggregation="token"),  # HF: mean over all target tokens of the batch
         batch=dict(micro_batches=8),  # 8 examples per micro-batch (memory only)
     )
     c.model.update(dtype="bfloat16", param_dtype="float32", min_pixels=56 * 56, max_pixels=401408)  # bf16 training
-    c.eval.update(sources=[{"kind": "jsonl", "path": "/path/to/test.jsonl", "record_format": "jaxvlm",
-                            "answer_type": "string", "image_root": ""}],
-                  num_examples=512, batch_size=32)
+    c.eval.update(
+        sources=[
+            {
+                "kind": "jsonl",
+                "path": "/path/to/test.jsonl",
+                "record_format": "jaxvlm",
+                "answer_type": "string",
+                "image_root": "",
+            }
+        ],
+        num_examples=512,
+        batch_size=32,
+    )
     c.eval.sampling.max_new_tokens = 1024
     c.train.update(save_every=500, eval_every=0)
 

@@ -34,9 +34,9 @@ def pixels_per_row(prompts: Mapping[str, Any], images_per_row: Sequence[int]) ->
     patch_dim = 0 if pixels is None else pixels.shape[-1]
     out, image, patch = [], 0, 0
     for count in images_per_row:
-        row_grid = grid[image: image + count]
+        row_grid = grid[image : image + count]
         n = int(row_grid.prod(-1).sum()) if count else 0
-        row_pixels = pixels[patch: patch + n] if n else np.zeros((0, patch_dim), np.float32)
+        row_pixels = pixels[patch : patch + n] if n else np.zeros((0, patch_dim), np.float32)
         out.append((row_pixels, row_grid))
         image, patch = image + count, patch + n
     return out
@@ -60,8 +60,11 @@ def microbatches(
     Returns the reshaped fields plus, when there are images, `pixel_values [*leading, S, L, patch_dim]`,
     `vision_inputs` (each array with the leading axes prepended) and `image_offset [*leading, b]`.
     """
-    num_rows = rows["completion_ids"].shape[0] if "completion_ids" in rows else next(
-        v.shape[0] for k, v in rows.items() if k != "position_ids")
+    num_rows = (
+        rows["completion_ids"].shape[0]
+        if "completion_ids" in rows
+        else next(v.shape[0] for k, v in rows.items() if k != "position_ids")
+    )
     groups = int(np.prod(leading))
     if num_rows % groups:
         raise ValueError(f"{num_rows} rows cannot be cut into {leading} micro-batches of equal size")
@@ -72,7 +75,8 @@ def microbatches(
         if key == "position_ids":
             three, _, s = value.shape
             out[key] = value.reshape(three, *leading, b, s).transpose(
-                *range(1, len(leading) + 1), 0, len(leading) + 1, len(leading) + 2)
+                *range(1, len(leading) + 1), 0, len(leading) + 1, len(leading) + 2
+            )
         else:
             out[key] = value.reshape(*leading, b, *value.shape[1:])
     if row_pixels is None or not any(len(grid) for _, grid in row_pixels):
@@ -81,9 +85,8 @@ def microbatches(
         raise ValueError(f"row_pixels has {len(row_pixels)} entries for {num_rows} rows")
     vc = vision_config
     patch_dim = next(p.shape[-1] for p, grid in row_pixels if len(grid))
-    chunks = [_unique_images(row_pixels[i * b: (i + 1) * b], vc.merge_unit) for i in range(groups)]
-    grids = [np.concatenate([g for _, g in images]) if images else np.zeros((0, 3), np.int64)
-             for images, _ in chunks]
+    chunks = [_unique_images(row_pixels[i * b : (i + 1) * b], vc.merge_unit) for i in range(groups)]
+    grids = [np.concatenate([g for _, g in images]) if images else np.zeros((0, 3), np.int64) for images, _ in chunks]
     slot_len = max(slot_shape(g, vc)[1] for g in grids)  # one (S, L) shared by the micro-batches: static shapes
     num_slots = max(slot_shape(g, vc, slot_multiple=slot_multiple, slot_len=slot_len)[0] for g in grids)
     pixel_values, index_arrays = [], []

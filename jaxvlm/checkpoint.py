@@ -103,8 +103,9 @@ class TrainCheckpointer:
     def should_save(self, step: int) -> bool:
         return step % self.save_every == 0
 
-    def save(self, step: int, state, *, data_state: dict | None = None, config: dict | None = None,
-             force: bool = False) -> bool:
+    def save(
+        self, step: int, state, *, data_state: dict | None = None, config: dict | None = None, force: bool = False
+    ) -> bool:
         """Saves ``step`` if it is on the interval (or ``force``); returns whether a save was started.
 
         A step that is already saved is never overwritten (returns False).
@@ -143,7 +144,8 @@ class TrainCheckpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         state = jax.tree.map(
             lambda a, x: jax.random.wrap_key_data(x, impl=_key_impl(a.dtype)) if _is_key(a) else x,
-            abstract_state, restored["state"],
+            abstract_state,
+            restored["state"],
         )
         return state, *(restored[name] if name in saved else None for name in _JSON_ITEMS)
 

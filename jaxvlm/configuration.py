@@ -85,30 +85,45 @@ def base_config() -> ml_collections.ConfigDict:
     """Everything but the stages, at defaults that run on a CPU with the built-in tiny model."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.model = ml_collections.ConfigDict(dict(
-        preset="tiny",  # jaxvlm.models.config.PRESETS entry: random weights (set "" to give a `path` instead)
-        path="",  # a local Hugging Face checkpoint directory (Qwen2.5-VL, or Qwen2/Qwen2.5 for text-only)
-        tokenizer="",  # tokenizer directory; "" = the checkpoint's, or the built-in gym tokenizer for presets
-        dtype="float32", param_dtype="float32",
-        remat="auto",  # auto | none | full | attention | dots: what each layer keeps for the backward ("auto":
-        # none below 0.5B parameters, full above; jaxvlm.models.config.default_remat)
-        attention="auto",  # auto | xla | cudnn | splash: the attention kernel (jaxvlm.models.attention)
-        logits_chunk=512,  # completion tokens per LM-head chunk when scoring
-        vocab_chunk=32768,  # vocabulary entries per LM-head chunk when scoring
-        min_pixels=56 * 56, max_pixels=56 * 56,  # image processor bounds (Curr-ReFT: max 401408)
-    ))
+    c.model = ml_collections.ConfigDict(
+        dict(
+            preset="tiny",  # jaxvlm.models.config.PRESETS entry: random weights (set "" to give a `path` instead)
+            path="",  # a local Hugging Face checkpoint directory (Qwen2.5-VL, or Qwen2/Qwen2.5 for text-only)
+            tokenizer="",  # tokenizer directory; "" = the checkpoint's, or the built-in gym tokenizer for presets
+            dtype="float32",
+            param_dtype="float32",
+            remat="auto",  # auto | none | full | attention | dots: what each layer keeps for the backward ("auto":
+            # none below 0.5B parameters, full above; jaxvlm.models.config.default_remat)
+            attention="auto",  # auto | xla | cudnn | splash: the attention kernel (jaxvlm.models.attention)
+            logits_chunk=512,  # completion tokens per LM-head chunk when scoring
+            vocab_chunk=32768,  # vocabulary entries per LM-head chunk when scoring
+            min_pixels=56 * 56,
+            max_pixels=56 * 56,  # image processor bounds (Curr-ReFT: max 401408)
+        )
+    )
     c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1, 1)))
-    c.train = ml_collections.ConfigDict(dict(
-        log_every=1, eval_every=0, save_every=50, keep_checkpoints=2, max_consecutive_skips=3, progress=True,
-        tensorboard=True,
-    ))
-    c.eval = ml_collections.ConfigDict(dict(
-        sources=[gym_source("validation", 64)], num_examples=64, batch_size=16,
-        sampling=sampling_section(temperature=0.0),  # greedy; num_generations k > 1 with temperature > 0: pass@k
-        # Every evaluation's completions, with their scores, to <workdir>/eval_completions/ (what the model actually
-        # writes: accuracy does not show whether its reasoning reads the input).
-        save_completions=True,
-    ))
+    c.train = ml_collections.ConfigDict(
+        dict(
+            log_every=1,
+            eval_every=0,
+            save_every=50,
+            keep_checkpoints=2,
+            max_consecutive_skips=3,
+            progress=True,
+            tensorboard=True,
+        )
+    )
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            sources=[gym_source("validation", 64)],
+            num_examples=64,
+            batch_size=16,
+            sampling=sampling_section(temperature=0.0),  # greedy; num_generations k > 1 with temperature > 0: pass@k
+            # Every evaluation's completions, with their scores, to <workdir>/eval_completions/ (what the model actually
+            # writes: accuracy does not show whether its reasoning reads the input).
+            save_completions=True,
+        )
+    )
     c.stage_order = ()
     c.stages = ml_collections.ConfigDict()
     return c
@@ -239,8 +254,9 @@ def resolve(c: ml_collections.ConfigDict) -> RunSpec:
         raise config_error("stage_order", f"a stage appears twice: {c.stage_order}")
     unused = sorted(set(c.stages.keys()) - set(c.stage_order))
     if unused:  # e.g. --config.stage_order=sft to run a recipe's first stage: said, not silently skipped
-        logging.warning("config.stages %s are not in config.stage_order %s: they will not run", unused,
-                        tuple(c.stage_order))
+        logging.warning(
+            "config.stages %s are not in config.stage_order %s: they will not run", unused, tuple(c.stage_order)
+        )
     check_known_keys(c, base_config(), "", skip=("stages",))
     resolved = []
     for name in c.stage_order:
@@ -256,20 +272,29 @@ def resolve(c: ml_collections.ConfigDict) -> RunSpec:
             from jaxvlm import evaluation, rewards
 
             try:
-                rewards.parse_reward_specs([evaluation.accuracy_spec(s.rewards, s.accuracy_reward,
-                                                                     s.data.prompt_style)])
+                rewards.parse_reward_specs(
+                    [evaluation.accuracy_spec(s.rewards, s.accuracy_reward, s.data.prompt_style)]
+                )
             except ValueError as error:
                 raise config_error(f"{s.key}.accuracy_reward", f"its evaluation's reward: {error}") from None
     if trains and ("eval" not in c or "train" not in c):
-        raise config_error("eval" if "eval" not in c else "train", "a config with training stages needs this section "
-                           "(configuration.base_config() has it)")
-    return RunSpec(seed=int(c.seed), model=resolve_model(c.model), mesh_shape=resolve_mesh(c.mesh),
-                   train=resolve_train(c.train) if "train" in c else NO_TRAINING,
-                   eval=resolve_eval(c.eval) if "eval" in c else None, stages=tuple(resolved))
+        raise config_error(
+            "eval" if "eval" not in c else "train",
+            "a config with training stages needs this section (configuration.base_config() has it)",
+        )
+    return RunSpec(
+        seed=int(c.seed),
+        model=resolve_model(c.model),
+        mesh_shape=resolve_mesh(c.mesh),
+        train=resolve_train(c.train) if "train" in c else NO_TRAINING,
+        eval=resolve_eval(c.eval) if "eval" in c else None,
+        stages=tuple(resolved),
+    )
 
 
-def check_known_keys(section: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, key: str,
-                     skip: tuple[str, ...] = ()) -> None:
+def check_known_keys(
+    section: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, key: str, skip: tuple[str, ...] = ()
+) -> None:
     """Every key of `section` exists in `schema` (recursively): a key added by a recipe file (`ConfigDict.update`
     adds unknown keys) would otherwise be read by nothing."""
     for name, value in section.items():
@@ -291,11 +316,17 @@ def resolve_model(m: ml_collections.ConfigDict) -> ModelSpec:
     """`config.model` (a preset or a path, and MODEL_OPTIONS; a section without `tokenizer` or pixel bounds, as the
     benchmarks' and the forward check's, gets the defaults)."""
     if m.path and m.preset:
-        raise config_error("model.preset", f"{m.preset!r} is set together with config.model.path={m.path!r}: give one "
-                           "(--config.model.preset='' to use the checkpoint)")
+        raise config_error(
+            "model.preset",
+            f"{m.preset!r} is set together with config.model.path={m.path!r}: give one "
+            "(--config.model.preset='' to use the checkpoint)",
+        )
     if not m.path and not m.preset:
-        raise config_error("model.path", "this config trains a real checkpoint; set --config.model.path=/path/to/"
-                           "checkpoint (or --config.model.preset=tiny for a random-weight toy model)")
+        raise config_error(
+            "model.path",
+            "this config trains a real checkpoint; set --config.model.path=/path/to/"
+            "checkpoint (or --config.model.preset=tiny for a random-weight toy model)",
+        )
     min_pixels, max_pixels = int(m.get("min_pixels", 56 * 56)), int(m.get("max_pixels", 56 * 56))
     if not 0 < min_pixels <= max_pixels:
         raise config_error("model.min_pixels", f"need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
@@ -307,8 +338,14 @@ def resolve_model(m: ml_collections.ConfigDict) -> ModelSpec:
             options[k] = canonical_dtype(options[k], k)
         except ValueError as error:
             raise config_error(f"model.{k}", str(error)) from None
-    return ModelSpec(preset=m.preset, path=m.path, tokenizer=m.get("tokenizer", ""), options=tuple(options.items()),
-                     min_pixels=min_pixels, max_pixels=max_pixels)
+    return ModelSpec(
+        preset=m.preset,
+        path=m.path,
+        tokenizer=m.get("tokenizer", ""),
+        options=tuple(options.items()),
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+    )
 
 
 def resolve_mesh(mesh: ml_collections.ConfigDict) -> tuple[int, int, int]:
@@ -319,8 +356,15 @@ def resolve_mesh(mesh: ml_collections.ConfigDict) -> tuple[int, int, int]:
 
 
 # The train section of a run without training stages (an evaluation config has none): metrics to JSONL only.
-NO_TRAINING = TrainSpec(log_every=1, eval_every=0, save_every=1, keep_checkpoints=1, max_consecutive_skips=1,
-                        progress=False, tensorboard=False)
+NO_TRAINING = TrainSpec(
+    log_every=1,
+    eval_every=0,
+    save_every=1,
+    keep_checkpoints=1,
+    max_consecutive_skips=1,
+    progress=False,
+    tensorboard=False,
+)
 
 
 def resolve_train(t: ml_collections.ConfigDict) -> TrainSpec:
@@ -343,9 +387,13 @@ def resolve_eval(e: ml_collections.ConfigDict) -> EvalSpec:
         raise config_error("eval.sources", "empty: evaluation needs data")
     if e.batch_size < 1 or e.num_examples < 1:
         raise config_error("eval", f"batch_size and num_examples must be >= 1, got {e.batch_size}, {e.num_examples}")
-    return EvalSpec(sources=tuple(dict(x) for x in e.sources), num_examples=int(e.num_examples),
-                    batch_size=int(e.batch_size), sampling=resolve_sampling(e.sampling, "eval.sampling"),
-                    save_completions=bool(e.save_completions))
+    return EvalSpec(
+        sources=tuple(dict(x) for x in e.sources),
+        num_examples=int(e.num_examples),
+        batch_size=int(e.batch_size),
+        sampling=resolve_sampling(e.sampling, "eval.sampling"),
+        save_completions=bool(e.save_completions),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -357,19 +405,24 @@ def check_variant(arg: str | None, variants: tuple[str, ...], config_file: str) 
     """The variant named by `--config <file>:<arg>` ("" for none); ValueError listing the variants otherwise."""
     variant = "" if arg is None else str(arg)
     if variant not in variants:
-        raise ValueError(f"{config_file}: unknown variant {variant!r}; variants: "
-                         f"{', '.join(repr(v) for v in variants)} ('' = the paper's / full-size defaults)")
+        raise ValueError(
+            f"{config_file}: unknown variant {variant!r}; variants: "
+            f"{', '.join(repr(v) for v in variants)} ('' = the paper's / full-size defaults)"
+        )
     return variant
 
 
-def use_tiny_model(c: ml_collections.ConfigDict, eval_tasks, *, max_new_tokens: int = 32,
-                   eval_examples: int = 16) -> None:
+def use_tiny_model(
+    c: ml_collections.ConfigDict, eval_tasks, *, max_new_tokens: int = 32, eval_examples: int = 16
+) -> None:
     """The `:tiny` runtime: the tiny random-weight preset with the built-in tokenizer, 56 px images, one device,
     a short greedy eval on the gym's validation split of `eval_tasks`, frequent checkpoints."""
-    c.model.update(preset="tiny", path="", dtype="float32", param_dtype="float32", min_pixels=56 * 56,
-                   max_pixels=56 * 56)
+    c.model.update(
+        preset="tiny", path="", dtype="float32", param_dtype="float32", min_pixels=56 * 56, max_pixels=56 * 56
+    )
     c.mesh.shape = (1, 1, 1)
     c.train.update(save_every=2, keep_checkpoints=1)
-    c.eval.update(sources=[gym_source("validation", eval_examples, tasks=tuple(eval_tasks))], num_examples=8,
-                  batch_size=8)
+    c.eval.update(
+        sources=[gym_source("validation", eval_examples, tasks=tuple(eval_tasks))], num_examples=8, batch_size=8
+    )
     c.eval.sampling.max_new_tokens = max_new_tokens

@@ -93,9 +93,7 @@ def global_batch(local_batch: Any, shardings: Any) -> Any:
     """
     if jax.process_count() == 1:
         return jax.device_put(local_batch, shardings)
-    return jax.tree.map(
-        lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), local_batch, shardings
-    )
+    return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), local_batch, shardings)
 
 
 def feed_global_batch(full_batch: Any, shardings: Any) -> Any:

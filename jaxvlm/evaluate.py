@@ -19,8 +19,9 @@ from ml_collections import config_flags
 
 from jaxvlm import configuration
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/eval.py", "Path to an evaluation config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/eval.py", "Path to an evaluation config file.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where completions, summaries and metrics are written.")
 
 
@@ -38,7 +39,7 @@ def summary_table(workdir: str, stage_names) -> str:
         lines.append(head)
         for key in sorted(m):
             if key.startswith("accuracy/"):
-                lines.append(f"    {key[len('accuracy/'):]:<32} {m[key]:.4f}")
+                lines.append(f"    {key[len('accuracy/') :]:<32} {m[key]:.4f}")
     return "\n".join(lines)
 
 
@@ -54,8 +55,10 @@ def main(argv):
         raise app.UsageError("--workdir is required (completions, summaries, metrics)")
     training = [n for n in config.get("stage_order", ()) if config.stages[n].mode != "eval"]
     if training:
-        raise app.UsageError(f"jaxvlm.evaluate runs eval stages only; config.stages.{training[0]} is a "
-                             f"{config.stages[training[0]].mode!r} stage (train with python -m jaxvlm.main)")
+        raise app.UsageError(
+            f"jaxvlm.evaluate runs eval stages only; config.stages.{training[0]} is a "
+            f"{config.stages[training[0]].mode!r} stage (train with python -m jaxvlm.main)"
+        )
     try:
         trainer.run(config, _WORKDIR.value)
     except configuration.ConfigError as error:

@@ -52,18 +52,38 @@ def task_for_stage(e: EvalSpec, stage: StageSpec) -> EvalTask:
     """The evaluation of a training stage: `config.eval`'s sources, size and sampling, in the stage's prompt format,
     scored with the stage's accuracy reward; whole batches only (num_examples rounded down to them)."""
     d = stage.data
-    data = PipelineConfig(batch_size=e.batch_size, prompt_style=d.prompt_style, with_caption=d.with_caption,
-                          max_prompt_length=d.max_prompt_length, shuffle=False, num_epochs=1, drop_remainder=True,
-                          prefetch=0, on_error=d.on_error, shard_by_process=False)
-    return EvalTask(e.sources, data, e.num_examples, e.sampling,
-                    accuracy_spec(stage.rewards, stage.accuracy_reward, d.prompt_style), e.save_completions)
+    data = PipelineConfig(
+        batch_size=e.batch_size,
+        prompt_style=d.prompt_style,
+        with_caption=d.with_caption,
+        max_prompt_length=d.max_prompt_length,
+        shuffle=False,
+        num_epochs=1,
+        drop_remainder=True,
+        prefetch=0,
+        on_error=d.on_error,
+        shard_by_process=False,
+    )
+    return EvalTask(
+        e.sources,
+        data,
+        e.num_examples,
+        e.sampling,
+        accuracy_spec(stage.rewards, stage.accuracy_reward, d.prompt_style),
+        e.save_completions,
+    )
 
 
 def task_for_eval_stage(stage: StageSpec) -> EvalTask:
     """An eval stage: every example of its sources (or `num_examples`), the last batch padded by a smaller one."""
-    return EvalTask(stage.sources, stage.data, stage.num_examples, stage.sampling,
-                    accuracy_spec(stage.rewards, stage.accuracy_reward, stage.data.prompt_style),
-                    rewards=stage.rewards)
+    return EvalTask(
+        stage.sources,
+        stage.data,
+        stage.num_examples,
+        stage.sampling,
+        accuracy_spec(stage.rewards, stage.accuracy_reward, stage.data.prompt_style),
+        rewards=stage.rewards,
+    )
 
 
 def completions_path(workdir: str, stage: str, step: int) -> str:
@@ -82,8 +102,10 @@ def evaluate(rt, params, task: EvalTask, completions_file: str | None = None) ->
     question, reference answer, completion, score (and the reference reasoning with think_f1)."""
     rows, lengths, skipped = _decode_and_score(rt, params, task)
     if not rows:
-        raise ValueError(f"eval: no example to score in {list(task.sources)} (batch_size {task.data.batch_size}, "
-                         f"drop_remainder {task.data.drop_remainder})")
+        raise ValueError(
+            f"eval: no example to score in {list(task.sources)} (batch_size {task.data.batch_size}, "
+            f"drop_remainder {task.data.drop_remainder})"
+        )
     metrics = _metrics(rows, lengths, task)
     if skipped and sum(skipped.values()):
         metrics.update(pipeline.skip_metrics(skipped))
@@ -107,8 +129,16 @@ def _decode_and_score(rt, params, task: EvalTask) -> tuple[list[dict], list[int]
             break
         skipped = pipeline.add_skip_counts(skipped, batch)
         examples = batch["examples"]
-        out = rollouts.sample_and_score(rt, params, batch, jax.random.fold_in(key, step), task.sampling, specs, None,
-                                        on_mesh=len(examples) % dp == 0)
+        out = rollouts.sample_and_score(
+            rt,
+            params,
+            batch,
+            jax.random.fold_in(key, step),
+            task.sampling,
+            specs,
+            None,
+            on_mesh=len(examples) % dp == 0,
+        )
         for i, (completion, example) in enumerate(zip(out.completions, out.examples)):
             if task.num_examples and seen + i // k >= task.num_examples:
                 break
@@ -122,9 +152,15 @@ def _decode_and_score(rt, params, task: EvalTask) -> tuple[list[dict], list[int]
 
 
 def _row(completion: str, example: dict, scores: np.ndarray, names, extract: str, sample: int, k: int) -> dict:
-    row = {"id": example.get("id", ""), "task": example.get("task", "") or "unknown",
-           "difficulty": int(example.get("difficulty", 0)), "question": example.get("question", ""),
-           "answer": str(example.get("answer", "")), "completion": completion, "score": float(scores[0])}
+    row = {
+        "id": example.get("id", ""),
+        "task": example.get("task", "") or "unknown",
+        "difficulty": int(example.get("difficulty", 0)),
+        "question": example.get("question", ""),
+        "answer": str(example.get("answer", "")),
+        "completion": completion,
+        "score": float(scores[0]),
+    }
     if k > 1:
         row["sample"] = sample
     for name, value in zip(names[1:], scores[1:]):
@@ -138,8 +174,11 @@ def _row(completion: str, example: dict, scores: np.ndarray, names, extract: str
 def _metrics(rows: list[dict], lengths: list[int], task: EvalTask) -> dict[str, float]:
     k = task.sampling.num_generations
     scores = np.asarray([row["score"] for row in rows])
-    metrics = {"accuracy": float(scores.mean()), "completion_length": float(np.mean(lengths)),
-               "examples": float(len(rows) // k)}
+    metrics = {
+        "accuracy": float(scores.mean()),
+        "completion_length": float(np.mean(lengths)),
+        "examples": float(len(rows) // k),
+    }
     if k > 1:
         metrics[f"pass@{k}"] = float(scores[: len(rows) // k * k].reshape(-1, k).max(-1).mean())
     thinking = [row["think_f1"] for row in rows if "think_f1" in row]

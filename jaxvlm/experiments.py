@@ -39,8 +39,11 @@ VISUAL_TASKS = ("exists", "count_choice", "count")  # Curr-ReFT's order: yes/no 
 TEXT_TASK = "word_arithmetic"
 DIFFICULTIES = (0, 1)
 GRPO_REWARDS = ["format_dyme", {"name": "accuracy", "kwargs": {"extract": "dyme"}}]
-DYME_REWARDS = ["format_dyme", {"name": "think_f1", "kwargs": {"extract": "dyme"}},
-                {"name": "accuracy", "kwargs": {"extract": "dyme"}}]
+DYME_REWARDS = [
+    "format_dyme",
+    {"name": "think_f1", "kwargs": {"extract": "dyme"}},
+    {"name": "accuracy", "kwargs": {"extract": "dyme"}},
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,33 +74,68 @@ def _gym(split, n, tasks, seed=0):
 def _data(tasks, *, caption=True, targets=True, batch, seed=1, shuffle=True):
     """A stage's data; `targets`: an SFT stage's reference completions are tokenized to 128 tokens (RL stages have
     none, and DyME's are tokenized at the rollouts' width)."""
-    data = dict(sources=[_gym("train", 4000, tasks, seed)], batch_size=batch, prompt_style="dyme",
-                with_caption=caption, max_prompt_length=256, on_error="skip", shuffle=shuffle)
+    data = dict(
+        sources=[_gym("train", 4000, tasks, seed)],
+        batch_size=batch,
+        prompt_style="dyme",
+        with_caption=caption,
+        max_prompt_length=256,
+        on_error="skip",
+        shuffle=shuffle,
+    )
     if targets:
         data["max_target_length"] = 128
     return data
 
 
 def sft_stage(b: Budget, steps: int, tasks=VISUAL_TASKS, seed=0, caption=True, lr=None):
-    return stage("sft", steps=steps, data=_data(tasks, caption=caption, batch=b.sft_batch, seed=seed),
-                 optimizer=dict(learning_rate=lr or b.sft_lr, schedule="constant", warmup_steps=10, weight_decay=0.0,
-                                max_grad_norm=1.0),
-                 loss=dict(sft_aggregation="token"))
-
-
-def rl_stage(b: Budget, steps: int, tasks=VISUAL_TASKS, *, mode="grpo", caption=True, granularity="prompt",
-             eps_low=0.2, num_iterations=1, mini_batches=1, batch=None, generations=None, seed=1):
     return stage(
-        mode, steps=steps,
+        "sft",
+        steps=steps,
+        data=_data(tasks, caption=caption, batch=b.sft_batch, seed=seed),
+        optimizer=dict(
+            learning_rate=lr or b.sft_lr, schedule="constant", warmup_steps=10, weight_decay=0.0, max_grad_norm=1.0
+        ),
+        loss=dict(sft_aggregation="token"),
+    )
+
+
+def rl_stage(
+    b: Budget,
+    steps: int,
+    tasks=VISUAL_TASKS,
+    *,
+    mode="grpo",
+    caption=True,
+    granularity="prompt",
+    eps_low=0.2,
+    num_iterations=1,
+    mini_batches=1,
+    batch=None,
+    generations=None,
+    seed=1,
+):
+    return stage(
+        mode,
+        steps=steps,
         data=_data(tasks, caption=caption, targets=False, batch=batch or b.rl_batch, seed=seed),
-        rewards=DYME_REWARDS if mode == "dyme" else GRPO_REWARDS, accuracy_reward="accuracy",
-        optimizer=dict(learning_rate=b.rl_lr, schedule="constant", warmup_steps=0, weight_decay=0.0,
-                       max_grad_norm=1.0),
-        loss=dict(beta=0.0, num_iterations=num_iterations, aggregation="grpo", advantage_scale="group",
-                  eps_low=eps_low, eps_high=0.2, **({"dyme_granularity": granularity} if mode == "dyme" else {})),
-        sampling=dict(num_generations=generations or b.num_generations, max_new_tokens=b.max_new_tokens,
-                      temperature=b.temperature),
-        batch=dict(micro_batches=1, mini_batches=mini_batches))
+        rewards=DYME_REWARDS if mode == "dyme" else GRPO_REWARDS,
+        accuracy_reward="accuracy",
+        optimizer=dict(learning_rate=b.rl_lr, schedule="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0),
+        loss=dict(
+            beta=0.0,
+            num_iterations=num_iterations,
+            aggregation="grpo",
+            advantage_scale="group",
+            eps_low=eps_low,
+            eps_high=0.2,
+            **({"dyme_granularity": granularity} if mode == "dyme" else {}),
+        ),
+        sampling=dict(
+            num_generations=generations or b.num_generations, max_new_tokens=b.max_new_tokens, temperature=b.temperature
+        ),
+        batch=dict(micro_batches=1, mini_batches=mini_batches),
+    )
 
 
 def _split(total: int, parts: int) -> list[int]:
@@ -115,36 +153,55 @@ def arms(comparison: str, b: Budget) -> dict[str, list[tuple[str, object]]]:
             "SFT only": [warm, ("sft_more", sft_stage(b, rl_prompts // b.sft_batch, seed=1))],
             # A control for the RL phase's lower learning rate: the same SFT continuation at the RL learning rate
             # (does an RL phase help, or does any low-lr phase after a high-lr warm-up?).
-            "SFT only, RL's lr": [warm, ("sft_more_rl_lr", sft_stage(b, rl_prompts // b.sft_batch, seed=1,
-                                                                     lr=b.rl_lr))],
+            "SFT only, RL's lr": [
+                warm,
+                ("sft_more_rl_lr", sft_stage(b, rl_prompts // b.sft_batch, seed=1, lr=b.rl_lr)),
+            ],
             # From scratch, with the same prompts: G 4 x 16 prompts per step keeps the rollout count per step.
             "GRPO only": [("grpo_scratch", rl_stage(b, total_prompts // 16, batch=16, generations=4))],
             "SFT -> GRPO": [warm, ("grpo", rl_stage(b, r))],
         }
     if comparison == "dyme":
-        return {"DyME prompt": [warm, ("dyme_prompt", rl_stage(b, r, mode="dyme", granularity="prompt"))],
-                "DyME batch": [warm, ("dyme_batch", rl_stage(b, r, mode="dyme", granularity="batch"))]}
+        return {
+            "DyME prompt": [warm, ("dyme_prompt", rl_stage(b, r, mode="dyme", granularity="prompt"))],
+            "DyME batch": [warm, ("dyme_batch", rl_stage(b, r, mode="dyme", granularity="batch"))],
+        }
     if comparison == "curriculum":
         steps = _split(r, 3)
         curriculum = [(f"cur_{t}", rl_stage(b, n, (t,))) for t, n in zip(VISUAL_TASKS, steps)]
-        return {"curriculum yes/no -> choice -> open": [warm, *curriculum],
-                "same data shuffled": [warm, ("grpo", rl_stage(b, r))]}
+        return {
+            "curriculum yes/no -> choice -> open": [warm, *curriculum],
+            "same data shuffled": [warm, ("grpo", rl_stage(b, r))],
+        }
     if comparison == "clgrpo":
         s3, s4 = _split(r, 2)
         stage3 = ("stage3", rl_stage(b, s3, num_iterations=2, mini_batches=2))
-        return {"stage 4 ClipLow (eps_low 0.1)": [warm, stage3, ("cliplow", rl_stage(
-                    b, s4, eps_low=0.1, num_iterations=2, mini_batches=2))],
-                "stage 3 continued (eps_low 0.2)": [warm, stage3, ("stage3_more", rl_stage(
-                    b, s4, num_iterations=2, mini_batches=2))]}
+        return {
+            "stage 4 ClipLow (eps_low 0.1)": [
+                warm,
+                stage3,
+                ("cliplow", rl_stage(b, s4, eps_low=0.1, num_iterations=2, mini_batches=2)),
+            ],
+            "stage 3 continued (eps_low 0.2)": [
+                warm,
+                stage3,
+                ("stage3_more", rl_stage(b, s4, num_iterations=2, mini_batches=2)),
+            ],
+        }
     if comparison == "infi_mmr":
         # The warm-up here includes the text-only task, so phase 1 has something to reinforce; evaluation is
         # caption-free (the phases' goal).
         warm_text = ("warmup_text", sft_stage(b, w, tasks=(*VISUAL_TASKS, TEXT_TASK)))
         p1, p2, p3 = _split(r, 3)
-        return {"text -> caption -> caption-free": [
-                    warm_text, ("text", rl_stage(b, p1, (TEXT_TASK,), caption=False)),  # text-only: no image, no caption
-                    ("captioned", rl_stage(b, p2, caption=True)), ("caption_free", rl_stage(b, p3, caption=False))],
-                "caption-free only": [warm_text, ("mm_only", rl_stage(b, r, caption=False))]}
+        return {
+            "text -> caption -> caption-free": [
+                warm_text,
+                ("text", rl_stage(b, p1, (TEXT_TASK,), caption=False)),  # text-only: no image, no caption
+                ("captioned", rl_stage(b, p2, caption=True)),
+                ("caption_free", rl_stage(b, p3, caption=False)),
+            ],
+            "caption-free only": [warm_text, ("mm_only", rl_stage(b, r, caption=False))],
+        }
     raise ValueError(f"unknown comparison {comparison!r}; known: {COMPARISONS}")
 
 
@@ -192,17 +249,24 @@ def run_arm(out: str, stages, b: Budget, seed: int) -> dict:
             # under another name and renamed, so an interrupted copy is never taken for a started arm.
             run_arm(out, stages[:-1], b, seed)
             shutil.rmtree(workdir + ".copy", ignore_errors=True)
-            shutil.copytree(os.path.join(root, "+".join(names[:-1])), workdir + ".copy",
-                            ignore=shutil.ignore_patterns("final_model"))
+            shutil.copytree(
+                os.path.join(root, "+".join(names[:-1])),
+                workdir + ".copy",
+                ignore=shutil.ignore_patterns("final_model"),
+            )
             os.replace(workdir + ".copy", workdir)
         # An arm that was interrupted (SIGTERM, a crash) resumes from its last checkpoint.
         if not trainer.run(arm_config(stages, b, seed), workdir)["finished"]:
             raise SystemExit(f"{workdir}: stopped before the end; the same command resumes it")
     evals = stage_evaluations(read_metrics(workdir))
     final = evals[-1][2]
-    return {"accuracy": final["eval/accuracy"], "stages": [[s, step, r["eval/accuracy"]] for s, step, r in evals],
-            "tasks": {k.split("/")[-1]: v for k, v in final.items() if k.startswith("eval/accuracy/task/")},
-            "prompts": _prompts(stages, b), "wall_s": time.perf_counter() - t0}
+    return {
+        "accuracy": final["eval/accuracy"],
+        "stages": [[s, step, r["eval/accuracy"]] for s, step, r in evals],
+        "tasks": {k.split("/")[-1]: v for k, v in final.items() if k.startswith("eval/accuracy/task/")},
+        "prompts": _prompts(stages, b),
+        "wall_s": time.perf_counter() - t0,
+    }
 
 
 def table(results: dict) -> str:
@@ -210,14 +274,19 @@ def table(results: dict) -> str:
     lines = []
     for comparison, arms_ in results.items():
         tasks = sorted({t for seeds in arms_.values() for r in seeds.values() for t in r["tasks"]})
-        lines += [f"**{comparison}**", "", "| arm | seeds | prompts | accuracy | " + " | ".join(tasks) + " |",
-                  "|---|---|---|---|" + "---|" * len(tasks)]
+        lines += [
+            f"**{comparison}**",
+            "",
+            "| arm | seeds | prompts | accuracy | " + " | ".join(tasks) + " |",
+            "|---|---|---|---|" + "---|" * len(tasks),
+        ]
         for arm, seeds in arms_.items():
             accs = np.array([r["accuracy"] for r in seeds.values()])
             cells = [f"{_pm([r['tasks'].get(t, np.nan) for r in seeds.values()])}" for t in tasks]
             prompts = sorted({r["prompts"] for r in seeds.values()})
-            lines.append(f"| {arm} | {len(accs)} | {'/'.join(map(str, prompts))} | **{_pm(accs)}** | "
-                         + " | ".join(cells) + " |")
+            lines.append(
+                f"| {arm} | {len(accs)} | {'/'.join(map(str, prompts))} | **{_pm(accs)}** | " + " | ".join(cells) + " |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -256,8 +325,13 @@ def plot(results: dict, path: str, floor: float | None = None) -> None:
     for ax, (comparison, arms_) in zip(axes[0], results.items()):
         names = list(arms_)
         accs = [[r["accuracy"] for r in arms_[a].values()] for a in names]
-        ax.bar(range(len(names)), [np.mean(a) for a in accs], yerr=[np.std(a, ddof=1) if len(a) > 1 else 0
-                                                                    for a in accs], capsize=4, color="C0")
+        ax.bar(
+            range(len(names)),
+            [np.mean(a) for a in accs],
+            yerr=[np.std(a, ddof=1) if len(a) > 1 else 0 for a in accs],
+            capsize=4,
+            color="C0",
+        )
         for i, a in enumerate(accs):
             ax.scatter([i] * len(a), a, color="black", s=10, zorder=3)
         ax.set_xticks(range(len(names)))
@@ -291,8 +365,10 @@ def main(argv=None) -> dict:
                 if str(seed) in done:
                     continue
                 result = run_arm(out, stages, b, seed)
-                print(f"[{comparison}] {arm} seed {seed}: accuracy {result['accuracy']:.3f} "
-                      f"({result['wall_s']:.0f} s)", flush=True)
+                print(
+                    f"[{comparison}] {arm} seed {seed}: accuracy {result['accuracy']:.3f} ({result['wall_s']:.0f} s)",
+                    flush=True,
+                )
                 results.setdefault(comparison, {}).setdefault(arm, {})[str(seed)] = result
                 with open(path, "w") as f:
                     json.dump(results, f, indent=1)
@@ -305,8 +381,12 @@ def main(argv=None) -> dict:
 def _write_outputs(results: dict, b: Budget, out: str) -> None:
     prior = majority_answer_accuracy(b)
     with open(os.path.join(out, "RESULTS_TABLE.md"), "w") as f:
-        f.write("Majority answer per task, no model (the floor): "
-                + ", ".join(f"{k} {v:.3f}" for k, v in prior.items()) + "\n\n" + table(results))
+        f.write(
+            "Majority answer per task, no model (the floor): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in prior.items())
+            + "\n\n"
+            + table(results)
+        )
     plot(results, os.path.join(out, "results.png"), floor=prior["all"])
 
 

@@ -103,7 +103,8 @@ def _num_groups(num_rows: int, group_size) -> int:
     if group_size < 2:
         raise ValueError(
             f"group_size must be >= 2, got {group_size}: a group of one completion has no baseline "
-            "(its advantage would always be 0)")
+            "(its advantage would always be 0)"
+        )
     if num_rows % group_size:
         raise ValueError(f"number of rewards N={num_rows} is not divisible by group_size G={group_size}")
     return num_rows // group_size
@@ -146,8 +147,9 @@ def group_reward_stats(rewards: Array, group_size: int, *, weights: Array | None
     return dict(mean=mean, std=std, zero_std_fraction=jnp.mean(all_equal.astype(jnp.float32)))
 
 
-def group_advantages(rewards: Array, group_size: int, *, weights: Array | None = None, scale: str = "group",
-                     eps: float = 1e-4) -> Array:
+def group_advantages(
+    rewards: Array, group_size: int, *, weights: Array | None = None, scale: str = "group", eps: float = 1e-4
+) -> Array:
     """Group-relative advantages A_i = (r_i - mean_group) / (std + eps).
 
     Args:
@@ -208,8 +210,9 @@ def kl_penalty(logp: Array, ref_logp: Array, estimator: str = "k3", clamp: float
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_policy_settings(eps_low, eps_high, delta, importance, beta, ref_logp, aggregation,
-                           max_completion_length, log_ratio_clamp) -> None:
+def _check_policy_settings(
+    eps_low, eps_high, delta, importance, beta, ref_logp, aggregation, max_completion_length, log_ratio_clamp
+) -> None:
     _check_choice("importance", importance, IMPORTANCE_LEVELS)
     _check_choice("aggregation", aggregation, POLICY_AGGREGATIONS)
     _check_positive("log_ratio_clamp", log_ratio_clamp)
@@ -221,11 +224,14 @@ def _check_policy_settings(eps_low, eps_high, delta, importance, beta, ref_logp,
         raise ValueError(f"delta (two-sided clip) must be > 1 + eps_high = {1 + eps_high}, got {delta!r}")
     if ref_logp is None and not (isinstance(beta, numbers.Real) and beta == 0):
         raise ValueError(f"beta={beta!r} adds a KL penalty, which needs ref_logp (got None)")
-    if aggregation == "dr_grpo" and (isinstance(max_completion_length, bool)
-                                     or not isinstance(max_completion_length, numbers.Integral)
-                                     or max_completion_length < 1):
-        raise ValueError(f"aggregation='dr_grpo' needs max_completion_length, a positive int; "
-                         f"got {max_completion_length!r}")
+    if aggregation == "dr_grpo" and (
+        isinstance(max_completion_length, bool)
+        or not isinstance(max_completion_length, numbers.Integral)
+        or max_completion_length < 1
+    ):
+        raise ValueError(
+            f"aggregation='dr_grpo' needs max_completion_length, a positive int; got {max_completion_length!r}"
+        )
 
 
 def _importance_ratio(log_ratio: Array, mask: Array, importance: str) -> Array:
@@ -276,11 +282,24 @@ def _policy_metrics(ratio, advantages, mask, valid, eps_low, eps_high, kl, entro
     return jax.lax.stop_gradient(metrics)
 
 
-def policy_loss(logp: Array, old_logp: Array, advantages: Array, mask: Array, *, eps_low: float = 0.2,
-                eps_high: float = 0.2, delta: float | None = None, importance: str = "token",
-                ref_logp: Array | None = None, beta: float = 0.0, kl_estimator: str = "k3",
-                aggregation: str = "grpo", max_completion_length: int | None = None,
-                entropy: Array | None = None, log_ratio_clamp: float = 20.0) -> tuple[Array, Array, dict[str, Array]]:
+def policy_loss(
+    logp: Array,
+    old_logp: Array,
+    advantages: Array,
+    mask: Array,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    delta: float | None = None,
+    importance: str = "token",
+    ref_logp: Array | None = None,
+    beta: float = 0.0,
+    kl_estimator: str = "k3",
+    aggregation: str = "grpo",
+    max_completion_length: int | None = None,
+    entropy: Array | None = None,
+    log_ratio_clamp: float = 20.0,
+) -> tuple[Array, Array, dict[str, Array]]:
     """Clipped surrogate loss of GRPO and its variants (DAPO, Dr. GRPO, BNPO, GSPO, two-sided clip).
 
     Args:
@@ -305,8 +324,9 @@ def policy_loss(logp: Array, old_logp: Array, advantages: Array, mask: Array, *,
       gradient): clip_low_fraction, clip_high_fraction, clip_region_fraction, ratio_min, ratio_mean, ratio_max,
       kl (masked mean, 0 without ref_logp), entropy (only when given), tokens (sum of the mask).
     """
-    _check_policy_settings(eps_low, eps_high, delta, importance, beta, ref_logp, aggregation,
-                           max_completion_length, log_ratio_clamp)
+    _check_policy_settings(
+        eps_low, eps_high, delta, importance, beta, ref_logp, aggregation, max_completion_length, log_ratio_clamp
+    )
     _check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     logp = jnp.asarray(logp, jnp.float32)
     if logp.ndim != 2:

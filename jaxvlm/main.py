@@ -26,8 +26,9 @@ def main(argv):
     distributed.initialize()  # multi-process runs (launch/); a no-op for a single process
     config = _CONFIG.value
     if "stages" not in config:
-        raise app.UsageError("this config has no stages to train (configs/forward.py is run by "
-                             "`python -m jaxvlm.bench.forward`)")
+        raise app.UsageError(
+            "this config has no stages to train (configs/forward.py is run by `python -m jaxvlm.bench.forward`)"
+        )
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required for training (checkpoints, metrics, resume)")
     try:

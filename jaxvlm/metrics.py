@@ -99,8 +99,9 @@ def _drop_partial_last_line(path: str) -> None:
             end = start
         else:
             keep = 0
-        logger.warning("%s: dropping a partial last line of %d bytes (left by an interrupted writer)", path,
-                       size - keep)
+        logger.warning(
+            "%s: dropping a partial last line of %d bytes (left by an interrupted writer)", path, size - keep
+        )
         f.truncate(keep)
 
 
@@ -121,8 +122,15 @@ class MetricsWriter:
     after :meth:`close` (and within ``tensorboard_flush_secs`` before that).
     """
 
-    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True,
-                 tensorboard_flush_secs: int = 30, wall_clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        tensorboard_flush_secs: int = 30,
+        wall_clock: Callable[[], float] = time.time,
+    ):
         self.workdir = workdir
         self.enabled = enabled
         self._wall_clock = wall_clock
@@ -138,7 +146,8 @@ class MetricsWriter:
             except ImportError as e:
                 raise ImportError(
                     "MetricsWriter(tensorboard=True) needs the 'tensorboardX' package (pip install tensorboardX); "
-                    "install it or pass tensorboard=False to write only metrics.jsonl") from e
+                    "install it or pass tensorboard=False to write only metrics.jsonl"
+                ) from e
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
@@ -149,8 +158,9 @@ class MetricsWriter:
             # One event file per writer: tensorboardX opens its file with mode "wb" and names it by the second
             # and host only, so two writers started in the same second would overwrite each other.
             suffix = f".{os.getpid()}.{uuid.uuid4().hex[:8]}"
-            self._summary_writer = summary_writer_cls(self.tensorboard_dir, flush_secs=tensorboard_flush_secs,
-                                                      filename_suffix=suffix)
+            self._summary_writer = summary_writer_cls(
+                self.tensorboard_dir, flush_secs=tensorboard_flush_secs, filename_suffix=suffix
+            )
 
     def write(self, step: int, metrics: Mapping[str, Any], *, prefix: str = "") -> None:
         """Record `metrics` at global step `step`, each key prefixed with `prefix` (e.g. ``"train/"``).
@@ -261,8 +271,13 @@ def _tensor_scalar(tensor) -> float | None:
         if len(tensor.half_val) != 1 or tensor.dtype != types_pb2.DT_HALF:
             return None
         return float(np.array([tensor.half_val[0]], np.uint16).view(np.float16)[0])
-    dtypes = {types_pb2.DT_FLOAT: "<f4", types_pb2.DT_DOUBLE: "<f8", types_pb2.DT_INT32: "<i4",
-              types_pb2.DT_INT64: "<i8", types_pb2.DT_HALF: "<f2"}
+    dtypes = {
+        types_pb2.DT_FLOAT: "<f4",
+        types_pb2.DT_DOUBLE: "<f8",
+        types_pb2.DT_INT32: "<i4",
+        types_pb2.DT_INT64: "<i8",
+        types_pb2.DT_HALF: "<f2",
+    }
     if tensor.tensor_content and tensor.dtype in dtypes:
         values = np.frombuffer(tensor.tensor_content, dtypes[tensor.dtype])
         if values.size == 1:
@@ -281,16 +296,17 @@ def _event_records(path: str) -> Iterator[bytes]:
         if len(data) - offset < 12:
             logger.warning("%s: truncated record header at byte %d", path, offset)
             return
-        header = data[offset:offset + 8]
-        (length,), (length_crc,) = struct.unpack("<Q", header), struct.unpack("<I", data[offset + 8:offset + 12])
+        header = data[offset : offset + 8]
+        (length,), (length_crc,) = struct.unpack("<Q", header), struct.unpack("<I", data[offset + 8 : offset + 12])
         if masked_crc32c(header) != length_crc:
             raise ValueError(f"{path}: corrupt record at byte {offset}: the length's checksum does not match")
         end = offset + 12 + length + 4
         if end > len(data):
-            logger.warning("%s: truncated record at byte %d (%d bytes of %d)", path, offset,
-                           len(data) - offset, end - offset)
+            logger.warning(
+                "%s: truncated record at byte %d (%d bytes of %d)", path, offset, len(data) - offset, end - offset
+            )
             return
-        yield data[offset + 12:offset + 12 + length]
+        yield data[offset + 12 : offset + 12 + length]
         offset = end
 
 
@@ -407,8 +423,13 @@ class StepTimer:
 
     def summary(self) -> dict[str, float | int | None]:
         """``{"steps", "first_step_s", "steady_step_s", "steps_per_s", "compile_estimate_s"}`` (None where unknown)."""
-        return {"steps": self.num_steps, "first_step_s": self.first_step_s, "steady_step_s": self.steady_step_s,
-                "steps_per_s": self.steps_per_s, "compile_estimate_s": self.compile_estimate_s}
+        return {
+            "steps": self.num_steps,
+            "first_step_s": self.first_step_s,
+            "steady_step_s": self.steady_step_s,
+            "steps_per_s": self.steps_per_s,
+            "compile_estimate_s": self.compile_estimate_s,
+        }
 
 
 def format_duration(seconds: float) -> str:
@@ -463,9 +484,17 @@ class ProgressBar:
       min_interval_s: least time between two printed lines when `stream` is not a terminal.
     """
 
-    def __init__(self, total: int, *, desc: str = "", enabled: bool = True, stream: TextIO | None = None,
-                 clock: Callable[[], float] = time.perf_counter, keys: tuple[str, ...] = ("reward", "accuracy", "loss"),
-                 min_interval_s: float = 10.0):
+    def __init__(
+        self,
+        total: int,
+        *,
+        desc: str = "",
+        enabled: bool = True,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        keys: tuple[str, ...] = ("reward", "accuracy", "loss"),
+        min_interval_s: float = 10.0,
+    ):
         self.total = int(total)
         self.desc = desc
         self.enabled = enabled
@@ -511,8 +540,7 @@ class ProgressBar:
             self.stream.flush()
             self._width, self._line_open = len(line), True
             return
-        due = (self._last_printed_at is None or now - self._last_printed_at >= self.min_interval_s
-               or step >= self.total)
+        due = self._last_printed_at is None or now - self._last_printed_at >= self.min_interval_s or step >= self.total
         if due:
             self._print_line(line, now)
         else:

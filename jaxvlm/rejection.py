@@ -29,8 +29,16 @@ def rejection_sample(rt, spec: StageSpec, params) -> str:
     path, summary_path = os.path.join(out_dir, "kept.jsonl"), os.path.join(out_dir, "summary.json")
     if os.path.isfile(summary_path):
         return path
-    data = dataclasses.replace(spec.data, batch_size=r.batch_size, with_targets=False, shuffle=True, num_epochs=1,
-                               drop_remainder=True, prefetch=0, keep_images=True)
+    data = dataclasses.replace(
+        spec.data,
+        batch_size=r.batch_size,
+        with_targets=False,
+        shuffle=True,
+        num_epochs=1,
+        drop_remainder=True,
+        prefetch=0,
+        keep_images=True,
+    )
     section = {"sources": [dict(e) for e in spec.sources], **dataclasses.asdict(data)}
     iterator = iter(sources.input_pipeline(section, rt.tokenizer, rt.image_processor, rt.model_config))
     n = spec.sampling.num_generations
@@ -39,8 +47,9 @@ def rejection_sample(rt, spec: StageSpec, params) -> str:
     for step, batch in enumerate(iterator):
         if seen >= r.num_prompts:
             break
-        out = rollouts.sample_and_score(rt, params, batch, jax.random.fold_in(key, step), spec.sampling, spec.rewards,
-                                        None)
+        out = rollouts.sample_and_score(
+            rt, params, batch, jax.random.fold_in(key, step), spec.sampling, spec.rewards, None
+        )
         totals = out.scores.total.reshape(-1, n)
         for b, example in enumerate(batch["examples"]):
             best = int(np.argmax(totals[b]))
@@ -53,13 +62,23 @@ def rejection_sample(rt, spec: StageSpec, params) -> str:
         os.makedirs(out_dir, exist_ok=True)
         write_jsonl_dataset(kept, out_dir, name="kept.jsonl")
         with open(summary_path, "w") as f:
-            json.dump({"prompts": seen, "kept": len(kept), "min_reward": r.min_reward,
-                       "mean_best_reward": float(np.mean(best_rewards)) if best_rewards else None}, f, indent=2)
+            json.dump(
+                {
+                    "prompts": seen,
+                    "kept": len(kept),
+                    "min_reward": r.min_reward,
+                    "mean_best_reward": float(np.mean(best_rewards)) if best_rewards else None,
+                },
+                f,
+                indent=2,
+            )
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"rejection {spec.name}")
     if not kept:
-        raise ValueError(f"stage {spec.name}: rejection sampling kept no sample of {seen} prompts (min_reward="
-                         f"{r.min_reward}); lower config.{spec.key}.rejection.min_reward or train longer first")
+        raise ValueError(
+            f"stage {spec.name}: rejection sampling kept no sample of {seen} prompts (min_reward="
+            f"{r.min_reward}); lower config.{spec.key}.rejection.min_reward or train longer first"
+        )
     return path

@@ -44,7 +44,7 @@ def eval_table(records: Sequence[dict]) -> str:
     evals = stage_evaluations(records)
     if not evals:
         return ""
-    tasks = sorted({k[len(TASK_PREFIX):] for _, _, r in evals for k in r if k.startswith(TASK_PREFIX)})
+    tasks = sorted({k[len(TASK_PREFIX) :] for _, _, r in evals for k in r if k.startswith(TASK_PREFIX)})
     headers = ["task"] + [f"after {s} (step {step})" for s, step, _ in evals]
     if len(evals) > 1:
         headers.append(f"change in {evals[-1][0]}")
@@ -63,8 +63,11 @@ def eval_table(records: Sequence[dict]) -> str:
     n = evals[-1][2].get("eval/examples")
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    out = [f"Held-out accuracy (greedy{'' if n is None else f', {int(n)} examples'}):", line(headers),
-           line(["-" * w for w in widths])]
+    out = [
+        f"Held-out accuracy (greedy{'' if n is None else f', {int(n)} examples'}):",
+        line(headers),
+        line(["-" * w for w in widths]),
+    ]
     out += [line(row) for row in rows]
     return "\n".join(out)
 
@@ -104,22 +107,32 @@ def plot_curves(records: Sequence[dict], out_dir: str) -> list[str]:
         for i, (stage, lo, hi) in enumerate(bounds):
             if i:
                 ax.axvline(lo - 0.5, color="0.6", linestyle=":", linewidth=1)
-            ax.text((lo + hi) / 2, 1.0, stage, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
-                    fontsize=8, color="0.3")
+            ax.text(
+                (lo + hi) / 2,
+                1.0,
+                stage,
+                transform=ax.get_xaxis_transform(),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                color="0.3",
+            )
 
     paths = []
     os.makedirs(out_dir, exist_ok=True)
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    for key, label in (("train/reward", "reward (mean over rollouts)"),
-                       ("train/accuracy", "accuracy of the rollouts")):
+    for key, label in (("train/reward", "reward (mean over rollouts)"), ("train/accuracy", "accuracy of the rollouts")):
         xs, ys = _series(records, key)
         if xs:
             ax1.plot(xs, ys, label=label, linewidth=1)
     ax1.set_ylabel("RL stages")
     if ax1.lines:
         ax1.legend(fontsize=8)
-    pts = [(int(r["step"]), float(r["train/loss"])) for r in records  # SFT stages: RL losses are surrogates
-           if isinstance(r.get("train/loss"), (int, float)) and "train/reward" not in r]
+    pts = [
+        (int(r["step"]), float(r["train/loss"]))
+        for r in records  # SFT stages: RL losses are surrogates
+        if isinstance(r.get("train/loss"), (int, float)) and "train/reward" not in r
+    ]
     if pts:
         ax2.plot([p[0] for p in pts], [p[1] for p in pts], linewidth=1, color="C2")
     ax2.set_ylabel("SFT loss (token NLL)")
@@ -133,7 +146,7 @@ def plot_curves(records: Sequence[dict], out_dir: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(8, 4))
     xs, ys = _series(records, "eval/accuracy")
     ax.plot(xs, ys, marker="o", linewidth=2, color="black", label="all tasks")
-    tasks = sorted({k[len(TASK_PREFIX):] for r in records for k in r if k.startswith(TASK_PREFIX)})
+    tasks = sorted({k[len(TASK_PREFIX) :] for r in records for k in r if k.startswith(TASK_PREFIX)})
     for task in tasks:
         txs, tys = _series(records, TASK_PREFIX + task)
         ax.plot(txs, tys, marker=".", linewidth=1, label=task)

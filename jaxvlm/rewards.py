@@ -63,6 +63,7 @@ def register(name: str, *, startup_check: StartupCheck | None = None) -> Callabl
     `startup_check(kwargs)` runs when a spec of the reward is parsed (`parse_reward_specs`, which the config check
     calls at start-up) and raises what scoring would otherwise meet mid-run, e.g. `require_math_verify()`.
     """
+
     def decorate(fn: RewardFn) -> RewardFn:
         if name in REWARDS:
             raise ValueError(f"reward {name!r} is already registered")
@@ -71,6 +72,7 @@ def register(name: str, *, startup_check: StartupCheck | None = None) -> Callabl
         if startup_check is not None:
             STARTUP_CHECKS[name] = startup_check
         return fn
+
     return decorate
 
 
@@ -112,7 +114,7 @@ def extract_answer(completion: str, style: str = "tags") -> str | None:
         flags = list(_DYME_FLAG.finditer(completion))
         if not flags:
             return None
-        lines = (line.strip().strip("*").strip() for line in completion[flags[-1].end():].split("\n"))
+        lines = (line.strip().strip("*").strip() for line in completion[flags[-1].end() :].split("\n"))
         return next((line for line in lines if line), "")
     if style == "raw":
         return completion.strip()
@@ -122,7 +124,7 @@ def extract_answer(completion: str, style: str = "tags") -> str | None:
 def dyme_thinking(completion: str) -> str:
     """DyME's thinking text: everything before the first "answer:" (any case); the whole text when it is absent."""
     match = _DYME_FLAG.search(completion)
-    return (completion[:match.start()] if match else completion).strip()
+    return (completion[: match.start()] if match else completion).strip()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,7 +179,7 @@ _NO = re.compile(r"(?<![a-z])(no|false|incorrect)(?![a-z])")
 
 
 def yesno_label(pred: str) -> str | None:
-    """"yes", "no" or None (unknown, or both yes- and no-words: ambiguous).
+    """ "yes", "no" or None (unknown, or both yes- and no-words: ambiguous).
 
     Curr-ReFT stage 1 lowercases and tries `(?<![a-z])(yes|true|correct)(?![a-z])`, then `(no|false|incorrect)`. The
     lookbehind keeps "incorrect" from matching "correct". Departures: the no-words get the same boundaries (else
@@ -224,8 +226,10 @@ def choice_score(pred: str, gt: str, partial_credit: float = 0.0) -> float:
 
 
 _NUMBER_TOKEN = re.compile(r"(?<![\w.])[+-]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?:[eE][+-]?\d+)?(?!\d)")
-_FRACTION = re.compile(r"\\d?frac\{\s*([+-]?\d+(?:\.\d+)?)\s*\}\{\s*([+-]?\d+(?:\.\d+)?)\s*\}|"
-                       r"([+-]?\d+(?:\.\d+)?)\s*/\s*([+-]?\d+(?:\.\d+)?)")
+_FRACTION = re.compile(
+    r"\\d?frac\{\s*([+-]?\d+(?:\.\d+)?)\s*\}\{\s*([+-]?\d+(?:\.\d+)?)\s*\}|"
+    r"([+-]?\d+(?:\.\d+)?)\s*/\s*([+-]?\d+(?:\.\d+)?)"
+)
 
 
 def parse_single_number(text: str) -> float | None:
@@ -355,7 +359,7 @@ def iou(box_a: Sequence[float], box_b: Sequence[float], inclusive: bool = False)
     ax1, ay1, ax2, ay2 = (float(v) for v in box_a)
     bx1, by1, bx2, by2 = (float(v) for v in box_b)
     pad = 1.0 if inclusive else 0.0
-    inter = (max(0.0, min(ax2, bx2) - max(ax1, bx1) + pad) * max(0.0, min(ay2, by2) - max(ay1, by1) + pad))
+    inter = max(0.0, min(ax2, bx2) - max(ax1, bx1) + pad) * max(0.0, min(ay2, by2) - max(ay1, by1) + pad)
     union = (ax2 - ax1 + pad) * (ay2 - ay1 + pad) + (bx2 - bx1 + pad) * (by2 - by1 + pad) - inter
     return inter / union if union > 0 else 0.0
 
@@ -398,7 +402,7 @@ def label_set(text: str) -> set[str]:
     items = [text]
     if "[" in text:
         try:
-            parsed = ast.literal_eval(text[text.index("["): text.rindex("]") + 1])
+            parsed = ast.literal_eval(text[text.index("[") : text.rindex("]") + 1])
             if isinstance(parsed, (list, tuple)):
                 items = [str(x) for x in parsed]
         except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
@@ -418,7 +422,8 @@ def jaccard_score(pred: str, gt: str) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 # DyME thinking reward without spaCy
 
-STOPWORDS = frozenset("""
+STOPWORDS = frozenset(
+    """
 a about above across after afterwards again against all almost along already also although always am among an and
 another any anyone anything are around as at be because been before being below beside besides between beyond both
 but by can cannot could did do does doing done down during each either else enough etc even ever every everything
@@ -430,7 +435,8 @@ still such than that the their theirs them themselves then there thereby therefo
 through throughout thus to together too toward towards under unless until up upon us very via was we well were what
 whatever when whenever where whereas wherever whether which while who whom whose why will with within without would
 yet you your yours yourself yourselves s t d ll m re ve
-""".split())
+""".split()
+)
 _WORD = re.compile(r"[a-z]+|\d+(?:\.\d+)?")
 _DOUBLED = set("bdgmnprt")
 
@@ -494,9 +500,18 @@ def _accuracy_startup_check(kwargs: Mapping[str, Any]) -> None:
 
 
 @register("accuracy", startup_check=_accuracy_startup_check)
-def accuracy(completion: str, example: Mapping, *, extract: str = "tags", partial_credit: float = 0.0,
-             rel_tol: float = 0.0, abs_tol: float = 0.0, iou_threshold: float | None = 0.5,
-             inclusive_iou: bool = False, use_math_verify: bool = True) -> float:
+def accuracy(
+    completion: str,
+    example: Mapping,
+    *,
+    extract: str = "tags",
+    partial_credit: float = 0.0,
+    rel_tol: float = 0.0,
+    abs_tol: float = 0.0,
+    iou_threshold: float | None = 0.5,
+    inclusive_iou: bool = False,
+    use_math_verify: bool = True,
+) -> float:
     """Answer correctness, dispatched on `example["answer_type"]`:
 
     yesno → yesno_score, choice/multi_choice → choice_score(partial_credit), number → number_score(rel_tol, abs_tol),
@@ -557,9 +572,11 @@ def think_f1_reward(completion: str, example: Mapping, *, extract: str = "dyme")
 # ----------------------------------------------------------------------------------------------------------------
 # Specs and the batched combiner
 
+
 @dataclasses.dataclass(frozen=True)
 class RewardSpec:
     """One reward column: registered `name`, `weight` in the total, keyword arguments for the function."""
+
     name: str
     weight: float = 1.0
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -644,15 +661,18 @@ def display_names(specs: Sequence[RewardSpec]) -> tuple[str, ...]:
 @dataclasses.dataclass
 class RewardResult:
     """What `compute_rewards` returns."""
-    per_reward: np.ndarray   # float32 [N, R], unweighted values per reward spec
-    total: np.ndarray        # float32 [N], sum_r weight_r * per_reward[:, r]
-    names: tuple[str, ...]   # R display names
+
+    per_reward: np.ndarray  # float32 [N, R], unweighted values per reward spec
+    total: np.ndarray  # float32 [N], sum_r weight_r * per_reward[:, r]
+    names: tuple[str, ...]  # R display names
     failures: dict[str, int]  # per display name: samples whose function raised or returned a non-finite value
 
     def metrics(self) -> dict[str, float]:
         """`rewards/<name>/mean`, `/std`, `/failures` per column and `rewards/total/mean`, `/std` (NaN when N = 0)."""
+
         def stats(column: np.ndarray) -> tuple[float, float]:
             return (float(column.mean()), float(column.std())) if column.size else (math.nan, math.nan)
+
         out: dict[str, float] = {}
         for r, name in enumerate(self.names):
             out[f"rewards/{name}/mean"], out[f"rewards/{name}/std"] = stats(self.per_reward[:, r])
@@ -690,9 +710,13 @@ def compute_rewards(specs: Any, completions: Sequence[str], examples: Sequence[M
                 failures[name] += 1
                 if spec.name not in _warned:
                     _warned.add(spec.name)
-                    logger.warning("reward %r failed on example %r (scored 0; further failures are only counted): "
-                                   "%s: %s", spec.name, example.get("id", i) if isinstance(example, Mapping) else i,
-                                   type(error).__name__, error)
+                    logger.warning(
+                        "reward %r failed on example %r (scored 0; further failures are only counted): %s: %s",
+                        spec.name,
+                        example.get("id", i) if isinstance(example, Mapping) else i,
+                        type(error).__name__,
+                        error,
+                    )
                 continue
             per_reward[i, r] = value
     weights = np.asarray([spec.weight for spec in specs], np.float32)

@@ -29,8 +29,9 @@ class Rollouts:
     truncated: np.ndarray  # [R]
 
 
-def sample_and_score(rt, params, batch: dict, key, sp: SamplingParams, reward_specs, accuracy_reward: str | None,
-                     *, on_mesh: bool = True) -> Rollouts:
+def sample_and_score(
+    rt, params, batch: dict, key, sp: SamplingParams, reward_specs, accuracy_reward: str | None, *, on_mesh: bool = True
+) -> Rollouts:
     """`sp.num_generations` rollouts per prompt of a pipeline batch from the sampler (rows sharded over the run's
     mesh; `on_mesh=False` for a batch that does not split over it), decoded and scored on the host."""
     prompts = batch["prompts"]
@@ -41,8 +42,11 @@ def sample_and_score(rt, params, batch: dict, key, sp: SamplingParams, reward_sp
     examples = [ex for ex in batch["examples"] for _ in range(g)]
     scores = rewards.compute_rewards(reward_specs, completions, examples)
     names = list(scores.names)
-    accuracy = (scores.per_reward[:, names.index(accuracy_reward)] if accuracy_reward in names
-                else np.zeros(len(completions), np.float32))
+    accuracy = (
+        scores.per_reward[:, names.index(accuracy_reward)]
+        if accuracy_reward in names
+        else np.zeros(len(completions), np.float32)
+    )
     rows = sampling.update_rows(sampling.prepare_prompts(rt.model_config, prompts), host, g)
     return Rollouts(completions, examples, scores, accuracy, rows, host.lengths, host.truncated)
 
@@ -69,15 +73,25 @@ def rollout_metrics(out: Rollouts, group_size: int) -> dict[str, float]:
     return metrics
 
 
-def grpo_update_batch(rows: dict, rewards_total: np.ndarray, group_size: int, advantage_scale: str,
-                      leading: tuple[int, ...], *, row_pixels, vision_config, slot_multiple: int) -> tuple[dict, dict]:
+def grpo_update_batch(
+    rows: dict,
+    rewards_total: np.ndarray,
+    group_size: int,
+    advantage_scale: str,
+    leading: tuple[int, ...],
+    *,
+    row_pixels,
+    vision_config,
+    slot_multiple: int,
+) -> tuple[dict, dict]:
     """A GRPO update from rollout rows [R, ...] (`sampling.update_rows`) and their total rewards [R]: the rows with
     group advantages, and their `[*leading, b, ...]` micro-batches (each prompt's images shared by its G rows)."""
     rows = dict(rows)
     advantages = losses.group_advantages(jnp.asarray(rewards_total), group_size, scale=advantage_scale)
     rows["advantages"] = np.asarray(advantages, np.float32)
-    return rows, batching.microbatches(rows, leading, row_pixels=row_pixels, vision_config=vision_config,
-                                       slot_multiple=slot_multiple)
+    return rows, batching.microbatches(
+        rows, leading, row_pixels=row_pixels, vision_config=vision_config, slot_multiple=slot_multiple
+    )
 
 
 def reference_logprobs_fn(model, num_leading: int, temperature: float):

@@ -69,10 +69,16 @@ def build_image_processor(spec: ModelSpec, model_config: models.ModelConfig) -> 
     if vc is None:
         return None
     if spec.path and os.path.isfile(os.path.join(spec.path, "preprocessor_config.json")):
-        return dataclasses.replace(ImageProcessor.from_pretrained(spec.path), min_pixels=spec.min_pixels,
-                                   max_pixels=spec.max_pixels)
-    return ImageProcessor(min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, patch_size=vc.patch_size,
-                          temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size)
+        return dataclasses.replace(
+            ImageProcessor.from_pretrained(spec.path), min_pixels=spec.min_pixels, max_pixels=spec.max_pixels
+        )
+    return ImageProcessor(
+        min_pixels=spec.min_pixels,
+        max_pixels=spec.max_pixels,
+        patch_size=vc.patch_size,
+        temporal_patch_size=vc.temporal_patch_size,
+        merge_size=vc.spatial_merge_size,
+    )
 
 
 def build_mesh(shape) -> jax.sharding.Mesh:
@@ -84,7 +90,8 @@ def build_mesh(shape) -> jax.sharding.Mesh:
         if jax.process_count() > 1:
             raise ConfigError(
                 f"config.mesh.shape: {shape} uses {math.prod(shape)} of the {len(devices)} devices of a "
-                f"{jax.process_count()}-process run; every process needs devices in the mesh (e.g. (1, -1, 1))")
+                f"{jax.process_count()}-process run; every process needs devices in the mesh (e.g. (1, -1, 1))"
+            )
         devices = devices[: math.prod(shape)]
     return sharding.make_mesh(shape, devices)
 
@@ -125,8 +132,16 @@ def setup(spec: RunSpec, workdir: str) -> Runtime:
     tokenizer = build_tokenizer(spec.model, workdir)
     model, params = build_model(spec.model, spec.seed, None if spec.model.path else tokenizer)
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, tensorboard=spec.train.tensorboard)
-    return Runtime(spec, workdir, model, tokenizer, build_image_processor(spec.model, model.config),
-                   build_mesh(spec.mesh_shape), writer, params)
+    return Runtime(
+        spec,
+        workdir,
+        model,
+        tokenizer,
+        build_image_processor(spec.model, model.config),
+        build_mesh(spec.mesh_shape),
+        writer,
+        params,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

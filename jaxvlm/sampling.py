@@ -81,9 +81,16 @@ class SamplingParams:
             pad = config.text.pad_token_id if config.text.pad_token_id is not None else (stops or (0,))[0]
         suppress = self.suppress_token_ids
         resolved = dataclasses.replace(
-            self, temperature=float(self.temperature), top_k=int(self.top_k), top_p=float(self.top_p),
-            min_p=float(self.min_p), stop_token_ids=stops, use_eos=False, pad_token_id=int(pad),
-            suppress_token_ids=default_suppressed_ids(config) if suppress is None else tuple(int(i) for i in suppress))
+            self,
+            temperature=float(self.temperature),
+            top_k=int(self.top_k),
+            top_p=float(self.top_p),
+            min_p=float(self.min_p),
+            stop_token_ids=stops,
+            use_eos=False,
+            pad_token_id=int(pad),
+            suppress_token_ids=default_suppressed_ids(config) if suppress is None else tuple(int(i) for i in suppress),
+        )
         resolved.validate()
         return resolved
 
@@ -184,7 +191,12 @@ def _constrain(x: Array, sharding: NamedSharding | None, batch_axis: int) -> Arr
 
 
 def generate_from_inputs(
-    params: Any, inputs: dict[str, Any], key: Array, *, config: ModelConfig, sp: SamplingParams,
+    params: Any,
+    inputs: dict[str, Any],
+    key: Array,
+    *,
+    config: ModelConfig,
+    sp: SamplingParams,
     batch_sharding: NamedSharding | None = None,
 ) -> Rollout:
     """The pure (jittable) sampler. `inputs` comes from `prepare_prompts`:
@@ -300,13 +312,16 @@ def update_rows(inputs: dict[str, Any], rollout: Rollout, num_generations: int) 
     seqs = jax.tree.map(np.asarray, rollout_sequences(inputs, rollout, num_generations))
     t = inputs["input_ids"].shape[1]
     return {
-        "prompt_ids": seqs["input_ids"][:, :t], "prompt_mask": seqs["attention_mask"][:, :t],
-        "completion_ids": np.asarray(rollout.tokens), "completion_mask": np.asarray(rollout.mask).astype(np.int32),
-        "position_ids": seqs["position_ids"], "old_logp": np.asarray(rollout.logprobs).astype(np.float32),
+        "prompt_ids": seqs["input_ids"][:, :t],
+        "prompt_mask": seqs["attention_mask"][:, :t],
+        "completion_ids": np.asarray(rollout.tokens),
+        "completion_mask": np.asarray(rollout.mask).astype(np.int32),
+        "position_ids": seqs["position_ids"],
+        "old_logp": np.asarray(rollout.logprobs).astype(np.float32),
     }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled_sampler(batch_sharding: NamedSharding | None):
     """The sampler jitted for one placement: `fn(params, inputs, key, config=, sp=)` with explicit output shardings
     (rows over the batch axes) on a mesh, traced with that mesh in context so activations stay split by rows."""
@@ -337,8 +352,14 @@ def prepare_prompts(config: ModelConfig, batch: dict[str, Any], *, slot_multiple
     from jaxvlm.processing.vision import layout_images
 
     unknown = set(batch) - {
-        "input_ids", "attention_mask", "position_ids", "rope_deltas", "pixel_values", "image_grid_thw",
-        "vision_inputs", "mm_token_type_ids",
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        "rope_deltas",
+        "pixel_values",
+        "image_grid_thw",
+        "vision_inputs",
+        "mm_token_type_ids",
     }
     if unknown:
         raise TypeError(f"unexpected prompt batch keys: {sorted(unknown)}")
@@ -367,7 +388,10 @@ def prepare_prompts(config: ModelConfig, batch: dict[str, Any], *, slot_multiple
     if position_ids is None:
         if grid is not None:
             position_ids, rope_deltas = get_rope_index(
-                ids, mask, np.asarray(grid), image_token_id=config.image_token_id,
+                ids,
+                mask,
+                np.asarray(grid),
+                image_token_id=config.image_token_id,
                 spatial_merge_size=config.vision.spatial_merge_size,
             )
         else:
@@ -385,7 +409,8 @@ def prepare_prompts(config: ModelConfig, batch: dict[str, Any], *, slot_multiple
         vi = batch.get("vision_inputs")
         if vi is None:
             out["pixel_values"], out["vision_inputs"] = layout_images(
-                pixel_values, np.asarray(grid), config.vision, slot_multiple=slot_multiple)
+                pixel_values, np.asarray(grid), config.vision, slot_multiple=slot_multiple
+            )
         else:
             out["pixel_values"], out["vision_inputs"] = np.asarray(pixel_values), vi
     return out

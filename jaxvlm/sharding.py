@@ -92,9 +92,7 @@ def make_mesh(shape: Sequence[int] | None = None, devices: Sequence[jax.Device] 
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) != len(devices):
         raise ValueError(f"mesh {tuple(shape)} needs {math.prod(shape)} devices, {len(devices)} available")
-    return jax.make_mesh(
-        tuple(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices
-    )
+    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
 
 def _axis_size(mesh: Mesh, axis) -> int:
@@ -113,7 +111,7 @@ def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules=PARAM_RULES) -> 
             f"parameter {path!r} with shape {tuple(shape)} matches no sharding rule; add a (regex, spec) rule for "
             f"it to jaxvlm.sharding.PARAM_RULES (spec () to replicate it)"
         )
-    trailing = trailing[-len(shape):] if shape else ()
+    trailing = trailing[-len(shape) :] if shape else ()
     spec = [None] * (len(shape) - len(trailing)) + list(trailing)
     for i, axis in enumerate(spec):
         if axis is not None and shape[i] % _axis_size(mesh, axis):
@@ -186,7 +184,10 @@ def batch_spec(ndim: int, batch_axis: int = 0, axes: tuple[str, ...] = BATCH_AXE
 
 
 def batch_shardings(
-    batch: Any, mesh: Mesh, row_axes: dict[str, int | None] | None = None, default_axis: int = 0,
+    batch: Any,
+    mesh: Mesh,
+    row_axes: dict[str, int | None] | None = None,
+    default_axis: int = 0,
     axes: tuple[str, ...] = BATCH_AXES,
 ) -> Any:
     """Shardings for a batch dict: each leaf's row axis (`row_axes[name]`, else `default_axis`) over the mesh's
@@ -262,7 +263,21 @@ def describe(tree: Any) -> dict[str, str]:
 
 
 __all__ = [
-    "BATCH", "BATCH_AXES", "MESH_AXES", "PARAM_RULES", "ShardingRuleError", "batch_shardings", "batch_spec",
-    "constrain", "data_parallel_size", "describe", "make_mesh", "opt_state_shardings", "path_str", "replicated",
-    "spec_for", "traced_on", "tree_shardings",
+    "BATCH",
+    "BATCH_AXES",
+    "MESH_AXES",
+    "PARAM_RULES",
+    "ShardingRuleError",
+    "batch_shardings",
+    "batch_spec",
+    "constrain",
+    "data_parallel_size",
+    "describe",
+    "make_mesh",
+    "opt_state_shardings",
+    "path_str",
+    "replicated",
+    "spec_for",
+    "traced_on",
+    "tree_shardings",
 ]

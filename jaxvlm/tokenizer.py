@@ -212,13 +212,23 @@ def builtin_corpus(gym_config=None, num_examples: int = 1500) -> list[str]:
     from jaxvlm.data import gym, prompts
 
     config = gym_config if gym_config is not None else gym.GymConfig()
-    fixed = [prompts.R1_INSTRUCTION, prompts.DYME_TEMPLATE, *prompts.R1_SUFFIX.values(), DEFAULT_SYSTEM_PROMPT,
-             "Caption: ", "Answer: ", "user", "assistant", "system"]
+    fixed = [
+        prompts.R1_INSTRUCTION,
+        prompts.DYME_TEMPLATE,
+        *prompts.R1_SUFFIX.values(),
+        DEFAULT_SYSTEM_PROMPT,
+        "Caption: ",
+        "Answer: ",
+        "user",
+        "assistant",
+        "system",
+    ]
     return fixed + gym.corpus_texts(config, num_examples=num_examples)
 
 
-def builtin_tokenizer(directory: str | os.PathLike, *, vocab_size: int = BUILTIN_VOCAB_SIZE, gym_config=None,
-                      num_examples: int = 1500):
+def builtin_tokenizer(
+    directory: str | os.PathLike, *, vocab_size: int = BUILTIN_VOCAB_SIZE, gym_config=None, num_examples: int = 1500
+):
     """The built-in model's tokenizer, trained on `builtin_corpus` and saved in `directory`.
 
     A directory that already holds one built with the same settings is loaded instead of retrained (a stamp
@@ -230,8 +240,11 @@ def builtin_tokenizer(directory: str | os.PathLike, *, vocab_size: int = BUILTIN
     from transformers import AutoTokenizer
 
     directory = os.fspath(directory)
-    settings = {"vocab_size": int(vocab_size), "num_examples": int(num_examples),
-                "gym_config": repr(gym_config) if gym_config is not None else "default"}
+    settings = {
+        "vocab_size": int(vocab_size),
+        "num_examples": int(num_examples),
+        "gym_config": repr(gym_config) if gym_config is not None else "default",
+    }
     stamp = os.path.join(directory, _BUILTIN_STAMP)
     if os.path.isfile(stamp):
         with open(stamp) as f:

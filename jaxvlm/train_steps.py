@@ -75,21 +75,25 @@ def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
         if cfg.warmup_steps <= 0:
             return optax.constant_schedule(cfg.learning_rate)
         return optax.join_schedules(
-            [optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps), optax.constant_schedule(cfg.learning_rate)],
+            [
+                optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps),
+                optax.constant_schedule(cfg.learning_rate),
+            ],
             [cfg.warmup_steps],
         )
     if cfg.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-            decay_steps=max(cfg.total_steps, cfg.warmup_steps + 1), end_value=cfg.learning_rate * cfg.final_lr_ratio,
+            init_value=0.0,
+            peak_value=cfg.learning_rate,
+            warmup_steps=cfg.warmup_steps,
+            decay_steps=max(cfg.total_steps, cfg.warmup_steps + 1),
+            end_value=cfg.learning_rate * cfg.final_lr_ratio,
         )
     raise ValueError(f"optimizer.schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
 
 
 def _path_labels(params, patterns: tuple[str, ...]):
-    return jax.tree_util.tree_map_with_path(
-        lambda p, _: any(re.search(r, path_str(p)) for r in patterns), params
-    )
+    return jax.tree_util.tree_map_with_path(lambda p, _: any(re.search(r, path_str(p)) for r in patterns), params)
 
 
 def trainable_mask(params, frozen: tuple[str, ...]):
@@ -172,8 +176,15 @@ def completion_logprobs(model: Qwen25VL, params, batch: dict, temperature: float
     ids = jnp.concatenate([batch["prompt_ids"], batch["completion_ids"]], axis=-1)
     mask = jnp.concatenate([batch["prompt_mask"], batch["completion_mask"]], axis=-1)
     hidden = model.apply(
-        {"params": params}, ids, mask, batch.get("pixel_values"), None, batch["position_ids"],
-        vision_inputs=batch.get("vision_inputs"), image_offset=batch.get("image_offset"), method=Qwen25VL.encode,
+        {"params": params},
+        ids,
+        mask,
+        batch.get("pixel_values"),
+        None,
+        batch["position_ids"],
+        vision_inputs=batch.get("vision_inputs"),
+        image_offset=batch.get("image_offset"),
+        method=Qwen25VL.encode,
     )
     scored = hidden[:, prompt_len - 1 : prompt_len + n - 1]
     logp, entropy = lm_head_logprobs(model, params, scored, batch["completion_ids"], temperature)
@@ -210,8 +221,9 @@ def lm_head_logprobs(model: Qwen25VL, params, hidden: Array, targets: Array, tem
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
     per_chunk = lambda x: jnp.moveaxis(x.reshape(b, -1, chunk, *x.shape[2:]), 1, 0)  # noqa: E731  [chunks, b, c, ..]
-    _, (logp, entropy) = jax.lax.scan(lambda carry, xs: (carry, jax.checkpoint(one)(*xs)), None,
-                                      (per_chunk(hidden), per_chunk(targets)))
+    _, (logp, entropy) = jax.lax.scan(
+        lambda carry, xs: (carry, jax.checkpoint(one)(*xs)), None, (per_chunk(hidden), per_chunk(targets))
+    )
     unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, -1)[:, :n]  # noqa: E731
     return unchunk(logp), unchunk(entropy)
 
@@ -293,7 +305,9 @@ def apply_gradients(state: TrainState, grads, loss: Array, optimizer, schedule) 
         opt_state=keep(opt_state, state.opt_state),
     )
     metrics = {
-        "loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "learning_rate": schedule(state.step),
         "update_skipped": (~finite).astype(jnp.float32),
     }
     return new_state, metrics
@@ -337,10 +351,20 @@ def grpo_loss_fn(params, mb, *, model: Qwen25VL, cfg: LossConfig):
     if on_policy is not None:
         old = jnp.where(on_policy[:, None], jax.lax.stop_gradient(logp), old)
     loss_sum, normaliser, metrics = losses.policy_loss(
-        logp, old, mb["advantages"], mask,
-        eps_low=cfg.eps_low, eps_high=cfg.eps_high, delta=cfg.delta, importance=cfg.importance,
-        ref_logp=mb.get("ref_logp"), beta=cfg.beta, kl_estimator=cfg.kl_estimator, aggregation=cfg.aggregation,
-        max_completion_length=mask.shape[-1], entropy=jax.lax.stop_gradient(entropy),
+        logp,
+        old,
+        mb["advantages"],
+        mask,
+        eps_low=cfg.eps_low,
+        eps_high=cfg.eps_high,
+        delta=cfg.delta,
+        importance=cfg.importance,
+        ref_logp=mb.get("ref_logp"),
+        beta=cfg.beta,
+        kl_estimator=cfg.kl_estimator,
+        aggregation=cfg.aggregation,
+        max_completion_length=mask.shape[-1],
+        entropy=jax.lax.stop_gradient(entropy),
     )
     if on_policy is not None:
         # DyME's reference rows: their surrogate is -A in value whatever the model does, so report their NLL as a
@@ -420,9 +444,9 @@ def dyme_plan(rewards: Array, accuracy: Array, cfg: LossConfig) -> dict:
         advantages = jnp.where(
             sft_mode, jnp.where(first_row, 1.0, 0.0), jnp.where(jnp.repeat(all_correct, g), 0.0, grpo_adv)
         )
-        mode = jnp.where(
-            sft_mode, MODE_MEMORIZE, jnp.where(all_correct, MODE_SKIP, MODE_EXPLORE)
-        ) * jnp.ones_like(correct)
+        mode = jnp.where(sft_mode, MODE_MEMORIZE, jnp.where(all_correct, MODE_SKIP, MODE_EXPLORE)) * jnp.ones_like(
+            correct
+        )
     metrics = {
         "dyme/memorize_fraction": jnp.mean((mode == MODE_MEMORIZE).astype(jnp.float32)),
         "dyme/explore_fraction": jnp.mean((mode == MODE_EXPLORE).astype(jnp.float32)),
@@ -432,8 +456,13 @@ def dyme_plan(rewards: Array, accuracy: Array, cfg: LossConfig) -> dict:
         "accuracy": jnp.mean((accuracy > cfg.dyme_correct_threshold).astype(jnp.float32)),
         "reward": jnp.mean(rewards),
     }
-    return dict(advantages=advantages.astype(jnp.float32), use_reference=use_reference, sft_mode=sft_mode, mode=mode,
-                metrics=metrics)
+    return dict(
+        advantages=advantages.astype(jnp.float32),
+        use_reference=use_reference,
+        sft_mode=sft_mode,
+        mode=mode,
+        metrics=metrics,
+    )
 
 
 def dyme_step(state: TrainState, batch: dict, *, model, optimizer, schedule, cfg: LossConfig):
@@ -459,6 +488,7 @@ def dyme_step(state: TrainState, batch: dict, *, model, optimizer, schedule, cfg
 # Compilation with explicit shardings
 # ----------------------------------------------------------------------------------------------------------
 
+
 def batch_row_axes(num_leading: int) -> dict[str, int | None]:
     """Row axis of the batch fields that differ from the default (`num_leading`: [M] for SFT, [K, M] for RL):
     position_ids [.., 3, b, S]. Image slots (`pixel_values` [.., S, L, patch_dim] and the vision index arrays
@@ -474,8 +504,10 @@ def state_shardings(state: TrainState, mesh) -> TrainState:
     from jaxvlm.sharding import opt_state_shardings, replicated, tree_shardings
 
     return TrainState(
-        step=replicated(mesh), params=tree_shardings(state.params, mesh),
-        opt_state=opt_state_shardings(state.opt_state, state.params, mesh), rng=replicated(mesh),
+        step=replicated(mesh),
+        params=tree_shardings(state.params, mesh),
+        opt_state=opt_state_shardings(state.opt_state, state.params, mesh),
+        rng=replicated(mesh),
     )
 
 
@@ -487,6 +519,8 @@ def jit_step(step_fn, mesh, state_sharding: TrainState, batch_example: dict, num
     batch_sharding = batch_shardings(batch_example, mesh, batch_row_axes(num_leading), default_axis=num_leading)
     fn = traced_on(functools.partial(step_fn, **static), mesh)  # activations constrained on this mesh
     return jax.jit(
-        fn, in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated(mesh)),
+        fn,
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, replicated(mesh)),
         donate_argnums=(0,),
     ), batch_sharding

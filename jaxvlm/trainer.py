@@ -14,9 +14,9 @@
     export the final params as a Hugging Face checkpoint (workdir/final_model) when a stage trained
 
 Layout of `workdir`: `checkpoints/<stage>/<step>/` (Orbax: train state, KL reference, data-iterator state),
-`progress.json` (completed training stages; eval stages run on every run), `metrics.jsonl`, `tensorboard/`, `eval_completions/`, `eval/<stage>/`,
-`rejection/<stage>/kept.jsonl`, `tokenizer/` (the built-in tokenizer), `final_model/`. Re-running the same command
-resumes.
+`progress.json` (completed training stages; eval stages run on every run), `metrics.jsonl`, `tensorboard/`,
+`eval_completions/`, `eval/<stage>/`, `rejection/<stage>/kept.jsonl`, `tokenizer/` (the built-in tokenizer),
+`final_model/`. Re-running the same command resumes.
 
 Data is read as the *global* batch on every process (each process decodes and scores every rollout, so rewards
 and advantages agree everywhere) and fed to the devices with `distributed.feed_global_batch`.
@@ -175,8 +175,9 @@ class StageRun:
         # The KL reference is re-anchored to the stage's start; a copy, because the step donates the state's buffers.
         beta = self.spec.loss.beta > 0
         self.ref_params = jax.tree.map(jnp.copy, self.state.params) if beta else None
-        self.ref_logprobs = (rollouts.reference_logprobs_fn(rt.model, len(plan.leading), self.spec.loss.temperature)
-                             if beta else None)
+        self.ref_logprobs = (
+            rollouts.reference_logprobs_fn(rt.model, len(plan.leading), self.spec.loss.temperature) if beta else None
+        )
         t = rt.spec.train
         self.ckpt = stage_checkpointer(rt, self.spec, t.save_every, t.keep_checkpoints)
         self.iterator = iter(sources.input_pipeline(plan.data(), rt.tokenizer, rt.image_processor, rt.model_config))
@@ -201,7 +202,9 @@ class StageRun:
         if self.ckpt.latest_step() is None:
             return
         tree_sh = checkpoint_tree(self.state_sh, None if self.ref_params is None else self.state_sh.params)
-        restored, data_state, _ = self.ckpt.restore(abstract_like(checkpoint_tree(self.state, self.ref_params), tree_sh))
+        restored, data_state, _ = self.ckpt.restore(
+            abstract_like(checkpoint_tree(self.state, self.ref_params), tree_sh)
+        )
         self.state, self.ref_params = restored["state"], restored.get("ref_params")
         self.iterator.set_state(data_state["iterator"])
         self.start, self.skipped_totals = int(data_state["stage_step"]), data_state["skipped"]
@@ -215,8 +218,9 @@ class StageRun:
         if self.start >= self.plan.steps:
             return self.state.params, True
         rt, done = self.rt, self.start
-        bar = ProgressBar(self.plan.steps, desc=f"[{self.spec.name}] {self.spec.mode}",
-                          enabled=rt.spec.train.progress and rt.is_main)
+        bar = ProgressBar(
+            self.plan.steps, desc=f"[{self.spec.name}] {self.spec.mode}", enabled=rt.spec.train.progress and rt.is_main
+        )
         try:
             for step in range(self.start, self.plan.steps):
                 try:
@@ -227,36 +231,52 @@ class StageRun:
                 done = step + 1
                 self.record(metrics, done, bar)
                 stopping = stop.requested()
-                self.ckpt.save(done, checkpoint_tree(self.state, self.ref_params), data_state=self._data_state(done),
-                               force=stopping)
+                self.ckpt.save(
+                    done,
+                    checkpoint_tree(self.state, self.ref_params),
+                    data_state=self._data_state(done),
+                    force=stopping,
+                )
                 if stopping:
-                    logging.warning("stage %s: stopped by signal after step %d; checkpoint written", self.spec.name,
-                                    done)
+                    logging.warning(
+                        "stage %s: stopped by signal after step %d; checkpoint written", self.spec.name, done
+                    )
                     return self.state.params, False
         finally:
             bar.close()
         rt.writer.write(self.offset + done, {**self.timer.summary(), "stage": self.spec.name}, prefix="time/")
         self.evaluate(self.offset + done)
-        self.ckpt.save(done, checkpoint_tree(self.state, self.ref_params), force=True,
-                       data_state=self._data_state(done))
+        self.ckpt.save(
+            done, checkpoint_tree(self.state, self.ref_params), force=True, data_state=self._data_state(done)
+        )
         return self.state.params, True
 
     def train_step(self, batch: dict, step: int) -> dict[str, float]:
         """The mode's batch for this step, the reference log-probs (with a KL term), the jitted update; metrics."""
         self.skipped_totals = pipeline.add_skip_counts(self.skipped_totals, batch)
         self.timer.start()
-        mb, host_metrics = self.mode.update_batch(self.rt, self.plan, self.state.params, batch,
-                                                  jax.random.fold_in(self.key, step))
+        mb, host_metrics = self.mode.update_batch(
+            self.rt, self.plan, self.state.params, batch, jax.random.fold_in(self.key, step)
+        )
         if self.ref_logprobs is not None:
             mb["ref_logp"] = np.zeros_like(mb["old_logp"])  # filled on the device below
         if self.compiled is None:
             self.compiled, self.batch_sh = train_steps.jit_step(
-                self.mode.step, self.rt.mesh, self.state_sh, mb, len(self.plan.leading), model=self.rt.model,
-                optimizer=self.optimizer, schedule=self.schedule, cfg=self.spec.loss)
+                self.mode.step,
+                self.rt.mesh,
+                self.state_sh,
+                mb,
+                len(self.plan.leading),
+                model=self.rt.model,
+                optimizer=self.optimizer,
+                schedule=self.schedule,
+                cfg=self.spec.loss,
+            )
         device_mb = distributed.feed_global_batch(mb, self.batch_sh)
         if self.ref_logprobs is not None:
-            device_mb["ref_logp"] = jax.device_put(self.ref_logprobs(self.ref_params, device_mb),
-                                                   self.batch_sh["ref_logp"])
+            device_mb["ref_logp"] = jax.device_put(
+                self.ref_logprobs(self.ref_params, device_mb), self.batch_sh["ref_logp"]
+            )
         start = time.perf_counter()
         self.state, metrics = self.compiled(self.state, device_mb)
         metrics = {**scalars(metrics), **host_metrics}
@@ -278,9 +298,14 @@ class StageRun:
                 raise TrainingDiverged(
                     f"stage {self.spec.name!r} step {step + 1}: {self.consecutive_skips} consecutive updates skipped; "
                     f"non-finite {', '.join(problems) or 'gradient'} (train.max_consecutive_skips={limit}); params "
-                    "are those of the last finite update")
-            logging.warning("stage %s step %d: update skipped (non-finite %s)", self.spec.name, step + 1,
-                            ", ".join(problems) or "gradient")
+                    "are those of the last finite update"
+                )
+            logging.warning(
+                "stage %s step %d: update skipped (non-finite %s)",
+                self.spec.name,
+                step + 1,
+                ", ".join(problems) or "gradient",
+            )
         else:
             self.consecutive_skips = 0
         metrics["skipped_updates/consecutive"] = float(self.consecutive_skips)
@@ -289,8 +314,9 @@ class StageRun:
         """Log (every log_every steps and at the end), advance the bar, evaluate every eval_every steps."""
         t = self.rt.spec.train
         if done % t.log_every == 0 or done == self.plan.steps:
-            self.rt.writer.write(self.offset + done, {**metrics, "stage_step": done, "stage": self.spec.name},
-                                 prefix="train/")
+            self.rt.writer.write(
+                self.offset + done, {**metrics, "stage_step": done, "stage": self.spec.name}, prefix="train/"
+            )
         bar.update(done, metrics)
         if t.eval_every and done % t.eval_every == 0 and done < self.plan.steps:
             self.evaluate(self.offset + done)
@@ -298,6 +324,7 @@ class StageRun:
     def evaluate(self, global_step: int) -> None:
         """Evaluate the current params; log eval/* at `global_step`; write this evaluation's completions."""
         task = evaluation.task_for_stage(self.rt.spec.eval, self.spec)
-        metrics = evaluation.evaluate(self.rt, self.state.params, task,
-                                      evaluation.completions_path(self.rt.workdir, self.spec.name, global_step))
+        metrics = evaluation.evaluate(
+            self.rt, self.state.params, task, evaluation.completions_path(self.rt.workdir, self.spec.name, global_step)
+        )
         self.rt.writer.write(global_step, {**metrics, "stage": self.spec.name}, prefix="eval/")

@@ -75,25 +75,44 @@ def hf_vl_config(name: str, vocab_size: int = 300, token_ids: dict | None = None
     """transformers config of VL_CONFIGS[name]; token_ids overrides the image / vision-marker ids."""
     from transformers import Qwen2_5_VLConfig
 
-    ids = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
-               vision_end_token_id=VISION_END)
+    ids = dict(
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+    )
     ids.update(token_ids or {})
     spec = VL_CONFIGS[name]
     t, v = spec["text"], spec["vision"]
     return Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=vocab_size, hidden_size=t["hidden_size"], intermediate_size=2 * t["hidden_size"], num_hidden_layers=2,
-            num_attention_heads=t["num_attention_heads"], num_key_value_heads=t["num_key_value_heads"],
+            vocab_size=vocab_size,
+            hidden_size=t["hidden_size"],
+            intermediate_size=2 * t["hidden_size"],
+            num_hidden_layers=2,
+            num_attention_heads=t["num_attention_heads"],
+            num_key_value_heads=t["num_key_value_heads"],
             rope_parameters=dict(rope_type="default", mrope_section=t["mrope_section"], rope_theta=10000.0),
-            max_position_embeddings=1024, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None,
+            max_position_embeddings=1024,
+            rms_norm_eps=1e-6,
+            bos_token_id=None,
+            eos_token_id=None,
         ),
         vision_config=dict(
-            depth=v["depth"], hidden_size=v["hidden_size"], intermediate_size=v["hidden_size"] + 16,
-            num_heads=v["num_heads"], out_hidden_size=t["hidden_size"], window_size=v["window_size"],
-            fullatt_block_indexes=v["fullatt_block_indexes"], patch_size=14, spatial_merge_size=2,
-            temporal_patch_size=2, tokens_per_second=2,
+            depth=v["depth"],
+            hidden_size=v["hidden_size"],
+            intermediate_size=v["hidden_size"] + 16,
+            num_heads=v["num_heads"],
+            out_hidden_size=t["hidden_size"],
+            window_size=v["window_size"],
+            fullatt_block_indexes=v["fullatt_block_indexes"],
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            tokens_per_second=2,
         ),
-        **ids, tie_word_embeddings=spec["tie"],
+        **ids,
+        tie_word_embeddings=spec["tie"],
     )
 
 
@@ -115,9 +134,17 @@ def make_hf_qwen2_checkpoint(path, seed: int = 0, tie: bool = False):
 
     torch.manual_seed(seed)
     cfg = Qwen2Config(
-        vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=6,
-        num_key_value_heads=2, max_position_embeddings=512, rope_parameters=dict(rope_type="default", rope_theta=1e5),
-        tie_word_embeddings=tie, bos_token_id=None, eos_token_id=None,
+        vocab_size=300,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_parameters=dict(rope_type="default", rope_theta=1e5),
+        tie_word_embeddings=tie,
+        bos_token_id=None,
+        eos_token_id=None,
     )
     model = Qwen2ForCausalLM(cfg).eval()
     randomize_(model, seed)

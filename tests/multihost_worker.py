@@ -27,8 +27,9 @@ def run_steps(mesh_shape=(2, 4, 1)):
         (train_steps.sft_step, 1, policy_batch((2,), 8, seed=5)),
         (train_steps.grpo_step, 2, policy_batch((1, 2), 8, seed=6)),
     ):
-        fn, batch_sh = train_steps.jit_step(step_fn, mesh, state_sh, batch, lead, model=MODEL, optimizer=optimizer,
-                                            schedule=schedule, cfg=cfg)
+        fn, batch_sh = train_steps.jit_step(
+            step_fn, mesh, state_sh, batch, lead, model=MODEL, optimizer=optimizer, schedule=schedule, cfg=cfg
+        )
         state, m = fn(state, distributed.feed_global_batch(batch, batch_sh))
         metrics[step_fn.__name__] = {k: float(v) for k, v in m.items()}
     params = multihost_utils.process_allgather(state.params, tiled=True)
@@ -50,8 +51,10 @@ if __name__ == "__main__":
     jax.config.update("jax_default_matmul_precision", "highest")
     params, metrics = run_steps()
     if pid == 0:
-        flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
-                for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+        flat = {
+            "/".join(str(getattr(k, "key", k)) for k in path): v
+            for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
+        }
         np.savez(out, **flat)
         import json
 

@@ -42,11 +42,20 @@ def fsdp_step():
     state_sh = train_steps.state_shardings(state, mesh)
     rows = workload.make_rows(cfg, 8, SEQ, SCORED, (56, 56))
     batch = workload.sft_microbatches(cfg, rows, 1, sharding.data_parallel_size(mesh))
-    step, batch_sh = train_steps.jit_step(train_steps.sft_step, mesh, state_sh, batch, 1, model=model,
-                                          optimizer=optimizer, schedule=train_steps.learning_rate_schedule(opt),
-                                          cfg=train_steps.LossConfig())
-    abstract_args = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                 (state, batch), (state_sh, batch_sh))
+    step, batch_sh = train_steps.jit_step(
+        train_steps.sft_step,
+        mesh,
+        state_sh,
+        batch,
+        1,
+        model=model,
+        optimizer=optimizer,
+        schedule=train_steps.learning_rate_schedule(opt),
+        cfg=train_steps.LossConfig(),
+    )
+    abstract_args = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), (state, batch), (state_sh, batch_sh)
+    )
     return cfg, mesh, step.lower(*abstract_args).compile().as_text()
 
 
@@ -69,10 +78,14 @@ def test_sampler_prefill_keeps_rows_split():
     rows = workload.make_rows(cfg, 8, SEQ, 0, (56, 56))
     sh = sampling.batch_sharding(mesh)
     inputs = sampling.prepare_prompts(cfg, workload.prompt_batch(rows), slot_multiple=8)
-    placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), inputs,
-                          sampling.input_shardings(inputs, sh))
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          models.abstract_params(cfg), sharding.tree_shardings(models.abstract_params(cfg), mesh))
+    placed = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), inputs, sampling.input_shardings(inputs, sh)
+    )
+    params = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        models.abstract_params(cfg),
+        sharding.tree_shardings(models.abstract_params(cfg), mesh),
+    )
     sp = sampling.SamplingParams(num_generations=2, max_new_tokens=4).resolve(cfg)
     hlo = sampling.compiled_sampler(sh).lower(params, placed, jax.random.key(0), config=cfg, sp=sp).compile().as_text()
     moved = [s for found in _collective_shapes(hlo).values() for s in found if SEQ in s]

@@ -55,9 +55,7 @@ def make_inputs(t, heads, kv_heads, d, layouts=LAYOUTS, dtype=jnp.float32, seed=
     random output cotangent [B, t, heads, d]."""
     r = np.random.default_rng(seed)
     b = len(layouts)
-    q, k, v, g = (
-        jnp.asarray(r.normal(size=(b, t, h, d)), dtype) for h in (heads, kv_heads, kv_heads, heads)
-    )
+    q, k, v, g = (jnp.asarray(r.normal(size=(b, t, h, d)), dtype) for h in (heads, kv_heads, kv_heads, heads))
     seg = jnp.asarray(np.stack([segment_row(layout, t) for layout in layouts]))
     return q, k, v, seg, g
 
@@ -206,11 +204,17 @@ def test_xla_in_jit_vmap_scan_remat():
     x = jnp.asarray(r.normal(size=(2, len(LAYOUTS), 40, 32)), jnp.float32)
     seg = jnp.asarray(np.stack([segment_row(layout, 40) for layout in LAYOUTS]))
     widths = {"q": 32, "k": 16, "v": 16}  # 2 stacked layers of Dense(32 -> width), initialised here (no flax init)
-    params = {"params": {"layers": {
-        name: {"kernel": jnp.asarray(r.normal(size=(2, 32, w)) / np.sqrt(32), jnp.float32),
-               "bias": jnp.asarray(r.normal(size=(2, w)) * 0.1, jnp.float32)}
-        for name, w in widths.items()
-    }}}
+    params = {
+        "params": {
+            "layers": {
+                name: {
+                    "kernel": jnp.asarray(r.normal(size=(2, 32, w)) / np.sqrt(32), jnp.float32),
+                    "bias": jnp.asarray(r.normal(size=(2, w)) * 0.1, jnp.float32),
+                }
+                for name, w in widths.items()
+            }
+        }
+    }
 
     def grads(impl):
         loss = lambda p, x: jnp.sum(jnp.sin(_Stack(impl).apply(p, x, seg)))

@@ -15,7 +15,8 @@ from jaxvlm import models, train_steps
 from jaxvlm.bench import flops, hardware, run, workload
 
 _spec = importlib.util.spec_from_file_location(
-    "bench_config", os.path.join(os.path.dirname(__file__), "..", "configs", "bench.py"))
+    "bench_config", os.path.join(os.path.dirname(__file__), "..", "configs", "bench.py")
+)
 bench_config = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_config)
 
@@ -25,8 +26,7 @@ _spec.loader.exec_module(bench_config)
 # ------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset,image_hw,rows", [("tiny", (56, 56), 1), ("small", (112, 112), 1),
-                                                  ("small", None, 3)])
+@pytest.mark.parametrize("preset,image_hw,rows", [("tiny", (56, 56), 1), ("small", (112, 112), 1), ("small", None, 3)])
 def test_analytic_forward_flops_match_the_traced_matmuls(preset, image_hw, rows):
     """The analytic count equals the matmuls the model's jaxpr executes (layer scans unrolled by the counter), where
     the implementation's attention is exactly the model's (one image, no window smaller than it)."""
@@ -34,8 +34,9 @@ def test_analytic_forward_flops_match_the_traced_matmuls(preset, image_hw, rows)
     model = models.Qwen25VL(cfg)
     batch = workload.make_rows(cfg, rows, 96, 16, image_hw)
     mb = jax.tree.map(lambda x: x[0], workload.sft_microbatches(cfg, batch, 1))
-    traced = flops.traced_matmul_flops(lambda p, b: train_steps.completion_logprobs(model, p, b),
-                                       models.abstract_params(cfg), mb)
+    traced = flops.traced_matmul_flops(
+        lambda p, b: train_steps.completion_logprobs(model, p, b), models.abstract_params(cfg), mb
+    )
     analytic = flops.lm_forward_flops(cfg.text, [96] * rows, 16 * rows)
     if image_hw:
         analytic += flops.vision_forward_flops(cfg.vision, batch.image_grid_thw)
@@ -152,8 +153,9 @@ def test_interleave_prepares_every_side_then_alternates_round_by_round(monkeypat
     sides = {name: _FakeSide(name, log, clock, prepare_s=10.0, repeat_s=[1.0] * 4) for name in ("A", "B", "C")}
     timed, timeline = run.interleave(sides, 4)
     # As the sides saw it: all the prepares (compile / warm-up), then A B C A B C ...
-    assert [(name, kind) for name, kind, _ in log] == ([(n, "prepare") for n in "ABC"]
-                                                        + [(n, "repeat") for _ in range(4) for n in "ABC"])
+    assert [(name, kind) for name, kind, _ in log] == (
+        [(n, "prepare") for n in "ABC"] + [(n, "repeat") for _ in range(4) for n in "ABC"]
+    )
     starts = [t for _, _, t in log]
     assert starts == sorted(starts) and len(set(starts)) == len(starts)
     first_timed = next(t for _, kind, t in log if kind == "repeat")
@@ -168,8 +170,10 @@ def test_interleave_prepares_every_side_then_alternates_round_by_round(monkeypat
 def test_interleave_reports_medians_spread_and_compile_apart(monkeypatch):
     clock, log = _Clock(), []
     monkeypatch.setattr(run.time, "perf_counter", clock)
-    sides = {"jax": _FakeSide("jax", log, clock, prepare_s=7.0, repeat_s=[3.0, 1.0, 2.0, 9.0, 2.5]),
-             "torch": _FakeSide("torch", log, clock, prepare_s=0.5, repeat_s=[4.0, 4.0, 4.0, 4.0, 4.0])}
+    sides = {
+        "jax": _FakeSide("jax", log, clock, prepare_s=7.0, repeat_s=[3.0, 1.0, 2.0, 9.0, 2.5]),
+        "torch": _FakeSide("torch", log, clock, prepare_s=0.5, repeat_s=[4.0, 4.0, 4.0, 4.0, 4.0]),
+    }
     timed, _ = run.interleave(sides, 5)
     j = timed["jax"]
     assert j["step_s"] == 2.5 and j["half_s"] == 1.25  # medians, per phase
@@ -181,13 +185,21 @@ def test_interleave_reports_medians_spread_and_compile_apart(monkeypatch):
 def test_interleave_leaves_out_an_optional_side_that_cannot_prepare(monkeypatch):
     clock, log = _Clock(), []
     monkeypatch.setattr(run.time, "perf_counter", clock)
-    sides = {"jax": _FakeSide("jax", log, clock, 1.0, [1.0, 1.0]),
-             "torch_compile": _FakeSide("torch_compile", log, clock, 1.0, [], fail=True),
-             "torch": _FakeSide("torch", log, clock, 1.0, [1.0, 1.0])}
+    sides = {
+        "jax": _FakeSide("jax", log, clock, 1.0, [1.0, 1.0]),
+        "torch_compile": _FakeSide("torch_compile", log, clock, 1.0, [], fail=True),
+        "torch": _FakeSide("torch", log, clock, 1.0, [1.0, 1.0]),
+    }
     timed, timeline = run.interleave(sides, 2, optional=("torch_compile",))
     assert timed["torch_compile"] == {"error": "RuntimeError: no compiler here"}
-    assert [(e["side"], e["call"]) for e in timeline] == [("jax", "prepare"), ("torch", "prepare"), ("jax", 0),
-                                                          ("torch", 0), ("jax", 1), ("torch", 1)]
+    assert [(e["side"], e["call"]) for e in timeline] == [
+        ("jax", "prepare"),
+        ("torch", "prepare"),
+        ("jax", 0),
+        ("torch", 0),
+        ("jax", 1),
+        ("torch", 1),
+    ]
     with pytest.raises(RuntimeError, match="no compiler"):  # a side that must run may not fail quietly
         run.interleave({"torch": _FakeSide("torch", [], clock, 1.0, [], fail=True)}, 1)
     with pytest.raises(ValueError, match="at least 1"):
@@ -306,10 +318,14 @@ def test_figures_are_medians_with_their_spread(smoke):
     c = _smoke_config()
     sft, grpo = results["sft"], results["grpo"]
     timed = [(sft[s], ("step_s",), c.sft.steps) for s in ("jax", "torch")]
-    timed += [(grpo[s], ("prefill_s", "rollout_s", "reward_s", "update_s", "step_s"), c.grpo.steps)
-              for s in ("jax", "torch")]
-    timed += [(r[s], ("prefill_s", "generate_s", "first_token_s", "decode_s"), c.decode.repeats)
-              for r in results["decode"]["rows"] for s in ("jax", "torch")]
+    timed += [
+        (grpo[s], ("prefill_s", "rollout_s", "reward_s", "update_s", "step_s"), c.grpo.steps) for s in ("jax", "torch")
+    ]
+    timed += [
+        (r[s], ("prefill_s", "generate_s", "first_token_s", "decode_s"), c.decode.repeats)
+        for r in results["decode"]["rows"]
+        for s in ("jax", "torch")
+    ]
     for side, keys, n in timed:
         for key in keys:
             t = side["timings"][key]
@@ -322,7 +338,8 @@ def test_figures_are_medians_with_their_spread(smoke):
     assert sft["jax"]["tokens_per_s"] == pytest.approx(sft["tokens"] / sft["jax"]["timings"]["step_s"]["median"])
     row = results["decode"]["rows"][0]
     assert row["torch"]["decode_tok_s"] == pytest.approx(
-        row["batch"] * (results["decode"]["new_tokens"] - 1) / row["torch"]["timings"]["decode_s"]["median"])
+        row["batch"] * (results["decode"]["new_tokens"] - 1) / row["torch"]["timings"]["decode_s"]["median"]
+    )
     text = run.table(results)
     assert "min–max" in text and "medians" in text and f"{c.sft.steps} repeats per side" in text
 
@@ -362,7 +379,12 @@ def test_gpu_variants_trace_their_sft_step(variant):
     params = models.abstract_params(cfg)
     optimizer = train_steps.make_optimizer(ocfg, params)
     state = jax.eval_shape(lambda p: train_steps.create_train_state(p, optimizer, 0), params)
-    step = functools.partial(train_steps.sft_step, model=model, optimizer=optimizer,
-                             schedule=train_steps.learning_rate_schedule(ocfg), cfg=train_steps.LossConfig())
+    step = functools.partial(
+        train_steps.sft_step,
+        model=model,
+        optimizer=optimizer,
+        schedule=train_steps.learning_rate_schedule(ocfg),
+        cfg=train_steps.LossConfig(),
+    )
     new_state, metrics = jax.eval_shape(step, state, mb)
     assert metrics["loss"].shape == () and jax.tree.structure(new_state) == jax.tree.structure(state)

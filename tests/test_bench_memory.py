@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxvlm import configuration, models, runtime, sharding, train_steps
+from jaxvlm import configuration, runtime, sharding, train_steps
 from jaxvlm.bench import hlo, memory, workload
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,16 +107,32 @@ def test_layer_weights_are_cast_inside_the_layer_loop(tmp_path):
     loop. XLA moves a plain narrowing convert of a layer's weight ahead of the scan's per-layer slice and then out of
     the loop, and so keeps every layer's weights twice (0.6 GiB per device at 3B under FSDP 8); `fused.cast` stops
     it. The 100m preset is the smallest bench preset where libtpu does this to `astype` (checked); tiny is not."""
-    proc = _memory(tmp_path, "--topology", "v5p:2x2x2", "--mesh", "1,8,1", "--sections", "sft", "--keep_dump",
-                   "--config.model.dtype=bfloat16", "--config.model.remat=full", "--config.sft.batch_size=8",
-                   config="configs/bench.py:100m")
+    proc = _memory(
+        tmp_path,
+        "--topology",
+        "v5p:2x2x2",
+        "--mesh",
+        "1,8,1",
+        "--sections",
+        "sft",
+        "--keep_dump",
+        "--config.model.dtype=bfloat16",
+        "--config.model.remat=full",
+        "--config.sft.batch_size=8",
+        config="configs/bench.py:100m",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (hlo_file,) = glob.glob(os.path.join(tmp_path, "xla_dump", "sft", "*after_optimizations.txt"))
     with open(hlo_file) as f:
         text = f.read()
     # Per-device shapes of the stacked layer kernels (entry parameters), then any bf16 convert of that shape.
-    stacked = set(re.findall(r'= f32\[([\d,]+)\]\S* parameter\(\d+\).*op_name="state\.params[^"]*'
-                             r'(?:layers|blocks)[^"]*kernel', text))
+    stacked = set(
+        re.findall(
+            r'= f32\[([\d,]+)\]\S* parameter\(\d+\).*op_name="state\.params[^"]*'
+            r'(?:layers|blocks)[^"]*kernel',
+            text,
+        )
+    )
     assert len(stacked) >= 4, stacked
     copies = [m.group(0) for m in re.finditer(r"= bf16\[([\d,]+)\]\S* convert\(", text) if m.group(1) in stacked]
     assert not copies, copies
@@ -184,21 +200,29 @@ def test_a_program_that_does_not_fit_is_a_section_error(tmp_path):
         "try:\n"
         "    memory.compile_program(memory.Program('big', jax.jit(lambda x: x @ x.T), (x,), {}, {}))\n"
         "except memory.SectionError as e:\n"
-        "    print('SECTION ERROR', e)\n")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=300)
+        "    print('SECTION ERROR', e)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(r"SECTION ERROR does not compile: [\d.]+G of temporaries, [\d.]+G of HBM available",
-                     proc.stdout), proc.stdout
+    assert re.search(
+        r"SECTION ERROR does not compile: [\d.]+G of temporaries, [\d.]+G of HBM available", proc.stdout
+    ), proc.stdout
 
 
 def _per_device_bytes(tree, shardings) -> int:
     def itemsize(dtype):  # a PRNG key's dtype has its data's size; int64 batch fields travel as int32
-        return dtype.itemsize if jax.dtypes.issubdtype(dtype, jax.dtypes.extended) else \
-            jax.dtypes.canonicalize_dtype(dtype).itemsize
+        return (
+            dtype.itemsize
+            if jax.dtypes.issubdtype(dtype, jax.dtypes.extended)
+            else jax.dtypes.canonicalize_dtype(dtype).itemsize
+        )
 
-    return sum(math.prod(s.shard_shape(np.shape(x))) * itemsize(x.dtype)
-               for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+    return sum(
+        math.prod(s.shard_shape(np.shape(x))) * itemsize(x.dtype)
+        for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings))
+    )
 
 
 @pytest.mark.slow
@@ -221,8 +245,7 @@ def test_sft_argument_bytes_are_the_state_and_batch(cpu_run):
     state = jax.eval_shape(lambda p: train_steps.create_train_state(p, optimizer, 0), params)
     state_bytes = _per_device_bytes(state, train_steps.state_shardings(state, mesh))
     assert 3 * param_bytes <= state_bytes <= 3 * param_bytes + 64  # params, mu, nu; step, rng and counts
-    rows = workload.make_rows(cfg, c.sft.batch_size, c.sft.seq_len, c.sft.completion_len, tuple(c.sft.image_hw),
-                              c.seed)
+    rows = workload.make_rows(cfg, c.sft.batch_size, c.sft.seq_len, c.sft.completion_len, tuple(c.sft.image_hw), c.seed)
     mb = workload.sft_microbatches(cfg, rows, c.sft.micro_batches, 8)  # image slots split over the 8 devices
     batch_sh = sharding.batch_shardings(mb, mesh, train_steps.batch_row_axes(1), default_axis=1)
     assert mb["prompt_ids"].shape[1] == 8 and batch_sh["prompt_ids"].shard_shape(mb["prompt_ids"].shape)[1] == 1

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import hf_logits, image_batch, make_hf_qwen2_checkpoint, max_diff_on_valid
 
+from conftest import hf_logits, image_batch, make_hf_qwen2_checkpoint, max_diff_on_valid
 from jaxvlm import models
 from jaxvlm.models.checkpoint import CheckpointTensors, SafetensorsFile, save_safetensors
 
@@ -63,6 +63,7 @@ def test_randomly_initialised_model_exports_to_transformers(tmp_path):
     )
     cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=300))
     model, params = models.Qwen25VL(cfg), models.init_params(cfg, 1)
+
     # Rescale kernels from std 0.02 to 1/sqrt(fan_in) and the embedding to std 1, so activations are O(1).
     def rescale(path, x):
         name = path[-1].key
@@ -163,7 +164,9 @@ def test_bfloat16_load_and_save(hf_checkpoints, tmp_path):
 def test_missing_tensor_is_named(hf_checkpoints, tmp_path):
     path = _copy(hf_checkpoints["gqa2_tied_win56"][1], tmp_path / "missing")
     _rewrite_tensors(path, lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"))
-    with pytest.raises(models.CheckpointMismatchError, match=r"missing tensors \(1\): model\.layers\.1\.self_attn\.k_proj\.bias"):
+    with pytest.raises(
+        models.CheckpointMismatchError, match=r"missing tensors \(1\): model\.layers\.1\.self_attn\.k_proj\.bias"
+    ):
         models.load_pretrained(path)
 
 
@@ -174,14 +177,19 @@ def test_misshaped_tensor_is_named(hf_checkpoints, tmp_path):
         t["visual.blocks.2.mlp.up_proj.weight"] = np.zeros((7, 32), np.float32)
 
     _rewrite_tensors(path, edit)
-    with pytest.raises(models.CheckpointMismatchError, match=r"visual\.blocks\.2\.mlp\.up_proj\.weight: checkpoint \[7, 32\] vs model \[48, 32\]"):
+    with pytest.raises(
+        models.CheckpointMismatchError,
+        match=r"visual\.blocks\.2\.mlp\.up_proj\.weight: checkpoint \[7, 32\] vs model \[48, 32\]",
+    ):
         models.load_pretrained(path)
 
 
 def test_unexpected_tensor_is_named(hf_checkpoints, tmp_path):
     path = _copy(hf_checkpoints["gqa2_tied_win56"][1], tmp_path / "unexpected")
     _rewrite_tensors(path, lambda t: t.update({"model.layers.2.mlp.up_proj.weight": np.zeros((64, 32), np.float32)}))
-    with pytest.raises(models.CheckpointMismatchError, match=r"unexpected tensors \(1\): model\.layers\.2\.mlp\.up_proj\.weight"):
+    with pytest.raises(
+        models.CheckpointMismatchError, match=r"unexpected tensors \(1\): model\.layers\.2\.mlp\.up_proj\.weight"
+    ):
         models.load_pretrained(path)
 
 
@@ -208,7 +216,7 @@ def test_transformers5_in_memory_names_are_accepted(hf_checkpoints, tmp_path):
             if k.startswith("visual."):
                 t["model." + k] = t.pop(k)
             elif k.startswith("model."):
-                t["model.language_model." + k[len("model."):]] = t.pop(k)
+                t["model.language_model." + k[len("model.") :]] = t.pop(k)
 
     _rewrite_tensors(path, rename)
     _, got = models.load_pretrained(path)
@@ -219,9 +227,17 @@ def test_transformers5_in_memory_names_are_accepted(hf_checkpoints, tmp_path):
 # dtype options: names, aliases and numpy / JAX dtypes, one canonical name in the config
 
 DTYPE_FORMS = [
-    ("bfloat16", "bfloat16"), ("bf16", "bfloat16"), (jnp.bfloat16, "bfloat16"), (jnp.dtype("bfloat16"), "bfloat16"),
-    (ml_dtypes.bfloat16, "bfloat16"), ("float32", "float32"), ("fp32", "float32"), (np.float32, "float32"),
-    (jnp.float32, "float32"), (np.dtype("float32"), "float32"), (np.float16, "float16"),
+    ("bfloat16", "bfloat16"),
+    ("bf16", "bfloat16"),
+    (jnp.bfloat16, "bfloat16"),
+    (jnp.dtype("bfloat16"), "bfloat16"),
+    (ml_dtypes.bfloat16, "bfloat16"),
+    ("float32", "float32"),
+    ("fp32", "float32"),
+    (np.float32, "float32"),
+    (jnp.float32, "float32"),
+    (np.dtype("float32"), "float32"),
+    (np.float16, "float16"),
 ]
 
 
@@ -265,10 +281,18 @@ def test_preset_model_config_and_save_pretrained_normalise_dtypes(tiny_checkpoin
         assert json.load(f)["dtype"] == "bfloat16"
 
 
-@pytest.mark.parametrize("argument, value", [
-    ("dtype", "bfloat"), ("dtype", "BF16"), ("dtype", jnp.int8), ("dtype", float), ("param_dtype", "int8"),
-    ("param_dtype", np.int32), ("param_dtype", object()),
-])
+@pytest.mark.parametrize(
+    "argument, value",
+    [
+        ("dtype", "bfloat"),
+        ("dtype", "BF16"),
+        ("dtype", jnp.int8),
+        ("dtype", float),
+        ("param_dtype", "int8"),
+        ("param_dtype", np.int32),
+        ("param_dtype", object()),
+    ],
+)
 def test_unsupported_dtype_is_rejected_naming_the_argument(tiny_checkpoint, argument, value):
     message = rf"^{argument}=.* is not a supported dtype.*'float32', 'bfloat16', 'float16', 'float64'.*'bf16'"
     with pytest.raises(ValueError, match=message):

@@ -120,9 +120,15 @@ def test_the_walk_finds_a_key_nothing_reads(monkeypatch):
 def rl_config(**loss) -> ml_collections.ConfigDict:
     c = configuration.base_config()
     c.stage_order = ("grpo",)
-    c.stages.grpo = stage("grpo", steps=3, data=dict(sources=[gym_source("train", 16)], batch_size=2),
-                          rewards=["accuracy"], sampling=dict(num_generations=4, temperature=0.9),
-                          batch=dict(mini_batches=2), loss=dict(num_iterations=2, **loss))
+    c.stages.grpo = stage(
+        "grpo",
+        steps=3,
+        data=dict(sources=[gym_source("train", 16)], batch_size=2),
+        rewards=["accuracy"],
+        sampling=dict(num_generations=4, temperature=0.9),
+        batch=dict(mini_batches=2),
+        loss=dict(num_iterations=2, **loss),
+    )
     return c
 
 
@@ -135,9 +141,13 @@ def test_derived_loss_keys_may_only_repeat_their_source():
     assert str(error.value) == (
         "config.stages.grpo.loss.temperature: is derived from config.stages.grpo.sampling.temperature (= 0.9; greedy "
         "sampling, 0, scores at 1.0); got 0.7. Set config.stages.grpo.sampling.temperature instead, or leave "
-        "config.stages.grpo.loss.temperature unset")
-    with pytest.raises(configuration.ConfigError, match=r"^config\.stages\.grpo\.loss\.group_size: is derived from "
-                                                        r"config\.stages\.grpo\.sampling\.num_generations \(= 4\); got 8"):
+        "config.stages.grpo.loss.temperature unset"
+    )
+    with pytest.raises(
+        configuration.ConfigError,
+        match=r"^config\.stages\.grpo\.loss\.group_size: is derived from "
+        r"config\.stages\.grpo\.sampling\.num_generations \(= 4\); got 8",
+    ):
         configuration.resolve(rl_config(group_size=8))
 
 
@@ -153,12 +163,14 @@ def test_total_steps_is_derived_from_the_stage_length():
         stages.plan(mode, configuration.resolve(c).stage("grpo"))
     assert str(error.value) == (
         "config.stages.grpo.optimizer.total_steps: is derived from config.stages.grpo.steps / epochs (= 12 updates: "
-        "3 steps x 4 updates per step); got 100. Leave it unset")
+        "3 steps x 4 updates per step); got 100. Leave it unset"
+    )
 
 
 def test_keys_a_mode_does_not_read_are_not_in_its_stage():
-    sft, grpo, dyme, reject, evaluation = (stages.get(m).defaults() for m in
-                                           ("sft", "grpo", "dyme", "rejection_sft", "eval"))
+    sft, grpo, dyme, reject, evaluation = (
+        stages.get(m).defaults() for m in ("sft", "grpo", "dyme", "rejection_sft", "eval")
+    )
     assert "sampling" not in sft and "rewards" not in sft and "rejection" not in sft
     assert set(sft.loss.keys()) == {"sft_aggregation"} and "mini_batches" not in sft.batch
     assert "max_target_length" in sft.data and "max_target_length" not in grpo.data  # no targets in GRPO
@@ -175,8 +187,11 @@ def test_keys_a_mode_does_not_read_are_not_in_its_stage():
 def test_model_preset_and_path_together_are_an_error():
     c = runnable("grpo", "tiny")
     c.model.path = "/ckpt"
-    with pytest.raises(configuration.ConfigError, match=r"^config\.model\.preset: 'tiny' is set together with "
-                                                        r"config\.model\.path='/ckpt': give one"):
+    with pytest.raises(
+        configuration.ConfigError,
+        match=r"^config\.model\.preset: 'tiny' is set together with "
+        r"config\.model\.path='/ckpt': give one",
+    ):
         configuration.resolve(c)
 
 
@@ -185,6 +200,9 @@ def test_the_registry_maps_every_mode_to_its_module():
     for name, mode in stages.MODES.items():
         assert mode.name == name and stages.get(name) is mode
         assert mode.defaults().mode == name and (mode.step is not None) == mode.trains
-    with pytest.raises(ValueError, match=r"stage mode must be one of \('sft', 'grpo', 'dyme', 'rejection_sft', "
-                                         r"'eval'\), got 'ppo'"):
+    with pytest.raises(
+        ValueError,
+        match=r"stage mode must be one of \('sft', 'grpo', 'dyme', 'rejection_sft', "
+        r"'eval'\), got 'ppo'",
+    ):
         stages.get("ppo")

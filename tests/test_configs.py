@@ -50,8 +50,9 @@ def all_sources(c) -> list[tuple[str, dict]]:
         s = c.stages[name]
         out += [(f"stages.{name}.data.sources[{k}]", dict(e)) for k, e in enumerate(s.data.sources)]
         if "rejection" in s:
-            out += [(f"stages.{name}.rejection.text_sources[{k}]", dict(e))
-                    for k, e in enumerate(s.rejection.text_sources)]
+            out += [
+                (f"stages.{name}.rejection.text_sources[{k}]", dict(e)) for k, e in enumerate(s.rejection.text_sources)
+            ]
     out += [(f"eval.sources[{k}]", dict(e)) for k, e in enumerate(c.eval.sources)]
     return out
 
@@ -208,10 +209,12 @@ def test_curr_reft_curriculum_then_rejection_sft(variant):
         answer_types = [{e["answer_type"] for e in s.data.sources} for s in (judge, choice, open_)]
         assert answer_types == [{"yesno"}, {"choice", "multi_choice"}, {"math", "bbox", "labels"}]
         assert [s.sampling.num_generations for s in (judge, choice, open_)] == [4, 2, 4]
-        assert all(s.sampling.max_new_tokens == 256 and s.optimizer.learning_rate == 1e-6
-                   for s in (judge, choice, open_))
-        assert all("math_math_test" not in e["path"] for s in (judge, choice, open_, reject)
-                   for e in s.data.sources)  # the test set stays out of training (docs/methods.md §3.6)
+        assert all(
+            s.sampling.max_new_tokens == 256 and s.optimizer.learning_rate == 1e-6 for s in (judge, choice, open_)
+        )
+        assert all(
+            "math_math_test" not in e["path"] for s in (judge, choice, open_, reject) for e in s.data.sources
+        )  # the test set stays out of training (docs/methods.md §3.6)
         assert reject.optimizer.learning_rate == 2e-7 and reject.epochs == 3
         assert reject.rejection.min_reward == 2.0  # full format + accuracy reward
 
@@ -270,12 +273,17 @@ class TinyEncoder:
 
         self.tokenizer = tokenizer
         vc = models.preset("tiny").vision
-        self.image_processor = ImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=vc.patch_size,
-                                              temporal_patch_size=vc.temporal_patch_size,
-                                              merge_size=vc.spatial_merge_size)
+        self.image_processor = ImageProcessor(
+            min_pixels=56 * 56,
+            max_pixels=56 * 56,
+            patch_size=vc.patch_size,
+            temporal_patch_size=vc.temporal_patch_size,
+            merge_size=vc.spatial_merge_size,
+        )
 
-    def too_long(self, s, *, with_targets: bool, target_width: int | None = None, limit: int = 48,
-                 source_entries=None) -> int:
+    def too_long(
+        self, s, *, with_targets: bool, target_width: int | None = None, limit: int = 48, source_entries=None
+    ) -> int:
         """Records of the stage's gym sources (or `source_entries`; the first `limit` of each) that exceed the
         stage's lengths."""
         from jaxvlm.data import pipeline, sources
@@ -285,8 +293,9 @@ class TinyEncoder:
         values.update(with_targets=with_targets, on_error="raise")
         if target_width is not None:
             values["max_target_length"] = target_width
-        encoder = pipeline.ExampleEncoder(self.tokenizer, self.image_processor,
-                                          pipeline.PipelineConfig.from_dict(values))
+        encoder = pipeline.ExampleEncoder(
+            self.tokenizer, self.image_processor, pipeline.PipelineConfig.from_dict(values)
+        )
         count = 0
         for entry in s.data.sources if source_entries is None else source_entries:
             source = sources.make_source(dict(entry))
@@ -329,33 +338,44 @@ def parse_command_line(monkeypatch, *args: str):
     argv = ["prog", *args]
     monkeypatch.setattr(sys, "argv", argv)
     flag_values = flags.FlagValues()
-    holder = config_flags.DEFINE_config_file("config", None, "Path to a config file.", flag_values=flag_values,
-                                             lock_config=True)
+    holder = config_flags.DEFINE_config_file(
+        "config", None, "Path to a config file.", flag_values=flag_values, lock_config=True
+    )
     flag_values(argv)
     return holder.value
 
 
 def test_command_line_good_overrides_change_the_values(monkeypatch):
-    c = parse_command_line(monkeypatch, "--config", f"{config_path('clgrpo')}:tiny",
-                           "--config.stages.cliplow.loss.eps_low=0.05", "--config.stages.format.steps=2",
-                           "--config.stages.sft.data.sources[0].num_examples=32", "--config.model.preset=",
-                           "--config.model.path=/ckpt")
+    c = parse_command_line(
+        monkeypatch,
+        "--config",
+        f"{config_path('clgrpo')}:tiny",
+        "--config.stages.cliplow.loss.eps_low=0.05",
+        "--config.stages.format.steps=2",
+        "--config.stages.sft.data.sources[0].num_examples=32",
+        "--config.model.preset=",
+        "--config.model.path=/ckpt",
+    )
     assert c.stages.cliplow.loss.eps_low == 0.05 and c.stages.format.steps == 2
     assert c.stages.sft.data.sources[0]["num_examples"] == 32 and c.model.path == "/ckpt"
     configuration.check_config(c)
     # The placeholder paths of the default variants are replaced element by element (a list cannot be overridden).
-    c = parse_command_line(monkeypatch, "--config", config_path("dyme"),
-                           "--config.stages.dyme.data.sources[0].path=/data/train.jsonl")
+    c = parse_command_line(
+        monkeypatch, "--config", config_path("dyme"), "--config.stages.dyme.data.sources[0].path=/data/train.jsonl"
+    )
     assert c.stages.dyme.data.sources[0]["path"] == "/data/train.jsonl"
     assert c.stages.dyme.sampling.num_generations == 8  # the default variant
 
 
-@pytest.mark.parametrize("recipe,override", [
-    ("dyme", "--config.stages.dyme.loss.eps_lw=0.1"),
-    ("clgrpo", "--config.stages.cliplow.loss.eps_lw=0.1"),
-    ("curr_reft", "--config.stages.judge.sampling.num_generation=4"),
-    ("infi_mmr", "--config.stages.caption.data.with_captions=True"),
-])
+@pytest.mark.parametrize(
+    "recipe,override",
+    [
+        ("dyme", "--config.stages.dyme.loss.eps_lw=0.1"),
+        ("clgrpo", "--config.stages.cliplow.loss.eps_lw=0.1"),
+        ("curr_reft", "--config.stages.judge.sampling.num_generation=4"),
+        ("infi_mmr", "--config.stages.caption.data.with_captions=True"),
+    ],
+)
 def test_command_line_misspelt_key_fails_naming_it(monkeypatch, recipe, override):
     key = override.split("=")[0].rsplit(".", 1)[1]
     with pytest.raises((AttributeError, KeyError, flags.Error)) as error:
@@ -363,12 +383,15 @@ def test_command_line_misspelt_key_fails_naming_it(monkeypatch, recipe, override
     assert key in str(error.value)
 
 
-@pytest.mark.parametrize("override,key", [
-    ("--config.stages.dyme.steps=abc", "stages.dyme.steps"),
-    ("--config.stages.dyme.steps=2.5", "stages.dyme.steps"),
-    ("--config.stages.dyme.loss.beta=zero", "stages.dyme.loss.beta"),
-    ("--config.stages.dyme.data.with_caption=maybe", "stages.dyme.data.with_caption"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("--config.stages.dyme.steps=abc", "stages.dyme.steps"),
+        ("--config.stages.dyme.steps=2.5", "stages.dyme.steps"),
+        ("--config.stages.dyme.loss.beta=zero", "stages.dyme.loss.beta"),
+        ("--config.stages.dyme.data.with_caption=maybe", "stages.dyme.data.with_caption"),
+    ],
+)
 def test_command_line_wrong_type_fails_naming_the_key(monkeypatch, override, key):
     with pytest.raises(flags.Error) as error:
         parse_command_line(monkeypatch, "--config", f"{config_path('dyme')}:tiny", override)
@@ -376,8 +399,7 @@ def test_command_line_wrong_type_fails_naming_the_key(monkeypatch, override, key
 
 
 def test_command_line_bad_value_fails_in_check_config_naming_the_key(monkeypatch):
-    c = parse_command_line(monkeypatch, "--config", f"{config_path('dyme')}:tiny",
-                           "--config.stages.dyme.loss.beta=0.1")
+    c = parse_command_line(monkeypatch, "--config", f"{config_path('dyme')}:tiny", "--config.stages.dyme.loss.beta=0.1")
     with pytest.raises(configuration.ConfigError, match=r"config\.stages\.dyme\.loss\.beta"):
         configuration.check_config(c)
 
@@ -385,8 +407,9 @@ def test_command_line_bad_value_fails_in_check_config_naming_the_key(monkeypatch
 def test_missing_math_verify_fails_check_config_naming_the_rewards_key(monkeypatch):
     """Without math-verify a run with an accuracy reward stops at start-up, in the config check (see test_rewards)."""
     monkeypatch.setitem(sys.modules, "math_verify", None)  # the import fails, as on an install without it
-    with pytest.raises(configuration.ConfigError,
-                       match=r"stages\.grpo\.rewards: reward entry .*accuracy.*pip install math-verify"):
+    with pytest.raises(
+        configuration.ConfigError, match=r"stages\.grpo\.rewards: reward entry .*accuracy.*pip install math-verify"
+    ):
         configuration.check_config(get_config("grpo", "tiny"))
 
 

@@ -44,11 +44,18 @@ def make_pipeline(sources, tokenizer, model_config, *, weights=None, process_ind
     config = pipeline.PipelineConfig(**cfg)
     encoder = pipeline.ExampleEncoder(tokenizer, IMAGE_PROCESSOR, config)
     collator = pipeline.BatchCollator(
-        config, pad_token_id=tokenizer.pad_token_id, image_token_id=model_config.image_token_id,
+        config,
+        pad_token_id=tokenizer.pad_token_id,
+        image_token_id=model_config.image_token_id,
         vision_config=model_config.vision,
     )
     return pipeline.build_dataset(
-        sources, config, encoder, collator, weights=weights, process_index=process_index,
+        sources,
+        config,
+        encoder,
+        collator,
+        weights=weights,
+        process_index=process_index,
         process_count=process_count,
     )
 
@@ -81,13 +88,23 @@ def test_jsonl_reads_records_with_images_relative_to_the_file(tmp_path):
     os.makedirs(tmp_path / "imgs")
     write_png(tmp_path / "imgs" / "a.png", 0)
     write_png(tmp_path / "imgs" / "b.png", 1, size=(20, 50))
-    write_jsonl(tmp_path / "d.jsonl", [
-        {"image": "imgs/a.png", "question": "Is it red?", "answer": "Yes", "answer_type": "yesno", "hint": "look"},
-        "",
-        {"images": ["imgs/a.png", "imgs/b.png"], "question": "Which?", "answer": "c, a", "answer_type": "multi_choice",
-         "options": ["x", "y", "z"], "difficulty": 2, "task": "pick"},
-        {"question": "2+2?", "answer": 4},
-    ])
+    write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"image": "imgs/a.png", "question": "Is it red?", "answer": "Yes", "answer_type": "yesno", "hint": "look"},
+            "",
+            {
+                "images": ["imgs/a.png", "imgs/b.png"],
+                "question": "Which?",
+                "answer": "c, a",
+                "answer_type": "multi_choice",
+                "options": ["x", "y", "z"],
+                "difficulty": 2,
+                "task": "pick",
+            },
+            {"question": "2+2?", "answer": 4},
+        ],
+    )
     source = JsonlSource(tmp_path / "d.jsonl", answer_type="number")
     assert len(source) == 3
     first, second, third = source[0], source[1], source[2]
@@ -102,11 +119,18 @@ def test_jsonl_reads_records_with_images_relative_to_the_file(tmp_path):
 
 def test_jsonl_r1v_records(tmp_path):
     write_png(tmp_path / "x.png")
-    write_jsonl(tmp_path / "r1v.jsonl", [
-        {"image": "x.png", "problem": "How many?", "solution": "<think>hmm</think><answer> 3 </answer>",
-         "problem_type": "counting"},
-        {"image": "x.png", "problem": "Box?", "solution": "<answer>[1, 2, 10, 20]</answer>"},
-    ])
+    write_jsonl(
+        tmp_path / "r1v.jsonl",
+        [
+            {
+                "image": "x.png",
+                "problem": "How many?",
+                "solution": "<think>hmm</think><answer> 3 </answer>",
+                "problem_type": "counting",
+            },
+            {"image": "x.png", "problem": "Box?", "solution": "<answer>[1, 2, 10, 20]</answer>"},
+        ],
+    )
     rows = JsonlSource(tmp_path / "r1v.jsonl", record_format="r1v", answer_type="number")
     assert rows[0]["question"] == "How many?" and rows[0]["answer"] == "3" and rows[0]["task"] == "counting"
     boxes = JsonlSource(tmp_path / "r1v.jsonl", record_format="r1v", answer_type="bbox")
@@ -178,8 +202,17 @@ def test_prompt_styles_and_targets():
 
 def test_batches_render_the_chat_template_and_static_shapes(tokenizer, model_config):
     examples = [make_example(k, images=k % 3) for k in range(8)]
-    it = iter(make_pipeline([examples], tokenizer, model_config, shuffle=False, with_targets=True,
-                            prompt_style="r1", max_target_length=48))
+    it = iter(
+        make_pipeline(
+            [examples],
+            tokenizer,
+            model_config,
+            shuffle=False,
+            with_targets=True,
+            prompt_style="r1",
+            max_target_length=48,
+        )
+    )
     batch = next(it)
     p = batch["prompts"]
     b, t = p["input_ids"].shape
@@ -190,14 +223,16 @@ def test_batches_render_the_chat_template_and_static_shapes(tokenizer, model_con
     for row, ex in enumerate(batch["examples"]):
         assert ex["id"] == f"ex{row}" and ex["num_images"] == row % 3 and "images" not in ex
         valid = p["input_ids"][row][p["attention_mask"][row] == 1]
-        text = tokenizer.apply_chat_template(prompts.prompt_messages(examples[row], "r1"), tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            prompts.prompt_messages(examples[row], "r1"), tokenize=False, add_generation_prompt=True
+        )
         per_image = IMAGE_PROCESSOR.num_image_tokens(56, 56)
         text = text.replace("<|image_pad|>", "<|image_pad|>" * per_image)
         assert tokenizer.decode(valid, skip_special_tokens=False) == text
         target = batch["targets"]["completion_ids"][row][batch["targets"]["completion_mask"][row] == 1]
         assert tokenizer.decode(target, skip_special_tokens=False) == prompts.target_text(examples[row], "r1") + (
-            "<|im_end|>")
+            "<|im_end|>"
+        )
     # pixel rows follow the example order: row 1's single image comes first
     np.testing.assert_array_equal(
         p["pixel_values"][: IMAGE_PROCESSOR(examples[1]["images"])["pixel_values"].shape[0]],
@@ -207,13 +242,15 @@ def test_batches_render_the_chat_template_and_static_shapes(tokenizer, model_con
 
 def test_training_positions_equal_get_rope_index_of_the_whole_sequence(tokenizer, model_config):
     examples = [make_example(k, images=k % 3) for k in range(4)]
-    batch = next(iter(make_pipeline([examples], tokenizer, model_config, shuffle=False, with_targets=True,
-                                    max_target_length=40)))
+    batch = next(
+        iter(make_pipeline([examples], tokenizer, model_config, shuffle=False, with_targets=True, max_target_length=40))
+    )
     sft = pipeline.sft_batch(batch)
     ids = np.concatenate([sft["prompt_ids"], sft["completion_ids"]], 1)
     mask = np.concatenate([sft["prompt_mask"], sft["completion_mask"]], 1)
-    expected, _ = get_rope_index(ids, mask, batch["prompts"]["image_grid_thw"],
-                                 image_token_id=model_config.image_token_id, spatial_merge_size=2)
+    expected, _ = get_rope_index(
+        ids, mask, batch["prompts"]["image_grid_thw"], image_token_id=model_config.image_token_id, spatial_merge_size=2
+    )
     valid = mask.astype(bool)
     np.testing.assert_array_equal(sft["position_ids"][:, valid], np.asarray(expected)[:, valid])
 
@@ -223,8 +260,9 @@ def test_pipeline_batches_feed_the_sampler_and_the_training_forward(tokenizer, m
     from jaxvlm import batching, models, sampling, train_steps
 
     examples = [make_example(k, images=1 + k % 2) for k in range(4)]
-    batch = next(iter(make_pipeline([examples], tokenizer, model_config, shuffle=False, with_targets=True,
-                                    max_target_length=32)))
+    batch = next(
+        iter(make_pipeline([examples], tokenizer, model_config, shuffle=False, with_targets=True, max_target_length=32))
+    )
     model = models.Qwen25VL(model_config)
     params = models.init_params(model_config, 0)
     inputs = sampling.prepare_prompts(model_config, batch["prompts"])
@@ -239,10 +277,13 @@ def test_pipeline_batches_feed_the_sampler_and_the_training_forward(tokenizer, m
 
 def test_raise_mode_stops_at_the_bad_record_with_file_and_line(tmp_path, tokenizer, model_config):
     write_png(tmp_path / "ok.png")
-    write_jsonl(tmp_path / "d.jsonl", [
-        {"image": "ok.png", "question": "q1", "answer": "1"},
-        {"image": "gone.png", "question": "q2", "answer": "2"},
-    ])
+    write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"image": "ok.png", "question": "q1", "answer": "1"},
+            {"image": "gone.png", "question": "q2", "answer": "2"},
+        ],
+    )
     source = JsonlSource(tmp_path / "d.jsonl", answer_type="number")
     it = iter(make_pipeline([source], tokenizer, model_config, shuffle=False, batch_size=2, num_threads=1))
     with pytest.raises(DataError, match=r"d\.jsonl:2: field 'images': image file not found"):
@@ -268,12 +309,34 @@ def test_skip_mode_drops_and_counts_bad_records_without_substitution(tmp_path, t
         records.append(record)
     write_jsonl(tmp_path / "d.jsonl", records)
     source = JsonlSource(tmp_path / "d.jsonl", answer_type="number")
-    shuffled = list(make_pipeline([source], tokenizer, model_config, batch_size=3, num_epochs=1,
-                                  drop_remainder=False, on_error="skip", max_prompt_length=220, seed=3))
+    shuffled = list(
+        make_pipeline(
+            [source],
+            tokenizer,
+            model_config,
+            batch_size=3,
+            num_epochs=1,
+            drop_remainder=False,
+            on_error="skip",
+            max_prompt_length=220,
+            seed=3,
+        )
+    )
     assert sorted(ids_of(shuffled)) == sorted(good)  # every good record exactly once, nothing substituted
     # In file order the last record is good, so every skip is read before some batch and counted in it.
-    in_order = list(make_pipeline([source], tokenizer, model_config, batch_size=3, num_epochs=1, shuffle=False,
-                                  drop_remainder=False, on_error="skip", max_prompt_length=220))
+    in_order = list(
+        make_pipeline(
+            [source],
+            tokenizer,
+            model_config,
+            batch_size=3,
+            num_epochs=1,
+            shuffle=False,
+            drop_remainder=False,
+            on_error="skip",
+            max_prompt_length=220,
+        )
+    )
     assert ids_of(in_order) == good
     totals = None
     for batch in in_order:
@@ -286,17 +349,29 @@ def test_skip_mode_drops_and_counts_bad_records_without_substitution(tmp_path, t
 def test_a_pass_with_no_usable_record_stops_with_the_reason_instead_of_spinning(tmp_path, tokenizer, model_config):
     """on_error="skip" with every record bad (here: captions asked of text-only records) and data repeated
     forever: the pipeline raises after two passes, naming the count and the last record's error."""
-    write_jsonl(tmp_path / "t.jsonl", [{"question": f"what is {k} + 1?", "answer": str(k + 1), "id": f"t{k}"}
-                                       for k in range(7)])
+    write_jsonl(
+        tmp_path / "t.jsonl", [{"question": f"what is {k} + 1?", "answer": str(k + 1), "id": f"t{k}"} for k in range(7)]
+    )
     source = JsonlSource(tmp_path / "t.jsonl", answer_type="number")
     it = iter(make_pipeline([source], tokenizer, model_config, batch_size=2, on_error="skip", with_caption=True))
     with pytest.raises(DataError, match=r"15 records in a row were skipped \(field: 15\).*'caption'"):
         next(it)
     # One good record in the pass is enough to keep going (and the bad ones are still counted).
-    write_jsonl(tmp_path / "m.jsonl", [{"question": "q", "answer": "1", "id": "m0", "caption": "one circle"},
-                                       *[{"question": "q", "answer": "1", "id": f"m{k}"} for k in range(1, 7)]])
-    mixed = make_pipeline([JsonlSource(tmp_path / "m.jsonl", answer_type="number")], tokenizer, model_config,
-                          batch_size=2, on_error="skip", with_caption=True)
+    write_jsonl(
+        tmp_path / "m.jsonl",
+        [
+            {"question": "q", "answer": "1", "id": "m0", "caption": "one circle"},
+            *[{"question": "q", "answer": "1", "id": f"m{k}"} for k in range(1, 7)],
+        ],
+    )
+    mixed = make_pipeline(
+        [JsonlSource(tmp_path / "m.jsonl", answer_type="number")],
+        tokenizer,
+        model_config,
+        batch_size=2,
+        on_error="skip",
+        with_caption=True,
+    )
     batches = [b for _, b in zip(range(3), mixed)]
     assert ids_of(batches) == ["m0"] * 6
     assert sum(b["skipped"]["field"] for b in batches) >= 30
@@ -315,8 +390,12 @@ def test_same_seed_same_batches_other_seed_other_order(tokenizer, model_config):
 def test_process_shards_partition_each_global_batch(tokenizer, model_config):
     examples = [make_example(k, images=0) for k in range(16)]
     whole = take(iter(make_pipeline([examples], tokenizer, model_config, batch_size=4)), 4)
-    parts = [take(iter(make_pipeline([examples], tokenizer, model_config, batch_size=2, process_index=p,
-                                     process_count=2)), 4) for p in range(2)]
+    parts = [
+        take(
+            iter(make_pipeline([examples], tokenizer, model_config, batch_size=2, process_index=p, process_count=2)), 4
+        )
+        for p in range(2)
+    ]
     for step in range(4):
         union = ids_of([parts[0][step], parts[1][step]])
         assert sorted(union) == sorted(ids_of([whole[step]]))
@@ -329,8 +408,14 @@ def test_iterator_state_resumes_exactly(tmp_path, tokenizer, model_config, prefe
     examples = [make_example(k, images=k % 2) for k in range(10)]
     bad = validate_example({"question": "q", "answer": "1", "source": "mem:bad", "reasoning": ""})
     sources = [examples + [bad]]
-    kwargs = dict(prefetch=prefetch, worker_processes=workers, on_error="skip", with_targets=True,
-                  max_target_length=32, batch_size=3)
+    kwargs = dict(
+        prefetch=prefetch,
+        worker_processes=workers,
+        on_error="skip",
+        with_targets=True,
+        max_target_length=32,
+        batch_size=3,
+    )
     it = iter(make_pipeline(sources, tokenizer, model_config, **kwargs))
     take(it, 3)
     state = json.loads(json.dumps(it.get_state()))  # what TrainCheckpointer stores
@@ -354,22 +439,25 @@ def test_mixture_proportions_and_epochs(tokenizer, model_config):
     seen = ids_of(take(iter(ds), 25))
     share = sum(i.startswith("v") for i in seen) / len(seen)
     assert abs(share - 0.75) < 0.03
-    finite = make_pipeline([vision, text], tokenizer, model_config, weights=[3, 1], batch_size=8, num_epochs=1,
-                           drop_remainder=False)
+    finite = make_pipeline(
+        [vision, text], tokenizer, model_config, weights=[3, 1], batch_size=8, num_epochs=1, drop_remainder=False
+    )
     rows = ids_of(list(finite))
     assert len(rows) == 40 and sorted(r for r in rows if r.startswith("v")) == sorted(e["id"] for e in vision)
 
 
 def test_caption_and_dyme_styles_and_text_only_batches(tokenizer, model_config):
     examples = [make_example(k, images=0) for k in range(4)]
-    batch = next(iter(make_pipeline([examples], tokenizer, model_config, shuffle=False, prompt_style="dyme",
-                                    with_caption=True)))
+    batch = next(
+        iter(make_pipeline([examples], tokenizer, model_config, shuffle=False, prompt_style="dyme", with_caption=True))
+    )
     assert "pixel_values" not in batch["prompts"]
     row = batch["prompts"]["input_ids"][0][batch["prompts"]["attention_mask"][0] == 1]
     decoded = tokenizer.decode(row, skip_special_tokens=False)
     assert f"Caption: {examples[0]['caption']}" in decoded and 'please use the format "Answer: .."' in decoded
-    np.testing.assert_array_equal(batch["prompts"]["position_ids"][0][0][batch["prompts"]["attention_mask"][0] == 1],
-                                  np.arange(len(row)))
+    np.testing.assert_array_equal(
+        batch["prompts"]["position_ids"][0][0][batch["prompts"]["attention_mask"][0] == 1], np.arange(len(row))
+    )
 
 
 def test_pipeline_config_errors():
@@ -381,8 +469,9 @@ def test_pipeline_config_errors():
         pipeline.PipelineConfig(batch_size=2, prompt_buckets=(64, 32))
     with pytest.raises(ValueError, match="max_prompt_length"):
         pipeline.PipelineConfig(batch_size=2, prompt_buckets=(64,), max_prompt_length=128)
-    assert pipeline.PipelineConfig.from_dict({"batch_size": 2, "prompt_buckets": [32, 64],
-                                              "max_prompt_length": 64}).prompt_buckets == (32, 64)
+    assert pipeline.PipelineConfig.from_dict(
+        {"batch_size": 2, "prompt_buckets": [32, 64], "max_prompt_length": 64}
+    ).prompt_buckets == (32, 64)
 
 
 def test_bucket_rules():
@@ -416,8 +505,9 @@ def test_builtin_tokenizer_is_cached_loads_through_autotokenizer_and_fits_the_ti
     examples = [gym.GymSource("validation", 9)[k] for k in range(9)]
     for ex in examples:
         for style in ("r1", "dyme"):
-            text = auto.apply_chat_template(prompts.prompt_messages(ex, style), tokenize=False,
-                                            add_generation_prompt=True) + prompts.target_text(ex, style)
+            text = auto.apply_chat_template(
+                prompts.prompt_messages(ex, style), tokenize=False, add_generation_prompt=True
+            ) + prompts.target_text(ex, style)
             ids = auto.encode(text, add_special_tokens=False)
             assert ids == again.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False)
             assert auto.decode(ids, skip_special_tokens=False) == text
@@ -427,9 +517,21 @@ def test_builtin_tokenizer_is_cached_loads_through_autotokenizer_and_fits_the_ti
     assert tiny.image_token_id == auto.convert_tokens_to_ids("<|image_pad|>")
     assert tiny.text.eos_token_id == auto.eos_token_id and max(auto.get_vocab().values()) < tiny.text.vocab_size
     with pytest.raises(ValueError, match="vocab_size"):
-        configure_model_for_tokenizer(model_config_lib.preset("tiny", text=model_config_lib.TextConfig(
-            vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-            num_key_value_heads=2, mrope_section=(2, 3, 3))), auto)
+        configure_model_for_tokenizer(
+            model_config_lib.preset(
+                "tiny",
+                text=model_config_lib.TextConfig(
+                    vocab_size=300,
+                    hidden_size=64,
+                    intermediate_size=128,
+                    num_hidden_layers=1,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    mrope_section=(2, 3, 3),
+                ),
+            ),
+            auto,
+        )
     # a different setting retrains
     other = builtin_tokenizer(tmp_path / "tok", num_examples=200, vocab_size=600)
     assert len(other) <= 600
@@ -439,29 +541,40 @@ def test_gym_and_jsonl_sources_from_config_entries(tmp_path, tokenizer, model_co
     from jaxvlm.data import sources
 
     write_png(tmp_path / "a.png")
-    write_jsonl(tmp_path / "d.jsonl", [{"image": "a.png", "question": f"q{k}", "answer": str(k),
-                                       "reasoning": "r"} for k in range(6)])
+    write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"image": "a.png", "question": f"q{k}", "answer": str(k), "reasoning": "r"} for k in range(6)],
+    )
     data = {
         "sources": [
             {"kind": "gym", "split": "train", "num_examples": 12, "tasks": ["exists", "count"], "weight": 2.0},
             {"kind": "jsonl", "path": str(tmp_path / "d.jsonl"), "answer_type": "number", "weight": 1.0},
         ],
-        "batch_size": 6, "prompt_style": "r1", "prefetch": 0, "num_threads": 1,
+        "batch_size": 6,
+        "prompt_style": "r1",
+        "prefetch": 0,
+        "num_threads": 1,
     }
-    it = iter(sources.input_pipeline(data, tokenizer, IMAGE_PROCESSOR, model_config, with_targets=True,
-                                     max_target_length=256))
+    it = iter(
+        sources.input_pipeline(data, tokenizer, IMAGE_PROCESSOR, model_config, with_targets=True, max_target_length=256)
+    )
     rows = [ex for _ in range(4) for ex in next(it)["examples"]]
     from_gym = [ex for ex in rows if ex["source"] == "gym"]
     assert {ex["task"] for ex in from_gym} == {"exists", "count"}
     assert abs(len(from_gym) / len(rows) - 2 / 3) < 0.1
     with pytest.raises(ValueError, match=r"data.sources\[0\]: unknown key\(s\) \['taks'\]"):
-        sources.input_pipeline({"sources": [{"kind": "gym", "num_examples": 4, "taks": ["count"]}], "batch_size": 2},
-                               tokenizer, IMAGE_PROCESSOR, model_config)
+        sources.input_pipeline(
+            {"sources": [{"kind": "gym", "num_examples": 4, "taks": ["count"]}], "batch_size": 2},
+            tokenizer,
+            IMAGE_PROCESSOR,
+            model_config,
+        )
     with pytest.raises(ValueError, match="kind must be one of"):
         sources.make_source({"kind": "hub", "name": "x"})
     with pytest.raises(ValueError, match="unknown data config key"):
-        sources.input_pipeline({"sources": data["sources"][:1], "batchsize": 2}, tokenizer, IMAGE_PROCESSOR,
-                               model_config)
+        sources.input_pipeline(
+            {"sources": data["sources"][:1], "batchsize": 2}, tokenizer, IMAGE_PROCESSOR, model_config
+        )
 
 
 def test_train_checkpointer_saves_and_restores_the_iterator_state(tmp_path, tokenizer, model_config):
@@ -490,16 +603,35 @@ def test_gym_exported_as_jsonl_reads_back_identically(tmp_path):
     from jaxvlm.data import export
     from jaxvlm.data.gym import GymConfig, GymSource
 
-    path = export.main(["--out", str(tmp_path), "--split", "validation", "--num_examples", "12",
-                        "--tasks", "exists,grounding,word_arithmetic,colors_present"])
+    path = export.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--split",
+            "validation",
+            "--num_examples",
+            "12",
+            "--tasks",
+            "exists,grounding,word_arithmetic,colors_present",
+        ]
+    )
     gym = GymSource("validation", 12, GymConfig(tasks=("exists", "grounding", "word_arithmetic", "colors_present")))
     read = JsonlSource(path)
     assert len(read) == 12
     for k in range(12):
         a, b = gym[k], read[k]
         assert b["source"] == f"{path}:{k + 1}" and b["id"] == a["id"]
-        for field in ("question", "answer", "answer_type", "task", "reasoning", "caption", "difficulty", "bbox",
-                      "options"):
+        for field in (
+            "question",
+            "answer",
+            "answer_type",
+            "task",
+            "reasoning",
+            "caption",
+            "difficulty",
+            "bbox",
+            "options",
+        ):
             assert a[field] == b[field], field
         assert len(a["images"]) == len(b["images"])
         for x, y in zip(a["images"], b["images"]):
@@ -517,8 +649,13 @@ def test_gym_reference_targets_earn_full_reward_and_wrong_answers_none(style):
     if style == "r1":
         specs = rewards.parse_reward_specs(["format_think_answer", "accuracy"])
     else:
-        specs = rewards.parse_reward_specs(["format_dyme", {"name": "accuracy", "kwargs": {"extract": "dyme"}},
-                                            {"name": "think_f1", "kwargs": {"extract": "dyme"}}])
+        specs = rewards.parse_reward_specs(
+            [
+                "format_dyme",
+                {"name": "accuracy", "kwargs": {"extract": "dyme"}},
+                {"name": "think_f1", "kwargs": {"extract": "dyme"}},
+            ]
+        )
     targets = [prompts.target_text(ex, style) for ex in examples]
     result = rewards.compute_rewards(specs, targets, examples)
     assert not any(result.failures.values())
@@ -528,9 +665,14 @@ def test_gym_reference_targets_earn_full_reward_and_wrong_answers_none(style):
     # no accuracy (grounding: a different box of IoU <= 0.5).
     shuffled = []
     for k, ex in enumerate(examples):
-        other = next(o for o in examples[k + 1:] + examples[:k] if o["task"] == ex["task"] and o["answer"] != ex["answer"])
+        other = next(
+            o for o in examples[k + 1 :] + examples[:k] if o["task"] == ex["task"] and o["answer"] != ex["answer"]
+        )
         shuffled.append(other)
     accuracy = rewards.compute_rewards(specs[1:2], targets, shuffled).per_reward[:, 0]
-    overlapping = [k for k, ex in enumerate(examples) if ex["task"] == "grounding"
-                   and rewards.iou(ex["bbox"], shuffled[k]["bbox"]) > 0.5]
+    overlapping = [
+        k
+        for k, ex in enumerate(examples)
+        if ex["task"] == "grounding" and rewards.iou(ex["bbox"], shuffled[k]["bbox"]) > 0.5
+    ]
     assert all(accuracy[k] == 0 for k in range(len(examples)) if k not in overlapping)

@@ -26,20 +26,32 @@ SFT_STEPS, DYME_STEPS, EVAL_EXAMPLES = (100, 40, 96) if FULL else (3, 2, 8)
 
 
 def test_demo_command_trains_sft_then_dyme_and_reports(tmp_path):
-    overrides = [f"--config.stages.sft.steps={SFT_STEPS}", f"--config.stages.dyme.steps={DYME_STEPS}",
-                 f"--config.eval.num_examples={EVAL_EXAMPLES}", f"--config.eval.batch_size={min(EVAL_EXAMPLES, 32)}",
-                 "--config.train.eval_every=0", "--config.train.progress=False"]
-    proc = subprocess.run([sys.executable, "-m", "jaxvlm.main", "--config", "configs/demo.py",
-                           "--workdir", str(tmp_path), *overrides],
-                          cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-                          timeout=900)
+    overrides = [
+        f"--config.stages.sft.steps={SFT_STEPS}",
+        f"--config.stages.dyme.steps={DYME_STEPS}",
+        f"--config.eval.num_examples={EVAL_EXAMPLES}",
+        f"--config.eval.batch_size={min(EVAL_EXAMPLES, 32)}",
+        "--config.train.eval_every=0",
+        "--config.train.progress=False",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxvlm.main", "--config", "configs/demo.py", "--workdir", str(tmp_path), *overrides],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert f"Held-out accuracy (greedy, {EVAL_EXAMPLES} examples)" in out, out[-3000:]
     header = next(line for line in out.splitlines() if line.startswith("task"))
     assert "after sft" in header and "after dyme" in header
-    rows = {line.split()[0]: [float(x) for x in line.split()[1:]]
-            for line in out.splitlines() if re.match(r"^(exists|count_choice|count|all)\s+[0-9.]", line)}
+    rows = {
+        line.split()[0]: [float(x) for x in line.split()[1:]]
+        for line in out.splitlines()
+        if re.match(r"^(exists|count_choice|count|all)\s+[0-9.]", line)
+    }
     assert set(rows) == {"exists", "count_choice", "count", "all"}, out[-3000:]
     for name in ("accuracy.png", "reward.png"):
         with open(tmp_path / name, "rb") as f:

@@ -30,16 +30,23 @@ def test_two_processes_match_one_process(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAXVLM_"))}
     env["PYTHONPATH"] = os.pathsep.join([HERE, os.path.dirname(HERE), env.get("PYTHONPATH", "")])
     procs = [
-        subprocess.Popen([sys.executable, os.path.join(HERE, "multihost_worker.py"), str(i), "2", str(port), out],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "multihost_worker.py"), str(i), "2", str(port), out],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for i in range(2)
     ]
     expected_params, expected_metrics = run_steps()  # meanwhile, in this process on 8 local devices
     logs = [p.communicate(timeout=900)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n\n".join(log[-3000:] for log in logs)
     got = np.load(out)
-    flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
-            for path, v in jax.tree_util.tree_flatten_with_path(expected_params)[0]}
+    flat = {
+        "/".join(str(getattr(k, "key", k)) for k in path): v
+        for path, v in jax.tree_util.tree_flatten_with_path(expected_params)[0]
+    }
     assert set(got.files) == set(flat)
     for name, value in flat.items():
         np.testing.assert_allclose(got[name], value, atol=1e-5, err_msg=name)
@@ -51,7 +58,13 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 def test_single_process_initialize_is_a_noop_and_env_is_validated(monkeypatch):
-    for var in ("JAXVLM_COORDINATOR", "JAXVLM_NUM_PROCESSES", "JAXVLM_PROCESS_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+    for var in (
+        "JAXVLM_COORDINATOR",
+        "JAXVLM_NUM_PROCESSES",
+        "JAXVLM_PROCESS_ID",
+        "SLURM_NTASKS",
+        "OMPI_COMM_WORLD_SIZE",
+    ):
         monkeypatch.delenv(var, raising=False)
     info = distributed.initialize()
     assert info["process_count"] == 1 and info["global_devices"] == jax.device_count()

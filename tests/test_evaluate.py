@@ -36,9 +36,14 @@ def read_rows(path: str) -> list[dict]:
 
 def test_the_command_samples_k_per_example_and_reports_pass_at_k(tmp_path):
     workdir = tmp_path / "eval"
-    proc = subprocess.run([sys.executable, "-m", "jaxvlm.evaluate", "--config", "configs/eval.py:tiny",
-                           "--workdir", str(workdir)], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxvlm.evaluate", "--config", "configs/eval.py:tiny", "--workdir", str(workdir)],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(workdir / "eval" / "eval" / "summary.json") as f:
         summary = json.load(f)
@@ -55,9 +60,14 @@ def test_the_command_samples_k_per_example_and_reports_pass_at_k(tmp_path):
 
 
 def test_a_training_config_is_refused(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "jaxvlm.evaluate", "--config", "configs/grpo.py:tiny",
-                           "--workdir", str(tmp_path)], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxvlm.evaluate", "--config", "configs/grpo.py:tiny", "--workdir", str(tmp_path)],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode != 0
     assert "config.stages.grpo is a 'grpo' stage (train with python -m jaxvlm.main)" in proc.stderr
 

@@ -47,8 +47,14 @@ def test_the_comparisons_differ_only_where_they_should():
 
 
 def test_table_and_plot(tmp_path):
-    results = {"dyme": {arm: {str(seed): {"accuracy": acc + 0.01 * seed, "tasks": {"count": acc}, "prompts": 40}
-                              for seed in range(3)} for arm, acc in (("DyME prompt", 0.5), ("DyME batch", 0.25))}}
+    results = {
+        "dyme": {
+            arm: {
+                str(seed): {"accuracy": acc + 0.01 * seed, "tasks": {"count": acc}, "prompts": 40} for seed in range(3)
+            }
+            for arm, acc in (("DyME prompt", 0.5), ("DyME batch", 0.25))
+        }
+    }
     text = experiments.table(results)
     assert "| DyME prompt | 3 | 40 | **0.510 ± 0.010** | 0.500 ± 0.000 |" in text
     assert "| DyME batch | 3 | 40 | **0.260 ± 0.010** |" in text
@@ -79,8 +85,11 @@ class FakeTrainer:
                 if name == self.stop_in:
                     self.stop_in = None
                     return {"finished": False}
-                w.write(len(done) + i + 1, {"accuracy": 0.1 * (len(done) + i + 1), "accuracy/task/count": 0.5,
-                                            "stage": name}, prefix="eval/")
+                w.write(
+                    len(done) + i + 1,
+                    {"accuracy": 0.1 * (len(done) + i + 1), "accuracy/task/count": 0.5, "stage": name},
+                    prefix="eval/",
+                )
                 with open(os.path.join(workdir, "done.txt"), "a") as f:
                     f.write(name + "\n")
         os.makedirs(os.path.join(workdir, "final_model"), exist_ok=True)
@@ -98,8 +107,7 @@ def test_run_arm_trains_shared_prefixes_once_and_resumes_an_interrupted_arm(tmp_
     stages4, stages3 = arms["stage 4 ClipLow (eps_low 0.1)"], arms["stage 3 continued (eps_low 0.2)"]
     with pytest.raises(SystemExit, match="resumes it"):
         experiments.run_arm(str(tmp_path), stages4, b, seed=0)
-    assert fake.calls == [("warmup", ["warmup"]), ("warmup+stage3", ["stage3"]),
-                          ("warmup+stage3+cliplow", ["cliplow"])]
+    assert fake.calls == [("warmup", ["warmup"]), ("warmup+stage3", ["stage3"]), ("warmup+stage3+cliplow", ["cliplow"])]
     # The same command again: the interrupted arm continues in its own workdir, nothing before it is re-trained.
     result = experiments.run_arm(str(tmp_path), stages4, b, seed=0)
     assert fake.calls[3:] == [("warmup+stage3+cliplow", ["cliplow"])]
@@ -119,8 +127,12 @@ def test_majority_answer_floor_counts_the_validation_answers():
 
     b = experiments.BUDGETS["quick"]
     prior = experiments.majority_answer_accuracy(b)
-    specs = gym.build_specs("validation", b.eval_examples, gym.GymConfig(difficulties=experiments.DIFFICULTIES),
-                            tasks=experiments.VISUAL_TASKS)
+    specs = gym.build_specs(
+        "validation",
+        b.eval_examples,
+        gym.GymConfig(difficulties=experiments.DIFFICULTIES),
+        tasks=experiments.VISUAL_TASKS,
+    )
     exists = Counter(s.answer for s in specs if s.task == "exists")
     assert set(exists) == {"yes", "no"} and prior["exists"] == max(exists.values()) / sum(exists.values())
     assert prior["all"] == pytest.approx(sum(prior[t] for t in experiments.VISUAL_TASKS) / 3)  # equal task shares

@@ -14,7 +14,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_main(*args, cwd=ROOT):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, "-m", "jaxvlm.bench.forward", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "jaxvlm.bench.forward", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -33,8 +38,14 @@ def test_forward_config_runs_and_writes_result(tmp_path):
 def test_main_loads_a_checkpoint_directory(hf_checkpoints, tmp_path):
     _, path = hf_checkpoints["gqa6_untied_win112"]
     run_main(
-        "--config", os.path.join(ROOT, "configs/forward.py"), "--workdir", str(tmp_path),
-        "--config.model.preset=", f"--config.model.path={path}", "--config.model.dtype=bfloat16", "--config.model.param_dtype=float32",
+        "--config",
+        os.path.join(ROOT, "configs/forward.py"),
+        "--workdir",
+        str(tmp_path),
+        "--config.model.preset=",
+        f"--config.model.path={path}",
+        "--config.model.dtype=bfloat16",
+        "--config.model.param_dtype=float32",
         cwd=str(tmp_path),
     )
     result = json.loads((tmp_path / "forward.json").read_text())
@@ -45,7 +56,11 @@ def test_unknown_config_field_is_rejected(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-m", "jaxvlm.bench.forward", "--config", "configs/forward.py", "--config.model.presett=tiny"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode != 0 and "presett" in proc.stderr
 
@@ -54,7 +69,18 @@ def test_unknown_config_field_is_rejected(tmp_path):
 def test_unknown_preset_is_named(preset):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, "-m", "jaxvlm.bench.forward", "--config", "configs/forward.py", f"--config.model.preset={preset}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "jaxvlm.bench.forward",
+            "--config",
+            "configs/forward.py",
+            f"--config.model.preset={preset}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode != 0 and "unknown model preset 'nonexistent'" in proc.stderr

@@ -14,8 +14,23 @@ def test_cast_to_bfloat16_equals_astype_bit_for_bit():
     rng = np.random.default_rng(0)
     random_bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
     ties = (random_bits & np.uint32(0xFFFF0000)) | np.uint32(0x8000)  # exactly halfway: rounds to even
-    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 1e-45, -1e-45, 1.1754942e-38,
-                        3.3895314e38, 3.4028235e38, -3.4028235e38], np.float32)
+    special = np.array(
+        [
+            0.0,
+            -0.0,
+            np.inf,
+            -np.inf,
+            np.nan,
+            -np.nan,
+            1e-45,
+            -1e-45,
+            1.1754942e-38,
+            3.3895314e38,
+            3.4028235e38,
+            -3.4028235e38,
+        ],
+        np.float32,
+    )
     x = np.concatenate([random_bits.view(np.float32), ties.view(np.float32), special])
     got = np.asarray(jax.jit(fused.cast, static_argnums=1)(jnp.asarray(x), jnp.bfloat16))
     want = np.asarray(jnp.asarray(x).astype(jnp.bfloat16))
@@ -36,8 +51,10 @@ def test_cast_gradient_and_other_dtypes():
 
 def _params(key, d_in, d_out, bias):
     k1, k2 = jax.random.split(key)
-    return (jax.random.normal(k1, (d_in, d_out)) / np.sqrt(d_in),
-            jax.random.normal(k2, (d_out,)) * 0.1 if bias else None)
+    return (
+        jax.random.normal(k1, (d_in, d_out)) / np.sqrt(d_in),
+        jax.random.normal(k2, (d_out,)) * 0.1 if bias else None,
+    )
 
 
 @pytest.mark.parametrize("bias", [True, False])

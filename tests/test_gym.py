@@ -124,8 +124,9 @@ def test_config_validation_and_kwargs():
         GymConfig(difficulties=(3,))
     with pytest.raises(ValueError, match="split_fractions"):
         GymConfig(split_fractions=(0.8, 0.1, 0.2))
-    config = GymConfig(**{"image_size": 112, "tasks": ["count", "mood"], "difficulties": [2],
-                          "shape_counts": [[1, 2], [2, 3], [3, 5]]})
+    config = GymConfig(
+        **{"image_size": 112, "tasks": ["count", "mood"], "difficulties": [2], "shape_counts": [[1, 2], [2, 3], [3, 5]]}
+    )
     assert config.tasks == ("count", "mood") and config.shape_counts[2] == (3, 5) and config.max_shapes == 5
     hash(config)
     example = GymSource("validation", 4, config)[0]
@@ -162,8 +163,10 @@ def test_deterministic_across_processes_and_seed_dependent():
     config = GymConfig(seed=3)
     first, second = GymSource("validation", 27, config), GymSource("validation", 27, config)
     assert digest(first) == digest(second)
-    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import test_gym; "
-            "print(test_gym.digest(test_gym.GymSource('validation', 27, test_gym.GymConfig(seed=3))))")
+    code = (
+        f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import test_gym; "
+        "print(test_gym.digest(test_gym.GymSource('validation', 27, test_gym.GymConfig(seed=3))))"
+    )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert result.stdout.strip().splitlines()[-1] == digest(first)
@@ -250,9 +253,11 @@ def check_largest_attribute(example, background, shapes):
 
 
 def check_count_arithmetic(example, background, shapes):
-    forms = {r"How many (.+) and (.+) are there in total\?": (0, lambda a, b: a + b),
-             r"How many more (.+) than (.+) are there\?": (1, lambda a, b: a - b),
-             r"What is the number of (.+) times the number of (.+)\?": (2, lambda a, b: a * b)}
+    forms = {
+        r"How many (.+) and (.+) are there in total\?": (0, lambda a, b: a + b),
+        r"How many more (.+) than (.+) are there\?": (1, lambda a, b: a - b),
+        r"What is the number of (.+) times the number of (.+)\?": (2, lambda a, b: a * b),
+    }
     matched = [(form, rule) for form, rule in forms.items() if re.fullmatch(form, example["question"])]
     assert len(matched) == 1, example["question"]
     form, (difficulty, operation) = matched[0]
@@ -262,8 +267,9 @@ def check_count_arithmetic(example, background, shapes):
 
 
 def check_grounding(example, background, shapes):
-    color, kind = re.fullmatch(r"Give the bounding box of the (\w+) (\w+) as \[x1, y1, x2, y2\]\.",
-                               example["question"]).groups()
+    color, kind = re.fullmatch(
+        r"Give the bounding box of the (\w+) (\w+) as \[x1, y1, x2, y2\]\.", example["question"]
+    ).groups()
     matches = [s for s in shapes if s["color"] == color and s["kind"] == kind]
     assert len(matches) == 1
     box = matches[0]["box"]
@@ -288,12 +294,14 @@ def check_mood(example, background, shapes):
 
 
 def check_word_arithmetic(example, background, shapes):
-    forms = {r"has (\d+) \w+ and buys (\d+) more\.": lambda a, b: a + b,
-             r"has (\d+) \w+ and gives (\d+) to \w+\.": lambda a, b: a - b,
-             r"has (\d+) \w+ with (\d+) \w+ in each\.": lambda a, b: a * b,
-             r"shares (\d+) \w+ equally among (\d+) friends\.": lambda a, b: a / b,
-             r"has (\d+) \w+, buys (\d+) more and then gives (\d+) to \w+\.": lambda a, b, c: a + b - c,
-             r"buys (\d+) \w+ of (\d+) \w+ and gives away (\d+) of them\.": lambda a, b, c: a * b - c}
+    forms = {
+        r"has (\d+) \w+ and buys (\d+) more\.": lambda a, b: a + b,
+        r"has (\d+) \w+ and gives (\d+) to \w+\.": lambda a, b: a - b,
+        r"has (\d+) \w+ with (\d+) \w+ in each\.": lambda a, b: a * b,
+        r"shares (\d+) \w+ equally among (\d+) friends\.": lambda a, b: a / b,
+        r"has (\d+) \w+, buys (\d+) more and then gives (\d+) to \w+\.": lambda a, b, c: a + b - c,
+        r"buys (\d+) \w+ of (\d+) \w+ and gives away (\d+) of them\.": lambda a, b, c: a * b - c,
+    }
     matched = [(re.search(form, example["question"]), rule) for form, rule in forms.items()]
     matched = [(m, rule) for m, rule in matched if m]
     assert len(matched) == 1, example["question"]
@@ -302,10 +310,17 @@ def check_word_arithmetic(example, background, shapes):
     assert example["images"] == []
 
 
-CHECKS = {"exists": check_exists, "count_choice": check_count_choice, "colors_present": check_colors_present,
-          "count": check_count, "largest_attribute": check_largest_attribute,
-          "count_arithmetic": check_count_arithmetic, "grounding": check_grounding, "mood": check_mood,
-          "word_arithmetic": check_word_arithmetic}
+CHECKS = {
+    "exists": check_exists,
+    "count_choice": check_count_choice,
+    "colors_present": check_colors_present,
+    "count": check_count,
+    "largest_attribute": check_largest_attribute,
+    "count_arithmetic": check_count_arithmetic,
+    "grounding": check_grounding,
+    "mood": check_mood,
+    "word_arithmetic": check_word_arithmetic,
+}
 
 
 @pytest.mark.parametrize("task", gym.TASKS)
@@ -342,8 +357,9 @@ def test_mood_rule_cases():
 
 def test_boxes_tightly_enclose_each_drawn_shape():
     for image_size in (56, 112):
-        source = GymSource("train", 60, GymConfig(image_size=image_size, difficulties=(2,)),
-                           tasks=("count", "grounding"))
+        source = GymSource(
+            "train", 60, GymConfig(image_size=image_size, difficulties=(2,)), tasks=("count", "grounding")
+        )
         for i in range(len(source)):
             scene = source.spec(i).scene
             image = gym.render_scene(scene)
@@ -377,8 +393,18 @@ def test_corpus_texts_cover_all_tasks():
     texts = gym.corpus_texts(GymConfig(tasks=("count",)), num_examples=90)
     assert all(isinstance(t, str) and t for t in texts)
     joined = "\n".join(texts)
-    for fragment in ("Is there a", "How many", "Select all that apply", "largest", "bounding box", "mood",
-                     "buys", "A 56x56 image", "The answer is", "cheerful"):
+    for fragment in (
+        "Is there a",
+        "How many",
+        "Select all that apply",
+        "largest",
+        "bounding box",
+        "mood",
+        "buys",
+        "A 56x56 image",
+        "The answer is",
+        "cheerful",
+    ):
         assert fragment in joined, fragment
     assert texts == gym.corpus_texts(GymConfig(tasks=("count",)), num_examples=90)
 

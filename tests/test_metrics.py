@@ -52,11 +52,21 @@ def test_written_metrics_read_back_from_jsonl_and_tensorboard(tmp_path):
     workdir = str(tmp_path / "run")
     clock = FakeClock(1_700_000_000.25)
     with MetricsWriter(workdir, wall_clock=clock) as writer:
-        writer.write(1, {"loss": 0.5, "count": 3, "acc": np.float32(0.25), "grad": np.array(1.5),
-                         "kl": jnp.asarray(0.125, jnp.bfloat16), "bad": float("nan"), "stage": "sft"}, prefix="train/")
+        writer.write(
+            1,
+            {
+                "loss": 0.5,
+                "count": 3,
+                "acc": np.float32(0.25),
+                "grad": np.array(1.5),
+                "kl": jnp.asarray(0.125, jnp.bfloat16),
+                "bad": float("nan"),
+                "stage": "sft",
+            },
+            prefix="train/",
+        )
         clock.now += 2.0
-        writer.write(2, {"accuracy": np.float64(0.75), "accuracy/count": np.int64(4), "missing": None},
-                     prefix="eval/")
+        writer.write(2, {"accuracy": np.float64(0.75), "accuracy/count": np.int64(4), "missing": None}, prefix="eval/")
         writer.write(3, {"loss": -math.inf, "stage": "grpo"}, prefix="train/")
 
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -67,19 +77,45 @@ def test_written_metrics_read_back_from_jsonl_and_tensorboard(tmp_path):
 
     records = read_metrics(workdir)
     assert records == [
-        {"step": 1, "time": 1_700_000_000.25, "train/acc": 0.25, "train/bad": None, "train/count": 3,
-         "train/grad": 1.5, "train/kl": 0.125, "train/loss": 0.5, "train/stage": "sft"},
+        {
+            "step": 1,
+            "time": 1_700_000_000.25,
+            "train/acc": 0.25,
+            "train/bad": None,
+            "train/count": 3,
+            "train/grad": 1.5,
+            "train/kl": 0.125,
+            "train/loss": 0.5,
+            "train/stage": "sft",
+        },
         {"step": 2, "time": 1_700_000_002.25, "eval/accuracy": 0.75, "eval/accuracy/count": 4, "eval/missing": None},
         {"step": 3, "time": 1_700_000_002.25, "train/loss": None, "train/stage": "grpo"},
     ]
-    assert list(records[0]) == ["step", "time", "train/acc", "train/bad", "train/count", "train/grad", "train/kl",
-                                "train/loss", "train/stage"]  # step, time, then sorted keys
+    assert list(records[0]) == [
+        "step",
+        "time",
+        "train/acc",
+        "train/bad",
+        "train/count",
+        "train/grad",
+        "train/kl",
+        "train/loss",
+        "train/stage",
+    ]  # step, time, then sorted keys
     assert isinstance(records[0]["train/count"], int) and isinstance(records[1]["eval/accuracy/count"], int)
     assert read_metrics(os.path.join(workdir, "metrics.jsonl")) == records  # the file path works too
 
     scalars = read_tensorboard_scalars(os.path.join(workdir, "tensorboard"))
-    assert set(scalars) == {"train/acc", "train/bad", "train/count", "train/grad", "train/kl", "train/loss",
-                            "eval/accuracy", "eval/accuracy/count"}  # no strings, no None
+    assert set(scalars) == {
+        "train/acc",
+        "train/bad",
+        "train/count",
+        "train/grad",
+        "train/kl",
+        "train/loss",
+        "eval/accuracy",
+        "eval/accuracy/count",
+    }  # no strings, no None
     assert scalars["train/loss"] == [(1, 0.5), (3, -math.inf)]
     assert scalars["train/count"] == [(1, 3.0)]
     assert scalars["train/acc"] == [(1, 0.25)] and scalars["train/grad"] == [(1, 1.5)]
@@ -99,7 +135,10 @@ def test_a_second_writer_appends_to_the_same_run(tmp_path):
     assert [(r["step"], r["train/loss"]) for r in read_metrics(workdir)] == [(1, 1.0), (2, 0.5), (3, 0.25)]
     assert len(_event_files(workdir)) == 2  # one event file per writer: neither overwrites the other
     assert read_tensorboard_scalars(os.path.join(workdir, "tensorboard"))["train/loss"] == [
-        (1, 1.0), (2, 0.5), (3, 0.25)]
+        (1, 1.0),
+        (2, 0.5),
+        (3, 0.25),
+    ]
 
 
 def test_truncated_last_line_is_skipped_and_dropped_on_resume(tmp_path):
@@ -182,10 +221,16 @@ def test_tensorboard_reader_handles_tensor_scalars_and_truncated_files(tmp_path)
     events = [
         event_pb2.Event(file_version="brain.Event:2"),
         event(5, tag="tf2/loss", tensor=tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[2.5])),
-        event(4, tag="tf2/loss", tensor=tensor_pb2.TensorProto(
-            dtype=types_pb2.DT_DOUBLE, tensor_content=np.array(3.25, "<f8").tobytes())),
-        event(4, tag="vector", tensor=tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[1.0],
-                                                             tensor_shape=vector_shape)),
+        event(
+            4,
+            tag="tf2/loss",
+            tensor=tensor_pb2.TensorProto(dtype=types_pb2.DT_DOUBLE, tensor_content=np.array(3.25, "<f8").tobytes()),
+        ),
+        event(
+            4,
+            tag="vector",
+            tensor=tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[1.0], tensor_shape=vector_shape),
+        ),
         event(4, tag="text", tensor=tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, string_val=[b"hi"])),
         event(6, tag="v1/loss", simple_value=0.5),
     ]
@@ -216,16 +261,26 @@ def test_tensorboard_reader_handles_tensor_scalars_and_truncated_files(tmp_path)
 def test_step_timer_separates_the_compiling_first_step():
     clock = FakeClock()
     timer = StepTimer(clock=clock)
-    assert timer.summary() == {"steps": 0, "first_step_s": None, "steady_step_s": None, "steps_per_s": None,
-                               "compile_estimate_s": None}
+    assert timer.summary() == {
+        "steps": 0,
+        "first_step_s": None,
+        "steady_step_s": None,
+        "steps_per_s": None,
+        "compile_estimate_s": None,
+    }
     for seconds in (10.0, 1.0, 3.0):
         timer.start()
         clock.now += seconds
         assert timer.stop() == seconds
         if seconds == 10.0:
             assert timer.first_step_s == 10.0 and timer.steady_step_s is None and timer.compile_estimate_s is None
-    assert timer.summary() == {"steps": 3, "first_step_s": 10.0, "steady_step_s": 2.0, "steps_per_s": 0.5,
-                               "compile_estimate_s": 8.0}
+    assert timer.summary() == {
+        "steps": 3,
+        "first_step_s": 10.0,
+        "steady_step_s": 2.0,
+        "steps_per_s": 0.5,
+        "compile_estimate_s": 8.0,
+    }
 
     timer.reset()  # a new stage compiles again
     with timer.step():
@@ -305,4 +360,12 @@ def test_format_duration_and_metric():
     with pytest.raises(ValueError):
         format_duration(-1.0)
     assert [format_metric(v) for v in (0.5, 0, 2.0, 1.5e-5, 123456.0, float("nan"), np.float32(0.25), "sft")] == [
-        "0.500", "0.000", "2.000", "1.5e-05", "1.235e+05", "nan", "0.250", "sft"]
+        "0.500",
+        "0.000",
+        "2.000",
+        "1.5e-05",
+        "1.235e+05",
+        "nan",
+        "0.250",
+        "sft",
+    ]

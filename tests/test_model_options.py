@@ -6,15 +6,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import image_batch
 
+from conftest import image_batch
 from jaxvlm import models
-from jaxvlm.processing import get_rope_index, layout_images
 from jaxvlm.models.config import PRESETS
 from jaxvlm.models.qwen2_5_vl import compute_dtype_params, splice_image_features
+from jaxvlm.processing import get_rope_index, layout_images
 
 CFG = models.preset("tiny").replace(
-    image_token_id=290, video_token_id=291, vision_start_token_id=292, vision_end_token_id=293,
+    image_token_id=290,
+    video_token_id=291,
+    vision_start_token_id=292,
+    vision_end_token_id=293,
 )
 CFG = CFG.replace(text=dataclasses.replace(CFG.text, vocab_size=300))
 BATCH = image_batch([1, 2], [[1, 6, 4], [1, 4, 4], [1, 2, 8]], seed=5)

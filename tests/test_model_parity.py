@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import VL_CONFIGS, hf_logits, image_batch, max_diff_on_valid
 
+from conftest import VL_CONFIGS, hf_logits, image_batch, max_diff_on_valid
 from jaxvlm import models
 from jaxvlm.processing.rope import get_rope_index
 from jaxvlm.processing.vision import layout_images, vision_layout
@@ -48,7 +48,10 @@ def test_jit_path_with_precomputed_inputs_matches_eager(loaded):
     batch = image_batch(*CASES["left_padded_0_1_2_images"])
     grid = batch.pop("image_grid_thw")
     position_ids, _ = get_rope_index(
-        batch["input_ids"], batch["attention_mask"], grid, image_token_id=model.config.image_token_id,
+        batch["input_ids"],
+        batch["attention_mask"],
+        grid,
+        image_token_id=model.config.image_token_id,
         spatial_merge_size=2,
     )
     pixels, vision_inputs = layout_images(batch["pixel_values"], grid, model.config.vision)
@@ -69,14 +72,21 @@ def test_slot_layouts_give_the_same_logits(loaded, config_name):
     batch = image_batch(*CASES["left_padded_0_1_2_images"])
     ref = hf_logits(torch_model, batch)
     grid = batch.pop("image_grid_thw")
-    pos, _ = get_rope_index(batch["input_ids"], batch["attention_mask"], grid,
-                            image_token_id=model.config.image_token_id, spatial_merge_size=2)
+    pos, _ = get_rope_index(
+        batch["input_ids"],
+        batch["attention_mask"],
+        grid,
+        image_token_id=model.config.image_token_id,
+        spatial_merge_size=2,
+    )
     w = vc.window_patches
     longest = vision_layout(grid, vc).patch_index.shape[1]
     forward = jax.jit(lambda p, b: model.apply({"params": p}, **b))
-    layouts = {"natural": vision_layout(grid, vc),
-               "packed": vision_layout(grid, vc, num_slots=1, slot_len=8 * longest),  # all frames in one slot
-               "padded": vision_layout(grid, vc, num_slots=5, slot_len=longest + 2 * w)}
+    layouts = {
+        "natural": vision_layout(grid, vc),
+        "packed": vision_layout(grid, vc, num_slots=1, slot_len=8 * longest),  # all frames in one slot
+        "padded": vision_layout(grid, vc, num_slots=5, slot_len=longest + 2 * w),
+    }
     assert layouts["packed"].segment_ids.max() == len(grid)
     for name, layout in layouts.items():
         pixels = layout.pixels(batch["pixel_values"])
@@ -115,17 +125,19 @@ def test_processor_batch_end_to_end(tmp_path):
     in its own processor's layout (input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids), taken
     from our processor's output; transformers' processor gives the same fields, hence the same logits.
     """
-    from conftest import hf_processor, make_hf_vl_checkpoint
     from PIL import Image
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    from conftest import hf_processor, make_hf_vl_checkpoint
     from jaxvlm.processing import ImageProcessor, Processor
     from jaxvlm.tokenizer import build_tokenizer, special_token_ids
 
     corpus = ["How many red circles are there?", "Describe the picture.", "The answer is 3."] * 20
     tokenizer = build_tokenizer(corpus, str(tmp_path), vocab_size=400)
     ids = special_token_ids(tokenizer)
-    token_ids = {k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+    token_ids = {
+        k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    }
     torch_model = make_hf_vl_checkpoint(str(tmp_path), "gqa6_untied_win112", vocab_size=400, token_ids=token_ids)
     ImageProcessor(max_pixels=28 * 28 * 30).save_pretrained(str(tmp_path))
     model, params = models.load_pretrained(str(tmp_path))
@@ -150,8 +162,9 @@ def test_processor_batch_end_to_end(tmp_path):
     assert max_diff_on_valid(ours_hf_layout, ref, mask) < ATOL
 
     reference = hf_processor(processor.tokenizer, Qwen2VLImageProcessorPil.from_pretrained(str(tmp_path)))
-    expected = reference(text=texts, images=[i for row in images for i in row], padding=True, padding_side="left",
-                         return_tensors="np")
+    expected = reference(
+        text=texts, images=[i for row in images for i in row], padding=True, padding_side="left", return_tensors="np"
+    )
     assert set(expected) == set(hf_keys)
     for key in hf_keys:
         np.testing.assert_array_equal(batch[key], expected[key], err_msg=key)

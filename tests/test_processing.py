@@ -439,9 +439,7 @@ def test_rope_errors_name_row_and_counts():
 
 def test_text_position_ids_any_padding_side():
     mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    np.testing.assert_array_equal(
-        text_position_ids(mask), [[0, 0, 0, 1, 2], [0, 1, 2, 0, 0], [0, 1, 2, 3, 4]]
-    )
+    np.testing.assert_array_equal(text_position_ids(mask), [[0, 0, 0, 1, 2], [0, 1, 2, 0, 0], [0, 1, 2, 3, 4]])
     assert text_position_ids(mask).dtype == np.int32
 
 
@@ -612,8 +610,9 @@ def test_processor_matches_transformers_qwen2_5_vl_processor(processor, tokenize
     texts, images = three_samples(processor)
     flat_images = [image for sample in images for image in sample]
     for batch_texts, batch_images, flat in ((texts, images, flat_images), (texts[:1], None, None)):  # text only too
-        expected = reference(text=batch_texts, images=flat, padding=True, padding_side=padding_side,
-                             return_tensors="np")
+        expected = reference(
+            text=batch_texts, images=flat, padding=True, padding_side=padding_side, return_tensors="np"
+        )
         ours = processor(batch_texts, batch_images, padding_side=padding_side)
         assert set(expected) <= set(ours), "a key transformers' processor returns is missing"
         for key in expected:

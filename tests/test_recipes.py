@@ -54,7 +54,8 @@ def test_recipe_runs_stops_and_resumes(recipe, tmp_path):
     train = [r for r in read_metrics(workdir) if "train/loss" in r]
     # Step 1 of the first stage ran before the stop; the resumed run continued at step 2 (nothing repeated).
     assert [(r["train/stage"], r["train/stage_step"]) for r in train] == [
-        (name, k) for name in config.stage_order for k in (1, 2)]
+        (name, k) for name in config.stage_order for k in (1, 2)
+    ]
     evals = [r["eval/stage"] for r in read_metrics(workdir) if "eval/accuracy" in r]
     assert evals == list(config.stage_order)
     for name in config.stage_order:

@@ -76,20 +76,37 @@ def doc_sections(doc: str) -> set[str]:
 
 def citations(text: str) -> list[tuple[str, str]]:
     """(doc path, section number) for every `docs/....md §N` citation in `text`."""
-    return [(m.group(1), section.rstrip("."))
-            for m in CITATION.finditer(text) for section in SECTION.findall(m.group(2))]
+    return [
+        (m.group(1), section.rstrip(".")) for m in CITATION.finditer(text) for section in SECTION.findall(m.group(2))
+    ]
 
 
 def test_the_patterns_catch_leaks_and_spare_placeholders():
-    leaks = ["Spec: " + "/work" + "/shared/design/METHODS.md §2.", "see PEERS.md and ../" + "shared/x",
-             "--workdir " + "/shared" + "/run", "/tmp/" + "bash_jobs.1000/3/stdout", "/home" + "/alice/jaxvlm",
-             "cd " + "/root" + "/repo"]
-    fine = ["--workdir /tmp/jaxvlm-demo", "/path/to/Qwen2.5-VL-3B-Instruct", "--workdir $SCRATCH/run",
-            "gs://bucket/run", "https://example.org/work/x", "configs/<recipe>.py", "src/shared/utils.py"]
+    leaks = [
+        "Spec: " + "/work" + "/shared/design/METHODS.md §2.",
+        "see PEERS.md and ../" + "shared/x",
+        "--workdir " + "/shared" + "/run",
+        "/tmp/" + "bash_jobs.1000/3/stdout",
+        "/home" + "/alice/jaxvlm",
+        "cd " + "/root" + "/repo",
+    ]
+    fine = [
+        "--workdir /tmp/jaxvlm-demo",
+        "/path/to/Qwen2.5-VL-3B-Instruct",
+        "--workdir $SCRATCH/run",
+        "gs://bucket/run",
+        "https://example.org/work/x",
+        "configs/<recipe>.py",
+        "src/shared/utils.py",
+    ]
     assert all(outside_path_hits(text) for text in leaks)
     assert not any(outside_path_hits(text) for text in fine)
     assert citations("Spec: docs/methods.md §2.1; docs/methods.md §3, §3.4 and §6.") == [
-        ("docs/methods.md", "2.1"), ("docs/methods.md", "3"), ("docs/methods.md", "3.4"), ("docs/methods.md", "6")]
+        ("docs/methods.md", "2.1"),
+        ("docs/methods.md", "3"),
+        ("docs/methods.md", "3.4"),
+        ("docs/methods.md", "6"),
+    ]
     assert doc_sections("# Title\n## 1. Core\n### 1.2 Ratio\n## Sources\n") == {"1", "1.2"}
 
 

@@ -21,12 +21,23 @@ BUILTIN_REWARDS = tuple(R.REWARDS)  # captured before any test registers its own
 def test_math_verify_is_installed_as_a_dependency():
     # math-verify is in setup.py's install_requires, so both math paths below always run (never skipped).
     assert R.math_verify_available()
+
+
 CURR_REFT_FORMAT = r"<think>.*?</think>\s*<answer>.*?</answer>"
 
 
 def make_example(answer_type="string", answer="red", **fields):
-    return {"id": f"test/{answer_type}", "question": "q?", "answer": answer, "answer_type": answer_type,
-            "task": "", "reasoning": "", "bbox": [], "options": [], **fields}
+    return {
+        "id": f"test/{answer_type}",
+        "question": "q?",
+        "answer": answer,
+        "answer_type": answer_type,
+        "task": "",
+        "reasoning": "",
+        "bbox": [],
+        "options": [],
+        **fields,
+    }
 
 
 @pytest.fixture
@@ -49,12 +60,13 @@ def temp_reward():
 # ---------------------------------------------------------------------------------------------------------------
 # Extraction
 
+
 def test_extract_answer_tags():
     assert R.extract_answer("<think>x</think><answer> B </answer>", "tags") == "B"
     assert R.extract_answer("<answer></answer>", "tags") == ""
     assert R.extract_answer("no tags at all", "tags") is None
-    assert R.extract_answer("<answer>B", "tags") is None                       # unclosed
-    assert R.extract_answer("</answer>B<answer>", "tags") is None              # wrong order
+    assert R.extract_answer("<answer>B", "tags") is None  # unclosed
+    assert R.extract_answer("</answer>B<answer>", "tags") is None  # wrong order
     assert R.extract_answer("<answer>1</answer><answer>2</answer>", "tags") is None  # ambiguous
 
 
@@ -77,22 +89,26 @@ def test_dyme_thinking():
 # ---------------------------------------------------------------------------------------------------------------
 # Format rewards
 
-@pytest.mark.parametrize("completion, expected", [
-    ("<think>reason</think><answer>yes</answer>", 1.0),
-    ("  \n<think>reason</think> \n\t <answer>yes</answer>\n ", 1.0),   # whitespace around and between
-    ("<think>multi\nline</think>\n<answer>a\nb</answer>", 1.0),
-    ("<think></think><answer></answer>", 1.0),
-    ("<answer>yes</answer>", 0.0),                                    # no think
-    ("<think>reason</think>", 0.0),                                   # no answer
-    ("<think>reason</think> yes", 0.0),
-    ("<think>reason</think>text<answer>yes</answer>", 0.0),           # text between the blocks
-    ("<think>reason</think><answer>yes</answer> trailing", 0.0),
-    ("<answer>yes</answer><think>reason</think>", 0.0),               # wrong order
-    ("<think>a<think>b</think></think><answer>y</answer>", 0.0),      # nested think
-    ("<think>reason</think><answer>1</answer><answer>2</answer>", 0.0),  # two answers
-    ("<think>a</think><think>b</think><answer>y</answer>", 0.0),
-    ("<think>a</think><answer><answer>y</answer></answer>", 0.0),
-])
+
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("<think>reason</think><answer>yes</answer>", 1.0),
+        ("  \n<think>reason</think> \n\t <answer>yes</answer>\n ", 1.0),  # whitespace around and between
+        ("<think>multi\nline</think>\n<answer>a\nb</answer>", 1.0),
+        ("<think></think><answer></answer>", 1.0),
+        ("<answer>yes</answer>", 0.0),  # no think
+        ("<think>reason</think>", 0.0),  # no answer
+        ("<think>reason</think> yes", 0.0),
+        ("<think>reason</think>text<answer>yes</answer>", 0.0),  # text between the blocks
+        ("<think>reason</think><answer>yes</answer> trailing", 0.0),
+        ("<answer>yes</answer><think>reason</think>", 0.0),  # wrong order
+        ("<think>a<think>b</think></think><answer>y</answer>", 0.0),  # nested think
+        ("<think>reason</think><answer>1</answer><answer>2</answer>", 0.0),  # two answers
+        ("<think>a</think><think>b</think><answer>y</answer>", 0.0),
+        ("<think>a</think><answer><answer>y</answer></answer>", 0.0),
+    ],
+)
 def test_format_think_answer(completion, expected):
     assert R.format_think_answer(completion, {}) == expected
 
@@ -105,43 +121,52 @@ def test_format_think_answer_is_stricter_than_curr_reft_regex():
     assert R.format_think_answer(two_answers) == 0.0
 
 
-@pytest.mark.parametrize("completion, expected", [
-    ("<think>r</think><answer>[10, 20, 30, 40]</answer>", 1.0),
-    ("<think>r</think><answer>{\"bbox_2d\": [10,20,30,40], \"label\": \"dog\"}</answer>", 1.0),
-    ("<think>r</think><answer>[10.5, 20, 30.25, 40]</answer>", 1.0),
-    ("<think>r</think><answer>[10, 20, 30]</answer>", 0.0),
-    ("<think>r</think><answer>[10, 20, 30, 40, 50]</answer>", 0.0),
-    ("<think>r</think><answer>[1, 2, 3, 4] [5, 6, 7, 8]</answer>", 0.0),
-    ("<think>r</think><answer>the dog</answer>", 0.0),
-    ("<think>[1, 2, 3, 4]</think><answer>dog</answer>", 0.0),          # the box must be in the answer
-    ("<answer>[10, 20, 30, 40]</answer>", 0.0),                       # think still required
-])
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("<think>r</think><answer>[10, 20, 30, 40]</answer>", 1.0),
+        ('<think>r</think><answer>{"bbox_2d": [10,20,30,40], "label": "dog"}</answer>', 1.0),
+        ("<think>r</think><answer>[10.5, 20, 30.25, 40]</answer>", 1.0),
+        ("<think>r</think><answer>[10, 20, 30]</answer>", 0.0),
+        ("<think>r</think><answer>[10, 20, 30, 40, 50]</answer>", 0.0),
+        ("<think>r</think><answer>[1, 2, 3, 4] [5, 6, 7, 8]</answer>", 0.0),
+        ("<think>r</think><answer>the dog</answer>", 0.0),
+        ("<think>[1, 2, 3, 4]</think><answer>dog</answer>", 0.0),  # the box must be in the answer
+        ("<answer>[10, 20, 30, 40]</answer>", 0.0),  # think still required
+    ],
+)
 def test_format_think_answer_bbox(completion, expected):
     assert R.format_think_answer_bbox(completion, {}) == expected
 
 
-@pytest.mark.parametrize("completion, expected", [
-    ("I think so.\nAnswer: 3", 1.0),
-    ("reasoning ANSWER: 3", 1.0),
-    ("reasoning aNsWeR:3", 1.0),
-    ("reasoning, the answer is 3", 0.0),
-    ("Answer: 3\nAnswer: 4", 0.0),
-    ("answer: 3 and Answer: 4", 0.0),
-    ("**Answer**: 3", 0.0),
-])
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("I think so.\nAnswer: 3", 1.0),
+        ("reasoning ANSWER: 3", 1.0),
+        ("reasoning aNsWeR:3", 1.0),
+        ("reasoning, the answer is 3", 0.0),
+        ("Answer: 3\nAnswer: 4", 0.0),
+        ("answer: 3 and Answer: 4", 0.0),
+        ("**Answer**: 3", 0.0),
+    ],
+)
 def test_format_dyme(completion, expected):
     assert R.format_dyme(completion, {}) == expected
 
 
-@pytest.mark.parametrize("completion, expected", [
-    ("<answer>x</answer>", 1.0),
-    ("blah <answer>x</answer> blah", 1.0),
-    ("<think>t</think><answer>x</answer>", 1.0),
-    ("<answer>x", 0.0),
-    ("x</answer>", 0.0),
-    ("<answer>x</answer><answer>y</answer>", 0.0),
-    ("no tags", 0.0),
-])
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("<answer>x</answer>", 1.0),
+        ("blah <answer>x</answer> blah", 1.0),
+        ("<think>t</think><answer>x</answer>", 1.0),
+        ("<answer>x", 0.0),
+        ("x</answer>", 0.0),
+        ("<answer>x</answer><answer>y</answer>", 0.0),
+        ("no tags", 0.0),
+    ],
+)
 def test_format_answer_tag(completion, expected):
     assert R.format_answer_tag(completion, {}) == expected
 
@@ -149,12 +174,30 @@ def test_format_answer_tag(completion, expected):
 # ---------------------------------------------------------------------------------------------------------------
 # Yes / no
 
-@pytest.mark.parametrize("pred, label", [
-    ("yes", "yes"), ("Yes.", "yes"), ("True.", "yes"), ("correct", "yes"), ("That is correct!", "yes"),
-    ("no", "no"), ("No.", "no"), ("FALSE", "no"), ("incorrect", "no"), ("The claim is incorrect.", "no"),
-    ("yes and no", None), ("True, it is false", None),
-    ("nothing", None), ("I know", None), ("eyes", None), ("yesterday", None), ("notable", None), ("", None),
-])
+
+@pytest.mark.parametrize(
+    "pred, label",
+    [
+        ("yes", "yes"),
+        ("Yes.", "yes"),
+        ("True.", "yes"),
+        ("correct", "yes"),
+        ("That is correct!", "yes"),
+        ("no", "no"),
+        ("No.", "no"),
+        ("FALSE", "no"),
+        ("incorrect", "no"),
+        ("The claim is incorrect.", "no"),
+        ("yes and no", None),
+        ("True, it is false", None),
+        ("nothing", None),
+        ("I know", None),
+        ("eyes", None),
+        ("yesterday", None),
+        ("notable", None),
+        ("", None),
+    ],
+)
 def test_yesno_label(pred, label):
     assert R.yesno_label(pred) == label
 
@@ -180,11 +223,25 @@ def test_yesno_score():
 # ---------------------------------------------------------------------------------------------------------------
 # Choice
 
-@pytest.mark.parametrize("text, letters", [
-    ("B", ["B"]), ("(B)", ["B"]), ("B.", ["B"]), ("A, C", ["A", "C"]), ("C,A,C", ["C", "A"]),
-    ("Answer: B", ["B"]), ("a dog", []), ("Apple", []), ("b", ["B"]), ("(c).", ["C"]), ("K", []),
-    ("A1", []), ("", []),
-])
+
+@pytest.mark.parametrize(
+    "text, letters",
+    [
+        ("B", ["B"]),
+        ("(B)", ["B"]),
+        ("B.", ["B"]),
+        ("A, C", ["A", "C"]),
+        ("C,A,C", ["C", "A"]),
+        ("Answer: B", ["B"]),
+        ("a dog", []),
+        ("Apple", []),
+        ("b", ["B"]),
+        ("(c).", ["C"]),
+        ("K", []),
+        ("A1", []),
+        ("", []),
+    ],
+)
 def test_choice_letters(text, letters):
     assert R.choice_letters(text) == letters
 
@@ -193,9 +250,9 @@ def test_choice_score():
     assert R.choice_score("B", "B") == 1.0
     assert R.choice_score("C", "B") == 0.0
     assert R.choice_score("A, C", "A,C") == 1.0
-    assert R.choice_score("C, A", "A,C") == 1.0          # order-insensitive
-    assert R.choice_score("A, C, A, C", "A,C") == 1.0    # duplicates
-    assert R.choice_score("A", "A,C") == 0.0             # no partial credit by default (released stage 2)
+    assert R.choice_score("C, A", "A,C") == 1.0  # order-insensitive
+    assert R.choice_score("A, C, A, C", "A,C") == 1.0  # duplicates
+    assert R.choice_score("A", "A,C") == 0.0  # no partial credit by default (released stage 2)
     assert R.choice_score("A", "A,C", partial_credit=0.2) == pytest.approx(0.2)
     assert R.choice_score("A, B", "A,C", partial_credit=0.2) == pytest.approx(0.2)
     assert R.choice_score("A, B, C", "A,C", partial_credit=0.2) == pytest.approx(0.2)
@@ -206,7 +263,7 @@ def test_choice_score():
 
 def test_choice_via_accuracy_raw_answer_prefix():
     example = make_example("choice", "B")
-    assert R.accuracy("Answer: B", example, extract="raw") == 1.0   # the A of "Answer" does not count
+    assert R.accuracy("Answer: B", example, extract="raw") == 1.0  # the A of "Answer" does not count
     assert R.accuracy("Answer: C", example, extract="raw") == 0.0
     assert R.accuracy("<think>x</think><answer>(B)</answer>", example) == 1.0
     assert R.accuracy("reasoning\nAnswer: b", example, extract="dyme") == 1.0
@@ -214,6 +271,7 @@ def test_choice_via_accuracy_raw_answer_prefix():
 
 # ---------------------------------------------------------------------------------------------------------------
 # Numbers
+
 
 def test_parse_single_number():
     assert R.parse_single_number("5") == 5.0
@@ -229,8 +287,8 @@ def test_number_score():
     assert R.number_score("3", "3") == 1.0
     assert R.number_score("3.0", "3") == 1.0
     assert R.number_score("1,000", "1000") == 1.0
-    assert R.number_score("3.01", "3") == 0.0                       # tolerance 0 = exact (DyME training)
-    assert R.number_score("3.1", "3", rel_tol=0.05) == 1.0          # ChartQA-style relaxed evaluation
+    assert R.number_score("3.01", "3") == 0.0  # tolerance 0 = exact (DyME training)
+    assert R.number_score("3.1", "3", rel_tol=0.05) == 1.0  # ChartQA-style relaxed evaluation
     assert R.number_score("3.2", "3", rel_tol=0.05) == 0.0
     assert R.number_score("3.4", "3", abs_tol=0.5) == 1.0
     assert R.number_score("3 or 4", "3") == 0.0
@@ -241,13 +299,13 @@ def test_number_score():
 # ---------------------------------------------------------------------------------------------------------------
 # Math, including Curr-ReFT's stage-3 reward bug (docs/methods.md §3.6, Curr-ReFT bug 1)
 
-@pytest.mark.parametrize("use_math_verify", [
-    True, False])
+
+@pytest.mark.parametrize("use_math_verify", [True, False])
 def test_curr_reft_stage3_bug_cases_score_zero(use_math_verify):
     example = make_example("math", "5")
     assert R.accuracy("<think>r</think><answer>7</answer>", example, use_math_verify=use_math_verify) == 0.0
     assert R.math_score("7", "5", use_math_verify=use_math_verify) == 0.0
-    assert R.math_score("1", "12", use_math_verify=use_math_verify) == 0.0   # substring of the reference
+    assert R.math_score("1", "12", use_math_verify=use_math_verify) == 0.0  # substring of the reference
     assert R.math_score("12", "1", use_math_verify=use_math_verify) == 0.0
     assert R.math_score("", "5", use_math_verify=use_math_verify) == 0.0
     assert R.math_score("   ", "5", use_math_verify=use_math_verify) == 0.0
@@ -256,8 +314,7 @@ def test_curr_reft_stage3_bug_cases_score_zero(use_math_verify):
     assert R.accuracy("<think>r</think><answer>5</answer>", example, use_math_verify=use_math_verify) == 1.0
 
 
-@pytest.mark.parametrize("use_math_verify", [
-    True, False])
+@pytest.mark.parametrize("use_math_verify", [True, False])
 def test_math_correct_answers(use_math_verify):
     kw = dict(use_math_verify=use_math_verify)
     assert R.math_score("5", "5", **kw) == 1.0
@@ -267,7 +324,7 @@ def test_math_correct_answers(use_math_verify):
     assert R.math_score("\\frac{1}{2}", "0.5", **kw) == 1.0
     assert R.math_score("1/2", "\\frac{1}{2}", **kw) == 1.0
     assert R.math_score("-0.5", "\\frac{1}{2}", **kw) == 0.0
-    assert R.math_score("A", "A", **kw) == 1.0      # a letter reference is matched exactly ...
+    assert R.math_score("A", "A", **kw) == 1.0  # a letter reference is matched exactly ...
     assert R.math_score("B", "A", **kw) == 0.0
 
 
@@ -282,10 +339,10 @@ def test_math_verify_symbolic():
 
 def test_math_fallback_is_exact():
     kw = dict(use_math_verify=False)
-    assert R.math_score("x^2+1", "x^2 + 1", **kw) == 1.0    # whitespace-normalised exact string
-    assert R.math_score("1+x^2", "x^2+1", **kw) == 0.0      # no algebra without math-verify
+    assert R.math_score("x^2+1", "x^2 + 1", **kw) == 1.0  # whitespace-normalised exact string
+    assert R.math_score("1+x^2", "x^2+1", **kw) == 0.0  # no algebra without math-verify
     assert R.math_score("x^2+1", "x^2+12", **kw) == 0.0
-    assert R.math_score("A", "5", **kw) == 0.0              # no option-letter fallback for a numeric reference
+    assert R.math_score("A", "5", **kw) == 0.0  # no option-letter fallback for a numeric reference
 
 
 @pytest.fixture
@@ -325,8 +382,11 @@ def test_missing_math_verify_is_never_a_silent_substitute(without_math_verify, t
     with pytest.raises(R.MissingDependencyError, match=MATH_VERIFY_MISSING):
         R.compute_rewards([undeclared], ["5"], [make_example("math", "5")])
     # ... and one that declares it, with a start-up check, fails when its spec is parsed.
-    declared = temp_reward("test_declared_math", lambda completion, example: R.math_score(completion, "5"),
-                           startup_check=lambda kwargs: R.require_math_verify())
+    declared = temp_reward(
+        "test_declared_math",
+        lambda completion, example: R.math_score(completion, "5"),
+        startup_check=lambda kwargs: R.require_math_verify(),
+    )
     with pytest.raises(R.MissingDependencyError, match=r"reward entry 'test_declared_math': " + MATH_VERIFY_MISSING):
         R.parse_reward_specs(declared)
 
@@ -334,8 +394,11 @@ def test_missing_math_verify_is_never_a_silent_substitute(without_math_verify, t
 def test_math_verify_off_main_thread():
     """math-verify's signal timeouts only work on the main thread; off it we run without them."""
     results = []
-    thread = threading.Thread(target=lambda: results.append(
-        (R.math_score("\\frac{1}{2}", "0.5", use_math_verify=True), R.math_score("7", "5", use_math_verify=True))))
+    thread = threading.Thread(
+        target=lambda: results.append(
+            (R.math_score("\\frac{1}{2}", "0.5", use_math_verify=True), R.math_score("7", "5", use_math_verify=True))
+        )
+    )
     thread.start()
     thread.join()
     assert results == [(1.0, 0.0)]
@@ -344,21 +407,22 @@ def test_math_verify_off_main_thread():
 # ---------------------------------------------------------------------------------------------------------------
 # Strings
 
+
 def test_string_score():
     assert R.string_score("Red", "red") == 1.0
     assert R.string_score("  The red one. ", "red one") == 1.0
-    assert R.string_score("\"red\"", "red") == 1.0
+    assert R.string_score('"red"', "red") == 1.0
     assert R.string_score("dark   red", "dark red") == 1.0
     assert R.string_score("red", "dark red") == 0.0
     assert R.string_score("reddish", "red") == 0.0
     assert R.string_score("", "red") == 0.0
-    assert R.string_score("the", "a") == 0.0   # nothing left after normalisation
+    assert R.string_score("the", "a") == 0.0  # nothing left after normalisation
 
 
 def test_accuracy_dyme_string():
     example = make_example("string", "Blue")
     assert R.accuracy("The sky is blue.\nAnswer: BLUE.", example, extract="dyme") == 1.0
-    assert R.accuracy("The sky is blue.", example, extract="dyme") == 0.0   # no "answer:" flag
+    assert R.accuracy("The sky is blue.", example, extract="dyme") == 0.0  # no "answer:" flag
     assert R.accuracy("Answer: green", example, extract="dyme") == 0.0
     assert R.accuracy("so half.\nAnswer: .5.", make_example("number", "0.5"), extract="dyme") == 1.0
 
@@ -366,30 +430,31 @@ def test_accuracy_dyme_string():
 # ---------------------------------------------------------------------------------------------------------------
 # IoU
 
+
 def test_iou_values():
     assert R.iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
     assert R.iou([0, 0, 10, 10], [20, 20, 30, 30]) == 0.0
-    assert R.iou([0, 0, 10, 10], [10, 0, 20, 10]) == 0.0                      # touching edges
+    assert R.iou([0, 0, 10, 10], [10, 0, 20, 10]) == 0.0  # touching edges
     assert R.iou([0, 0, 10, 10], [5, 5, 15, 15]) == pytest.approx(25 / 175)
     assert R.iou([0, 0, 10, 10], [5, 5, 15, 15], inclusive=True) == pytest.approx(36 / (121 + 121 - 36))
     assert R.iou([0, 0, 10, 10], [10, 0, 20, 10], inclusive=True) == pytest.approx(11 / (121 + 121 - 11))
-    assert R.iou([5, 5, 5, 5], [5, 5, 5, 5]) == 0.0                           # zero-area union
-    assert R.iou([5, 5, 5, 5], [5, 5, 5, 5], inclusive=True) == 1.0           # one pixel
+    assert R.iou([5, 5, 5, 5], [5, 5, 5, 5]) == 0.0  # zero-area union
+    assert R.iou([5, 5, 5, 5], [5, 5, 5, 5], inclusive=True) == 1.0  # one pixel
 
 
 def test_iou_score():
     example = make_example("bbox", "[0, 0, 10, 10]", bbox=[0.0, 0.0, 10.0, 10.0])
     assert R.iou_score("[0, 0, 10, 10]", example) == 1.0
     assert R.iou_score("[5,5,15,15]", example) == pytest.approx(1 / 7)
-    assert R.iou_score("{\"bbox_2d\": [0, 0, 10, 19]}", example, threshold=0.5) == 1.0   # 100/190 > 0.5
+    assert R.iou_score('{"bbox_2d": [0, 0, 10, 19]}', example, threshold=0.5) == 1.0  # 100/190 > 0.5
     assert R.iou_score("[0, 0, 10, 20]", example) == pytest.approx(0.5)
-    assert R.iou_score("[0, 0, 10, 20]", example, threshold=0.5) == 0.0       # rule is IoU > 0.5
-    assert R.iou_score("[0, 0, 10, 10] [0, 0, 10, 10]", example) == 0.0       # several boxes
+    assert R.iou_score("[0, 0, 10, 20]", example, threshold=0.5) == 0.0  # rule is IoU > 0.5
+    assert R.iou_score("[0, 0, 10, 10] [0, 0, 10, 10]", example) == 0.0  # several boxes
     assert R.iou_score("[0, 0, 10, 10], [50, 50, 60, 60], [20, 20, 30, 30]", example) == 0.0
-    assert R.iou_score("the box is at the top left", example) == 0.0          # no box
-    assert R.iou_score("[0, 0, ten, 10]", example) == 0.0                     # malformed numbers
+    assert R.iou_score("the box is at the top left", example) == 0.0  # no box
+    assert R.iou_score("[0, 0, ten, 10]", example) == 0.0  # malformed numbers
     assert R.iou_score("[0, 0, 10]", example) == 0.0
-    assert R.iou_score("[10, 10, 0, 0]", example) == 0.0                      # x2 < x1
+    assert R.iou_score("[10, 10, 0, 0]", example) == 0.0  # x2 < x1
     # Reference from the answer string when the bbox field is empty.
     assert R.iou_score("[0, 0, 10, 10]", make_example("bbox", "[0, 0, 10, 10]")) == 1.0
 
@@ -397,17 +462,18 @@ def test_iou_score():
 def test_accuracy_and_iou_rewards_on_bbox():
     example = make_example("bbox", "[0, 0, 10, 10]", bbox=[0.0, 0.0, 10.0, 10.0])
     completion = "<think>r</think><answer>[5, 5, 15, 15]</answer>"
-    assert R.accuracy(completion, example) == 0.0                            # IoU 1/7 <= 0.5
+    assert R.accuracy(completion, example) == 0.0  # IoU 1/7 <= 0.5
     assert R.accuracy(completion, example, iou_threshold=None) == pytest.approx(1 / 7)
     assert R.accuracy(completion, example, iou_threshold=0.1) == 1.0
     assert R.accuracy(completion, example, iou_threshold=None, inclusive_iou=True) == pytest.approx(36 / 206)
     assert R.iou_reward(completion, example) == pytest.approx(1 / 7)
-    assert R.iou_reward("[5, 5, 15, 15]", example) == 0.0                   # no answer block
+    assert R.iou_reward("[5, 5, 15, 15]", example) == 0.0  # no answer block
     assert R.iou_reward("[5, 5, 15, 15]", example, extract="raw") == pytest.approx(1 / 7)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Jaccard
+
 
 def test_jaccard_score():
     assert R.jaccard_score("calm, warm", "calm, warm") == 1.0
@@ -415,12 +481,12 @@ def test_jaccard_score():
     assert R.jaccard_score("calm", "calm, warm") == pytest.approx(1 / 2)
     assert R.jaccard_score("calm, sad, warm", "calm") == pytest.approx(1 / 3)
     assert R.jaccard_score("calm, sad", "calm, warm") == pytest.approx(1 / 3)
-    assert R.jaccard_score("calm，warm", "calm, warm") == 1.0     # fullwidth comma
-    assert R.jaccard_score("calm、warm", "calm, warm") == 1.0     # ideographic comma
-    assert R.jaccard_score("calm warm", "calm, warm") == 1.0      # whitespace splits too (Curr-ReFT's rule)
+    assert R.jaccard_score("calm，warm", "calm, warm") == 1.0  # fullwidth comma
+    assert R.jaccard_score("calm、warm", "calm, warm") == 1.0  # ideographic comma
+    assert R.jaccard_score("calm warm", "calm, warm") == 1.0  # whitespace splits too (Curr-ReFT's rule)
     assert R.jaccard_score("['calm', 'warm']", "calm, warm") == 1.0
     assert R.jaccard_score("labels: ['calm']", "calm, warm") == pytest.approx(1 / 2)
-    assert R.jaccard_score("[calm, warm", "calm, warm") == 1.0    # unparseable list: split instead
+    assert R.jaccard_score("[calm, warm", "calm, warm") == 1.0  # unparseable list: split instead
     assert R.jaccard_score("sad", "calm") == 0.0
     assert R.jaccard_score("", "calm") == 0.0
     assert R.jaccard_score(" , ", "calm") == 0.0
@@ -429,9 +495,17 @@ def test_jaccard_score():
 # ---------------------------------------------------------------------------------------------------------------
 # DyME thinking reward
 
+
 def test_lemma():
-    for a, b in [("bars", "bar"), ("boxes", "box"), ("categories", "category"), ("increased", "increasing"),
-                 ("running", "run"), ("values", "value"), ("strings", "string")]:
+    for a, b in [
+        ("bars", "bar"),
+        ("boxes", "box"),
+        ("categories", "category"),
+        ("increased", "increasing"),
+        ("running", "run"),
+        ("values", "value"),
+        ("strings", "string"),
+    ]:
         assert R.lemma(a) == R.lemma(b), (a, b)
     assert R.lemma("string") != R.lemma("str")
 
@@ -442,7 +516,7 @@ def test_think_f1():
     assert R.think_f1("Blue circles everywhere", reference) == 0.0
     assert R.think_f1("", reference) == 0.0
     assert R.think_f1("red bar", "") == 0.0
-    assert R.think_f1("the of and is it", "the of and is it") == 0.0          # only stopwords
+    assert R.think_f1("the of and is it", "the of and is it") == 0.0  # only stopwords
     # Stopwords ignored, plural matches singular: {red, bar} vs {red, bar, show, highest, sale, 2019}.
     assert R.think_f1("It is the red bars.", reference) == pytest.approx(2 * 1 * (2 / 6) / (1 + 2 / 6))
     # Hand-computed: thinking {cat, sit, mat, dog}, reference {cat, sit, mat}: P = 3/4, R = 1, F1 = 6/7.
@@ -452,7 +526,7 @@ def test_think_f1():
 def test_think_f1_reward():
     example = make_example("number", "3", reasoning="Count the red cubes: there are three red cubes.")
     assert R.think_f1_reward("Count the red cubes: three red cubes.\nAnswer: 3", example) == 1.0
-    assert R.think_f1_reward("Answer: 3", example) == 0.0                      # no thinking
+    assert R.think_f1_reward("Answer: 3", example) == 0.0  # no thinking
     tagged = "<think>Count red cubes: three.</think><answer>3</answer>"
     assert R.think_f1_reward(tagged, example, extract="tags") == 1.0
     assert R.think_f1_reward("<answer>3</answer>", example, extract="tags") == 0.0
@@ -463,20 +537,24 @@ def test_think_f1_reward():
 # ---------------------------------------------------------------------------------------------------------------
 # Accuracy dispatch
 
-@pytest.mark.parametrize("answer_type, answer, good, bad", [
-    ("yesno", "no", "No, it is not.", "Yes."),
-    ("choice", "C", "(C)", "A"),
-    ("multi_choice", "A,C", "C, A", "A"),
-    ("number", "-2.5", "-2.5", "2.5"),
-    ("math", "\\frac{1}{2}", "1/2", "2"),
-    ("string", "red", "Red.", "blue"),
-    ("labels", "calm, warm", "warm, calm", "sad"),
-])
+
+@pytest.mark.parametrize(
+    "answer_type, answer, good, bad",
+    [
+        ("yesno", "no", "No, it is not.", "Yes."),
+        ("choice", "C", "(C)", "A"),
+        ("multi_choice", "A,C", "C, A", "A"),
+        ("number", "-2.5", "-2.5", "2.5"),
+        ("math", "\\frac{1}{2}", "1/2", "2"),
+        ("string", "red", "Red.", "blue"),
+        ("labels", "calm, warm", "warm, calm", "sad"),
+    ],
+)
 def test_accuracy_dispatch(answer_type, answer, good, bad):
     example = make_example(answer_type, answer)
     assert R.accuracy(f"<think>r</think><answer>{good}</answer>", example) == 1.0
     assert R.accuracy(f"<think>r</think><answer>{bad}</answer>", example) == 0.0
-    assert R.accuracy(f"<think>r</think> {good}", example) == 0.0               # no answer block
+    assert R.accuracy(f"<think>r</think> {good}", example) == 0.0  # no answer block
     assert R.accuracy(f"reasoning\nAnswer: {good}", example, extract="dyme") == 1.0
 
 
@@ -488,9 +566,17 @@ def test_accuracy_unknown_answer_type():
 # ---------------------------------------------------------------------------------------------------------------
 # Registry, specs, combiner
 
+
 def test_registry():
-    for name in ("format_think_answer", "format_think_answer_bbox", "format_dyme", "format_answer_tag",
-                 "accuracy", "iou", "think_f1"):
+    for name in (
+        "format_think_answer",
+        "format_think_answer_bbox",
+        "format_dyme",
+        "format_answer_tag",
+        "accuracy",
+        "iou",
+        "think_f1",
+    ):
         assert R.get_reward(name) is R.REWARDS[name]
     with pytest.raises(KeyError, match="known rewards: .*accuracy"):
         R.get_reward("acuracy")
@@ -499,11 +585,20 @@ def test_registry():
 
 
 def test_parse_reward_specs():
-    specs = R.parse_reward_specs(["format_dyme:0.5", "accuracy",
-                                  {"name": "accuracy", "weight": 2, "kwargs": {"extract": "dyme"}},
-                                  R.RewardSpec("think_f1", 0.25)])
-    assert specs == (R.RewardSpec("format_dyme", 0.5), R.RewardSpec("accuracy", 1.0),
-                     R.RewardSpec("accuracy", 2.0, {"extract": "dyme"}), R.RewardSpec("think_f1", 0.25))
+    specs = R.parse_reward_specs(
+        [
+            "format_dyme:0.5",
+            "accuracy",
+            {"name": "accuracy", "weight": 2, "kwargs": {"extract": "dyme"}},
+            R.RewardSpec("think_f1", 0.25),
+        ]
+    )
+    assert specs == (
+        R.RewardSpec("format_dyme", 0.5),
+        R.RewardSpec("accuracy", 1.0),
+        R.RewardSpec("accuracy", 2.0, {"extract": "dyme"}),
+        R.RewardSpec("think_f1", 0.25),
+    )
     assert R.parse_reward_specs("format_dyme:0.5, accuracy") == specs[:2]
     assert R.parse_reward_specs(None) == ()
     assert R.parse_reward_specs({"name": "iou"}) == (R.RewardSpec("iou"),)
@@ -511,23 +606,29 @@ def test_parse_reward_specs():
 
 def test_parse_reward_specs_from_config_dict():
     ml_collections = pytest.importorskip("ml_collections")
-    config = ml_collections.ConfigDict({"rewards": [{"name": "accuracy", "weight": 1.5,
-                                                     "kwargs": {"partial_credit": 0.2}}, "format_think_answer"]})
-    assert R.parse_reward_specs(config.rewards) == (R.RewardSpec("accuracy", 1.5, {"partial_credit": 0.2}),
-                                                    R.RewardSpec("format_think_answer"))
+    config = ml_collections.ConfigDict(
+        {"rewards": [{"name": "accuracy", "weight": 1.5, "kwargs": {"partial_credit": 0.2}}, "format_think_answer"]}
+    )
+    assert R.parse_reward_specs(config.rewards) == (
+        R.RewardSpec("accuracy", 1.5, {"partial_credit": 0.2}),
+        R.RewardSpec("format_think_answer"),
+    )
 
 
-@pytest.mark.parametrize("entry, message", [
-    ("acuracy", "unknown reward 'acuracy'"),
-    ("accuracy:heavy", "weight must be a number"),
-    ("accuracy:nan", "weight must be finite"),
-    ({"name": "accuracy", "weight": True}, "weight must be a number"),
-    ({"name": "accuracy", "wieght": 2}, "unknown keys"),
-    ({"name": "accuracy", "kwargs": {"partial": 0.2}}, "bad kwargs"),
-    ({"name": "format_dyme", "kwargs": {"extract": "tags"}}, "bad kwargs"),
-    ({"weight": 1.0}, "unknown reward None"),
-    (3.0, "expected a RewardSpec"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ("acuracy", "unknown reward 'acuracy'"),
+        ("accuracy:heavy", "weight must be a number"),
+        ("accuracy:nan", "weight must be finite"),
+        ({"name": "accuracy", "weight": True}, "weight must be a number"),
+        ({"name": "accuracy", "wieght": 2}, "unknown keys"),
+        ({"name": "accuracy", "kwargs": {"partial": 0.2}}, "bad kwargs"),
+        ({"name": "format_dyme", "kwargs": {"extract": "tags"}}, "bad kwargs"),
+        ({"weight": 1.0}, "unknown reward None"),
+        (3.0, "expected a RewardSpec"),
+    ],
+)
 def test_parse_reward_specs_errors(entry, message):
     with pytest.raises(ValueError, match=re.escape(message)) as info:
         R.parse_reward_specs([entry])
@@ -565,7 +666,7 @@ def test_compute_rewards_failures(temp_reward, caplog):
     np.testing.assert_allclose(result.total, [2.0, 1.0, 1.0])
     assert result.failures == {"test_flaky": 1, "test_nan": 1}
     warnings = [r.getMessage() for r in caplog.records if "test_flaky" in r.getMessage()]
-    assert len(warnings) == 1 and "flaky reward exploded" in warnings[0]   # once per reward name
+    assert len(warnings) == 1 and "flaky reward exploded" in warnings[0]  # once per reward name
     metrics = result.metrics()
     assert metrics["rewards/test_flaky/failures"] == 1.0
     assert metrics["rewards/test_flaky/mean"] == pytest.approx(2 / 3)
@@ -574,13 +675,16 @@ def test_compute_rewards_failures(temp_reward, caplog):
 def test_compute_rewards_repeated_names_and_metrics():
     examples = [make_example("number", "3"), make_example("number", "4")]
     completions = ["<think>r</think><answer>3</answer>", "Answer: 4"]
-    result = R.compute_rewards(["accuracy", {"name": "accuracy", "kwargs": {"extract": "dyme"}}, "format_dyme"],
-                               completions, examples)
+    result = R.compute_rewards(
+        ["accuracy", {"name": "accuracy", "kwargs": {"extract": "dyme"}}, "format_dyme"], completions, examples
+    )
     assert result.names == ("accuracy#0", "accuracy#1", "format_dyme")
     np.testing.assert_array_equal(result.per_reward, [[1, 0, 0], [0, 1, 1]])
     metrics = result.metrics()
     assert set(metrics) == {f"rewards/{n}/{s}" for n in result.names for s in ("mean", "std", "failures")} | {
-        "rewards/total/mean", "rewards/total/std"}
+        "rewards/total/mean",
+        "rewards/total/std",
+    }
     assert metrics["rewards/accuracy#0/mean"] == 0.5
     assert metrics["rewards/total/mean"] == pytest.approx(1.5)
     assert all(isinstance(v, float) for v in metrics.values())
@@ -616,15 +720,46 @@ PROPERTY_EXAMPLES = [
     make_example("bbox", "[0, 0, 10, 10]", bbox=[0.0, 0.0, 10.0, 10.0]),
     make_example("labels", "calm, warm", reasoning="calm warm colours"),
 ]
-FRAGMENTS = ["<think>", "</think>", "<answer>", "</answer>", "Answer:", "answer:", "\n", " ", "yes", "no",
-             "A", "(B)", "C,", "12", "-3.5", "1,000", "\\frac{1}{2}", "$", "\\boxed{", "}", "[0, 0, 10, 10]",
-             "[1, 2,", "]", "calm", "，", "the cat", "['x', 'y']", "{", "nan", "inf", "1e400", "^", "x"]
+FRAGMENTS = [
+    "<think>",
+    "</think>",
+    "<answer>",
+    "</answer>",
+    "Answer:",
+    "answer:",
+    "\n",
+    " ",
+    "yes",
+    "no",
+    "A",
+    "(B)",
+    "C,",
+    "12",
+    "-3.5",
+    "1,000",
+    "\\frac{1}{2}",
+    "$",
+    "\\boxed{",
+    "}",
+    "[0, 0, 10, 10]",
+    "[1, 2,",
+    "]",
+    "calm",
+    "，",
+    "the cat",
+    "['x', 'y']",
+    "{",
+    "nan",
+    "inf",
+    "1e400",
+    "^",
+    "x",
+]
 completion_strategy = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=8)), max_size=12).map("".join)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(completions=st.lists(completion_strategy, min_size=len(PROPERTY_EXAMPLES),
-                            max_size=len(PROPERTY_EXAMPLES)))
+@given(completions=st.lists(completion_strategy, min_size=len(PROPERTY_EXAMPLES), max_size=len(PROPERTY_EXAMPLES)))
 def test_property_builtin_rewards_bounded(completions):
     """Found by this property: `iou` used to raise on a box predicted for a box-less example (a counted failure)
     but score 0 when no box was predicted; now such examples always score 0."""

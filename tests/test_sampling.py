@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import IMAGE_TOKEN, image_batch, make_hf_qwen2_checkpoint
 
+from conftest import IMAGE_TOKEN, image_batch, make_hf_qwen2_checkpoint
 from jaxvlm import models, sampling
 from jaxvlm.models import qwen2_5_vl
 from jaxvlm.processing.rope import get_rope_index
@@ -53,7 +53,10 @@ def hf_generate(torch_model, batch, max_new_tokens, eos_token_id=None, pad_token
         kwargs["mm_token_type_ids"] = (kwargs["input_ids"] == IMAGE_TOKEN).int()
     with torch.no_grad():
         out = torch_model.generate(
-            **kwargs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_token_id,
+            **kwargs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
         )
     return out[:, batch["input_ids"].shape[1] :].numpy()
@@ -65,14 +68,21 @@ def hf_generate(torch_model, batch, max_new_tokens, eos_token_id=None, pad_token
 
 
 # The fast tier (-m "not slow") keeps one case: text rows of one config.
-@pytest.mark.parametrize("case", [c if c == "text_left_padded" else pytest.param(c, marks=pytest.mark.slow)
-                                  for c in BATCHES])
+@pytest.mark.parametrize(
+    "case", [c if c == "text_left_padded" else pytest.param(c, marks=pytest.mark.slow) for c in BATCHES]
+)
 @pytest.mark.parametrize("config_name", ["gqa2_tied_win56", pytest.param("gqa6_untied_win112", marks=pytest.mark.slow)])
 def test_greedy_matches_transformers_generate(loaded, config_name, case):
     torch_model, model, params = loaded[config_name]
     batch = make_batch(case)
     n = 16
-    ours = sampling.generate(model, params, batch, jax.random.key(0), sampling.SamplingParams(max_new_tokens=n, temperature=0.0, suppress_token_ids=()))
+    ours = sampling.generate(
+        model,
+        params,
+        batch,
+        jax.random.key(0),
+        sampling.SamplingParams(max_new_tokens=n, temperature=0.0, suppress_token_ids=()),
+    )
     ref = hf_generate(torch_model, batch, n)
     np.testing.assert_array_equal(np.asarray(ours.tokens), ref)
     assert np.asarray(ours.mask).all() and np.asarray(ours.truncated).all()
@@ -85,9 +95,19 @@ def test_greedy_with_eos_matches_transformers_rows_stop_independently(loaded):
     torch_model, model, params = loaded["gqa2_tied_win56"]
     batch = make_batch("mixed_left_padded_0_1_2_images")
     n = 16
-    free = np.asarray(sampling.generate(model, params, batch, jax.random.key(0), sampling.SamplingParams(max_new_tokens=n, temperature=0)).tokens)
+    free = np.asarray(
+        sampling.generate(
+            model, params, batch, jax.random.key(0), sampling.SamplingParams(max_new_tokens=n, temperature=0)
+        ).tokens
+    )
     eos, stop_row, stop_col = _token_first_seen_in_one_row(free)
-    ours = sampling.generate(model, params, batch, jax.random.key(0), sampling.SamplingParams(max_new_tokens=n, temperature=0, stop_token_ids=[eos], pad_token_id=7))
+    ours = sampling.generate(
+        model,
+        params,
+        batch,
+        jax.random.key(0),
+        sampling.SamplingParams(max_new_tokens=n, temperature=0, stop_token_ids=[eos], pad_token_id=7),
+    )
     ref = hf_generate(torch_model, batch, n, eos_token_id=eos, pad_token_id=7)
     np.testing.assert_array_equal(np.asarray(ours.tokens)[:, : ref.shape[1]], ref)
     lengths, truncated = np.asarray(ours.lengths), np.asarray(ours.truncated)
@@ -134,13 +154,25 @@ def test_logprobs_equal_teacher_forced_forward(loaded, temperature):
     torch_model, model, params = loaded["gqa6_untied_win112"]
     case = "mixed_left_padded_0_1_2_images"
     batch, g, n = make_batch(case), 3, 12
-    rollout = sampling.generate(model, params, batch, jax.random.key(1), sampling.SamplingParams(num_generations=g, max_new_tokens=n, temperature=temperature, top_k=40, stop_token_ids=[11, 12, 13]))
+    rollout = sampling.generate(
+        model,
+        params,
+        batch,
+        jax.random.key(1),
+        sampling.SamplingParams(
+            num_generations=g, max_new_tokens=n, temperature=temperature, top_k=40, stop_token_ids=[11, 12, 13]
+        ),
+    )
     inputs = sampling.prepare_prompts(model.config, batch)
     seq = sampling.rollout_sequences(inputs, rollout, g)
     pixels, grids = _repeat_images(batch, BATCHES[case][0], g)
     pixels, vision_inputs = layout_images(pixels, grids, model.config.vision)
     logits = model.apply(
-        {"params": params}, seq["input_ids"], seq["attention_mask"], pixels, position_ids=seq["position_ids"],
+        {"params": params},
+        seq["input_ids"],
+        seq["attention_mask"],
+        pixels,
+        position_ids=seq["position_ids"],
         vision_inputs=vision_inputs,
     )
     t = batch["input_ids"].shape[1]
@@ -163,7 +195,9 @@ def test_text_only_qwen2_greedy_matches_transformers(tmp_path):
     torch_model = make_hf_qwen2_checkpoint(tmp_path, tie=True)
     model, params = models.load_pretrained(str(tmp_path))
     batch = text_batch([4, 11, 8], seed=5)
-    ours = sampling.generate(model, params, batch, jax.random.key(0), sampling.SamplingParams(max_new_tokens=10, temperature=0))
+    ours = sampling.generate(
+        model, params, batch, jax.random.key(0), sampling.SamplingParams(max_new_tokens=10, temperature=0)
+    )
     np.testing.assert_array_equal(np.asarray(ours.tokens), hf_generate(torch_model, batch, 10))
 
 
@@ -177,12 +211,22 @@ def test_stop_tokens_masks_lengths_truncation_and_early_exit(loaded):
     _, model, params = loaded["mha_untied_win28_nofull"]
     batch = text_batch([6, 3, 8, 5], seed=11)
     n = 10
-    free = np.asarray(sampling.generate(model, params, batch, jax.random.key(0), sampling.SamplingParams(max_new_tokens=n, temperature=0)).tokens)
+    free = np.asarray(
+        sampling.generate(
+            model, params, batch, jax.random.key(0), sampling.SamplingParams(max_new_tokens=n, temperature=0)
+        ).tokens
+    )
     # A stop id per row taken from its own greedy output; row 3 gets one it never emits.
     stops = {0: free[0, 2], 1: free[1, 0], 2: free[2, n - 1]}
     emitted = set(free[3].tolist())
     stop_ids = [int(s) for s in stops.values() if s not in emitted]
-    out = sampling.generate(model, params, batch, jax.random.key(0), sampling.SamplingParams(max_new_tokens=n, temperature=0, stop_token_ids=stop_ids, pad_token_id=0))
+    out = sampling.generate(
+        model,
+        params,
+        batch,
+        jax.random.key(0),
+        sampling.SamplingParams(max_new_tokens=n, temperature=0, stop_token_ids=stop_ids, pad_token_id=0),
+    )
     tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
     for row in range(4):
         hits = np.flatnonzero(np.isin(free[row], stop_ids))
@@ -195,7 +239,13 @@ def test_stop_tokens_masks_lengths_truncation_and_early_exit(loaded):
     assert int(out.steps) == n
 
     # When every row has stopped the loop exits early.
-    all_stop = sampling.generate(model, params, batch, jax.random.key(0), sampling.SamplingParams(max_new_tokens=n, temperature=0, stop_token_ids=sorted(set(free[:, 1].tolist()))))
+    all_stop = sampling.generate(
+        model,
+        params,
+        batch,
+        jax.random.key(0),
+        sampling.SamplingParams(max_new_tokens=n, temperature=0, stop_token_ids=sorted(set(free[:, 1].tolist()))),
+    )
     assert int(all_stop.steps) <= 2 and (np.asarray(all_stop.lengths) <= 2).all()
     assert not np.asarray(all_stop.truncated).any()
 
@@ -204,14 +254,22 @@ def test_stop_tokens_masks_lengths_truncation_and_early_exit(loaded):
 def test_eos_from_config_and_use_eos_false(loaded):
     _, model, params = loaded["gqa2_tied_win56"]
     batch = text_batch([5, 7], seed=2)
-    free = np.asarray(sampling.generate(model, params, batch, jax.random.key(0), sampling.SamplingParams(max_new_tokens=8, temperature=0)).tokens)
+    free = np.asarray(
+        sampling.generate(
+            model, params, batch, jax.random.key(0), sampling.SamplingParams(max_new_tokens=8, temperature=0)
+        ).tokens
+    )
     eos = int(free[0, 3])
     cfg = model.config.replace(text=model.config.text.__class__(**{**model.config.text.__dict__, "eos_token_id": eos}))
     assert sampling.resolve_stop_ids(cfg, [5, eos]) == (eos, 5)
-    with_eos = sampling.generate(cfg, params, batch, jax.random.key(0), sampling.SamplingParams(max_new_tokens=8, temperature=0))
+    with_eos = sampling.generate(
+        cfg, params, batch, jax.random.key(0), sampling.SamplingParams(max_new_tokens=8, temperature=0)
+    )
     first = int(np.flatnonzero(free[0] == eos)[0])
     assert int(with_eos.lengths[0]) == first + 1
-    no_eos = sampling.generate(cfg, params, batch, jax.random.key(0), sampling.SamplingParams(max_new_tokens=8, temperature=0, use_eos=False))
+    no_eos = sampling.generate(
+        cfg, params, batch, jax.random.key(0), sampling.SamplingParams(max_new_tokens=8, temperature=0, use_eos=False)
+    )
     assert np.asarray(no_eos.lengths).tolist() == [8, 8]
 
 
@@ -287,7 +345,12 @@ def softmax(x):
 
 @pytest.mark.parametrize(
     "kw",
-    [dict(temperature=0.7), dict(temperature=1.3, top_k=3), dict(temperature=1.0, top_p=0.8), dict(temperature=1.0, min_p=0.2)],
+    [
+        dict(temperature=0.7),
+        dict(temperature=1.3, top_k=3),
+        dict(temperature=1.0, top_p=0.8),
+        dict(temperature=1.0, min_p=0.2),
+    ],
 )
 def test_sample_frequencies_match_tempered_filtered_softmax(kw):
     logits = np.array([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 0.2], np.float32)
@@ -318,7 +381,13 @@ def test_first_token_frequencies_through_generate(loaded):
     _, model, params = loaded["gqa2_tied_win56"]
     batch = text_batch([6], seed=4)
     temperature, g = 1.5, 4096
-    out = sampling.generate(model, params, batch, jax.random.key(7), sampling.SamplingParams(num_generations=g, max_new_tokens=1, temperature=temperature, suppress_token_ids=()))
+    out = sampling.generate(
+        model,
+        params,
+        batch,
+        jax.random.key(7),
+        sampling.SamplingParams(num_generations=g, max_new_tokens=1, temperature=temperature, suppress_token_ids=()),
+    )
     logits = np.asarray(model.apply({"params": params}, **{k: jnp.asarray(v) for k, v in batch.items()}))[0, -1]
     probs = softmax(logits.astype(np.float64) / temperature)
     counts = np.bincount(np.asarray(out.tokens)[:, 0], minlength=probs.size)
@@ -332,7 +401,9 @@ def test_deterministic_for_a_key(loaded):
     _, model, params = loaded["gqa2_tied_win56"]
     batch = text_batch([5, 8], seed=9)
     run = lambda k: np.asarray(  # noqa: E731
-        sampling.generate(model, params, batch, jax.random.key(k), sampling.SamplingParams(num_generations=4, max_new_tokens=8)).tokens
+        sampling.generate(
+            model, params, batch, jax.random.key(k), sampling.SamplingParams(num_generations=4, max_new_tokens=8)
+        ).tokens
     )
     a, b, c = run(0), run(0), run(1)
     np.testing.assert_array_equal(a, b)
@@ -352,7 +423,9 @@ def test_prompt_and_images_are_prefilled_once_per_group(loaded, monkeypatch):
     batch = make_batch("mixed_left_padded_0_1_2_images")
     seen = {"vision": [], "prefill": [], "decode": []}
     vision_call, text_call, text_decode = (
-        qwen2_5_vl.VisionTower.__call__, qwen2_5_vl.TextModel.__call__, qwen2_5_vl.TextModel.decode
+        qwen2_5_vl.VisionTower.__call__,
+        qwen2_5_vl.TextModel.__call__,
+        qwen2_5_vl.TextModel.decode,
     )
 
     def record_vision(self, pixel_values, *a, **k):
@@ -372,11 +445,13 @@ def test_prompt_and_images_are_prefilled_once_per_group(loaded, monkeypatch):
     monkeypatch.setattr(qwen2_5_vl.TextModel, "decode", record_decode)
     g, n = 5, 6
     b, t = batch["input_ids"].shape
-    out = sampling.generate(model, params, batch, jax.random.key(3), sampling.SamplingParams(num_generations=g, max_new_tokens=n + 0))
+    out = sampling.generate(
+        model, params, batch, jax.random.key(3), sampling.SamplingParams(num_generations=g, max_new_tokens=n + 0)
+    )
     slotted, _ = layout_images(batch["pixel_values"], batch["image_grid_thw"], model.config.vision)
     assert seen["vision"] == [slotted.shape]  # one call, the batch's images once
     assert seen["prefill"] == [(b, t, model.config.text.hidden_size)]
-    (embeds, prompt_k, gen_k), = seen["decode"]  # the loop body, traced once
+    ((embeds, prompt_k, gen_k),) = seen["decode"]  # the loop body, traced once
     layers, kv_heads = model.config.text.num_hidden_layers, model.config.text.num_key_value_heads
     hd = model.config.text.resolved_head_dim
     assert prompt_k == (layers, b, t, kv_heads, hd)  # the prompt cache is not replicated per rollout
@@ -403,7 +478,14 @@ def test_sharded_generation_equals_single_device(loaded):
     np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(single.tokens))
     np.testing.assert_allclose(np.asarray(sharded.logprobs), np.asarray(single.logprobs), atol=1e-5)
     with pytest.raises(ValueError, match="cannot be split"):
-        sampling.generate(model, params, text_batch([3, 4, 5]), jax.random.key(0), sampling.SamplingParams(max_new_tokens=2), mesh=mesh)
+        sampling.generate(
+            model,
+            params,
+            text_batch([3, 4, 5]),
+            jax.random.key(0),
+            sampling.SamplingParams(max_new_tokens=2),
+            mesh=mesh,
+        )
 
 
 @pytest.mark.slow
@@ -412,7 +494,9 @@ def test_bfloat16_params_generate_and_score_consistently(hf_checkpoints):
     model, params = models.load_pretrained(path, dtype="bfloat16", param_dtype="bfloat16")
     assert jax.tree.leaves(params)[0].dtype == jnp.bfloat16
     batch = text_batch([4, 9], seed=8)
-    out = sampling.generate(model, params, batch, jax.random.key(0), sampling.SamplingParams(num_generations=2, max_new_tokens=8))
+    out = sampling.generate(
+        model, params, batch, jax.random.key(0), sampling.SamplingParams(num_generations=2, max_new_tokens=8)
+    )
     assert out.logprobs.dtype == jnp.float32
     inputs = sampling.prepare_prompts(model.config, batch)
     seq = sampling.rollout_sequences(inputs, out, 2)
@@ -435,11 +519,29 @@ def test_bad_prompts_and_settings_are_rejected(loaded):
     right_padded["attention_mask"] = right_padded["attention_mask"][:, ::-1].copy()
     with pytest.raises(ValueError, match=r"rows \[0\] are not left-padded"):
         sampling.generate(model, params, right_padded, jax.random.key(0), sampling.SamplingParams(max_new_tokens=2))
-    for bad, msg in [(dict(top_p=0.0), "top_p"), (dict(temperature=-1.0), "temperature"), (dict(num_generations=0), "num_generations"), (dict(min_p=1.0), "min_p"), (dict(top_k=-1), "top_k")]:
+    for bad, msg in [
+        (dict(top_p=0.0), "top_p"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(num_generations=0), "num_generations"),
+        (dict(min_p=1.0), "min_p"),
+        (dict(top_k=-1), "top_k"),
+    ]:
         with pytest.raises(ValueError, match=msg):
-            sampling.generate(model, params, text_batch([3]), jax.random.key(0), sampling.SamplingParams(**{"max_new_tokens": 2, **bad}))
+            sampling.generate(
+                model,
+                params,
+                text_batch([3]),
+                jax.random.key(0),
+                sampling.SamplingParams(**{"max_new_tokens": 2, **bad}),
+            )
     with pytest.raises(TypeError, match="labels"):
-        sampling.generate(model, params, dict(text_batch([3]), labels=None), jax.random.key(0), sampling.SamplingParams(max_new_tokens=2))
+        sampling.generate(
+            model,
+            params,
+            dict(text_batch([3]), labels=None),
+            jax.random.key(0),
+            sampling.SamplingParams(max_new_tokens=2),
+        )
     with pytest.raises(ValueError, match="image_grid_thw"):
         batch = make_batch("image")
         del batch["image_grid_thw"]
@@ -447,7 +549,8 @@ def test_bad_prompts_and_settings_are_rejected(loaded):
     with pytest.raises(ValueError, match="position_ids"):  # vision inputs given, but no way to place the image
         batch = make_batch("image")
         batch["pixel_values"], batch["vision_inputs"] = layout_images(
-            batch["pixel_values"], batch.pop("image_grid_thw"), model.config.vision)
+            batch["pixel_values"], batch.pop("image_grid_thw"), model.config.vision
+        )
         sampling.generate(model, params, batch, jax.random.key(0), sampling.SamplingParams(max_new_tokens=2))
 
 
@@ -465,8 +568,12 @@ def test_decode_completions_with_the_built_in_tokenizer(tmp_path):
     mask[0, : len(a) + 1] = 1
     mask[1, : len(b)] = 1
     rollout = sampling.Rollout(
-        tokens=tokens, mask=mask, logprobs=np.zeros(tokens.shape, np.float32), lengths=mask.sum(-1),
-        truncated=np.array([False, True]), steps=np.int32(6),
+        tokens=tokens,
+        mask=mask,
+        logprobs=np.zeros(tokens.shape, np.float32),
+        lengths=mask.sum(-1),
+        truncated=np.array([False, True]),
+        steps=np.int32(6),
     )
     assert sampling.decode_completions(tok, rollout) == ["red circle", "blue"]
     assert sampling.decode_completions(tok, rollout, skip_special_tokens=False)[0] == "red circle<|im_end|>"

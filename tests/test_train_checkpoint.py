@@ -124,8 +124,10 @@ OPT = optax.adamw(SCHEDULE, weight_decay=0.1)
 def init_state(seed):
     k1, k2, data_key = jax.random.split(jax.random.key(seed), 3)
     params = {
-        "w1": jax.random.normal(k1, (4, 16)) / 2, "b1": jnp.zeros(16),
-        "w2": jax.random.normal(k2, (16, 1)) / 4, "b2": jnp.zeros(1),
+        "w1": jax.random.normal(k1, (4, 16)) / 2,
+        "b1": jnp.zeros(16),
+        "w2": jax.random.normal(k2, (16, 1)) / 4,
+        "b2": jnp.zeros(1),
     }
     return dict(params=params, opt_state=OPT.init(params), step=jnp.int32(0), key=data_key)
 
@@ -191,14 +193,16 @@ def test_bitwise_resume_of_real_sft_steps_and_restore_across_meshes(tmp_path):
     bit for bit; the sharded train state also restores onto one device and back."""
     import functools
 
-    from test_train_steps import MODEL, make_state, policy_batch
-
     from jaxvlm import sharding, train_steps
+    from test_train_steps import MODEL, make_state, policy_batch
 
     batches = [policy_batch((1,), 4, seed=s) for s in range(4)]
     state, optimizer, schedule = make_state()
-    step = jax.jit(functools.partial(train_steps.sft_step, model=MODEL, optimizer=optimizer, schedule=schedule,
-                                     cfg=train_steps.LossConfig()))
+    step = jax.jit(
+        functools.partial(
+            train_steps.sft_step, model=MODEL, optimizer=optimizer, schedule=schedule, cfg=train_steps.LossConfig()
+        )
+    )
     straight = state
     for batch in batches:
         straight, _ = step(straight, batch)
@@ -212,7 +216,7 @@ def test_bitwise_resume_of_real_sft_steps_and_restore_across_meshes(tmp_path):
     with TrainCheckpointer(tmp_path / "ckpt", save_every=2) as ckpt:
         resumed, data_state, config = ckpt.restore(abstract_like(fresh_state))
     assert data_state == {"next_batch": 2} and config == {"lr": 1e-3} and int(resumed.step) == 2
-    for batch in batches[data_state["next_batch"]:]:
+    for batch in batches[data_state["next_batch"] :]:
         resumed, _ = step(resumed, batch)
     assert_trees_equal(resumed, straight)
 

@@ -18,7 +18,7 @@ MODEL = Qwen25VL(CFG)
 GRID = np.array([[1, 4, 4]])  # one image: 16 patches, 4 merged tokens
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def base_params():
     return models.init_params(CFG, 0)
 
@@ -42,13 +42,15 @@ def policy_batch(lead, b, t=10, n=6, seed=0, image=True, group_size=2):
         c_len = rng.integers(1, n + 1, b)
         c_mask = (np.arange(n)[None] < c_len[:, None]).astype(np.int64)
         ids, mask = np.concatenate([p_ids, c_ids], 1), np.concatenate([p_mask, c_mask], 1)
-        pos, _ = get_rope_index(ids, mask, GRID if image else None, image_token_id=CFG.image_token_id,
-                                spatial_merge_size=2)
+        pos, _ = get_rope_index(
+            ids, mask, GRID if image else None, image_token_id=CFG.image_token_id, spatial_merge_size=2
+        )
         for k, v in zip(out, (p_ids, p_mask, c_ids, c_mask, pos)):
             out[k].append(v.astype(np.int32))
         if image:
-            slotted, inputs = layout_images(rng.standard_normal((16, CFG.vision.patch_dim)).astype(np.float32), GRID,
-                                            CFG.vision, slot_multiple=8)  # slots split over up to 8 devices
+            slotted, inputs = layout_images(
+                rng.standard_normal((16, CFG.vision.patch_dim)).astype(np.float32), GRID, CFG.vision, slot_multiple=8
+            )  # slots split over up to 8 devices
             pixels.append(slotted)
             vis.append(inputs)
     batch = {k: np.stack(v).reshape(*lead, *v[0].shape) for k, v in out.items()}
@@ -86,8 +88,14 @@ def test_sft_loss_is_masked_token_mean_nll():
     mb = jax.tree.map(lambda x: x[0], batch)
     ids = np.concatenate([mb["prompt_ids"], mb["completion_ids"]], 1)
     mask = np.concatenate([mb["prompt_mask"], mb["completion_mask"]], 1)
-    logits = MODEL.apply({"params": base_params()}, ids, mask, mb["pixel_values"], position_ids=mb["position_ids"],
-                         vision_inputs=mb["vision_inputs"])
+    logits = MODEL.apply(
+        {"params": base_params()},
+        ids,
+        mask,
+        mb["pixel_values"],
+        position_ids=mb["position_ids"],
+        vision_inputs=mb["vision_inputs"],
+    )
     t = mb["prompt_ids"].shape[1]
     logp = jax.nn.log_softmax(np.asarray(logits, np.float64), -1)[:, t - 1 : -1]
     picked = np.take_along_axis(logp, mb["completion_ids"][..., None], -1)[..., 0]
@@ -234,8 +242,9 @@ def test_dyme_step_compiles_once_and_memorize_rows_are_sft(granularity):
     # ... so the step reports the reference rows' token NLL separately (sum and count: exact over micro-batches).
     logp = train_steps.completion_logprobs(MODEL, state.params, mb)
     ref = mb["completion_mask"] * mb["on_policy"][:, None]
-    np.testing.assert_allclose(float(m_mem["reference_nll_sum"] / m_mem["reference_tokens"]),
-                               float(-(logp * ref).sum() / ref.sum()), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(m_mem["reference_nll_sum"] / m_mem["reference_tokens"]), float(-(logp * ref).sum() / ref.sum()), rtol=1e-5
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -257,7 +266,7 @@ def test_every_parameter_has_a_rule_and_splits_where_it_should():
         sharding.make_mesh((2, 2, 4))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def steps_on_mesh(shape):
     """An SFT step then a GRPO step (μ = 2, two mini-batches) on a mesh of `shape`: (params, metrics) on the host."""
     mesh = sharding.make_mesh(shape, jax.devices()[: int(np.prod(shape))])
@@ -269,8 +278,17 @@ def steps_on_mesh(shape):
         (train_steps.sft_step, 1, policy_batch((2,), 8, seed=5)),
         (train_steps.grpo_step, 2, policy_batch((1, 2), 8, seed=6)),
     ):
-        fn, batch_sh = train_steps.jit_step(step_fn, mesh, state_sh, batch, lead, model=MODEL, optimizer=optimizer,
-                                            schedule=schedule, cfg=train_steps.LossConfig(num_iterations=2))
+        fn, batch_sh = train_steps.jit_step(
+            step_fn,
+            mesh,
+            state_sh,
+            batch,
+            lead,
+            model=MODEL,
+            optimizer=optimizer,
+            schedule=schedule,
+            cfg=train_steps.LossConfig(num_iterations=2),
+        )
         state, metrics = fn(state, jax.device_put(batch, batch_sh))
         out[step_fn.__name__] = jax.device_get(metrics)
     leaf = state.params["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]
@@ -308,8 +326,11 @@ def test_bfloat16_compute_keeps_float32_master_weights():
     losses_by_dtype = {}
     for name, model in (("float32", MODEL), ("bfloat16", model16)):
         state, optimizer, schedule = make_state()
-        fn = jax.jit(functools.partial(train_steps.sft_step, model=model, optimizer=optimizer, schedule=schedule,
-                                       cfg=train_steps.LossConfig()))
+        fn = jax.jit(
+            functools.partial(
+                train_steps.sft_step, model=model, optimizer=optimizer, schedule=schedule, cfg=train_steps.LossConfig()
+            )
+        )
         new, metrics = fn(state, batch)
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.params))
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.opt_state) if hasattr(x, "dtype") and x.ndim)
@@ -335,8 +356,9 @@ def test_chunked_lm_head_equals_the_whole_head(remat, tied):
         return jnp.sum(logp * cotangents[0]) + jnp.sum(entropy * cotangents[1]), (logp, entropy)
 
     (_, (logp, ent)), grads = jax.jit(jax.value_and_grad(functools.partial(weighted, whole), has_aux=True))(params)
-    (_, (logp_c, ent_c)), grads_c = jax.jit(jax.value_and_grad(functools.partial(weighted, chunked),
-                                                               has_aux=True))(params)
+    (_, (logp_c, ent_c)), grads_c = jax.jit(jax.value_and_grad(functools.partial(weighted, chunked), has_aux=True))(
+        params
+    )
     np.testing.assert_allclose(logp_c, logp, atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(ent_c, ent, atol=2e-5, rtol=1e-5)
     assert float(jnp.abs(logp).max()) > 1.0

@@ -35,19 +35,45 @@ def mechanics_config():
     prompts = [gym_source("train", 16, tasks=TRAIN_TASKS)]
     r1 = ["format_think_answer", "accuracy"]
     c.stage_order = ("sft", "grpo", "dyme", "reject")
-    c.stages.sft = stage("sft", steps=2, data=dict(SFT_DATA, sources=prompts, batch_size=4),
-                         batch=dict(micro_batches=2), optimizer=dict(learning_rate=3e-3, weight_decay=0.0))
-    c.stages.grpo = stage("grpo", steps=2, data=dict(DATA, sources=prompts), rewards=r1,
-                          sampling=dict(num_generations=2, max_new_tokens=8),
-                          loss=dict(beta=0.04), optimizer=dict(learning_rate=3e-3, weight_decay=0.0),
-                          batch=dict(micro_batches=2))
-    c.stages.dyme = stage("dyme", steps=2, data=dict(DATA, sources=prompts, prompt_style="dyme"),
-                          rewards=["format_dyme", {"name": "accuracy", "kwargs": {"extract": "dyme"}}],
-                          sampling=dict(num_generations=2, max_new_tokens=112), batch=dict(mini_batches=2))
-    c.stages.reject = stage("rejection_sft", steps=2, data=dict(SFT_DATA, sources=prompts), rewards=r1,
-                            sampling=dict(num_generations=2, max_new_tokens=8),
-                            rejection=dict(min_reward=0.0, num_prompts=4, batch_size=2, text_share=0.5,
-                                           text_sources=[gym_source("train", 8, tasks=("word_arithmetic",))]))
+    c.stages.sft = stage(
+        "sft",
+        steps=2,
+        data=dict(SFT_DATA, sources=prompts, batch_size=4),
+        batch=dict(micro_batches=2),
+        optimizer=dict(learning_rate=3e-3, weight_decay=0.0),
+    )
+    c.stages.grpo = stage(
+        "grpo",
+        steps=2,
+        data=dict(DATA, sources=prompts),
+        rewards=r1,
+        sampling=dict(num_generations=2, max_new_tokens=8),
+        loss=dict(beta=0.04),
+        optimizer=dict(learning_rate=3e-3, weight_decay=0.0),
+        batch=dict(micro_batches=2),
+    )
+    c.stages.dyme = stage(
+        "dyme",
+        steps=2,
+        data=dict(DATA, sources=prompts, prompt_style="dyme"),
+        rewards=["format_dyme", {"name": "accuracy", "kwargs": {"extract": "dyme"}}],
+        sampling=dict(num_generations=2, max_new_tokens=112),
+        batch=dict(mini_batches=2),
+    )
+    c.stages.reject = stage(
+        "rejection_sft",
+        steps=2,
+        data=dict(SFT_DATA, sources=prompts),
+        rewards=r1,
+        sampling=dict(num_generations=2, max_new_tokens=8),
+        rejection=dict(
+            min_reward=0.0,
+            num_prompts=4,
+            batch_size=2,
+            text_share=0.5,
+            text_sources=[gym_source("train", 8, tasks=("word_arithmetic",))],
+        ),
+    )
     return c
 
 
@@ -67,7 +93,8 @@ def test_all_stages_run_in_order_and_write_metrics(trained):
     records = read_metrics(workdir)
     train = [r for r in records if "train/loss" in r]
     assert [(r["train/stage"], r["train/stage_step"]) for r in train] == [
-        (s, k) for s in ("sft", "grpo", "dyme", "reject") for k in (1, 2)]
+        (s, k) for s in ("sft", "grpo", "dyme", "reject") for k in (1, 2)
+    ]
     assert [r["step"] for r in train] == list(range(1, 9))  # one global step axis across stages
     assert all("train/reward" in r and "train/rewards/accuracy/mean" in r for r in train[2:6])
     assert all("train/dyme/memorize_fraction" in r for r in train[4:6])
@@ -89,7 +116,8 @@ def test_every_evaluation_writes_its_greedy_completions_and_reasoning_f1(trained
     config, workdir, _ = trained
     evals = [r for r in read_metrics(workdir) if "eval/accuracy" in r]
     assert sorted(os.listdir(os.path.join(workdir, "eval_completions"))) == sorted(
-        f"{r['eval/stage']}-step{r['step']:06d}.jsonl" for r in evals)
+        f"{r['eval/stage']}-step{r['step']:06d}.jsonl" for r in evals
+    )
     for r in evals:
         stage_name = r["eval/stage"]
         with open(evaluation.completions_path(workdir, stage_name, r["step"])) as f:
@@ -100,11 +128,13 @@ def test_every_evaluation_writes_its_greedy_completions_and_reasoning_f1(trained
         for field in ("task", "difficulty"):
             for value in {row[field] for row in rows}:
                 assert r[f"eval/accuracy/{field}/{value}"] == pytest.approx(
-                    np.mean([row["score"] for row in rows if row[field] == value]))
+                    np.mean([row["score"] for row in rows if row[field] == value])
+                )
         extract = {"dyme": "dyme", "r1": "tags"}[config.stages[stage_name].data.prompt_style]
         for row in rows:  # gym examples all carry a reference reasoning
-            assert row["think_f1"] == pytest.approx(rewards.think_f1_reward(
-                row["completion"], {"reasoning": row["reasoning"]}, extract=extract))
+            assert row["think_f1"] == pytest.approx(
+                rewards.think_f1_reward(row["completion"], {"reasoning": row["reasoning"]}, extract=extract)
+            )
         assert np.mean([row["think_f1"] for row in rows]) == pytest.approx(r["eval/think_f1"])
 
 
@@ -200,7 +230,8 @@ def test_stop_mid_stage_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert trainer.run(sft_grpo_config(), str(parts))["finished"]
     runs = [[r for r in read_metrics(w) if "train/loss" in r] for w in (whole, parts)]
     assert [(r["train/stage"], r["train/stage_step"]) for r in runs[1]] == [
-        (r["train/stage"], r["train/stage_step"]) for r in runs[0]]
+        (r["train/stage"], r["train/stage_step"]) for r in runs[0]
+    ]
     for a, b in zip(*runs):
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5, abs=1e-6)
         if "train/reward" in a:
@@ -237,8 +268,11 @@ def test_nan_reward_is_contained_and_poisoned_batches_stop_the_run(tmp_path, mon
     c = sft_grpo_config(steps=6)
     c.stage_order = ("grpo",)
     c.train.max_consecutive_skips = 2
-    with pytest.raises(trainer.TrainingDiverged, match=r"stage 'grpo' step 3: 2 consecutive updates skipped; "
-                                                       r"non-finite loss=nan"):
+    with pytest.raises(
+        trainer.TrainingDiverged,
+        match=r"stage 'grpo' step 3: 2 consecutive updates skipped; "
+        r"non-finite loss=nan",
+    ):
         trainer.run(c, str(tmp_path))
     train = [r for r in read_metrics(str(tmp_path)) if "train/update_skipped" in r]
     assert [r["train/update_skipped"] for r in train] == [0.0, 1.0]

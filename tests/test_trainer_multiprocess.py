@@ -50,13 +50,32 @@ def test_two_processes_train_like_one_process_on_two_devices(tmp_path):
         port = s.getsockname()[1]
     children = []
     for rank in range(2):
-        env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS="--xla_force_host_platform_device_count=1", JAXVLM_COORDINATOR=f"localhost:{port}",
-                   JAXVLM_NUM_PROCESSES="2", JAXVLM_PROCESS_ID=str(rank))
-        children.append(subprocess.Popen(
-            [sys.executable, "-m", "jaxvlm.main", "--config", f"{config_file}:{','.join(MULTIPROCESS_STAGES)}",
-             "--workdir", str(tmp_path / "two")],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        env = dict(
+            os.environ,
+            PYTHONPATH=ROOT,
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS="--xla_force_host_platform_device_count=1",
+            JAXVLM_COORDINATOR=f"localhost:{port}",
+            JAXVLM_NUM_PROCESSES="2",
+            JAXVLM_PROCESS_ID=str(rank),
+        )
+        children.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "jaxvlm.main",
+                    "--config",
+                    f"{config_file}:{','.join(MULTIPROCESS_STAGES)}",
+                    "--workdir",
+                    str(tmp_path / "two"),
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
     outputs = [child.communicate(timeout=600)[0].decode() for child in children]
     assert [child.returncode for child in children] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
 

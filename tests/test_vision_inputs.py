@@ -8,12 +8,19 @@ from hypothesis import strategies as st
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
 from jaxvlm.models import VisionConfig
-from jaxvlm.processing.vision import (bucket, layout_images, slot_shape, vision_layout, vision_rotary_positions,
-                                      vision_window_index)
+from jaxvlm.processing.vision import (
+    bucket,
+    layout_images,
+    slot_shape,
+    vision_layout,
+    vision_rotary_positions,
+    vision_window_index,
+)
 
 grids = st.lists(
     st.tuples(st.just(1), st.integers(1, 9).map(lambda x: 2 * x), st.integers(1, 9).map(lambda x: 2 * x)),
-    min_size=1, max_size=3,
+    min_size=1,
+    max_size=3,
 )
 
 
@@ -37,7 +44,7 @@ def _blocks(layout, width: int | None) -> set[frozenset]:
     for s in range(layout.patch_index.shape[0]):
         patches, segments = layout.patch_index[s], layout.segment_ids[s]
         if width:
-            groups = [patches[i: i + width][segments[i: i + width] > 0] for i in range(0, len(patches), width)]
+            groups = [patches[i : i + width][segments[i : i + width] > 0] for i in range(0, len(patches), width)]
         else:
             groups = [patches[segments == k] for k in range(1, segments.max() + 1)]
         out |= {frozenset(g.tolist()) for g in groups if len(g)}
@@ -58,19 +65,25 @@ def test_layout_reproduces_transformers_attention_blocks(grid, window, extra):
     g = torch.tensor(grid)
     w = cfg.window_patches
     natural = vision_layout(grid, cfg)
-    layout = natural if extra is None else vision_layout(
-        grid, cfg, num_slots=1, slot_len=w * -(-natural.patch_index.size // w) * extra)  # everything in one slot
+    layout = (
+        natural
+        if extra is None
+        else vision_layout(grid, cfg, num_slots=1, slot_len=w * -(-natural.patch_index.size // w) * extra)
+    )  # everything in one slot
     ref_index, ref_cu_win = get_vision_window_index(g, spatial_merge_size=2, window_size=window, patch_size=14)
     window_order = (ref_index.numpy()[:, None] * 4 + np.arange(4)).reshape(-1)
     assert _blocks(layout, w) == _reference_blocks(window_order, ref_cu_win.numpy())
-    assert _blocks(layout, None) == _reference_blocks(np.arange(int(g.prod(-1).sum())), get_vision_cu_seqlens(g).numpy())
+    assert _blocks(layout, None) == _reference_blocks(
+        np.arange(int(g.prod(-1).sum())), get_vision_cu_seqlens(g).numpy()
+    )
     positions = get_vision_position_ids(g, 2).numpy()
     valid = layout.patch_index >= 0
     np.testing.assert_array_equal(layout.rotary_pos[valid], positions[layout.patch_index[valid]])
     assert (layout.rotary_pos[~valid] == 0).all()
     first_patch = layout.patch_index.reshape(-1, 4)[:, 0]  # merge units stay contiguous
-    np.testing.assert_array_equal(first_patch[layout.merge_inverse.reshape(-1)[: layout.num_merged]],
-                                  np.arange(layout.num_merged) * 4)
+    np.testing.assert_array_equal(
+        first_patch[layout.merge_inverse.reshape(-1)[: layout.num_merged]], np.arange(layout.num_merged) * 4
+    )
     assert sorted(layout.merge_inverse.reshape(-1).tolist()) == list(range(layout.merge_inverse.size))
 
 

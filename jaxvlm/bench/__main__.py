@@ -5,8 +5,9 @@ from ml_collections import config_flags
 
 from jaxvlm.bench import run
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/bench.py", "Path to a benchmark config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/bench.py", "Path to a benchmark config file.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/jaxvlm-bench", "Where bench.json is written.")
 
 

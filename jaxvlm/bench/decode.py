@@ -64,8 +64,10 @@ def _timings(prefill, generate, new_tokens: int) -> dict[str, float]:
 def throughput(batch: dict, new_tokens: int, timed: dict) -> dict:
     """Tokens/s from a side's median seconds (see the module docstring)."""
     rows, length = batch["input_ids"].shape
-    return dict(prefill_tok_s=rows * length / timed["prefill_s"],
-                decode_tok_s=rows * (new_tokens - 1) / max(timed["decode_s"], 1e-9))
+    return dict(
+        prefill_tok_s=rows * length / timed["prefill_s"],
+        decode_tok_s=rows * (new_tokens - 1) / max(timed["decode_s"], 1e-9),
+    )
 
 
 class JaxGenerate:
@@ -77,7 +79,12 @@ class JaxGenerate:
         self._inputs = sampling.prepare_prompts(model.config, batch)
         self._prefill = jax.jit(
             lambda p, x: model.apply(
-                {"params": p}, x["input_ids"], x["attention_mask"], None, None, x["position_ids"],
+                {"params": p},
+                x["input_ids"],
+                x["attention_mask"],
+                None,
+                None,
+                x["position_ids"],
                 method=Qwen25VL.prefill,
             )
         )
@@ -86,11 +93,18 @@ class JaxGenerate:
         self.repeat()
 
     def repeat(self) -> dict[str, float]:
-        return _timings(lambda: jax.block_until_ready(self._prefill(self.params, self._inputs)), self._generate,
-                        self.new_tokens)
+        return _timings(
+            lambda: jax.block_until_ready(self._prefill(self.params, self._inputs)), self._generate, self.new_tokens
+        )
 
     def _generate(self, n: int) -> None:
-        out = sampling.generate(self.model, self.params, self.batch, jax.random.key(0), sampling.SamplingParams(max_new_tokens=n, temperature=0.0, use_eos=False))
+        out = sampling.generate(
+            self.model,
+            self.params,
+            self.batch,
+            jax.random.key(0),
+            sampling.SamplingParams(max_new_tokens=n, temperature=0.0, use_eos=False),
+        )
         jax.block_until_ready(out)
 
 
@@ -133,8 +147,14 @@ class TorchGenerate:
         import torch
 
         with torch.no_grad():
-            out = self.model.generate(input_ids=self._ids, attention_mask=self._mask, max_new_tokens=n,
-                                      min_new_tokens=n, do_sample=False, pad_token_id=0)
+            out = self.model.generate(
+                input_ids=self._ids,
+                attention_mask=self._mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+            )
         self._sync()
         assert out.shape[1] == self._ids.shape[1] + n
 
@@ -166,9 +186,15 @@ def main(argv) -> None:
     params = models.init_params(cfg, 0)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     results = dict(
-        preset=FLAGS.preset, params=int(n_params), prompt_len=FLAGS.prompt_len, new_tokens=FLAGS.new_tokens,
-        device=str(jax.devices()[0].device_kind), platform=platform.platform(), cpus=os.cpu_count(),
-        jax=jax.__version__, rows=[],
+        preset=FLAGS.preset,
+        params=int(n_params),
+        prompt_len=FLAGS.prompt_len,
+        new_tokens=FLAGS.new_tokens,
+        device=str(jax.devices()[0].device_kind),
+        platform=platform.platform(),
+        cpus=os.cpu_count(),
+        jax=jax.__version__,
+        rows=[],
     )
     from jaxvlm.bench.run import interleave
 

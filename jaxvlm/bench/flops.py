@@ -80,8 +80,13 @@ def vision_forward_flops(vision: VisionConfig, grids: np.ndarray) -> float:
     return float(vision.depth * per_block + attention + embed + merger)
 
 
-def train_flops(cfg: ModelConfig, seq_lens: Sequence[int], scored_tokens: int, grids: np.ndarray | None = None,
-                vision_trained: bool = True) -> dict[str, float]:
+def train_flops(
+    cfg: ModelConfig,
+    seq_lens: Sequence[int],
+    scored_tokens: int,
+    grids: np.ndarray | None = None,
+    vision_trained: bool = True,
+) -> dict[str, float]:
     """FLOPs of one training step (forward + backward) over a batch: {"total", "lm", "vision"}.
 
     seq_lens: tokens per row (prompt + completion, images' placeholder tokens included); scored_tokens: positions
@@ -106,8 +111,9 @@ def verl_lm_flops(text: TextConfig, seq_lens: Sequence[int]) -> float:
     attn_linear = text.hidden_size * (q + 2 * kv + text.num_attention_heads * head_dim)
     dense = (mlp + attn_linear) * text.num_hidden_layers + text.vocab_size * text.hidden_size * 2
     square = float(np.sum(np.square(np.asarray(seq_lens, np.float64))))
-    return float(6 * dense * int(np.sum(seq_lens)) + 12 * square * head_dim * text.num_attention_heads
-                 * text.num_hidden_layers)
+    return float(
+        6 * dense * int(np.sum(seq_lens)) + 12 * square * head_dim * text.num_attention_heads * text.num_hidden_layers
+    )
 
 
 def decoder_weight_bytes(cfg: ModelConfig, bytes_per_param: int) -> int:
@@ -124,8 +130,9 @@ def kv_bytes_per_token(text: TextConfig, bytes_per_value: int) -> int:
     return 2 * text.num_hidden_layers * text.num_key_value_heads * text.resolved_head_dim * bytes_per_value
 
 
-def decode_roofline(cfg: ModelConfig, batch: int, mean_context: float, bandwidth: float, bytes_per_param: int,
-                    bytes_per_kv: int) -> dict[str, float]:
+def decode_roofline(
+    cfg: ModelConfig, batch: int, mean_context: float, bandwidth: float, bytes_per_param: int, bytes_per_kv: int
+) -> dict[str, float]:
     """Bandwidth ceiling of decoding: steps/s <= bandwidth / (weights + batch x mean_context x kv bytes)."""
     weights = decoder_weight_bytes(cfg, bytes_per_param)
     kv = batch * mean_context * kv_bytes_per_token(cfg.text, bytes_per_kv)

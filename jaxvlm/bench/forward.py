@@ -58,10 +58,14 @@ def synthetic_batch(model_cfg: models.ModelConfig, demo, seed: int) -> dict:
     if images:
         pixels = processor(images)
         batch["pixel_values"], batch["vision_inputs"] = layout_images(
-            pixels["pixel_values"], pixels["image_grid_thw"], model_cfg.vision)
+            pixels["pixel_values"], pixels["image_grid_thw"], model_cfg.vision
+        )
         batch["position_ids"], _ = get_rope_index(
-            input_ids, attention_mask, pixels["image_grid_thw"],
-            image_token_id=model_cfg.image_token_id, spatial_merge_size=model_cfg.vision.spatial_merge_size,
+            input_ids,
+            attention_mask,
+            pixels["image_grid_thw"],
+            image_token_id=model_cfg.image_token_id,
+            spatial_merge_size=model_cfg.vision.spatial_merge_size,
         )
     return batch
 

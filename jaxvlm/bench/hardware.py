@@ -67,9 +67,14 @@ def describe() -> dict:
     """What the results were measured on."""
     device = jax.devices()[0]
     return {
-        "platform": device.platform, "device_kind": device.device_kind, "devices": jax.device_count(),
-        "host": platform.platform(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-        "python": platform.python_version(), "jax": jax.__version__,
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "devices": jax.device_count(),
+        "host": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
     }
 
 
@@ -81,9 +86,12 @@ def peak(dtype: str, matmul_size: int = 2048) -> dict:
     if spec is not None:
         return {"flops": spec[0], "bandwidth": spec[1], "source": f"nominal dense bf16 ({device.device_kind})"}
     flops = measured_matmul_peak(dtype, matmul_size)
-    return {"flops": flops, "bandwidth": measured_read_bandwidth(),
-            "source": f"measured: jitted {matmul_size}x{matmul_size} {dtype} matmul on {device.device_kind}; "
-                      "bandwidth: a jitted sum over 512 MiB"}
+    return {
+        "flops": flops,
+        "bandwidth": measured_read_bandwidth(),
+        "source": f"measured: jitted {matmul_size}x{matmul_size} {dtype} matmul on {device.device_kind}; "
+        "bandwidth: a jitted sum over 512 MiB",
+    }
 
 
 def load_average() -> list[float]:
@@ -100,5 +108,7 @@ def load_warning(load: list[float], cpus: int | None) -> str | None:
     slow the two sides unequally (a thread pool sized to the cores suffers most), so a ratio says little."""
     if not cpus or not load[0] > cpus:
         return None
-    return (f"WARNING: 1-minute load average {load[0]:.2f} at the start exceeds the {cpus} CPUs: other work competes "
-            "for the cores, so the ratios below are not trustworthy")
+    return (
+        f"WARNING: 1-minute load average {load[0]:.2f} at the start exceeds the {cpus} CPUs: other work competes "
+        "for the cores, so the ratios below are not trustworthy"
+    )

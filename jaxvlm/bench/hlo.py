@@ -13,18 +13,40 @@ import re
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 TOP_BUFFERS = 10
-LIVE_RANGE_NOTE = ("XLA's live ranges over the entry computation's schedule at their peak: a loop body's own "
-                   "temporaries are not always among them, so this can be far below the temporaries")
+LIVE_RANGE_NOTE = (
+    "XLA's live ranges over the entry computation's schedule at their peak: a loop body's own "
+    "temporaries are not always among them, so this can be far below the temporaries"
+)
 
 
-
-_DTYPE_BYTES = {"pred": 1, "s2": 0.25, "u2": 0.25, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2,
-                "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
-                "c128": 16, "token": 0}
+_DTYPE_BYTES = {
+    "pred": 1,
+    "s2": 0.25,
+    "u2": 0.25,
+    "s4": 0.5,
+    "u4": 0.5,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+    "token": 0,
+}
 _ARRAY = re.compile(r"([a-z]\w*)\[([\d,]*)\]")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = ")
-_CALLED = re.compile(r"\b(calls|to_apply|body|condition|branch_computations|true_computation|false_computation)="
-                     r"(\{[^}]*\}|%?[\w.\-]+)")
+_CALLED = re.compile(
+    r"\b(calls|to_apply|body|condition|branch_computations|true_computation|false_computation)="
+    r"(\{[^}]*\}|%?[\w.\-]+)"
+)
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
@@ -58,15 +80,16 @@ def _split_instruction(line: str):
     m = _INSTR.match(line)
     if not m:
         return None
-    rest = line[m.end():]
+    rest = line[m.end() :]
     if rest.startswith("("):  # a tuple shape: up to its matching parenthesis
-        depth = 0
+        depth, close = 0, len(rest) - 1
         for i, ch in enumerate(rest):
             depth += ch == "("
             depth -= ch == ")"
             if depth == 0:
+                close = i
                 break
-        shape, rest = rest[:i + 1], rest[i + 1:].lstrip()
+        shape, rest = rest[: close + 1], rest[close + 1 :].lstrip()
     else:
         shape, _, rest = rest.partition(" ")
     op, paren, rest = rest.partition("(")
@@ -79,7 +102,7 @@ def _split_instruction(line: str):
         if depth == 0:
             end = i
             break
-    return m.group(1), shape, op.strip(), rest[:end], rest[end + 1:]
+    return m.group(1), shape, op.strip(), rest[:end], rest[end + 1 :]
 
 
 def parse_hlo(text: str) -> dict:
@@ -110,8 +133,14 @@ def parse_hlo(text: str) -> dict:
         if parts is None:
             continue
         name, shape, op, operands, attrs = parts
-        instructions[name] = {"computation": current, "shape": shape, "op": op, "text": operands,
-                              "operands": re.findall(r"%([\w.\-]+)", operands), "attrs": attrs}
+        instructions[name] = {
+            "computation": current,
+            "shape": shape,
+            "op": op,
+            "text": operands,
+            "operands": re.findall(r"%([\w.\-]+)", operands),
+            "attrs": attrs,
+        }
         computations[current].append(name)
     callers: dict[str, list[tuple[str, int | None]]] = {}
     for ins in instructions.values():
@@ -138,8 +167,12 @@ def parse_hlo(text: str) -> dict:
         memo[comp] = total
         return total
 
-    return {"instructions": instructions, "computations": computations, "entry": entry,
-            "times": {c: times(c) for c in computations}}
+    return {
+        "instructions": instructions,
+        "computations": computations,
+        "entry": entry,
+        "times": {c: times(c) for c in computations},
+    }
 
 
 def _operands(shapes: list[str]) -> str:
@@ -165,8 +198,9 @@ def _trip_count(ins: dict, called: dict, instructions: dict, computations: dict)
     if known:
         return int(known.group(1))
     cond = called.get("condition", "").lstrip("%")
-    root = next((instructions[n] for n in reversed(computations.get(cond, []))
-                 if instructions[n]["op"] == "compare"), None)
+    root = next(
+        (instructions[n] for n in reversed(computations.get(cond, [])) if instructions[n]["op"] == "compare"), None
+    )
     if root is None or len(root["operands"]) != 2:
         return None
     direction = re.search(r"direction=(\w+)", root["attrs"])
@@ -209,14 +243,15 @@ def collectives(hlo: dict, top: int = 3) -> list[dict]:
     kinds: dict[str, dict] = {}
     for name, ins in instructions.items():
         op = ins["op"]
-        base = op[:-len("-start")] if op.endswith("-start") else op
+        base = op[: -len("-start")] if op.endswith("-start") else op
         if base not in COLLECTIVES:
             continue
         operand_shapes = [instructions[o]["shape"] for o in ins["operands"] if o in instructions]
         operand_bytes = sum(shape_bytes(s) for s in operand_shapes)
         runs = hlo["times"].get(ins["computation"])
-        entry = kinds.setdefault(base, {"op": base, "count": 0, "executions": 0, "operand_bytes_per_run": 0,
-                                        "largest": []})
+        entry = kinds.setdefault(
+            base, {"op": base, "count": 0, "executions": 0, "operand_bytes_per_run": 0, "largest": []}
+        )
         entry["count"] += 1
         if runs is None or entry["executions"] is None:
             entry["executions"] = None
@@ -226,10 +261,17 @@ def collectives(hlo: dict, top: int = 3) -> list[dict]:
             entry["operand_bytes_per_run"] += runs * operand_bytes
         _, op_name = _op_name_of(instructions, name)
         groups = re.search(r"replica_groups=(\S+(?: \{[^}]*\})?)", ins["attrs"])
-        entry["largest"].append({
-            "operand": _operands([short_shape(s) for s in operand_shapes]), "operand_bytes": operand_bytes,
-            "result": short_shape(ins["shape"]), "executions": runs, "instruction": name,
-            "replica_groups": groups.group(1).rstrip(",") if groups else None, "op_name": op_name})
+        entry["largest"].append(
+            {
+                "operand": _operands([short_shape(s) for s in operand_shapes]),
+                "operand_bytes": operand_bytes,
+                "result": short_shape(ins["shape"]),
+                "executions": runs,
+                "instruction": name,
+                "replica_groups": groups.group(1).rstrip(",") if groups else None,
+                "op_name": op_name,
+            }
+        )
     out = []
     for entry in kinds.values():
         items = entry.pop("largest")
@@ -254,9 +296,16 @@ def largest_instructions(hlo: dict, top: int = TOP_BUFFERS) -> list[dict]:
         if ins["op"] in ("get-tuple-element", "tuple", "bitcast") or ins["shape"].startswith("("):
             continue
         entry_param = ins["op"] == "parameter" and ins["computation"] == hlo["entry"]
-        items.append({"bytes": shape_bytes(ins["shape"]), "shape": short_shape(ins["shape"]),
-                      "kind": "argument" if entry_param else "value",
-                      "instruction": name, "op": ins["op"], "op_name": _op_name_of(hlo["instructions"], name)[1]})
+        items.append(
+            {
+                "bytes": shape_bytes(ins["shape"]),
+                "shape": short_shape(ins["shape"]),
+                "kind": "argument" if entry_param else "value",
+                "instruction": name,
+                "op": ins["op"],
+                "op_name": _op_name_of(hlo["instructions"], name)[1],
+            }
+        )
     return sorted(items, key=lambda x: -x["bytes"])[:top]
 
 
@@ -288,7 +337,7 @@ def _dump_files(dump_dir: str) -> dict | None:
     if not found:
         return None
     main = max(found, key=os.path.getsize)
-    live_range = main[:-len("buffer-assignment.txt")] + "live-range.txt"
+    live_range = main[: -len("buffer-assignment.txt")] + "live-range.txt"
     return {"assignment": main, **({"live_range": live_range} if os.path.exists(live_range) else {})}
 
 
@@ -362,6 +411,11 @@ def buffer_assignment(dump_dir: str, hlo: dict | None = None, top: int = TOP_BUF
             p["shape"] = short_shape(instructions[p["instruction"].split("{")[0]]["shape"])
     for b in largest + temps + peak:
         b["op"], b["op_name"] = _op_name_of(instructions, _instruction(b["instruction"]))
-    return {"source": "XLA buffer assignment (xla_dump_to of this compile), device memory", "largest": largest,
-            "largest_temps": temps, "assigned_bytes": sum(assigned.values()), "assigned_by_kind": assigned,
-            "live_range_peak": {"bytes": peak_total, "at": peak_at, "largest": peak, "note": LIVE_RANGE_NOTE}}
+    return {
+        "source": "XLA buffer assignment (xla_dump_to of this compile), device memory",
+        "largest": largest,
+        "largest_temps": temps,
+        "assigned_bytes": sum(assigned.values()),
+        "assigned_by_kind": assigned,
+        "live_range_peak": {"bytes": peak_total, "at": peak_at, "largest": peak, "note": LIVE_RANGE_NOTE},
+    }

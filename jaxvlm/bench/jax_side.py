@@ -21,8 +21,13 @@ from jaxvlm.models.qwen2_5_vl import Qwen25VL
 
 def _optimizer_config(opt) -> train_steps.OptimizerConfig:
     """AdamW at a constant learning rate (the PyTorch side builds the same from the same fields)."""
-    return train_steps.OptimizerConfig(learning_rate=opt.learning_rate, schedule="constant", warmup_steps=0,
-                                       weight_decay=opt.weight_decay, max_grad_norm=opt.max_grad_norm)
+    return train_steps.OptimizerConfig(
+        learning_rate=opt.learning_rate,
+        schedule="constant",
+        warmup_steps=0,
+        weight_decay=opt.weight_decay,
+        max_grad_norm=opt.max_grad_norm,
+    )
 
 
 def _state(model, params, opt, mesh):
@@ -45,9 +50,17 @@ class Sft:
     def __init__(self, model: Qwen25VL, params, rows: workload.Rows, *, micro_batches: int, opt, mesh):
         self.state, state_sh, optimizer, schedule = _state(model, params, opt, mesh)
         mb = workload.sft_microbatches(model.config, rows, micro_batches, sharding.data_parallel_size(mesh))
-        self._step, batch_sh = train_steps.jit_step(train_steps.sft_step, mesh, state_sh, mb, 1, model=model,
-                                                    optimizer=optimizer, schedule=schedule,
-                                                    cfg=train_steps.LossConfig())
+        self._step, batch_sh = train_steps.jit_step(
+            train_steps.sft_step,
+            mesh,
+            state_sh,
+            mb,
+            1,
+            model=model,
+            optimizer=optimizer,
+            schedule=schedule,
+            cfg=train_steps.LossConfig(),
+        )
         self._batch = jax.device_put(mb, batch_sh)
         self.losses: list[float] = []
         self.grad_norms: list[float] = []
@@ -69,8 +82,16 @@ class Sft:
 
 def _prefill_fn(model: Qwen25VL):
     def prefill(p, x):
-        return model.apply({"params": p}, x["input_ids"], x["attention_mask"], x.get("pixel_values"), None,
-                           x["position_ids"], vision_inputs=x.get("vision_inputs"), method=Qwen25VL.prefill)
+        return model.apply(
+            {"params": p},
+            x["input_ids"],
+            x["attention_mask"],
+            x.get("pixel_values"),
+            None,
+            x["position_ids"],
+            vision_inputs=x.get("vision_inputs"),
+            method=Qwen25VL.prefill,
+        )
 
     return jax.jit(prefill)
 
@@ -82,8 +103,18 @@ class Grpo:
     the parity batch). `repeat()` times the prompt forward alone (`prefill_s`, for the rollout's prefill / decode
     split), then one more step and its phases."""
 
-    def __init__(self, model: Qwen25VL, params, rows: workload.Rows, *, num_generations: int, max_new_tokens: int,
-                 micro_batches: int, opt, mesh):
+    def __init__(
+        self,
+        model: Qwen25VL,
+        params,
+        rows: workload.Rows,
+        *,
+        num_generations: int,
+        max_new_tokens: int,
+        micro_batches: int,
+        opt,
+        mesh,
+    ):
         self.model, self.mesh = model, mesh
         self.g, self.n, self.micro_batches = num_generations, max_new_tokens, micro_batches
         self.state, self._state_sh, self._optimizer, self._schedule = _state(model, params, opt, mesh)
@@ -112,24 +143,50 @@ class Grpo:
         g, key = self.g, jax.random.key(self._steps)
         self._steps += 1
         t0 = time.perf_counter()
-        rollout = sampling.generate(self.model, self.state.params, self._prompts, key, sampling.SamplingParams(num_generations=g, max_new_tokens=self.n, temperature=1.0, use_eos=False), mesh=self.mesh)
+        rollout = sampling.generate(
+            self.model,
+            self.state.params,
+            self._prompts,
+            key,
+            sampling.SamplingParams(num_generations=g, max_new_tokens=self.n, temperature=1.0, use_eos=False),
+            mesh=self.mesh,
+        )
         rollout = jax.block_until_ready(rollout)
         t1 = time.perf_counter()
         host = jax.tree.map(np.asarray, rollout)
-        update_rows, mb = workload.grpo_update_batch(self.model.config, self._rows, self._inputs, host, g,
-                                                     self.micro_batches, sharding.data_parallel_size(self.mesh))
+        update_rows, mb = workload.grpo_update_batch(
+            self.model.config,
+            self._rows,
+            self._inputs,
+            host,
+            g,
+            self.micro_batches,
+            sharding.data_parallel_size(self.mesh),
+        )
         t2 = time.perf_counter()
         if self._update is None:
             fn, self._batch_sh = train_steps.jit_step(
-                train_steps.grpo_step, self.mesh, self._state_sh, mb, 2, model=self.model,
-                optimizer=self._optimizer, schedule=self._schedule, cfg=train_steps.LossConfig(group_size=g))
+                train_steps.grpo_step,
+                self.mesh,
+                self._state_sh,
+                mb,
+                2,
+                model=self.model,
+                optimizer=self._optimizer,
+                schedule=self._schedule,
+                cfg=train_steps.LossConfig(group_size=g),
+            )
             self._update = fn.lower(self.state, jax.device_put(mb, self._batch_sh)).compile()
         t3 = time.perf_counter()
         self.state, metrics = self._update(self.state, jax.device_put(mb, self._batch_sh))
         metrics = jax.block_until_ready(metrics)
         t4 = time.perf_counter()
-        phases = {"rollout_s": t1 - t0, "reward_s": t2 - t1, "update_s": t4 - t3,
-                  "step_s": (t1 - t0) + (t2 - t1) + (t4 - t3)}
+        phases = {
+            "rollout_s": t1 - t0,
+            "reward_s": t2 - t1,
+            "update_s": t4 - t3,
+            "step_s": (t1 - t0) + (t2 - t1) + (t4 - t3),
+        }
         return phases, update_rows, metrics
 
 

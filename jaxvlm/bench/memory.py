@@ -155,13 +155,17 @@ def make_mesh(topology: str, shape: Sequence[int]) -> tuple[Mesh, dict]:
     if kind == "cpu":
         devices = jax.devices()
         if devices[0].platform != "cpu" or len(devices) != int(spec):
-            raise SetupError(f"--topology {topology}: the process has {len(devices)} {devices[0].platform} devices "
-                             "(call setup_platform before JAX starts)")
+            raise SetupError(
+                f"--topology {topology}: the process has {len(devices)} {devices[0].platform} devices "
+                "(call setup_platform before JAX starts)"
+            )
         mesh = sharding.make_mesh(mesh_shape(shape, len(devices)), devices)
     else:
         if not _libtpu_available():
-            raise SetupError(f"--topology {topology} compiles for TPU with libtpu, which is not installed: "
-                             "pip install -e '.[tpu]' (libtpu==0.0.42.*, the version jax 0.10.2 pins)")
+            raise SetupError(
+                f"--topology {topology} compiles for TPU with libtpu, which is not installed: "
+                "pip install -e '.[tpu]' (libtpu==0.0.42.*, the version jax 0.10.2 pins)"
+            )
         from jax.experimental import topologies
 
         try:
@@ -177,8 +181,13 @@ def make_mesh(topology: str, shape: Sequence[int]) -> tuple[Mesh, dict]:
             # so take the devices in their listed order.
             mesh = Mesh(np.asarray(devices, dtype=object).reshape(dims), sharding.MESH_AXES)
     d = mesh.devices.flat[0]
-    return mesh, {"topology": topology, "platform": d.platform, "device_kind": d.device_kind,
-                  "devices": int(mesh.devices.size), "mesh": dict(mesh.shape)}
+    return mesh, {
+        "topology": topology,
+        "platform": d.platform,
+        "device_kind": d.device_kind,
+        "devices": int(mesh.devices.size),
+        "mesh": dict(mesh.shape),
+    }
 
 
 def _first_line(e: BaseException, limit: int = 400) -> str:
@@ -208,8 +217,9 @@ def abstract(tree, shardings):
     Dtypes are canonicalised as `jax.device_put` would (int64 -> int32 without x64)."""
 
     def one(x, s):
-        dtype = x.dtype if jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended) else \
-            jax.dtypes.canonicalize_dtype(x.dtype)
+        dtype = (
+            x.dtype if jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended) else jax.dtypes.canonicalize_dtype(x.dtype)
+        )
         return jax.ShapeDtypeStruct(np.shape(x), dtype, sharding=s)
 
     return jax.tree.map(one, tree, shardings)
@@ -244,9 +254,11 @@ def _check_rows(section: str, rows: int, per_micro: int, keys: str, mesh) -> Non
 
     dp = data_parallel_size(mesh)
     if per_micro % dp:
-        raise SectionError(f"{keys} = {per_micro} rows per micro-batch ({rows} rows in all), which the "
-                           f"data x fsdp = {dp} devices of mesh {dict(mesh.shape)} cannot split: make it a "
-                           f"multiple of {dp}")
+        raise SectionError(
+            f"{keys} = {per_micro} rows per micro-batch ({rows} rows in all), which the "
+            f"data x fsdp = {dp} devices of mesh {dict(mesh.shape)} cannot split: make it a "
+            f"multiple of {dp}"
+        )
 
 
 def _build_error(section: str, keys: str, e: Exception) -> SectionError:
@@ -264,15 +276,30 @@ def sft_program(c, model, state, state_sh, optimizer, schedule, mesh) -> Program
         raise SectionError(f"sft.batch_size={s.batch_size} is not a multiple of sft.micro_batches={s.micro_batches}")
     _check_rows("sft", s.batch_size, s.batch_size // s.micro_batches, keys, mesh)
     try:
-        rows = workload.make_rows(model.config, s.batch_size, s.seq_len, s.completion_len, workload.image_hw(s.image_hw),
-                                  c.seed)
+        rows = workload.make_rows(
+            model.config, s.batch_size, s.seq_len, s.completion_len, workload.image_hw(s.image_hw), c.seed
+        )
         mb = workload.sft_microbatches(model.config, rows, s.micro_batches, data_parallel_size(mesh))
-        step, batch_sh = train_steps.jit_step(train_steps.sft_step, mesh, state_sh, mb, 1, model=model,
-                                              optimizer=optimizer, schedule=schedule, cfg=train_steps.LossConfig())
+        step, batch_sh = train_steps.jit_step(
+            train_steps.sft_step,
+            mesh,
+            state_sh,
+            mb,
+            1,
+            model=model,
+            optimizer=optimizer,
+            schedule=schedule,
+            cfg=train_steps.LossConfig(),
+        )
     except ValueError as e:
         raise _build_error("sft", f"{keys}, sft.seq_len={s.seq_len}, sft.image_hw={s.image_hw}", e) from e
-    shapes = {"rows": rows.num_rows, "micro_batches": s.micro_batches, "seq_len": rows.seq_len,
-              "completion_len": s.completion_len, "image_hw": workload.image_hw(s.image_hw)}
+    shapes = {
+        "rows": rows.num_rows,
+        "micro_batches": s.micro_batches,
+        "seq_len": rows.seq_len,
+        "completion_len": s.completion_len,
+        "image_hw": workload.image_hw(s.image_hw),
+    }
     return Program("sft", step, (state, abstract(mb, batch_sh)), {}, shapes)
 
 
@@ -287,8 +314,14 @@ def synthetic_rollout(config, rows: int, new_tokens: int, seed: int):
     tokens = rng.integers(0, high, (rows, new_tokens)).astype(np.int32)
     mask = np.ones((rows, new_tokens), np.int32)
     logprobs = -rng.exponential(2.0, (rows, new_tokens)).astype(np.float32)
-    return sampling.Rollout(tokens=tokens, mask=mask, logprobs=logprobs, lengths=mask.sum(-1).astype(np.int32),
-                            truncated=np.ones(rows, bool), steps=np.asarray(new_tokens, np.int32))
+    return sampling.Rollout(
+        tokens=tokens,
+        mask=mask,
+        logprobs=logprobs,
+        lengths=mask.sum(-1).astype(np.int32),
+        truncated=np.ones(rows, bool),
+        steps=np.asarray(new_tokens, np.int32),
+    )
 
 
 def grpo_program(c, model, state, state_sh, optimizer, schedule, mesh) -> Program:
@@ -301,22 +334,39 @@ def grpo_program(c, model, state, state_sh, optimizer, schedule, mesh) -> Progra
     total = s.prompts * g
     keys = f"grpo.prompts={s.prompts} x grpo.num_generations={g} / grpo.micro_batches={s.micro_batches}"
     if s.micro_batches < 1 or total % s.micro_batches:
-        raise SectionError(f"grpo.prompts={s.prompts} x grpo.num_generations={g} = {total} rows are not a multiple "
-                           f"of grpo.micro_batches={s.micro_batches}")
+        raise SectionError(
+            f"grpo.prompts={s.prompts} x grpo.num_generations={g} = {total} rows are not a multiple "
+            f"of grpo.micro_batches={s.micro_batches}"
+        )
     _check_rows("grpo", total, total // s.micro_batches, keys, mesh)
     try:
         rows = workload.make_rows(model.config, s.prompts, s.prompt_len, 0, workload.image_hw(s.image_hw), c.seed + 1)
         inputs = sampling.prepare_prompts(model.config, workload.prompt_batch(rows))
         rollout = synthetic_rollout(model.config, rows.num_rows * g, n, c.seed + 2)
-        _, mb = workload.grpo_update_batch(model.config, rows, inputs, rollout, g, s.micro_batches,
-                                           data_parallel_size(mesh))
-        step, batch_sh = train_steps.jit_step(train_steps.grpo_step, mesh, state_sh, mb, 2, model=model,
-                                              optimizer=optimizer, schedule=schedule,
-                                              cfg=train_steps.LossConfig(group_size=g))
+        _, mb = workload.grpo_update_batch(
+            model.config, rows, inputs, rollout, g, s.micro_batches, data_parallel_size(mesh)
+        )
+        step, batch_sh = train_steps.jit_step(
+            train_steps.grpo_step,
+            mesh,
+            state_sh,
+            mb,
+            2,
+            model=model,
+            optimizer=optimizer,
+            schedule=schedule,
+            cfg=train_steps.LossConfig(group_size=g),
+        )
     except ValueError as e:
         raise _build_error("grpo", f"{keys}, grpo.prompt_len={s.prompt_len}, grpo.image_hw={s.image_hw}", e) from e
-    shapes = {"rows": total, "micro_batches": s.micro_batches, "seq_len": rows.seq_len + n, "prompt_len": rows.seq_len,
-              "completion_len": n, "image_hw": workload.image_hw(s.image_hw)}
+    shapes = {
+        "rows": total,
+        "micro_batches": s.micro_batches,
+        "seq_len": rows.seq_len + n,
+        "prompt_len": rows.seq_len,
+        "completion_len": n,
+        "image_hw": workload.image_hw(s.image_hw),
+    }
     return Program("grpo", step, (state, abstract(mb, batch_sh)), {}, shapes)
 
 
@@ -329,23 +379,30 @@ def sampler_program(c, model, state, state_sh, mesh) -> Program:
 
     s = c.grpo
     g, n = s.num_generations, s.max_new_tokens
-    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                               sharding=NamedSharding(mesh, P()))
+    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=NamedSharding(mesh, P()))
     keys = f"grpo.prompts={s.prompts}, grpo.prompt_len={s.prompt_len}, grpo.image_hw={s.image_hw}"
     try:
         rows = workload.make_rows(model.config, s.prompts, s.prompt_len, 0, workload.image_hw(s.image_hw), c.seed + 1)
         sharding = sampling.batch_sharding(mesh)
         sp = sampling.SamplingParams(num_generations=g, max_new_tokens=n, temperature=1.0, use_eos=False).resolve(
-            model.config)
-        inputs = sampling.prepare_prompts(model.config, workload.prompt_batch(rows),
-                                          slot_multiple=sampling.rows_multiple(sharding))
+            model.config
+        )
+        inputs = sampling.prepare_prompts(
+            model.config, workload.prompt_batch(rows), slot_multiple=sampling.rows_multiple(sharding)
+        )
         placements = sampling.input_shardings(inputs, sharding)
     except ValueError as e:
         raise _build_error("sampler", keys, e) from e
     # The train state's params: float32 master weights, sharded as in the state (generate keeps them so).
     args = (state.params, abstract(inputs, placements), key)
-    shapes = {"prompts": s.prompts, "num_generations": g, "rows": s.prompts * g, "prompt_len": rows.seq_len,
-              "max_new_tokens": n, "image_hw": workload.image_hw(s.image_hw)}
+    shapes = {
+        "prompts": s.prompts,
+        "num_generations": g,
+        "rows": s.prompts * g,
+        "prompt_len": rows.seq_len,
+        "max_new_tokens": n,
+        "image_hw": workload.image_hw(s.image_hw),
+    }
     return Program("sampler", sampling.compiled_sampler(sharding), args, {"config": model.config, "sp": sp}, shapes)
 
 
@@ -371,8 +428,14 @@ def build(c, mesh, sections: Sequence[str], prepared: tuple | None = None) -> di
 def model_summary(c, params) -> dict:
     """Parameter counts (of the abstract `params`) and the model settings."""
     count = lambda tree: int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))  # noqa: E731
-    return {"preset": c.model.preset, "params": count(params), "vision_params": count(params.get("visual", {})),
-            "dtype": c.model.dtype, "param_dtype": c.model.param_dtype, "remat": c.model.remat}
+    return {
+        "preset": c.model.preset,
+        "params": count(params),
+        "vision_params": count(params.get("visual", {})),
+        "dtype": c.model.dtype,
+        "param_dtype": c.model.param_dtype,
+        "remat": c.model.remat,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -433,8 +496,12 @@ def cost_figures(compiled) -> dict:
         cost = cost[0] if cost else {}
     cost = cost or {}
     out = {}
-    for name, key in (("flops", "flops"), ("bytes_accessed", "bytes accessed"),
-                      ("transcendentals", "transcendentals"), ("optimal_seconds", "optimal_seconds")):
+    for name, key in (
+        ("flops", "flops"),
+        ("bytes_accessed", "bytes accessed"),
+        ("transcendentals", "transcendentals"),
+        ("optimal_seconds", "optimal_seconds"),
+    ):
         if key in cost:
             out[name] = float(cost[key])
     return out
@@ -448,22 +515,37 @@ def cost_figures(compiled) -> dict:
 def analyse(program: Program, dump_dir: str) -> dict:
     """Compile `program` and collect every figure of its section (SectionError if it does not compile)."""
     compiled, lower_s, compile_s = compile_program(program, dump_dir)
-    out = {"shapes": program.shapes, "lower_s": lower_s, "compile_s": compile_s,
-           "memory": memory_figures(compiled), "expected_argument_bytes": shard_bytes((program.args,)),
-           "cost": cost_figures(compiled)}
+    out = {
+        "shapes": program.shapes,
+        "lower_s": lower_s,
+        "compile_s": compile_s,
+        "memory": memory_figures(compiled),
+        "expected_argument_bytes": shard_bytes((program.args,)),
+        "cost": cost_figures(compiled),
+    }
     parsed = hlo.parse_hlo(compiled.as_text())
     out["collectives"] = hlo.collectives(parsed)
     buffers = hlo.buffer_assignment(dump_dir, parsed)
     if buffers is not None:
         out["buffers"] = buffers
     else:
-        out["buffers"] = {"source": "optimized HLO (largest instruction results; no buffer assignment was dumped)",
-                          "largest": hlo.largest_instructions(parsed)}
+        out["buffers"] = {
+            "source": "optimized HLO (largest instruction results; no buffer assignment was dumped)",
+            "largest": hlo.largest_instructions(parsed),
+        }
     return out
 
 
-def report(c, topology: str, shape: Sequence[int], sections: Sequence[str], workdir: str,
-           config_name: str | None = None, keep_dump: bool = False, log=print) -> dict:
+def report(
+    c,
+    topology: str,
+    shape: Sequence[int],
+    sections: Sequence[str],
+    workdir: str,
+    config_name: str | None = None,
+    keep_dump: bool = False,
+    log=print,
+) -> dict:
     """Build, compile and analyse `sections`; write `<workdir>/memory.json`; return the report."""
     import json
 
@@ -473,10 +555,18 @@ def report(c, topology: str, shape: Sequence[int], sections: Sequence[str], work
         raise SetupError(f"--sections: unknown {unknown}; known: {', '.join(SECTIONS)}")
     mesh, where = make_mesh(topology, shape)
     prepared = model_and_state(c, mesh)
-    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "config_file": config_name, **where,
-              "jax": jax.__version__, "jaxlib": _version("jaxlib"), "libtpu": libtpu_version(),
-              "model": model_summary(c, prepared[1].params), "peak_formula": PEAK_FORMULA, "config": c.to_dict(),
-              "sections": {}}
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "config_file": config_name,
+        **where,
+        "jax": jax.__version__,
+        "jaxlib": _version("jaxlib"),
+        "libtpu": libtpu_version(),
+        "model": model_summary(c, prepared[1].params),
+        "peak_formula": PEAK_FORMULA,
+        "config": c.to_dict(),
+        "sections": {},
+    }
     programs = build(c, mesh, sections, prepared)
     dump_root = os.path.join(workdir, "xla_dump") if keep_dump else tempfile.mkdtemp(prefix="jaxvlm-memory-")
     try:
@@ -490,13 +580,18 @@ def report(c, topology: str, shape: Sequence[int], sections: Sequence[str], work
             try:
                 result["sections"][section] = analyse(program, os.path.join(dump_root, section))
             except SectionError as e:
-                result["sections"][section] = {"shapes": program.shapes, "error": str(e),
-                                               "error_detail": str(e.__cause__ or e)[:8000]}
+                result["sections"][section] = {
+                    "shapes": program.shapes,
+                    "error": str(e),
+                    "error_detail": str(e.__cause__ or e)[:8000],
+                }
                 log(f"[memory] {section}: {e}")
                 continue
             r = result["sections"][section]
-            log(f"[memory] {section}: peak {r['memory'].get('peak_bytes', 0) / GiB:.2f} GiB per device, "
-                f"compiled in {r['compile_s']:.1f} s")
+            log(
+                f"[memory] {section}: peak {r['memory'].get('peak_bytes', 0) / GiB:.2f} GiB per device, "
+                f"compiled in {r['compile_s']:.1f} s"
+            )
     finally:
         if not keep_dump:
             import shutil
@@ -561,7 +656,8 @@ def table(result: dict) -> str:
         f"{m['dtype']} compute / {m['param_dtype']} weights, remat {m['remat']}",
         f"topology {result['topology']}: {result['devices']} x {result['device_kind']}, mesh "
         + " ".join(f"{k}={v}" for k, v in result["mesh"].items())
-        + f"; jax {result['jax']}" + (f", libtpu {result['libtpu']}" if result.get("libtpu") else ""),
+        + f"; jax {result['jax']}"
+        + (f", libtpu {result['libtpu']}" if result.get("libtpu") else ""),
     ]
     sections = result["sections"]
     names = list(sections)
@@ -591,8 +687,10 @@ def table(result: dict) -> str:
     row("bytes accessed (loop bodies once)", lambda r: _size(r["cost"]["bytes_accessed"]))
     row("lower + compile (s)", lambda r: f"{r['lower_s']:.1f} + {r['compile_s']:.1f}")
     lines.append(f"peak estimate = {PEAK_FORMULA}")
-    lines.append("device memory assigned = every device-memory allocation of XLA's buffer assignment (arguments, "
-                 "temporaries, outputs not aliased)")
+    lines.append(
+        "device memory assigned = every device-memory allocation of XLA's buffer assignment (arguments, "
+        "temporaries, outputs not aliased)"
+    )
     for n in names:
         r = sections[n]
         lines.append("")
@@ -603,22 +701,29 @@ def table(result: dict) -> str:
         b = r["buffers"]
         lines.append(f"  {len(b['largest'])} largest buffers ({b['source']}):")
         for x in b["largest"]:
-            lines.append(f"    {_size(x['bytes']):>11s}  {x['kind']:<15s} {x['shape']:<34s} {x.get('op') or '':<18s} "
-                         f"{_op_name(x.get('op_name'))}")
+            lines.append(
+                f"    {_size(x['bytes']):>11s}  {x['kind']:<15s} {x['shape']:<34s} {x.get('op') or '':<18s} "
+                f"{_op_name(x.get('op_name'))}"
+            )
         live = b.get("live_range_peak")
         if live and live["largest"]:
-            lines.append(f"  XLA live-range peak {_size(live['bytes'])} (loop bodies' temporaries not always included): "
-                         + "; ".join(f"{_size(x['bytes'])} {x.get('shape', x['instruction'])}"
-                                     for x in live["largest"][:3]))
-        lines.append("  collectives: in the HLO / run per step (x the loops' trip counts), operand bytes per step, "
-                     "largest operand; then the most bytes per step: operands -> results x runs")
+            lines.append(
+                f"  XLA live-range peak {_size(live['bytes'])} (loop bodies' temporaries not always included): "
+                + "; ".join(f"{_size(x['bytes'])} {x.get('shape', x['instruction'])}" for x in live["largest"][:3])
+            )
+        lines.append(
+            "  collectives: in the HLO / run per step (x the loops' trip counts), operand bytes per step, "
+            "largest operand; then the most bytes per step: operands -> results x runs"
+        )
         if not r["collectives"]:
             lines.append("    none")
         for col in r["collectives"]:
             runs = "?" if col["executions"] is None else str(col["executions"])
             moved = "?" if col["operand_bytes_per_run"] is None else _size(col["operand_bytes_per_run"])
-            lines.append(f"    {col['op']:<19s} {col['count']:>4d} / {runs:<6s} {moved:>11s}  largest "
-                         f"{col['largest_operand']['operand']}")
+            lines.append(
+                f"    {col['op']:<19s} {col['count']:>4d} / {runs:<6s} {moved:>11s}  largest "
+                f"{col['largest_operand']['operand']}"
+            )
             for top in col["top_per_step"]:
                 runs = "?" if top["executions"] is None else str(top["executions"])
                 lines.append(f"      {top['operand']} -> {top['result']} x{runs}  {_op_name(top['op_name'], 80)}")
@@ -632,7 +737,7 @@ def _assigned_temp(by_kind: dict) -> int:
 def _op_name(name: str | None, limit: int = 70) -> str:
     if not name:
         return ""
-    return name if len(name) <= limit else "..." + name[-(limit - 3):]
+    return name if len(name) <= limit else "..." + name[-(limit - 3) :]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -646,23 +751,33 @@ def _cli() -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    config = config_flags.DEFINE_config_file("config", "configs/bench.py", "Path to a benchmark config file.",
-                                             lock_config=True)
+    config = config_flags.DEFINE_config_file(
+        "config", "configs/bench.py", "Path to a benchmark config file.", lock_config=True
+    )
     workdir = flags.DEFINE_string("workdir", "/tmp/jaxvlm-memory", "Where memory.json is written.")
-    topology = flags.DEFINE_string("topology", "cpu:8", "v5p:2x2x2, v5e:2x4, v4:2x2x1, ... (TPU, needs libtpu) "
-                                   "or cpu:N (N simulated CPU devices).")
+    topology = flags.DEFINE_string(
+        "topology", "cpu:8", "v5p:2x2x2, v5e:2x4, v4:2x2x1, ... (TPU, needs libtpu) or cpu:N (N simulated CPU devices)."
+    )
     mesh = flags.DEFINE_list("mesh", ["1", "-1", "1"], "Mesh shape (data, fsdp, tensor); one -1 = the rest.")
     sections = flags.DEFINE_list("sections", list(SECTIONS), f"Any of {', '.join(SECTIONS)}.")
-    keep_dump = flags.DEFINE_bool("keep_dump", False, "Keep XLA's dumps (HLO, buffer assignment) under "
-                                  "<workdir>/xla_dump/<section>.")
+    keep_dump = flags.DEFINE_bool(
+        "keep_dump", False, "Keep XLA's dumps (HLO, buffer assignment) under <workdir>/xla_dump/<section>."
+    )
 
     def main(argv):
         del argv
         try:
             setup_platform(topology.value)
-            result = report(config.value, topology.value, [int(x) for x in mesh.value], sections.value,
-                            workdir.value, config_flags.get_config_filename(flags.FLAGS["config"]), keep_dump.value,
-                            log=lambda s: print(s, flush=True))
+            result = report(
+                config.value,
+                topology.value,
+                [int(x) for x in mesh.value],
+                sections.value,
+                workdir.value,
+                config_flags.get_config_filename(flags.FLAGS["config"]),
+                keep_dump.value,
+                log=lambda s: print(s, flush=True),
+            )
         except SetupError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)

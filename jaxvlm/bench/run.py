@@ -100,10 +100,14 @@ def _summary(warmup_s: float, repeats: list[tuple[dict[str, float], float]]) -> 
     median, min, max (the spread), count and every repeat's seconds; `compile_s`: its prepare's seconds less one
     median repeat (what compiling and warming up cost beyond a steady-state repeat)."""
     phases = {key: [p[key] for p, _ in repeats] for key in repeats[0][0]}
-    return {**{key: statistics.median(v) for key, v in phases.items()},
-            "compile_s": warmup_s - statistics.median(wall for _, wall in repeats),
-            "timings": {key: {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v), "times": v}
-                        for key, v in phases.items()}}
+    return {
+        **{key: statistics.median(v) for key, v in phases.items()},
+        "compile_s": warmup_s - statistics.median(wall for _, wall in repeats),
+        "timings": {
+            key: {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v), "times": v}
+            for key, v in phases.items()
+        },
+    }
 
 
 def _model(c):
@@ -122,17 +126,25 @@ def _rel(a: float, b: float) -> float:
 
 def bench_sft(c, model, params, mesh, peak: dict, checkpoint: str | None) -> dict:
     s = c.sft
-    rows = workload.make_rows(model.config, s.batch_size, s.seq_len, s.completion_len, workload.image_hw(s.image_hw), c.seed)
+    rows = workload.make_rows(
+        model.config, s.batch_size, s.seq_len, s.completion_len, workload.image_hw(s.image_hw), c.seed
+    )
     tokens = rows.num_rows * rows.seq_len
-    count = flops.train_flops(model.config, [rows.seq_len] * rows.num_rows, rows.num_rows * s.completion_len,
-                              rows.image_grid_thw)
+    count = flops.train_flops(
+        model.config, [rows.seq_len] * rows.num_rows, rows.num_rows * s.completion_len, rows.image_grid_thw
+    )
     verl = flops.verl_lm_flops(model.config.text, [rows.seq_len] * rows.num_rows)
     devices = mesh.devices.size  # the devices the step runs on
 
     def summary(r, side):
-        return {**r, "losses": side.losses, "grad_norms": side.grad_norms, "tokens_per_s": tokens / r["step_s"],
-                "mfu": flops.mfu(count["total"], r["step_s"], peak["flops"] * devices),
-                "mfu_lm_verl": flops.mfu(verl, r["step_s"], peak["flops"] * devices)}
+        return {
+            **r,
+            "losses": side.losses,
+            "grad_norms": side.grad_norms,
+            "tokens_per_s": tokens / r["step_s"],
+            "mfu": flops.mfu(count["total"], r["step_s"], peak["flops"] * devices),
+            "mfu_lm_verl": flops.mfu(verl, r["step_s"], peak["flops"] * devices),
+        }
 
     # What the step executes: the jaxpr's matmuls (x3 for the backward). Above the model count where the
     # implementation computes more than the model needs (e.g. padded windows), below where it skips work (causal
@@ -141,13 +153,24 @@ def bench_sft(c, model, params, mesh, peak: dict, checkpoint: str | None) -> dic
     mb = workload.sft_microbatches(model.config, rows, s.micro_batches)
     one = jax.tree.map(lambda x: x[0], mb)
     try:
-        executed = 3 * s.micro_batches * flops.traced_matmul_flops(
-            lambda p, b: train_steps.completion_logprobs(model, p, b), params, one)
+        executed = (
+            3
+            * s.micro_batches
+            * flops.traced_matmul_flops(lambda p, b: train_steps.completion_logprobs(model, p, b), params, one)
+        )
     except flops.DynamicLoopError:
         executed = None
-    out = {"rows": rows.num_rows, "seq_len": rows.seq_len, "completion_len": s.completion_len,
-           "image_hw": workload.image_hw(s.image_hw), "tokens": tokens, "flops": count, "flops_lm_verl": verl,
-           "executed_matmul_flops": executed, "repeats": s.steps}
+    out = {
+        "rows": rows.num_rows,
+        "seq_len": rows.seq_len,
+        "completion_len": s.completion_len,
+        "image_hw": workload.image_hw(s.image_hw),
+        "tokens": tokens,
+        "flops": count,
+        "flops_lm_verl": verl,
+        "executed_matmul_flops": executed,
+        "repeats": s.steps,
+    }
     sides = {"jax": jax_side.Sft(model, params, rows, micro_batches=s.micro_batches, opt=c.optimizer, mesh=mesh)}
     if checkpoint:
         from jaxvlm.bench import torch_side
@@ -155,16 +178,19 @@ def bench_sft(c, model, params, mesh, peak: dict, checkpoint: str | None) -> dic
         # Fresh weights for each: every side starts from the same params and runs its own sequence of steps.
         sides["torch"] = torch_side.Sft(_torch_baseline(c, checkpoint), rows, micro_batches=s.micro_batches)
         if c.torch.compile:
-            sides["torch_compile"] = torch_side.Sft(_torch_baseline(c, checkpoint), rows,
-                                                    micro_batches=s.micro_batches, compile=True)
+            sides["torch_compile"] = torch_side.Sft(
+                _torch_baseline(c, checkpoint), rows, micro_batches=s.micro_batches, compile=True
+            )
     timed, out["timeline"] = interleave(sides, s.steps, optional=("torch_compile",))
     for name, side in sides.items():
         out[name] = timed[name] if "error" in timed[name] else summary(timed[name], side)
     if checkpoint:
         j, t = out["jax"], out["torch"]
         n = min(len(j["losses"]), len(t["losses"]))
-        out["parity"] = {"loss_rel_diff": [_rel(a, b) for a, b in zip(j["losses"][:n], t["losses"][:n])],
-                         "grad_norm_rel_diff": _rel(j["grad_norms"][0], t["grad_norms"][0])}
+        out["parity"] = {
+            "loss_rel_diff": [_rel(a, b) for a, b in zip(j["losses"][:n], t["losses"][:n])],
+            "grad_norm_rel_diff": _rel(j["grad_norms"][0], t["grad_norms"][0]),
+        }
     return out
 
 
@@ -181,16 +207,27 @@ def bench_grpo(c, model, params, mesh, peak: dict, checkpoint: str | None) -> di
 
     def summary(r):
         decode_s = max(r["rollout_s"] - r["prefill_s"], 1e-12)
-        return {**r, "prefill_tokens_per_s": rows.num_rows * rows.seq_len / r["prefill_s"],
-                "decode_tokens_per_s": completions * (n - 1) / decode_s,
-                "update_tokens_per_s": tokens / r["update_s"],
-                "tokens_per_s_per_device": tokens / r["step_s"] / devices,
-                "update_mfu_lm_verl": flops.mfu(verl, r["update_s"], peak["flops"] * devices),
-                "update_mfu": flops.mfu(update_flops["total"], r["update_s"], peak["flops"] * devices)}
+        return {
+            **r,
+            "prefill_tokens_per_s": rows.num_rows * rows.seq_len / r["prefill_s"],
+            "decode_tokens_per_s": completions * (n - 1) / decode_s,
+            "update_tokens_per_s": tokens / r["update_s"],
+            "tokens_per_s_per_device": tokens / r["step_s"] / devices,
+            "update_mfu_lm_verl": flops.mfu(verl, r["update_s"], peak["flops"] * devices),
+            "update_mfu": flops.mfu(update_flops["total"], r["update_s"], peak["flops"] * devices),
+        }
 
-    out = {"prompts": rows.num_rows, "prompt_len": rows.seq_len, "num_generations": g, "max_new_tokens": n,
-           "image_hw": workload.image_hw(s.image_hw), "tokens": tokens, "flops": update_flops, "flops_lm_verl": verl,
-           "repeats": s.steps}
+    out = {
+        "prompts": rows.num_rows,
+        "prompt_len": rows.seq_len,
+        "num_generations": g,
+        "max_new_tokens": n,
+        "image_hw": workload.image_hw(s.image_hw),
+        "tokens": tokens,
+        "flops": update_flops,
+        "flops_lm_verl": verl,
+        "repeats": s.steps,
+    }
     kw = dict(num_generations=g, max_new_tokens=n, micro_batches=s.micro_batches)
     jax_grpo = jax_side.Grpo(model, params, rows, opt=c.optimizer, mesh=mesh, **kw)
     sides = {"jax": jax_grpo}
@@ -199,8 +236,9 @@ def bench_grpo(c, model, params, mesh, peak: dict, checkpoint: str | None) -> di
 
         # Parity first, on fresh weights (the torch side's prepare, after the JAX side's first step): the JAX
         # sampler's first batch, scored and differentiated by both.
-        sides["torch"] = torch_side.Grpo(_torch_baseline(c, checkpoint), rows,
-                                         parity_batch=lambda: jax_grpo.first["rows"], **kw)
+        sides["torch"] = torch_side.Grpo(
+            _torch_baseline(c, checkpoint), rows, parity_batch=lambda: jax_grpo.first["rows"], **kw
+        )
     timed, out["timeline"] = interleave(sides, s.steps)
     for name in sides:
         out[name] = summary(timed[name])
@@ -208,11 +246,15 @@ def bench_grpo(c, model, params, mesh, peak: dict, checkpoint: str | None) -> di
     out["jax"].update(first_loss=first["loss"], first_grad_norm=first["grad_norm"])
     if checkpoint:
         q = sides["torch"].parity
-        out["parity"] = {"logp_max_abs_diff": float(np.max(np.abs(q["logp"] - first["rows"]["old_logp"]))),
-                         "jax_loss": first["loss"], "torch_loss": q["loss"],
-                         "loss_abs_diff": abs(first["loss"] - q["loss"]),
-                         "jax_grad_norm": first["grad_norm"], "torch_grad_norm": q["grad_norm"],
-                         "grad_norm_rel_diff": _rel(first["grad_norm"], q["grad_norm"])}
+        out["parity"] = {
+            "logp_max_abs_diff": float(np.max(np.abs(q["logp"] - first["rows"]["old_logp"]))),
+            "jax_loss": first["loss"],
+            "torch_loss": q["loss"],
+            "loss_abs_diff": abs(first["loss"] - q["loss"]),
+            "jax_grad_norm": first["grad_norm"],
+            "torch_grad_norm": q["grad_norm"],
+            "grad_norm_rel_diff": _rel(first["grad_norm"], q["grad_norm"]),
+        }
     return out
 
 
@@ -230,11 +272,14 @@ def bench_decode(c, model, params, peak: dict, checkpoint: str | None) -> dict:
         if torch_model is not None:
             sides["torch"] = decode_bench.TorchGenerate(torch_model, batch, d.new_tokens)
         timed, timeline = interleave(sides, d.repeats)
-        row = {"batch": int(b), **{name: {**r, **decode_bench.throughput(batch, d.new_tokens, r)}
-                                   for name, r in timed.items()}}
+        row = {
+            "batch": int(b),
+            **{name: {**r, **decode_bench.throughput(batch, d.new_tokens, r)} for name, r in timed.items()},
+        }
         if not np.isnan(peak["bandwidth"]):
-            roof = flops.decode_roofline(model.config, int(b), d.prompt_len + d.new_tokens / 2, peak["bandwidth"],
-                                         bytes_per, bytes_per)
+            roof = flops.decode_roofline(
+                model.config, int(b), d.prompt_len + d.new_tokens / 2, peak["bandwidth"], bytes_per, bytes_per
+            )
             row["roofline"] = {**roof, "jax_fraction": row["jax"]["decode_tok_s"] / roof["tokens_per_s"]}
             if "torch" in row:
                 row["roofline"]["torch_fraction"] = row["torch"]["decode_tok_s"] / roof["tokens_per_s"]
@@ -259,11 +304,22 @@ def run(c, workdir: str) -> dict:
     peak = hardware.peak(c.model.dtype, c.peak.matmul_size)
     n_params = int(sum(x.size for x in jax.tree.leaves(params)))
     n_vision = int(sum(x.size for x in jax.tree.leaves(params.get("visual", {}))))
-    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine, "peak": peak,
-               "load_average": {"start": load_start, "end": None, "cpus": machine["cpus"]}, "spread": SPREAD,
-               "model": {"preset": c.model.preset, "params": n_params, "vision_params": n_vision,
-                         "dtype": c.model.dtype, "param_dtype": c.model.param_dtype, "remat": c.model.remat},
-               "config": c.to_dict()}
+    results = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine,
+        "peak": peak,
+        "load_average": {"start": load_start, "end": None, "cpus": machine["cpus"]},
+        "spread": SPREAD,
+        "model": {
+            "preset": c.model.preset,
+            "params": n_params,
+            "vision_params": n_vision,
+            "dtype": c.model.dtype,
+            "param_dtype": c.model.param_dtype,
+            "remat": c.model.remat,
+        },
+        "config": c.to_dict(),
+    }
     if warning:
         results["load_warning"] = warning
     with tempfile.TemporaryDirectory() as tmp:
@@ -341,19 +397,23 @@ def table(results: dict) -> str:
     """Side by side: JAX, PyTorch eager, torch.compile, and JAX's speed-up over each (higher = JAX faster), from
     the medians of the sides' interleaved repeats; under each time, its spread (min–max over the repeats)."""
     m, p, mod, load = results["machine"], results["peak"], results["model"], results["load_average"]
-    head = [f"jaxvlm bench {results['date']}: preset {mod['preset']} ({mod['params'] / 1e6:.1f}M params, "
-            f"{mod['vision_params'] / 1e6:.1f}M vision), {mod['dtype']} compute / {mod['param_dtype']} weights, "
-            f"{m['device_kind']} x{m['devices']} ({m['cpus']} CPUs), jax {m['jax']}"
-            + (f", torch {m['torch']} ({m['torch_threads']} threads)" if "torch" in m else ""),
-            f"peak {p['flops'] / 1e9:,.1f} GFLOP/s ({p['source']}), memory bandwidth {p['bandwidth'] / 1e9:,.1f} GB/s",
-            f"load average (1, 5, 15 min): {_load(load['start'])} at the start, {_load(load['end'])} at the end "
-            f"({load['cpus']} CPUs)"]
+    head = [
+        f"jaxvlm bench {results['date']}: preset {mod['preset']} ({mod['params'] / 1e6:.1f}M params, "
+        f"{mod['vision_params'] / 1e6:.1f}M vision), {mod['dtype']} compute / {mod['param_dtype']} weights, "
+        f"{m['device_kind']} x{m['devices']} ({m['cpus']} CPUs), jax {m['jax']}"
+        + (f", torch {m['torch']} ({m['torch_threads']} threads)" if "torch" in m else ""),
+        f"peak {p['flops'] / 1e9:,.1f} GFLOP/s ({p['source']}), memory bandwidth {p['bandwidth'] / 1e9:,.1f} GB/s",
+        f"load average (1, 5, 15 min): {_load(load['start'])} at the start, {_load(load['end'])} at the end "
+        f"({load['cpus']} CPUs)",
+    ]
     if "load_warning" in results:
         head.append(results["load_warning"])
     if "torch_missing" in results:
         head.append(results["torch_missing"])
-    head += ["Figures: medians of each side's timed repeats, which alternate between the sides round by round after",
-             "every side's compile / warm-up; ratios are of medians; min–max: the fastest and slowest repeat."]
+    head += [
+        "Figures: medians of each side's timed repeats, which alternate between the sides round by round after",
+        "every side's compile / warm-up; ratios are of medians; min–max: the fastest and slowest repeat.",
+    ]
     w = 15
     lines = [*head, "", f"{'':38s}{'JAX':>{w}s}{'torch':>{w}s}{'compile':>{w}s}{'vs torch':>10s}{'vs compile':>11s}"]
     sides = ("jax", "torch", "torch_compile")
@@ -385,15 +445,23 @@ def table(results: dict) -> str:
 
     if "sft" in results:
         s = results["sft"]
-        lines.append(f"SFT step: {s['rows']} rows x {s['seq_len']} tokens ({s['completion_len']} scored), image "
-                     f"{s['image_hw']}; {s['flops']['total'] / 1e9:,.1f} GFLOP ({s['flops']['vision'] / 1e9:,.1f} vision),"
-                     + ("" if s["executed_matmul_flops"] is None else
-                        f" executed matmuls {s['executed_matmul_flops'] / s['flops']['total']:.2f}x that;")
-                     + f" {s['repeats']} repeats per side")
-        for label, key, kind in (("  step time (s)", "step_s", "time"), ("  tokens/s", "tokens_per_s", "rate"),
-                                 ("  MFU (model incl. vision)", "mfu", "pct"),
-                                 ("  MFU (LM only, verl's count)", "mfu_lm_verl", "pct"),
-                                 ("  compile / warm-up (s)", "compile_s", "value")):
+        lines.append(
+            f"SFT step: {s['rows']} rows x {s['seq_len']} tokens ({s['completion_len']} scored), image "
+            f"{s['image_hw']}; {s['flops']['total'] / 1e9:,.1f} GFLOP ({s['flops']['vision'] / 1e9:,.1f} vision),"
+            + (
+                ""
+                if s["executed_matmul_flops"] is None
+                else f" executed matmuls {s['executed_matmul_flops'] / s['flops']['total']:.2f}x that;"
+            )
+            + f" {s['repeats']} repeats per side"
+        )
+        for label, key, kind in (
+            ("  step time (s)", "step_s", "time"),
+            ("  tokens/s", "tokens_per_s", "rate"),
+            ("  MFU (model incl. vision)", "mfu", "pct"),
+            ("  MFU (LM only, verl's count)", "mfu_lm_verl", "pct"),
+            ("  compile / warm-up (s)", "compile_s", "value"),
+        ):
             row(label, *(get(s, side, key) for side in sides), kind)
             if key == "step_s":
                 spread(s, key)
@@ -401,41 +469,67 @@ def table(results: dict) -> str:
             lines.append(f"  torch.compile: {s['torch_compile']['error']}")
         if "parity" in s:
             diffs = s["parity"]["loss_rel_diff"]
-            lines.append(f"  parity: loss rel. diff <= {max(diffs):.1e} over {len(diffs)} steps; grad-norm rel. diff "
-                         f"{s['parity']['grad_norm_rel_diff']:.1e}")
+            lines.append(
+                f"  parity: loss rel. diff <= {max(diffs):.1e} over {len(diffs)} steps; grad-norm rel. diff "
+                f"{s['parity']['grad_norm_rel_diff']:.1e}"
+            )
     if "grpo" in results:
         g = results["grpo"]
-        lines.append(f"GRPO step: {g['prompts']} prompts x G {g['num_generations']}, prompt {g['prompt_len']} + "
-                     f"{g['max_new_tokens']} new tokens, image {g['image_hw']}; {g['repeats']} repeats per side")
-        for label, key, kind in (("  rollout prefill tokens/s", "prefill_tokens_per_s", "rate"),
-                                 ("  rollout decode tokens/s", "decode_tokens_per_s", "rate"),
-                                 ("  rollout (s)", "rollout_s", "time"), ("  update (s)", "update_s", "time"),
-                                 ("  update tokens/s", "update_tokens_per_s", "rate"),
-                                 ("  step time (s)", "step_s", "time"),
-                                 ("  tokens/s per device (EasyR1's)", "tokens_per_s_per_device", "rate"),
-                                 ("  update MFU (LM only, verl's)", "update_mfu_lm_verl", "pct")):
+        lines.append(
+            f"GRPO step: {g['prompts']} prompts x G {g['num_generations']}, prompt {g['prompt_len']} + "
+            f"{g['max_new_tokens']} new tokens, image {g['image_hw']}; {g['repeats']} repeats per side"
+        )
+        for label, key, kind in (
+            ("  rollout prefill tokens/s", "prefill_tokens_per_s", "rate"),
+            ("  rollout decode tokens/s", "decode_tokens_per_s", "rate"),
+            ("  rollout (s)", "rollout_s", "time"),
+            ("  update (s)", "update_s", "time"),
+            ("  update tokens/s", "update_tokens_per_s", "rate"),
+            ("  step time (s)", "step_s", "time"),
+            ("  tokens/s per device (EasyR1's)", "tokens_per_s_per_device", "rate"),
+            ("  update MFU (LM only, verl's)", "update_mfu_lm_verl", "pct"),
+        ):
             row(label, get(g, "jax", key), get(g, "torch", key), None, kind)
             if kind == "time":
                 spread(g, key)
         if "parity" in g:
             q = g["parity"]
-            lines.append(f"  parity on the same rollouts: log-prob max abs diff {q['logp_max_abs_diff']:.1e}; loss "
-                         f"{q['jax_loss']:.3g} vs {q['torch_loss']:.3g}; grad norm rel. diff {q['grad_norm_rel_diff']:.1e}")
+            lines.append(
+                f"  parity on the same rollouts: log-prob max abs diff {q['logp_max_abs_diff']:.1e}; loss "
+                f"{q['jax_loss']:.3g} vs {q['torch_loss']:.3g}; grad norm rel. diff {q['grad_norm_rel_diff']:.1e}"
+            )
     if "decode" in results:
         d = results["decode"]
-        lines.append(f"Decode (greedy, {d['dtype']}, prompt {d['prompt_len']}, {d['new_tokens']} new tokens; "
-                     f"{d['repeats']} repeats per side)")
+        lines.append(
+            f"Decode (greedy, {d['dtype']}, prompt {d['prompt_len']}, {d['new_tokens']} new tokens; "
+            f"{d['repeats']} repeats per side)"
+        )
         for r in d["rows"]:
-            row(f"  batch {r['batch']:>3d} decode tokens/s", r["jax"]["decode_tok_s"],
-                r.get("torch", {}).get("decode_tok_s"), None, "rate")
+            row(
+                f"  batch {r['batch']:>3d} decode tokens/s",
+                r["jax"]["decode_tok_s"],
+                r.get("torch", {}).get("decode_tok_s"),
+                None,
+                "rate",
+            )
             # (the spread of the timed generate itself: a repeat's decode time is a difference of two timings,
             # which load can make near zero or negative; the median of those differences is the figure above)
-            row(f"    generate({d['new_tokens']}) (s)", get(r, "jax", "generate_s"), get(r, "torch", "generate_s"),
-                None, "time")
+            row(
+                f"    generate({d['new_tokens']}) (s)",
+                get(r, "jax", "generate_s"),
+                get(r, "torch", "generate_s"),
+                None,
+                "time",
+            )
             spread(r, "generate_s")
             if "roofline" in r:
-                lines.append(f"  batch {r['batch']:>3d} bandwidth roofline {r['roofline']['tokens_per_s']:,.0f} tok/s:"
-                             f" JAX at {_pct(r['roofline']['jax_fraction'])}"
-                             + (f", torch at {_pct(r['roofline']['torch_fraction'])}"
-                                if "torch_fraction" in r["roofline"] else ""))
+                lines.append(
+                    f"  batch {r['batch']:>3d} bandwidth roofline {r['roofline']['tokens_per_s']:,.0f} tok/s:"
+                    f" JAX at {_pct(r['roofline']['jax_fraction'])}"
+                    + (
+                        f", torch at {_pct(r['roofline']['torch_fraction'])}"
+                        if "torch_fraction" in r["roofline"]
+                        else ""
+                    )
+                )
     return "\n".join(lines)

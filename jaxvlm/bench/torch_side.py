@@ -39,8 +39,9 @@ class TorchBaseline:
         self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
         self.model.to(self.device).train()
         self.opt_cfg = opt
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.learning_rate, betas=(0.9, 0.999),
-                                           eps=1e-8, weight_decay=opt.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=opt.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=opt.weight_decay
+        )
 
     # -- helpers ---------------------------------------------------------------------------------------------------
 
@@ -85,8 +86,11 @@ class TorchBaseline:
         p = 0 if pixel_values is None else pixel_values.shape[0] // rows_ids.shape[0]
         for m in range(micro_batches):
             sl = slice(m * b, (m + 1) * b)
-            yield (rows_ids[sl], None if pixel_values is None else pixel_values[m * b * p:(m + 1) * b * p],
-                   None if grid is None else grid[sl])
+            yield (
+                rows_ids[sl],
+                None if pixel_values is None else pixel_values[m * b * p : (m + 1) * b * p],
+                None if grid is None else grid[sl],
+            )
 
     def _apply_update(self) -> float:
         torch = _torch()
@@ -116,13 +120,20 @@ class TorchBaseline:
         torch = _torch()
         inputs = self._tensors(rows.input_ids, rows.pixel_values, rows.image_grid_thw)
         with torch.no_grad(), self._autocast():
-            out = self.model.generate(**inputs, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                      num_return_sequences=num_generations, max_new_tokens=max_new_tokens,
-                                      min_new_tokens=max_new_tokens, pad_token_id=0,
-                                      # as jaxvlm's sampler: never sample an image / video placeholder (random
-                                      # weights would, and the completion could then not be scored)
-                                      suppress_tokens=[self.model.config.image_token_id,
-                                                       self.model.config.video_token_id])
+            out = self.model.generate(
+                **inputs,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                num_return_sequences=num_generations,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens,
+                pad_token_id=0,
+                # as jaxvlm's sampler: never sample an image / video placeholder (random
+                # weights would, and the completion could then not be scored)
+                suppress_tokens=[self.model.config.image_token_id, self.model.config.video_token_id],
+            )
         assert out.shape == (rows.num_rows * num_generations, rows.seq_len + max_new_tokens), out.shape
         return out
 
@@ -140,8 +151,18 @@ class TorchBaseline:
         std = grouped.std(1).repeat_interleave(num_generations)
         return (rewards - mean) / (std + 1e-4)
 
-    def grpo_loss(self, ids: np.ndarray, pixel_values, grid, completion_len: int, advantages, old_logp=None,
-                  eps_low: float = 0.2, eps_high: float = 0.2, model=None):
+    def grpo_loss(
+        self,
+        ids: np.ndarray,
+        pixel_values,
+        grid,
+        completion_len: int,
+        advantages,
+        old_logp=None,
+        eps_low: float = 0.2,
+        eps_high: float = 0.2,
+        model=None,
+    ):
         """TRL's `_compute_loss` ("grpo" aggregation, no KL): -min(r A, clip(r, 1-eps_low, 1+eps_high) A), token mean
         per sequence, mean over sequences. old_logp None = the detached current log-probs (num_iterations 1).
         Every completion token is live (generation ran to `max_new_tokens`)."""
@@ -153,8 +174,9 @@ class TorchBaseline:
         per_token = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
         return per_token.mean(-1).mean(), logp
 
-    def grpo_update(self, ids: np.ndarray, pixel_values, grid, completion_len: int, advantages, micro_batches: int,
-                    old_logp=None) -> tuple[float, float]:
+    def grpo_update(
+        self, ids: np.ndarray, pixel_values, grid, completion_len: int, advantages, micro_batches: int, old_logp=None
+    ) -> tuple[float, float]:
         """One update over B*G rows (pixels per row); returns (loss, gradient norm before clipping)."""
         torch = _torch()
         advantages = torch.as_tensor(advantages, dtype=torch.float32, device=self.device)
@@ -210,8 +232,16 @@ class Grpo:
     loss and gradient norm of one update on them), as the JAX side's first step did; that update is this side's
     first."""
 
-    def __init__(self, baseline: TorchBaseline, rows: workload.Rows, *, num_generations: int, max_new_tokens: int,
-                 micro_batches: int, parity_batch=None):
+    def __init__(
+        self,
+        baseline: TorchBaseline,
+        rows: workload.Rows,
+        *,
+        num_generations: int,
+        max_new_tokens: int,
+        micro_batches: int,
+        parity_batch=None,
+    ):
         self.baseline, self.rows = baseline, rows
         self.g, self.n, self.micro_batches = num_generations, max_new_tokens, micro_batches
         self.parity_batch = parity_batch
@@ -238,8 +268,15 @@ class Grpo:
         pixels, grid = workload.repeated_pixels(self.rows, self.g)
         with torch.no_grad():
             logp = b.completion_logprobs(b.model, ids, pixels, grid, self.n).float().cpu().numpy()
-        loss, norm = b.grpo_update(ids, pixels, grid, self.n, torch.as_tensor(first["advantages"]),
-                                   self.micro_batches, old_logp=first["old_logp"])
+        loss, norm = b.grpo_update(
+            ids,
+            pixels,
+            grid,
+            self.n,
+            torch.as_tensor(first["advantages"]),
+            self.micro_batches,
+            old_logp=first["old_logp"],
+        )
         return {"logp": logp, "loss": loss, "grad_norm": norm}
 
     def _step(self) -> dict[str, float]:
@@ -251,7 +288,7 @@ class Grpo:
         seqs = b.generate(rows, self.g, self.n)
         b._sync()
         t1 = time.perf_counter()
-        completions = seqs[:, rows.seq_len:].cpu().numpy()
+        completions = seqs[:, rows.seq_len :].cpu().numpy()
         rewards = workload.token_parity_reward(completions, np.ones_like(completions))
         advantages = b.group_advantages(torch.as_tensor(rewards, device=b.device), self.g)
         ids = seqs.cpu().numpy()

@@ -43,7 +43,7 @@ class Rows:
         if self.pixel_values is None:
             return None
         p = self.pixel_values.shape[0] // self.num_rows
-        return [(self.pixel_values[i * p:(i + 1) * p], self.image_grid_thw[i:i + 1]) for i in range(self.num_rows)]
+        return [(self.pixel_values[i * p : (i + 1) * p], self.image_grid_thw[i : i + 1]) for i in range(self.num_rows)]
 
 
 def repeated_pixels(rows: Rows, times: int) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -66,8 +66,9 @@ def image_tokens(cfg: ModelConfig, image_hw: tuple[int, int]) -> tuple[np.ndarra
     return grid, int(grid.prod()) // v.merge_unit
 
 
-def make_rows(cfg: ModelConfig, rows: int, seq_len: int, completion_len: int, image_hw: tuple[int, int] | None,
-              seed: int = 0) -> Rows:
+def make_rows(
+    cfg: ModelConfig, rows: int, seq_len: int, completion_len: int, image_hw: tuple[int, int] | None, seed: int = 0
+) -> Rows:
     """`rows` rows of `seq_len` tokens whose last `completion_len` are the completion (`completion_len` 0: prompts
     only, for rollouts). With `image_hw`, each row starts with one image of that many pixels."""
     rng = np.random.default_rng(seed)
@@ -82,17 +83,25 @@ def make_rows(cfg: ModelConfig, rows: int, seq_len: int, completion_len: int, im
         prefix = [cfg.vision_start_token_id] + [cfg.image_token_id] * n + [cfg.vision_end_token_id]
     text = seq_len - len(prefix)
     if text <= completion_len:
-        raise ValueError(f"seq_len {seq_len} leaves {text} text tokens after the image's {len(prefix)}: need more than "
-                         f"completion_len {completion_len}")
-    ids = np.concatenate([np.broadcast_to(np.asarray(prefix, np.int32), (rows, len(prefix))),
-                          rng.integers(0, high, (rows, text)).astype(np.int32)], axis=1)
+        raise ValueError(
+            f"seq_len {seq_len} leaves {text} text tokens after the image's {len(prefix)}: need more than "
+            f"completion_len {completion_len}"
+        )
+    ids = np.concatenate(
+        [
+            np.broadcast_to(np.asarray(prefix, np.int32), (rows, len(prefix))),
+            rng.integers(0, high, (rows, text)).astype(np.int32),
+        ],
+        axis=1,
+    )
     mask = np.ones_like(ids)
     pixel_values = grids = None
     if grid is not None:
         grids = np.broadcast_to(grid, (rows, 3)).copy()
         pixel_values = rng.standard_normal((rows * int(grid.prod()), cfg.vision.patch_dim)).astype(np.float32)
-        position_ids, _ = get_rope_index(ids, mask, grids, image_token_id=cfg.image_token_id,
-                                         spatial_merge_size=cfg.vision.spatial_merge_size)
+        position_ids, _ = get_rope_index(
+            ids, mask, grids, image_token_id=cfg.image_token_id, spatial_merge_size=cfg.vision.spatial_merge_size
+        )
     else:
         position_ids = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (3, rows, seq_len))
     return Rows(ids, seq_len - completion_len, pixel_values, grids, np.asarray(position_ids, np.int32))
@@ -103,16 +112,26 @@ def sft_microbatches(cfg: ModelConfig, rows: Rows, micro_batches: int, slot_mult
     slots a multiple of `slot_multiple` (the data-parallel size)."""
     p = rows.prompt_len
     fields = {
-        "prompt_ids": rows.input_ids[:, :p], "prompt_mask": np.ones_like(rows.input_ids[:, :p]),
-        "completion_ids": rows.input_ids[:, p:], "completion_mask": np.ones_like(rows.input_ids[:, p:]),
+        "prompt_ids": rows.input_ids[:, :p],
+        "prompt_mask": np.ones_like(rows.input_ids[:, :p]),
+        "completion_ids": rows.input_ids[:, p:],
+        "completion_mask": np.ones_like(rows.input_ids[:, p:]),
         "position_ids": rows.position_ids,
     }
-    return batching.microbatches(fields, (micro_batches,), row_pixels=rows.row_pixels(), vision_config=cfg.vision,
-                                 slot_multiple=slot_multiple)
+    return batching.microbatches(
+        fields, (micro_batches,), row_pixels=rows.row_pixels(), vision_config=cfg.vision, slot_multiple=slot_multiple
+    )
 
 
-def grpo_update_batch(cfg: ModelConfig, rows: Rows, inputs: dict, rollout, num_generations: int, micro_batches: int,
-                      slot_multiple: int = 1) -> tuple[dict, dict]:
+def grpo_update_batch(
+    cfg: ModelConfig,
+    rows: Rows,
+    inputs: dict,
+    rollout,
+    num_generations: int,
+    micro_batches: int,
+    slot_multiple: int = 1,
+) -> tuple[dict, dict]:
     """The GRPO update's rows [R, ...] and their `[1, M, b, ...]` batch, from a host rollout of `rows`' prompts
     (`inputs`: their `sampling.prepare_prompts`), assembled by the trainer's own `rollouts.grpo_update_batch` with
     `token_parity_reward`'s group advantages, each prompt's image shared by its G rows."""
@@ -122,9 +141,15 @@ def grpo_update_batch(cfg: ModelConfig, rows: Rows, inputs: dict, rollout, num_g
     rewards = token_parity_reward(np.asarray(rollout.tokens), np.asarray(rollout.mask))
     row_pixels = rows.row_pixels()
     return rollouts.grpo_update_batch(
-        sampling.update_rows(inputs, rollout, g), rewards, g, "group", (1, micro_batches),
-        row_pixels=None if row_pixels is None else batching.repeat_rows(row_pixels, g), vision_config=cfg.vision,
-        slot_multiple=slot_multiple)
+        sampling.update_rows(inputs, rollout, g),
+        rewards,
+        g,
+        "group",
+        (1, micro_batches),
+        row_pixels=None if row_pixels is None else batching.repeat_rows(row_pixels, g),
+        vision_config=cfg.vision,
+        slot_multiple=slot_multiple,
+    )
 
 
 def image_hw(value) -> tuple[int, int] | None:

@@ -54,8 +54,21 @@ DEFAULTS: dict[str, Any] = {
     "target": "",
     "source": "",
 }
-FIELDS = ("id", "question", "answer", "answer_type", "task", "images", "reasoning", "caption", "difficulty",
-          "bbox", "options", "target", "source")
+FIELDS = (
+    "id",
+    "question",
+    "answer",
+    "answer_type",
+    "task",
+    "images",
+    "reasoning",
+    "caption",
+    "difficulty",
+    "bbox",
+    "options",
+    "target",
+    "source",
+)
 
 OPTION_LETTERS = "ABCDEFGHIJ"
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
@@ -88,8 +101,9 @@ def canonical_answer(answer_type: str, answer: str, where: str = "") -> str:
     if answer_type in ("choice", "multi_choice"):
         letters = [part.strip().upper() for part in re.split(r"[,\s]+", text) if part.strip()]
         if not letters or any(len(x) != 1 or x not in OPTION_LETTERS for x in letters):
-            raise _fail(where, "answer", f"a {answer_type} answer must be option letters like 'B' or 'A,C', "
-                        f"got {answer!r}")
+            raise _fail(
+                where, "answer", f"a {answer_type} answer must be option letters like 'B' or 'A,C', got {answer!r}"
+            )
         if answer_type == "choice" and len(letters) != 1:
             raise _fail(where, "answer", f"a choice answer is one letter, got {answer!r} (use multi_choice)")
         return ",".join(sorted(set(letters)))

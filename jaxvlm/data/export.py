@@ -16,12 +16,28 @@ from typing import Any
 
 from PIL import Image
 
-EXPORTED_FIELDS = ("id", "question", "answer", "answer_type", "task", "reasoning", "caption", "difficulty", "bbox",
-                   "options", "target")
+EXPORTED_FIELDS = (
+    "id",
+    "question",
+    "answer",
+    "answer_type",
+    "task",
+    "reasoning",
+    "caption",
+    "difficulty",
+    "bbox",
+    "options",
+    "target",
+)
 
 
-def write_jsonl_dataset(examples: Iterable[dict[str, Any]], out_dir: str | os.PathLike, *,
-                        name: str = "data.jsonl", image_dir: str = "images") -> str:
+def write_jsonl_dataset(
+    examples: Iterable[dict[str, Any]],
+    out_dir: str | os.PathLike,
+    *,
+    name: str = "data.jsonl",
+    image_dir: str = "images",
+) -> str:
     """Write `examples` to `out_dir/name` with their images as `out_dir/image_dir/<line>_<k>.png`.
 
     Returns the JSONL path. PNG is lossless, so reading the file back gives bit-identical pixels.
@@ -43,7 +59,7 @@ def write_jsonl_dataset(examples: Iterable[dict[str, Any]], out_dir: str | os.Pa
 
 
 def main(argv: list[str] | None = None) -> str:
-    from jaxvlm.data.gym import GymConfig, GymSource, TASKS
+    from jaxvlm.data.gym import TASKS, GymConfig, GymSource
 
     parser = argparse.ArgumentParser(description="Export gym examples as a JSONL + PNG dataset.")
     parser.add_argument("--out", required=True, help="output directory")

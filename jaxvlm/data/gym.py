@@ -57,18 +57,50 @@ import numpy as np
 
 from jaxvlm.data.example import OPTION_LETTERS, format_box
 
-TASKS = ("word_arithmetic", "exists", "count_choice", "colors_present", "count", "largest_attribute",
-         "count_arithmetic", "grounding", "mood")
+TASKS = (
+    "word_arithmetic",
+    "exists",
+    "count_choice",
+    "colors_present",
+    "count",
+    "largest_attribute",
+    "count_arithmetic",
+    "grounding",
+    "mood",
+)
 TEXT_ONLY_STAGE = 0
-TASK_STAGE = {"word_arithmetic": TEXT_ONLY_STAGE, "exists": 1, "count_choice": 2, "colors_present": 2, "count": 3,
-              "largest_attribute": 3, "count_arithmetic": 3, "grounding": 3, "mood": 3}
-TASK_ANSWER_TYPE = {"word_arithmetic": "number", "exists": "yesno", "count_choice": "choice",
-                    "colors_present": "multi_choice", "count": "number", "largest_attribute": "string",
-                    "count_arithmetic": "number", "grounding": "bbox", "mood": "labels"}
+TASK_STAGE = {
+    "word_arithmetic": TEXT_ONLY_STAGE,
+    "exists": 1,
+    "count_choice": 2,
+    "colors_present": 2,
+    "count": 3,
+    "largest_attribute": 3,
+    "count_arithmetic": 3,
+    "grounding": 3,
+    "mood": 3,
+}
+TASK_ANSWER_TYPE = {
+    "word_arithmetic": "number",
+    "exists": "yesno",
+    "count_choice": "choice",
+    "colors_present": "multi_choice",
+    "count": "number",
+    "largest_attribute": "string",
+    "count_arithmetic": "number",
+    "grounding": "bbox",
+    "mood": "labels",
+}
 SPLITS = ("train", "validation", "test")
 
-SHAPE_COLORS = {"red": (220, 30, 30), "orange": (255, 140, 0), "yellow": (250, 220, 30),
-                "green": (30, 160, 60), "blue": (30, 80, 220), "purple": (140, 50, 180)}
+SHAPE_COLORS = {
+    "red": (220, 30, 30),
+    "orange": (255, 140, 0),
+    "yellow": (250, 220, 30),
+    "green": (30, 160, 60),
+    "blue": (30, 80, 220),
+    "purple": (140, 50, 180),
+}
 WARM_COLORS = ("red", "orange", "yellow")
 COOL_COLORS = ("green", "blue", "purple")
 BACKGROUND_COLORS = {"white": (255, 255, 255), "black": (0, 0, 0)}
@@ -95,7 +127,7 @@ def radius_for(size: str, image_size: int) -> int:
     return max(2, round(SIZE_FRACTIONS[size] * image_size))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shape_mask(kind: str, radius: int) -> np.ndarray:
     """Read-only bool mask [2r, 2r] of a shape's pixels inside its box; each edge of the box touches the shape."""
     side = 2 * radius
@@ -137,7 +169,7 @@ class Shape:
 
     @property
     def name(self) -> str:
-        """"large red circle"."""
+        """ "large red circle"."""
         return f"{self.size} {self.color} {self.kind}"
 
     def position(self, image_size: int) -> str:
@@ -161,7 +193,7 @@ class Scene:
         return f"{self.image_size}px,{self.background}:{shapes}"
 
     def inventory(self) -> str:
-        """"3 shapes on a white background: a large red circle, a small blue square and a medium blue triangle"."""
+        """ "3 shapes on a white background: a large red circle, a small blue square and a medium blue triangle"."""
         count = len(self.shapes)
         names = _join([f"a {s.name}" for s in self.shapes])
         return f"{count} shape{'s' if count != 1 else ''} on a {self.background} background: {names}"
@@ -170,12 +202,14 @@ class Scene:
         """A faithful description: size, colour, kind and coarse position of every shape."""
         count = len(self.shapes)
         parts = _join([f"a {s.name} {s.position(self.image_size)}" for s in self.shapes])
-        return (f"A {self.image_size}x{self.image_size} image on a {self.background} background with {count} "
-                f"shape{'s' if count != 1 else ''}: {parts}.")
+        return (
+            f"A {self.image_size}x{self.image_size} image on a {self.background} background with {count} "
+            f"shape{'s' if count != 1 else ''}: {parts}."
+        )
 
 
 def _join(items: Sequence[str]) -> str:
-    """"a", "a and b", "a, b and c"."""
+    """ "a", "a and b", "a, b and c"."""
     items = list(items)
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
@@ -184,9 +218,16 @@ def _boxes_apart(a: Sequence[int], b: Sequence[int]) -> bool:
     return a[2] + GAP <= b[0] or b[2] + GAP <= a[0] or a[3] + GAP <= b[1] or b[3] + GAP <= a[1]
 
 
-def sample_scene(rng: random.Random, image_size: int, num_shapes: int, *, background: str | None = None,
-                 warm_probability: float | None = None, kind_weights: Sequence[float] | None = None,
-                 attempts: int = 200) -> Scene:
+def sample_scene(
+    rng: random.Random,
+    image_size: int,
+    num_shapes: int,
+    *,
+    background: str | None = None,
+    warm_probability: float | None = None,
+    kind_weights: Sequence[float] | None = None,
+    attempts: int = 200,
+) -> Scene:
     """A random scene with `num_shapes` shapes (cheap: no pixels are drawn).
 
     `background` fixes the background; `warm_probability` draws each colour from WARM_COLORS with that probability
@@ -218,8 +259,10 @@ def sample_scene(rng: random.Random, image_size: int, num_shapes: int, *, backgr
         else:
             ordered = tuple(sorted(shapes, key=lambda s: (s.cy, s.cx)))
             return Scene(image_size, chosen_background, ordered)
-    raise RuntimeError(f"could not place {num_shapes} non-overlapping shapes in a {image_size}px image "
-                       f"in {attempts} attempts; lower GymConfig.shape_counts or raise image_size")
+    raise RuntimeError(
+        f"could not place {num_shapes} non-overlapping shapes in a {image_size}px image "
+        f"in {attempts} attempts; lower GymConfig.shape_counts or raise image_size"
+    )
 
 
 def render_scene(scene: Scene) -> np.ndarray:
@@ -295,8 +338,9 @@ class GymConfig:
         if unknown or not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"GymConfig.tasks must be distinct tasks of {TASKS}, got {self.tasks}")
         if not self.difficulties or any(not 0 <= d < len(self.shape_counts) for d in self.difficulties):
-            raise ValueError(f"GymConfig.difficulties must be levels in 0..{len(self.shape_counts) - 1}, "
-                             f"got {self.difficulties}")
+            raise ValueError(
+                f"GymConfig.difficulties must be levels in 0..{len(self.shape_counts) - 1}, got {self.difficulties}"
+            )
         if any(not 1 <= lo <= hi for lo, hi in self.shape_counts):
             raise ValueError(f"GymConfig.shape_counts needs 1 <= min <= max per level, got {self.shape_counts}")
         if len(self.split_fractions) != 3 or min(self.split_fractions) < 0 or abs(sum(self.split_fractions) - 1) > 1e-9:
@@ -334,11 +378,20 @@ class ExampleSpec:
 
     def to_example(self) -> dict[str, Any]:
         """The example dict (format of `jaxvlm.data.example`), rendering the image."""
-        return {"id": self.id, "question": self.question, "answer": self.answer,
-                "answer_type": TASK_ANSWER_TYPE[self.task], "task": self.task,
-                "images": [render_scene(self.scene)] if self.scene else [], "reasoning": self.reasoning,
-                "caption": self.scene.caption() if self.scene else "", "difficulty": self.difficulty,
-                "bbox": list(self.bbox), "options": list(self.options), "source": "gym"}
+        return {
+            "id": self.id,
+            "question": self.question,
+            "answer": self.answer,
+            "answer_type": TASK_ANSWER_TYPE[self.task],
+            "task": self.task,
+            "images": [render_scene(self.scene)] if self.scene else [],
+            "reasoning": self.reasoning,
+            "caption": self.scene.caption() if self.scene else "",
+            "difficulty": self.difficulty,
+            "bbox": list(self.bbox),
+            "options": list(self.options),
+            "source": "gym",
+        }
 
 
 def split_of_signature(signature: str, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> str:
@@ -418,8 +471,12 @@ def _make_exists(draw: _Draw) -> dict:
         color, kind = draw.rng.choice(near if near and draw.rng.random() < 0.7 else absent)
         because = f"None of the shapes is a {color} {kind}."
     answer = "yes" if draw.slot % 2 == 0 else "no"
-    return dict(scene=scene, question=f"Is there a {color} {kind} in the image?", answer=answer,
-                reasoning=f"The image shows {scene.inventory()}. {because} The answer is {answer}.")
+    return dict(
+        scene=scene,
+        question=f"Is there a {color} {kind} in the image?",
+        answer=answer,
+        reasoning=f"The image shows {scene.inventory()}. {because} The answer is {answer}.",
+    )
 
 
 def _options_text(options: Sequence[str]) -> str:
@@ -434,9 +491,13 @@ def _make_count_choice(draw: _Draw) -> dict:
     options = tuple(str(start + i) for i in range(4))
     letter = OPTION_LETTERS[count - start]
     question = f"How many {target.phrase()} are there?\n{_options_text(options)}"
-    return dict(scene=scene, question=question, answer=letter, options=options,
-                reasoning=f"The image shows {scene.inventory()}. {sentence} That is option {letter}. "
-                          f"The answer is {letter}.")
+    return dict(
+        scene=scene,
+        question=question,
+        answer=letter,
+        options=options,
+        reasoning=f"The image shows {scene.inventory()}. {sentence} That is option {letter}. The answer is {letter}.",
+    )
 
 
 def _make_colors_present(draw: _Draw) -> dict:
@@ -453,9 +514,14 @@ def _make_colors_present(draw: _Draw) -> dict:
     verdict = f"Of the options, {shown} appear{'s' if num_correct == 1 else ''}"
     verdict += f" and {_join(missing)} do{'es' if len(missing) == 1 else ''} not." if missing else "."
     question = f"Which colours appear in the image? Select all that apply.\n{_options_text(options)}"
-    return dict(scene=scene, question=question, answer=answer, options=tuple(options),
-                reasoning=f"The image shows {scene.inventory()}. The shapes' colours are {_join(present)}. "
-                          f"{verdict} The answer is {answer}.")
+    return dict(
+        scene=scene,
+        question=question,
+        answer=answer,
+        options=tuple(options),
+        reasoning=f"The image shows {scene.inventory()}. The shapes' colours are {_join(present)}. "
+        f"{verdict} The answer is {answer}.",
+    )
 
 
 def _make_count(draw: _Draw) -> dict:
@@ -463,8 +529,12 @@ def _make_count(draw: _Draw) -> dict:
     both = draw.difficulty >= 2 and draw.rng.random() < 0.5
     target = _random_target(draw.rng, scene, both=both, present=draw.rng.random() >= 0.1)
     count, sentence = target.count_sentence(scene)
-    return dict(scene=scene, question=f"How many {target.phrase()} are there?", answer=str(count),
-                reasoning=f"The image shows {scene.inventory()}. {sentence} The answer is {count}.")
+    return dict(
+        scene=scene,
+        question=f"How many {target.phrase()} are there?",
+        answer=str(count),
+        reasoning=f"The image shows {scene.inventory()}. {sentence} The answer is {count}.",
+    )
 
 
 def _make_largest_attribute(draw: _Draw) -> dict:
@@ -484,9 +554,12 @@ def _make_largest_attribute(draw: _Draw) -> dict:
         why = f"It is the only shape, so the {largest.name} is the largest."
     else:
         why = f"The largest shape is the {largest.name}; every other shape is clearly smaller."
-    return dict(scene=scene, question=question, answer=answer,
-                reasoning=f"The image shows {scene.inventory()}. {why} Its {attribute} is {answer}. "
-                          f"The answer is {answer}.")
+    return dict(
+        scene=scene,
+        question=question,
+        answer=answer,
+        reasoning=f"The image shows {scene.inventory()}. {why} Its {attribute} is {answer}. The answer is {answer}.",
+    )
 
 
 def _target_pair(draw: _Draw, scene: Scene) -> tuple[_Target, _Target]:
@@ -515,9 +588,12 @@ def _make_count_arithmetic(draw: _Draw) -> dict:
     else:
         question = f"What is the number of {first.phrase()} times the number of {second.phrase()}?"
         answer, step = a * b, f"The product is {a} x {b} = {a * b}."
-    return dict(scene=scene, question=question, answer=str(answer),
-                reasoning=f"The image shows {scene.inventory()}. {a_sentence} {b_sentence} {step} "
-                          f"The answer is {answer}.")
+    return dict(
+        scene=scene,
+        question=question,
+        answer=str(answer),
+        reasoning=f"The image shows {scene.inventory()}. {a_sentence} {b_sentence} {step} The answer is {answer}.",
+    )
 
 
 def _make_grounding(draw: _Draw) -> dict:
@@ -532,31 +608,42 @@ def _make_grounding(draw: _Draw) -> dict:
     target = draw.rng.choice(unique)
     x1, y1, x2, y2 = target.bbox
     answer = format_box(target.bbox)
-    return dict(scene=scene, question=f"Give the bounding box of the {target.color} {target.kind} as "
-                                      f"[x1, y1, x2, y2].",
-                answer=answer, bbox=tuple(float(v) for v in target.bbox),
-                reasoning=f"The image shows {scene.inventory()}. The only {target.color} {target.kind} is the "
-                          f"{target.name} {target.position(scene.image_size)}. Its pixels span columns {x1} to "
-                          f"{x2 - 1} and rows {y1} to {y2 - 1}, so its box, with exclusive right and bottom "
-                          f"edges, is {answer}. The answer is {answer}.")
+    return dict(
+        scene=scene,
+        question=f"Give the bounding box of the {target.color} {target.kind} as [x1, y1, x2, y2].",
+        answer=answer,
+        bbox=tuple(float(v) for v in target.bbox),
+        reasoning=f"The image shows {scene.inventory()}. The only {target.color} {target.kind} is the "
+        f"{target.name} {target.position(scene.image_size)}. Its pixels span columns {x1} to "
+        f"{x2 - 1} and rows {y1} to {y2 - 1}, so its box, with exclusive right and bottom "
+        f"edges, is {answer}. The answer is {answer}.",
+    )
 
 
 _MOOD_SAMPLING = {  # label -> (background, probability of a warm colour) that make the label likely
-    "cheerful": ("white", 0.8), "calm": ("white", 0.2), "gloomy": ("black", 0.2), "tense": ("black", 0.8)}
+    "cheerful": ("white", 0.8),
+    "calm": ("white", 0.2),
+    "gloomy": ("black", 0.2),
+    "tense": ("black", 0.8),
+}
 
 
 def _mood_explanation(scene: Scene, label: str) -> str:
     red_triangles = _tense_red_triangles(scene)
     if red_triangles:
-        return (f"There are {red_triangles} red triangles, at least half of the {len(scene.shapes)} shapes, "
-                f"and many sharp red shapes make a scene tense.")
+        return (
+            f"There are {red_triangles} red triangles, at least half of the {len(scene.shapes)} shapes, "
+            f"and many sharp red shapes make a scene tense."
+        )
     warm = [s.color for s in scene.shapes if s.color in WARM_COLORS]
     cool = [s.color for s in scene.shapes if s.color in COOL_COLORS]
     tone = "dark" if scene.background in DARK_BACKGROUNDS else "light"
     major = "warm" if len(warm) > len(cool) else "cool"
-    return (f"The background is {scene.background}, which is {tone}. There are {len(warm)} warm-coloured and "
-            f"{len(cool)} cool-coloured shapes, so {major} colours dominate. A {tone} background with mostly "
-            f"{major} colours feels {label}.")
+    return (
+        f"The background is {scene.background}, which is {tone}. There are {len(warm)} warm-coloured and "
+        f"{len(cool)} cool-coloured shapes, so {major} colours dominate. A {tone} background with mostly "
+        f"{major} colours feels {label}."
+    )
 
 
 def _make_mood(draw: _Draw) -> dict:
@@ -570,9 +657,12 @@ def _make_mood(draw: _Draw) -> dict:
     else:
         raise RuntimeError(f"no {label} scene in 200 tries")
     question = f"Which mood does the scene's colour scheme convey? Choose one of: {', '.join(MOOD_LABELS)}."
-    return dict(scene=scene, question=question, answer=label,
-                reasoning=f"The image shows {scene.inventory()}. {_mood_explanation(scene, label)} "
-                          f"The answer is {label}.")
+    return dict(
+        scene=scene,
+        question=question,
+        answer=label,
+        reasoning=f"The image shows {scene.inventory()}. {_mood_explanation(scene, label)} The answer is {label}.",
+    )
 
 
 _NAMES = ("Tom", "Anna", "Ben", "Maya", "Leo", "Sara", "Omar", "Lily")
@@ -602,38 +692,55 @@ def _make_word_arithmetic(draw: _Draw) -> dict:
         a, b = rng.randint(2, 9), rng.randint(2, 9)
         if form == 0:
             answer = a * b
-            question = (f"{name} has {a} {containers} with {b} {items} in each. "
-                        f"How many {items} does {name} have in total?")
+            question = (
+                f"{name} has {a} {containers} with {b} {items} in each. How many {items} does {name} have in total?"
+            )
             steps = f"{a} {containers} with {b} {items} each make {a} x {b} = {answer} {items}."
         else:
             answer = b
-            question = (f"{name} shares {a * b} {items} equally among {a} friends. "
-                        f"How many {items} does each friend get?")
+            question = (
+                f"{name} shares {a * b} {items} equally among {a} friends. How many {items} does each friend get?"
+            )
             steps = f"Sharing {a * b} {items} among {a} friends gives each {a * b} / {a} = {answer} {items}."
     else:
         if form == 0:
             a, b = rng.randint(5, 30), rng.randint(2, 20)
             c = rng.randint(1, a + b - 1)
             answer = a + b - c
-            question = (f"{name} has {a} {items}, buys {b} more and then gives {c} to {friend}. "
-                        f"How many {items} does {name} have now?")
-            steps = (f"After buying, {name} has {a} + {b} = {a + b} {items}. After giving {c} away, "
-                     f"{name} has {a + b} - {c} = {answer} {items}.")
+            question = (
+                f"{name} has {a} {items}, buys {b} more and then gives {c} to {friend}. "
+                f"How many {items} does {name} have now?"
+            )
+            steps = (
+                f"After buying, {name} has {a} + {b} = {a + b} {items}. After giving {c} away, "
+                f"{name} has {a + b} - {c} = {answer} {items}."
+            )
         else:
             a, b = rng.randint(2, 9), rng.randint(2, 9)
             c = rng.randint(1, a * b - 1)
             answer = a * b - c
-            question = (f"{name} buys {a} {containers} of {b} {items} and gives away {c} of them. "
-                        f"How many {items} does {name} have left?")
-            steps = (f"{a} {containers} of {b} {items} make {a} x {b} = {a * b} {items}. Giving away {c} "
-                     f"leaves {a * b} - {c} = {answer} {items}.")
+            question = (
+                f"{name} buys {a} {containers} of {b} {items} and gives away {c} of them. "
+                f"How many {items} does {name} have left?"
+            )
+            steps = (
+                f"{a} {containers} of {b} {items} make {a} x {b} = {a * b} {items}. Giving away {c} "
+                f"leaves {a * b} - {c} = {answer} {items}."
+            )
     return dict(scene=None, question=question, answer=str(answer), reasoning=f"{steps} The answer is {answer}.")
 
 
-_MAKERS = {"word_arithmetic": _make_word_arithmetic, "exists": _make_exists, "count_choice": _make_count_choice,
-           "colors_present": _make_colors_present, "count": _make_count,
-           "largest_attribute": _make_largest_attribute, "count_arithmetic": _make_count_arithmetic,
-           "grounding": _make_grounding, "mood": _make_mood}
+_MAKERS = {
+    "word_arithmetic": _make_word_arithmetic,
+    "exists": _make_exists,
+    "count_choice": _make_count_choice,
+    "colors_present": _make_colors_present,
+    "count": _make_count,
+    "largest_attribute": _make_largest_attribute,
+    "count_arithmetic": _make_count_arithmetic,
+    "grounding": _make_grounding,
+    "mood": _make_mood,
+}
 
 
 def _candidate_rng(seed: int, task: str, candidate: int) -> random.Random:
@@ -654,17 +761,30 @@ def task_specs(task: str, split: str, count: int, config: GymConfig) -> list[Exa
             raise GymSizeError(
                 f"gym task {task!r}: only {len(specs)} of {count} distinct {split} examples after {budget} "
                 f"candidates (its space is too small for this size); ask for fewer examples, or use more "
-                f"difficulties or a larger image_size")
+                f"difficulties or a larger image_size"
+            )
         slot = len(specs)
         difficulty = config.difficulties[slot % len(config.difficulties)]
-        draw = _Draw(_candidate_rng(config.seed, task, candidate), config.image_size, difficulty, slot,
-                     config.shape_counts[difficulty])
+        draw = _Draw(
+            _candidate_rng(config.seed, task, candidate),
+            config.image_size,
+            difficulty,
+            slot,
+            config.shape_counts[difficulty],
+        )
         candidate += 1
         fields = _MAKERS[task](draw)
-        spec = ExampleSpec(id=f"gym/{split}/{task}/{slot}", task=task, difficulty=difficulty,
-                           question=fields["question"], answer=fields["answer"],
-                           options=tuple(fields.get("options", ())), bbox=tuple(fields.get("bbox", ())),
-                           reasoning=fields["reasoning"], scene=fields["scene"])
+        spec = ExampleSpec(
+            id=f"gym/{split}/{task}/{slot}",
+            task=task,
+            difficulty=difficulty,
+            question=fields["question"],
+            answer=fields["answer"],
+            options=tuple(fields.get("options", ())),
+            bbox=tuple(fields.get("bbox", ())),
+            reasoning=fields["reasoning"],
+            scene=fields["scene"],
+        )
         signature = spec.signature
         if signature in seen or split_of_signature(signature, config.split_fractions) != split:
             continue
@@ -673,8 +793,9 @@ def task_specs(task: str, split: str, count: int, config: GymConfig) -> list[Exa
     return specs
 
 
-def build_specs(split: str, num_examples: int, config: GymConfig, tasks: Sequence[str] | None = None
-                ) -> list[ExampleSpec]:
+def build_specs(
+    split: str, num_examples: int, config: GymConfig, tasks: Sequence[str] | None = None
+) -> list[ExampleSpec]:
     """`num_examples` specs of `split`, interleaving the tasks: example i is of task tasks[i % len(tasks)]."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} (known: {', '.join(SPLITS)})")
@@ -683,8 +804,9 @@ def build_specs(split: str, num_examples: int, config: GymConfig, tasks: Sequenc
     tasks = tuple(config.tasks if tasks is None else tasks)
     if not tasks or len(set(tasks)) != len(tasks):
         raise ValueError(f"tasks must be distinct and at least one, got {tasks}")
-    per_task = [task_specs(task, split, len(range(j, num_examples, len(tasks))), config)
-                for j, task in enumerate(tasks)]
+    per_task = [
+        task_specs(task, split, len(range(j, num_examples, len(tasks))), config) for j, task in enumerate(tasks)
+    ]
     return [per_task[i % len(tasks)][i // len(tasks)] for i in range(num_examples)]
 
 
@@ -695,8 +817,9 @@ class GymSource:
     deterministic: the same (split, num_examples, config, tasks) give bit-identical examples in any process.
     """
 
-    def __init__(self, split: str, num_examples: int, config: GymConfig = GymConfig(),
-                 tasks: Sequence[str] | None = None):
+    def __init__(
+        self, split: str, num_examples: int, config: GymConfig = GymConfig(), tasks: Sequence[str] | None = None
+    ):
         self.split = split
         self.config = config
         self.tasks = tuple(config.tasks if tasks is None else tasks)
@@ -716,8 +839,10 @@ class GymSource:
         return self._specs[index]
 
     def __repr__(self) -> str:
-        return (f"GymSource(split={self.split!r}, num_examples={len(self)}, tasks={self.tasks}, "
-                f"image_size={self.config.image_size}, seed={self.config.seed})")
+        return (
+            f"GymSource(split={self.split!r}, num_examples={len(self)}, tasks={self.tasks}, "
+            f"image_size={self.config.image_size}, seed={self.config.seed})"
+        )
 
 
 def corpus_texts(config: GymConfig = GymConfig(), num_examples: int = 2000) -> list[str]:

@@ -86,8 +86,14 @@ class JsonlSource:
       image_root: directory image paths are relative to (default: the file's directory).
     """
 
-    def __init__(self, path: str | os.PathLike, *, record_format: str = "jaxvlm", answer_type: str = "string",
-                 image_root: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        record_format: str = "jaxvlm",
+        answer_type: str = "string",
+        image_root: str | os.PathLike | None = None,
+    ):
         self.path = os.fspath(path)
         if record_format not in RECORD_FORMATS:
             raise ValueError(f"record_format must be one of {RECORD_FORMATS}, got {record_format!r}")

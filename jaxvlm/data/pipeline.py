@@ -179,7 +179,8 @@ class ExampleEncoder:
         if len(prompt_ids) > cfg.max_prompt_length:
             raise DataError(
                 f"{where}: prompt has {len(prompt_ids)} tokens (images included) > data.max_prompt_length="
-                f"{cfg.max_prompt_length}", kind="too_long",
+                f"{cfg.max_prompt_length}",
+                kind="too_long",
             )
         out = {
             "prompt_ids": np.asarray(prompt_ids, np.int32),
@@ -258,7 +259,9 @@ class _SkipCountingIterator(grain.DatasetIterator):
                     # so stop and say why.
                     raise DataError(
                         f"data: {skipped} records in a row were skipped ({_nonzero(self._pending)}), two passes "
-                        f"over the data with no usable record; the last one: {element.message}", element.kind)
+                        f"over the data with no usable record; the last one: {element.message}",
+                        element.kind,
+                    )
                 continue
             skipped, self._pending = self._pending, dict.fromkeys(SKIP_KINDS, 0)
             return {**element, "skipped": skipped}
@@ -347,12 +350,17 @@ class BatchCollator:
             grid = np.concatenate(grids).astype(np.int64)
             patches = np.concatenate(pixels).astype(np.float32)
             position_ids, rope_deltas = get_rope_index(
-                input_ids, attention_mask, grid, image_token_id=self.image_token_id,
+                input_ids,
+                attention_mask,
+                grid,
+                image_token_id=self.image_token_id,
                 spatial_merge_size=vc.spatial_merge_size,
             )
             prompts_out.update(
-                position_ids=np.asarray(position_ids, np.int32), rope_deltas=np.asarray(rope_deltas, np.int32),
-                pixel_values=patches, image_grid_thw=grid,
+                position_ids=np.asarray(position_ids, np.int32),
+                rope_deltas=np.asarray(rope_deltas, np.int32),
+                pixel_values=patches,
+                image_grid_thw=grid,
             )
         else:
             prompts_out["position_ids"] = np.broadcast_to(
@@ -366,7 +374,9 @@ class BatchCollator:
         }
         if cfg.with_targets:
             completion_ids, completion_mask = pad_sequences(
-                [row["target_ids"].tolist() for row in rows], self.pad_token_id, padding_side="right",
+                [row["target_ids"].tolist() for row in rows],
+                self.pad_token_id,
+                padding_side="right",
                 length=cfg.max_target_length,
             )
             completion = completion_positions(prompts_out["position_ids"], cfg.max_target_length)
@@ -386,8 +396,10 @@ def sft_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         raise ValueError("this batch has no targets: build the pipeline with data.with_targets=True")
     p, t = batch["prompts"], batch["targets"]
     return {
-        "prompt_ids": p["input_ids"], "prompt_mask": p["attention_mask"],
-        "completion_ids": t["completion_ids"], "completion_mask": t["completion_mask"],
+        "prompt_ids": p["input_ids"],
+        "prompt_mask": p["attention_mask"],
+        "completion_ids": t["completion_ids"],
+        "completion_mask": t["completion_mask"],
         "position_ids": t["position_ids"],
     }
 

@@ -33,8 +33,10 @@ def _gym_config_keys() -> tuple[str, ...]:
 def _check_keys(entry: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
     unknown = sorted(set(entry) - set(allowed) - set(_COMMON_KEYS))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; a {entry['kind']!r} source takes "
-                         f"{sorted(set(allowed) | set(_COMMON_KEYS))}")
+        raise ValueError(
+            f"{where}: unknown key(s) {unknown}; a {entry['kind']!r} source takes "
+            f"{sorted(set(allowed) | set(_COMMON_KEYS))}"
+        )
 
 
 def make_source(entry: Mapping[str, Any], where: str = "data.sources[0]"):
@@ -58,8 +60,12 @@ def make_source(entry: Mapping[str, Any], where: str = "data.sources[0]"):
         _check_keys(entry, ("path", "record_format", "answer_type", "image_root"), where)
         if not entry.get("path"):
             raise ValueError(f"{where}: a jsonl source needs path")
-        return JsonlSource(entry["path"], record_format=entry.get("record_format", "jaxvlm"),
-                           answer_type=entry.get("answer_type", "string"), image_root=entry.get("image_root") or None)
+        return JsonlSource(
+            entry["path"],
+            record_format=entry.get("record_format", "jaxvlm"),
+            answer_type=entry.get("answer_type", "string"),
+            image_root=entry.get("image_root") or None,
+        )
     from jaxvlm.data import tfds_gym
 
     gym_keys = _gym_config_keys()
@@ -88,6 +94,10 @@ def input_pipeline(data_config: Mapping[str, Any], tokenizer, image_processor, m
     config = PipelineConfig.from_dict({**values, **overrides})
     sources = [make_source(entry, f"data.sources[{k}]") for k, entry in enumerate(entries)]
     encoder = ExampleEncoder(tokenizer, image_processor if model_config.vision is not None else None, config)
-    collator = BatchCollator(config, pad_token_id=tokenizer.pad_token_id, image_token_id=model_config.image_token_id,
-                             vision_config=model_config.vision)
+    collator = BatchCollator(
+        config,
+        pad_token_id=tokenizer.pad_token_id,
+        image_token_id=model_config.image_token_id,
+        vision_config=model_config.vision,
+    )
     return build_dataset(sources, config, encoder, collator, weights=source_weights(entries))

@@ -93,14 +93,14 @@ class JaxvlmGym(tfds.core.GeneratorBasedBuilder):
         size = self.builder_config.image_size
         features = {name: tfds.features.Text() for name in TEXT_FIELDS}
         features.update(
-            images=tfds.features.Sequence(tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8,
-                                                               encoding="zlib")),
+            images=tfds.features.Sequence(tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8, encoding="zlib")),
             difficulty=tfds.features.Scalar(dtype=np.int32),
             bbox=tfds.features.Sequence(tfds.features.Scalar(dtype=np.float32)),
             options=tfds.features.Sequence(tfds.features.Text()),
         )
-        return tfds.core.DatasetInfo(builder=self, description=__doc__, features=tfds.features.FeaturesDict(features),
-                                     disable_shuffling=True)
+        return tfds.core.DatasetInfo(
+            builder=self, description=__doc__, features=tfds.features.FeaturesDict(features), disable_shuffling=True
+        )
 
     def _split_generators(self, dl_manager):
         del dl_manager  # everything is generated
@@ -116,9 +116,12 @@ class JaxvlmGym(tfds.core.GeneratorBasedBuilder):
 def example_to_record(example: dict[str, Any]) -> dict[str, Any]:
     """A gym example as the builder's features."""
     record = {name: example[name] for name in TEXT_FIELDS}
-    record.update(images=[np.asarray(image, np.uint8) for image in example["images"]],
-                  difficulty=int(example["difficulty"]), bbox=[float(v) for v in example["bbox"]],
-                  options=list(example["options"]))
+    record.update(
+        images=[np.asarray(image, np.uint8) for image in example["images"]],
+        difficulty=int(example["difficulty"]),
+        bbox=[float(v) for v in example["bbox"]],
+        options=list(example["options"]),
+    )
     return record
 
 
@@ -129,9 +132,12 @@ def _text(value) -> str:
 def record_to_example(record: dict[str, Any]) -> dict[str, Any]:
     """A record read from the array_record data source (strings as bytes) as a jaxvlm example dict."""
     example = {name: _text(record[name]) for name in TEXT_FIELDS}
-    example.update(images=[np.asarray(image, np.uint8) for image in record["images"]],
-                   difficulty=int(record["difficulty"]), bbox=[float(v) for v in record["bbox"]],
-                   options=[_text(option) for option in record["options"]])
+    example.update(
+        images=[np.asarray(image, np.uint8) for image in record["images"]],
+        difficulty=int(record["difficulty"]),
+        bbox=[float(v) for v in record["bbox"]],
+        options=[_text(option) for option in record["options"]],
+    )
     return example
 
 
@@ -152,8 +158,9 @@ class GymRecordSource:
         return f"GymRecordSource({self.description}, num_examples={len(self)})"
 
 
-def load_gym_split(data_dir: str, split: str, config: str | JaxvlmGymConfig = "default",
-                   prepare: bool = True) -> GymRecordSource:
+def load_gym_split(
+    data_dir: str, split: str, config: str | JaxvlmGymConfig = "default", prepare: bool = True
+) -> GymRecordSource:
     """The prepared `split` of the gym build `config` under `data_dir` (generated first when missing and
     `prepare`), as a grain source of example dicts; `.records` is tfds' raw `as_data_source` source."""
     if split not in SPLITS:
@@ -165,8 +172,13 @@ def load_gym_split(data_dir: str, split: str, config: str | JaxvlmGymConfig = "d
     return GymRecordSource(builder.as_data_source(split), f"{data_dir}/jaxvlm_gym/{name}, split={split!r}")
 
 
-def gym_data_source(data_dir: str, split: str = "train", num_examples: int | Mapping[str, int] | None = None,
-                    name: str | None = None, **gym_kwargs: Any) -> GymRecordSource:
+def gym_data_source(
+    data_dir: str,
+    split: str = "train",
+    num_examples: int | Mapping[str, int] | None = None,
+    name: str | None = None,
+    **gym_kwargs: Any,
+) -> GymRecordSource:
     """`load_gym_split` from a config file's entry: `gym_kwargs` are GymConfig fields, `num_examples` maps split
     names to sizes (an int sets `split`'s size; missing sizes keep the defaults 2000 / 200 / 200).
 

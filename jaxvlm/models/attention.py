@@ -381,8 +381,13 @@ def _cudnn_rolled_causal(q: Array, k: Array, v: Array, segment_ids: Array, inner
     # A fully padded row still gets one key, so that cuDNN never divides by an empty softmax; it is zeroed below.
     lengths = jnp.maximum(length, 1)
     out = jax.nn.dot_product_attention(
-        _roll_rows(q, first), _roll_rows(k, first), _roll_rows(v, first), is_causal=True,
-        query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation=inner_implementation,
+        _roll_rows(q, first),
+        _roll_rows(k, first),
+        _roll_rows(v, first),
+        is_causal=True,
+        query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths,
+        implementation=inner_implementation,
     )
     out = jnp.where(real[:, :, None, None], _roll_rows(out, -first), 0)
     return jnp.where(one_run[:, None, None, None], out, jnp.nan).astype(q.dtype)
@@ -473,9 +478,14 @@ def _splash_local(q: Array, k: Array, v: Array, segment_ids: Array, *, causal: b
     kernel = splash.make_splash_mqa(
         splash.MultiHeadMask([head_mask] * g),
         block_sizes=splash.BlockSizes(
-            block_q=block, block_kv=block, block_kv_compute=block,
-            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-            block_q_dq=block, block_kv_dq=block,
+            block_q=block,
+            block_kv=block,
+            block_kv_compute=block,
+            block_q_dkv=block,
+            block_kv_dkv=block,
+            block_kv_dkv_compute=block,
+            block_q_dq=block,
+            block_kv_dq=block,
         ),
         head_shards=1,
         q_seq_shards=1,

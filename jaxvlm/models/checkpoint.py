@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +37,16 @@ DTypeLike = Any  # a dtype name, alias or numpy / JAX dtype: see config.canonica
 # ----------------------------------------------------------------------------------------------------------
 
 _ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
@@ -86,7 +95,11 @@ def save_safetensors(tensors: dict[str, np.ndarray], path: str, metadata: dict[s
         if a.dtype not in _ST_NAMES:
             raise ValueError(f"cannot save tensor {name!r} of dtype {a.dtype} as safetensors")
         arrays[name] = a
-        header[name] = {"dtype": _ST_NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        header[name] = {
+            "dtype": _ST_NAMES[a.dtype],
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + a.nbytes],
+        }
         offset += a.nbytes
     header["__metadata__"] = metadata or {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -238,8 +251,7 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint's tensors do not fit the model built from its config.json."""
 
 
-def load_pretrained(path: str, dtype: DTypeLike = "float32", param_dtype: DTypeLike | None = None,
-                    **config_overrides):
+def load_pretrained(path: str, dtype: DTypeLike = "float32", param_dtype: DTypeLike | None = None, **config_overrides):
     """Load a Qwen2.5-VL or text-only Qwen2 / Qwen2.5 checkpoint directory.
 
     Args:
@@ -283,7 +295,9 @@ def load_pretrained(path: str, dtype: DTypeLike = "float32", param_dtype: DTypeL
     if missing or misshaped or unexpected:
         lines = [f"checkpoint {path} does not match its config.json:"]
         if missing:
-            lines.append(f"  missing tensors ({len(missing)}): {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+            lines.append(
+                f"  missing tensors ({len(missing)}): {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else "")
+            )
         if misshaped:
             lines.append(f"  mis-shaped tensors ({len(misshaped)}): " + "; ".join(misshaped[:20]))
         if unexpected:
@@ -353,6 +367,17 @@ def save_pretrained(
         json.dump(hf_config, f, indent=2)
     if tokenizer_dir:
         for file in os.listdir(tokenizer_dir):
-            if file.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens", "chat_template",
-                                "preprocessor_config", "processor_config", "generation_config")):
+            if file.startswith(
+                (
+                    "tokenizer",
+                    "special_tokens",
+                    "vocab",
+                    "merges",
+                    "added_tokens",
+                    "chat_template",
+                    "preprocessor_config",
+                    "processor_config",
+                    "generation_config",
+                )
+            ):
                 shutil.copy(os.path.join(tokenizer_dir, file), os.path.join(path, file))

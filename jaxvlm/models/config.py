@@ -130,7 +130,7 @@ class ModelConfig:
             object.__setattr__(self, "remat", default_remat(self))
         validate(self)
 
-    def replace(self, **kwargs) -> "ModelConfig":
+    def replace(self, **kwargs) -> ModelConfig:
         return dataclasses.replace(self, **kwargs)
 
 
@@ -324,10 +324,18 @@ def from_hf_dict(d: dict[str, Any], where: str = "config.json", **overrides) -> 
     if "vision_config" not in d:
         raise ValueError(f"{where}: qwen2_5_vl config has no vision_config")
     tie = bool(d.get("tie_word_embeddings", False)) or bool((text_d or {}).get("tie_word_embeddings", False))
-    ids = {k: int(d[k]) for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id") if k in d}
+    ids = {
+        k: int(d[k])
+        for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+        if k in d
+    }
     return ModelConfig(
-        text=text, vision=_vision_from_hf(d["vision_config"]), model_type="qwen2_5_vl", tie_word_embeddings=tie,
-        **ids, **overrides,
+        text=text,
+        vision=_vision_from_hf(d["vision_config"]),
+        model_type="qwen2_5_vl",
+        tie_word_embeddings=tie,
+        **ids,
+        **overrides,
     )
 
 
@@ -371,8 +379,11 @@ def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
         rope["mrope_section"] = list(t.mrope_section)
     if cfg.model_type == "qwen2":
         return {
-            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "dtype": hf_dtype,
-            **text, "rope_parameters": rope,
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "dtype": hf_dtype,
+            **text,
+            "rope_parameters": rope,
         }
     v = cfg.vision
     vision = {
@@ -416,48 +427,98 @@ PRESETS: dict[str, ModelConfig] = {
     # A tiny model for CPU demos and tests: 2 vision blocks, 2 decoder layers.
     "tiny": ModelConfig(
         text=TextConfig(
-            vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, rope_theta=10000.0, mrope_section=(2, 3, 3), max_position_embeddings=4096,
+            vocab_size=1024,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=10000.0,
+            mrope_section=(2, 3, 3),
+            max_position_embeddings=4096,
         ),
         vision=VisionConfig(
-            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, window_size=56, fullatt_block_indexes=(1,),
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            window_size=56,
+            fullatt_block_indexes=(1,),
             out_hidden_size=64,
         ),
-        image_token_id=1000, video_token_id=1001, vision_start_token_id=1002, vision_end_token_id=1003,
+        image_token_id=1000,
+        video_token_id=1001,
+        vision_start_token_id=1002,
+        vision_end_token_id=1003,
     ),
     # ~110M parameters (85M decoder + embeddings, 17M vision): the benchmarks' "100M" size (configs/bench.py).
     "100m": ModelConfig(
         text=TextConfig(
-            vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-            num_key_value_heads=4, rope_theta=1000000.0, mrope_section=(8, 12, 12), max_position_embeddings=32768,
+            vocab_size=32000,
+            hidden_size=768,
+            intermediate_size=2048,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            rope_theta=1000000.0,
+            mrope_section=(8, 12, 12),
+            max_position_embeddings=32768,
         ),
         vision=VisionConfig(
-            depth=8, hidden_size=384, intermediate_size=1024, num_heads=6, window_size=112,
-            fullatt_block_indexes=(3, 7), out_hidden_size=768,
+            depth=8,
+            hidden_size=384,
+            intermediate_size=1024,
+            num_heads=6,
+            window_size=112,
+            fullatt_block_indexes=(3, 7),
+            out_hidden_size=768,
         ),
-        image_token_id=31655, video_token_id=31656, vision_start_token_id=31652, vision_end_token_id=31653,
+        image_token_id=31655,
+        video_token_id=31656,
+        vision_start_token_id=31652,
+        vision_end_token_id=31653,
     ),
     # Qwen2.5-0.5B's decoder (hidden 896, 24 layers, 14/2 heads, vocab 151936) behind the Qwen2.5-VL family's vision
     # tower (the same 32-block ViT as 3B/7B, projecting to 896): ~0.49B + 0.67B parameters. No official checkpoint
     # has these shapes; it is the family's smallest sensible member, for benchmarks.
     "qwen2_5_vl_0_5b": ModelConfig(
         text=TextConfig(
-            hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-            num_key_value_heads=2, mrope_section=(8, 12, 12), max_position_embeddings=32768,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            mrope_section=(8, 12, 12),
+            max_position_embeddings=32768,
         ),
         vision=VisionConfig(out_hidden_size=896),
     ),
     # ~30M parameters: big enough that matmuls dominate a CPU step, small enough to benchmark on a laptop.
     "small": ModelConfig(
         text=TextConfig(
-            vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-            num_key_value_heads=2, rope_theta=1000000.0, mrope_section=(16, 8, 8), max_position_embeddings=8192,
+            vocab_size=8192,
+            hidden_size=512,
+            intermediate_size=1408,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            rope_theta=1000000.0,
+            mrope_section=(16, 8, 8),
+            max_position_embeddings=8192,
         ),
         vision=VisionConfig(
-            depth=4, hidden_size=256, intermediate_size=512, num_heads=4, window_size=112, fullatt_block_indexes=(3,),
+            depth=4,
+            hidden_size=256,
+            intermediate_size=512,
+            num_heads=4,
+            window_size=112,
+            fullatt_block_indexes=(3,),
             out_hidden_size=512,
         ),
-        image_token_id=8000, video_token_id=8001, vision_start_token_id=8002, vision_end_token_id=8003,
+        image_token_id=8000,
+        video_token_id=8001,
+        vision_start_token_id=8002,
+        vision_end_token_id=8003,
     ),
 }
 

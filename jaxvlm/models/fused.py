@@ -95,9 +95,12 @@ def _gated_mlp_bwd(act, res, dy):
     dx = dg @ gate.T + du @ up.T
     return (
         dx,
-        weight_grad(x, dg).astype(gate.dtype), _bias_grad(gate_bias, dg),
-        weight_grad(x, du).astype(up.dtype), _bias_grad(up_bias, du),
-        weight_grad(a * u, dy).astype(down.dtype), _bias_grad(down_bias, dy),
+        weight_grad(x, dg).astype(gate.dtype),
+        _bias_grad(gate_bias, dg),
+        weight_grad(x, du).astype(up.dtype),
+        _bias_grad(up_bias, du),
+        weight_grad(a * u, dy).astype(down.dtype),
+        _bias_grad(down_bias, dy),
     )
 
 

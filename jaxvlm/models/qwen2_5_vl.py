@@ -19,9 +19,9 @@ import functools
 
 import flax.linen as nn
 import jax
-from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxvlm.models import fused
 from jaxvlm.models.attention import attention, resolve_implementation
@@ -110,8 +110,10 @@ class GatedMLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         d, i = x.shape[-1], self.intermediate_size
-        params = [LinearParams(n, self.use_bias, self.param_dtype, name=name)(k)
-                  for name, k, n in (("gate_proj", d, i), ("up_proj", d, i), ("down_proj", i, self.hidden_size))]
+        params = [
+            LinearParams(n, self.use_bias, self.param_dtype, name=name)(k)
+            for name, k, n in (("gate_proj", d, i), ("up_proj", d, i), ("down_proj", i, self.hidden_size))
+        ]
         cast = [fused.cast(p, self.dtype) for pair in params for p in pair]
         return fused.gated_mlp(_ACTIVATIONS[self.act], x.astype(self.dtype), *cast)
 
@@ -130,9 +132,7 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
 
 def _inv_freq(dim: int, theta: float) -> np.ndarray:
     """1 / theta^(2i/dim), i < dim/2, in float32 as transformers computes it."""
-    return (1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(
-        np.float32
-    )
+    return (1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(np.float32)
 
 
 def mrope_cos_sin(position_ids: Array, head_dim: int, theta: float, mrope_section) -> tuple[Array, Array]:
@@ -475,8 +475,9 @@ class TextModel(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def splice_image_features(embeds: Array, input_ids: Array, features: Array, image_token_id: int,
-                          image_offset: Array | None = None) -> Array:
+def splice_image_features(
+    embeds: Array, input_ids: Array, features: Array, image_token_id: int, image_offset: Array | None = None
+) -> Array:
     """Replace the embeddings at image-token positions by image features.
 
     embeds [B, T, D], input_ids [B, T], features [Q, D] in processor order -> [B, T, D]. Row r's k-th image token
@@ -513,10 +514,20 @@ class Qwen25VL(nn.Module):
         cfg = self.config
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         if cfg.vision is not None:
-            self.visual = VisionTower(cfg.vision, dtype, param_dtype, cfg.remat, resolve_implementation(
-                cfg.attention, dtype=dtype, head_dim=cfg.vision.head_dim))
-        self.language_model = TextModel(cfg.text, dtype, param_dtype, cfg.remat, resolve_implementation(
-            cfg.attention, dtype=dtype, head_dim=cfg.text.resolved_head_dim))
+            self.visual = VisionTower(
+                cfg.vision,
+                dtype,
+                param_dtype,
+                cfg.remat,
+                resolve_implementation(cfg.attention, dtype=dtype, head_dim=cfg.vision.head_dim),
+            )
+        self.language_model = TextModel(
+            cfg.text,
+            dtype,
+            param_dtype,
+            cfg.remat,
+            resolve_implementation(cfg.attention, dtype=dtype, head_dim=cfg.text.resolved_head_dim),
+        )
         if not cfg.tie_word_embeddings:
             self.lm_head = _dense(cfg.text.vocab_size, False, dtype, param_dtype, "lm_head")
 
@@ -534,8 +545,15 @@ class Qwen25VL(nn.Module):
         mm_token_type_ids: Array | None = None,
     ) -> Array:
         """Logits [B, T, V]. See `encode` for the arguments."""
-        hidden = self.encode(input_ids, attention_mask, pixel_values, image_grid_thw, position_ids,
-                             vision_inputs=vision_inputs, image_offset=image_offset)
+        hidden = self.encode(
+            input_ids,
+            attention_mask,
+            pixel_values,
+            image_grid_thw,
+            position_ids,
+            vision_inputs=vision_inputs,
+            image_offset=image_offset,
+        )
         return self.lm_logits(hidden)
 
     def lm_logits(self, hidden: Array) -> Array:
@@ -559,11 +577,15 @@ class Qwen25VL(nn.Module):
 
             hint = "lay the images out on the host: jaxvlm.processing.layout_images(pixel_values, grid, config)"
             pixel_values, vision_inputs = layout_images(
-                _concrete(pixel_values, "pixel_values", hint), _concrete(image_grid_thw, "image_grid_thw", hint),
-                self.config.vision)
+                _concrete(pixel_values, "pixel_values", hint),
+                _concrete(image_grid_thw, "image_grid_thw", hint),
+                self.config.vision,
+            )
         elif pixel_values.ndim != 3:
-            raise ValueError(f"with vision_inputs, pixel_values must be in the slot layout [S, L, patch_dim], got "
-                             f"shape {pixel_values.shape}: see jaxvlm.processing.layout_images")
+            raise ValueError(
+                f"with vision_inputs, pixel_values must be in the slot layout [S, L, patch_dim], got "
+                f"shape {pixel_values.shape}: see jaxvlm.processing.layout_images"
+            )
         return self.visual(pixel_values, vision_inputs)
 
     def encode(
@@ -631,8 +653,9 @@ class Qwen25VL(nn.Module):
         hidden, cache = self.language_model.decode(embeds, position_ids[..., None], cache)
         return self.lm_logits(hidden[:, 0]), cache
 
-    def _embed_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_inputs,
-                      image_offset):
+    def _embed_inputs(
+        self, input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_inputs, image_offset
+    ):
         """Token embeddings with image features spliced in, plus positions and mask (defaults filled in)."""
         cfg = self.config
         if attention_mask is None:

@@ -123,9 +123,7 @@ def as_channels_last(image: Image.Image | np.ndarray) -> np.ndarray:
     if isinstance(image, Image.Image):
         pixels = np.array(image)
         if pixels.dtype != np.uint8:
-            raise TypeError(
-                f"PIL image of mode {image.mode!r} does not give uint8 pixels; use do_convert_rgb=True"
-            )
+            raise TypeError(f"PIL image of mode {image.mode!r} does not give uint8 pixels; use do_convert_rgb=True")
     elif isinstance(image, np.ndarray):
         _check_numpy_image(image)
         pixels = image
@@ -233,13 +231,9 @@ class ImageProcessor:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
                 raise ValueError(f"ImageProcessor.{name} must be a positive int, got {value!r}")
         if self.min_pixels > self.max_pixels:
-            raise ValueError(
-                f"ImageProcessor.min_pixels={self.min_pixels} is larger than max_pixels={self.max_pixels}"
-            )
+            raise ValueError(f"ImageProcessor.min_pixels={self.min_pixels} is larger than max_pixels={self.max_pixels}")
         if len(self.image_mean) != len(self.image_std):
-            raise ValueError(
-                f"image_mean has {len(self.image_mean)} values but image_std has {len(self.image_std)}"
-            )
+            raise ValueError(f"image_mean has {len(self.image_mean)} values but image_std has {len(self.image_std)}")
 
     @property
     def resize_factor(self) -> int:

@@ -45,9 +45,7 @@ def _images_per_sample(images: Any, num_samples: int, single_text: bool) -> list
         if isinstance(images, Sequence):
             return [list(images)]
     if not isinstance(images, Sequence) or _is_single_image(images):
-        raise TypeError(
-            f"images must be None or a list with one list of images per text, got {type(images).__name__}"
-        )
+        raise TypeError(f"images must be None or a list with one list of images per text, got {type(images).__name__}")
     if len(images) != num_samples:
         raise ValueError(f"got {num_samples} texts but images has {len(images)} entries (one list per text)")
     per_sample = []
@@ -156,9 +154,7 @@ class Processor:
     def pad_token_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
-    def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs
-    ) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs) -> str:
         """Render a conversation (or a list of conversations) with the tokenizer's chat template."""
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs

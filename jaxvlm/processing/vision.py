@@ -142,8 +142,9 @@ def _pack(lengths: list[int], capacity: int) -> list[list[int]]:
     return slots
 
 
-def slot_shape(image_grid_thw, vision_config, *, slot_multiple: int = 1, slot_len: int | None = None
-               ) -> tuple[int, int]:
+def slot_shape(
+    image_grid_thw, vision_config, *, slot_multiple: int = 1, slot_len: int | None = None
+) -> tuple[int, int]:
     """(S, L): bucketed slot count (a multiple of `slot_multiple`) and slot length in patches for these images.
 
     slot_len: a given L (e.g. the largest over several micro-batches), else the bucket of the longest frame."""
@@ -155,7 +156,9 @@ def slot_shape(image_grid_thw, vision_config, *, slot_multiple: int = 1, slot_le
     if slot_len is None:
         slot_len = bucket(max(-(-longest // w), 1)) * w
     elif slot_len < longest or slot_len % w:
-        raise ValueError(f"slot length {slot_len} must be a multiple of {w} patches and fit the longest frame ({longest})")
+        raise ValueError(
+            f"slot length {slot_len} must be a multiple of {w} patches and fit the longest frame ({longest})"
+        )
     count = len(_pack(frames.lengths, slot_len // unit))
     slots = bucket(max(count, 1))
     return -(-slots // slot_multiple) * slot_multiple, slot_len
@@ -194,30 +197,33 @@ class VisionLayout:
         return padded[np.where(self.patch_index >= 0, self.patch_index, len(pixel_values))]
 
 
-def vision_layout(image_grid_thw, vision_config, *, slot_multiple: int = 1, num_slots: int | None = None,
-                  slot_len: int | None = None) -> VisionLayout:
+def vision_layout(
+    image_grid_thw, vision_config, *, slot_multiple: int = 1, num_slots: int | None = None, slot_len: int | None = None
+) -> VisionLayout:
     """The slot layout of images with grids `image_grid_thw` [n, 3] (processor order; n may be 0: all padding).
 
     num_slots / slot_len: a given shape (e.g. shared by the micro-batches of a step), else `slot_shape`'s."""
     vc = vision_config
     unit = vc.merge_unit
     if slot_len is None or num_slots is None:
-        s, l = slot_shape(image_grid_thw, vc, slot_multiple=slot_multiple, slot_len=slot_len)
-        num_slots, slot_len = num_slots or s, slot_len or l
+        slots, length = slot_shape(image_grid_thw, vc, slot_multiple=slot_multiple, slot_len=slot_len)
+        num_slots, slot_len = num_slots or slots, slot_len or length
     frames = image_frames(image_grid_thw, vc)
     lm = slot_len // unit
     packing = _pack(frames.lengths, lm)
     if len(packing) > num_slots or max(frames.lengths, default=0) > lm:
-        raise ValueError(f"{len(frames.lengths)} image frames need {len(packing)} slots of {slot_len} patches, "
-                         f"more than the {num_slots} given")
+        raise ValueError(
+            f"{len(frames.lengths)} image frames need {len(packing)} slots of {slot_len} patches, "
+            f"more than the {num_slots} given"
+        )
     merged = np.full((num_slots, lm), -1, np.int64)
     segment = np.zeros((num_slots, lm), np.int64)
     for s, members in enumerate(packing):
         at = 0
         for k, f in enumerate(sorted(members)):
             frame = frames.merged[f]
-            merged[s, at:at + len(frame)] = frame
-            segment[s, at:at + len(frame)] = np.where(frame >= 0, k + 1, 0)
+            merged[s, at : at + len(frame)] = frame
+            segment[s, at : at + len(frame)] = np.where(frame >= 0, k + 1, 0)
             at += len(frame)
     patch = np.where(merged[..., None] >= 0, merged[..., None] * unit + np.arange(unit), -1).reshape(num_slots, -1)
     rotary = vision_rotary_positions(image_grid_thw, spatial_merge_size=vc.spatial_merge_size)
@@ -226,17 +232,30 @@ def vision_layout(image_grid_thw, vision_config, *, slot_multiple: int = 1, num_
     used = flat >= 0
     inverse = np.empty(flat.size, np.int64)
     inverse[flat[used]] = np.flatnonzero(used)
-    inverse[frames.num_merged:] = np.flatnonzero(~used)
-    return VisionLayout(patch_index=patch, rotary_pos=rotary, segment_ids=np.repeat(segment, unit, axis=1),
-                        merge_inverse=inverse.reshape(num_slots, lm), num_merged=frames.num_merged)
+    inverse[frames.num_merged :] = np.flatnonzero(~used)
+    return VisionLayout(
+        patch_index=patch,
+        rotary_pos=rotary,
+        segment_ids=np.repeat(segment, unit, axis=1),
+        merge_inverse=inverse.reshape(num_slots, lm),
+        num_merged=frames.num_merged,
+    )
 
 
-def layout_images(pixel_values, image_grid_thw, vision_config, *, slot_multiple: int = 1, num_slots: int | None = None,
-                  slot_len: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def layout_images(
+    pixel_values,
+    image_grid_thw,
+    vision_config,
+    *,
+    slot_multiple: int = 1,
+    num_slots: int | None = None,
+    slot_len: int | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Processor outputs (pixel_values [N, patch_dim], image_grid_thw [n, 3]) -> the tower's inputs:
     pixel_values float32 [S, L, patch_dim] and the index arrays (`VisionLayout.inputs`)."""
-    layout = vision_layout(image_grid_thw, vision_config, slot_multiple=slot_multiple, num_slots=num_slots,
-                           slot_len=slot_len)
+    layout = vision_layout(
+        image_grid_thw, vision_config, slot_multiple=slot_multiple, num_slots=num_slots, slot_len=slot_len
+    )
     n = num_patches(image_grid_thw)
     pixel_values = np.asarray(pixel_values)
     if pixel_values.shape[0] != n:

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from jaxvlm import batching, rewards, sharding
-from jaxvlm.configuration import ConfigError, StageSpec, config_error, resolve_sampling, sampling_section, typed_none
+from jaxvlm.configuration import ConfigError, StageSpec, config_error, sampling_section, typed_none
 from jaxvlm.data import sources
 from jaxvlm.data.pipeline import PipelineConfig
 from jaxvlm.train_steps import LossConfig, OptimizerConfig
@@ -113,19 +113,24 @@ def rl_sampling_section(**values) -> ml_collections.ConfigDict:
 def check_steps(section, key: str) -> tuple[int, int]:
     steps, epochs = int(section.steps), int(section.epochs)
     if steps < 0 or epochs < 0 or (steps == 0 and epochs == 0):
-        raise config_error(f"{key}.steps", "give a positive number of steps, or steps=0 and epochs > 0 (with both, "
-                           "the stage ends at whichever comes first)")
+        raise config_error(
+            f"{key}.steps",
+            "give a positive number of steps, or steps=0 and epochs > 0 (with both, "
+            "the stage ends at whichever comes first)",
+        )
     return steps, epochs
 
 
-def resolve_data(section, key: str, seed: int, *, with_targets: bool, epochs: int = 0,
-                 max_target_length: int | None = None) -> tuple[tuple[dict, ...], PipelineConfig]:
+def resolve_data(
+    section, key: str, seed: int, *, with_targets: bool, epochs: int = 0, max_target_length: int | None = None
+) -> tuple[tuple[dict, ...], PipelineConfig]:
     """The stage's sources and PipelineConfig (run-set fields filled in; `data.seed` offset by `config.seed`)."""
     if not section.data.sources:
         raise config_error(f"{key}.data.sources", "empty: the stage needs data")
     values = {k: v for k, v in section.data.to_dict().items() if k != "sources"}
-    values.update(with_targets=with_targets, num_epochs=epochs or None, shard_by_process=False,
-                  seed=values.get("seed", 0) + seed)
+    values.update(
+        with_targets=with_targets, num_epochs=epochs or None, shard_by_process=False, seed=values.get("seed", 0) + seed
+    )
     if max_target_length is not None:
         values["max_target_length"] = max_target_length
     try:
@@ -155,8 +160,11 @@ def resolve_loss(section, key: str, derived: dict[str, tuple[Any, str, str]] | N
     for field, (value, source, how) in (derived or {}).items():
         given = values.get(field)
         if given is not None and given != value:
-            raise config_error(f"{key}.loss.{field}", f"is derived from config.{source} (= {value!r}{how}); got "
-                               f"{given!r}. Set config.{source} instead, or leave config.{key}.loss.{field} unset")
+            raise config_error(
+                f"{key}.loss.{field}",
+                f"is derived from config.{source} (= {value!r}{how}); got "
+                f"{given!r}. Set config.{source} instead, or leave config.{key}.loss.{field} unset",
+            )
         values[field] = value
     try:
         cfg = LossConfig(**values)
@@ -182,8 +190,11 @@ def resolve_accuracy_reward(section, key: str, specs: tuple, required: bool = Fa
     if section.accuracy_reward == "" and not required:
         return ""
     if section.accuracy_reward not in names:
-        raise config_error(f"{key}.accuracy_reward", f"{section.accuracy_reward!r} is not one of the stage's rewards "
-                           f"{names}" + ("" if required else " ('' for none)"))
+        raise config_error(
+            f"{key}.accuracy_reward",
+            f"{section.accuracy_reward!r} is not one of the stage's rewards "
+            f"{names}" + ("" if required else " ('' for none)"),
+        )
     return section.accuracy_reward
 
 
@@ -241,7 +252,8 @@ def plan(mode: StageMode, spec: StageSpec) -> StagePlan:
         raise ConfigError(
             f"config.{spec.key}.optimizer.total_steps: is derived from config.{spec.key}.steps / epochs (= {total} "
             f"updates: {steps} steps x {mode.updates_per_step(spec)} updates per step); got {spec.total_steps}. "
-            f"Leave it unset")
+            f"Leave it unset"
+        )
     return StagePlan(spec, steps, mode.leading(spec), dataclasses.replace(spec.optimizer, total_steps=total))
 
 
@@ -260,8 +272,13 @@ def row_pixels(batch: dict, repeat: int = 1):
 
 def microbatches(rt, rows: dict, leading: tuple[int, ...], pixels) -> dict:
     """Rows `[R, ...]` as the step's `[*leading, b, ...]` micro-batches, image slots split over the mesh."""
-    return batching.microbatches(rows, leading, row_pixels=pixels, vision_config=rt.model_config.vision,
-                                 slot_multiple=sharding.data_parallel_size(rt.mesh))
+    return batching.microbatches(
+        rows,
+        leading,
+        row_pixels=pixels,
+        vision_config=rt.model_config.vision,
+        slot_multiple=sharding.data_parallel_size(rt.mesh),
+    )
 
 
 def as_float32(x) -> np.ndarray:

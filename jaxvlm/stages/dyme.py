@@ -23,10 +23,19 @@ class Dyme(base.StageMode):
         return rl_defaults(self.name, POLICY_LOSS_FIELDS + DYME_LOSS_FIELDS)  # beta stays 0 (the authors assert it)
 
     def resolve(self, section, name: str, seed: int) -> StageSpec:
-        spec = resolve_rl(self.name, section, name, seed, with_targets=True,
-                          max_target_length=int(section.sampling.max_new_tokens), accuracy_required=True)
+        spec = resolve_rl(
+            self.name,
+            section,
+            name,
+            seed,
+            with_targets=True,
+            max_target_length=int(section.sampling.max_new_tokens),
+            accuracy_required=True,
+        )
         if spec.loss.beta > 0:
-            raise config_error(f"stages.{name}.loss.beta", "DyME trains without a KL term (the authors assert beta == 0)")
+            raise config_error(
+                f"stages.{name}.loss.beta", "DyME trains without a KL term (the authors assert beta == 0)"
+            )
         return spec
 
     def leading(self, spec: StageSpec) -> tuple[int, ...]:

@@ -6,12 +6,21 @@ import ml_collections
 import numpy as np
 
 from jaxvlm import rollouts, sharding, train_steps
-from jaxvlm.configuration import StageSpec, config_error
+from jaxvlm.configuration import StageSpec, config_error, resolve_sampling
 from jaxvlm.stages import base
 
 # The LossConfig fields an RL stage reads; temperature and group_size are derived from its sampling section.
-POLICY_LOSS_FIELDS = ("eps_low", "eps_high", "delta", "importance", "beta", "kl_estimator", "aggregation",
-                      "num_iterations", "advantage_scale")
+POLICY_LOSS_FIELDS = (
+    "eps_low",
+    "eps_high",
+    "delta",
+    "importance",
+    "beta",
+    "kl_estimator",
+    "aggregation",
+    "num_iterations",
+    "advantage_scale",
+)
 DERIVED_LOSS_FIELDS = ("temperature", "group_size")
 
 
@@ -30,35 +39,67 @@ def rl_defaults(mode: str, loss_fields: tuple[str, ...]) -> ml_collections.Confi
     return s
 
 
-def resolve_rl(mode: str, section, name: str, seed: int, *, with_targets: bool = False,
-               max_target_length: int | None = None, accuracy_required: bool = False) -> StageSpec:
+def resolve_rl(
+    mode: str,
+    section,
+    name: str,
+    seed: int,
+    *,
+    with_targets: bool = False,
+    max_target_length: int | None = None,
+    accuracy_required: bool = False,
+) -> StageSpec:
     """The spec of an RL stage (grpo, dyme): rewards, sampling, the loss with its derived temperature and group
     size, and rollout rows that cut into K mini-batches x M micro-batches."""
     key = f"stages.{name}"
     steps, epochs = base.check_steps(section, key)
-    sampling = base.resolve_sampling(section.sampling, f"{key}.sampling")
-    sources, data = base.resolve_data(section, key, seed, with_targets=with_targets, epochs=epochs,
-                                      max_target_length=max_target_length)
+    sampling = resolve_sampling(section.sampling, f"{key}.sampling")
+    sources, data = base.resolve_data(
+        section, key, seed, with_targets=with_targets, epochs=epochs, max_target_length=max_target_length
+    )
     specs = base.resolve_rewards(section, key)
     g = sampling.num_generations
     if g < 2:
         raise config_error(f"{key}.sampling.num_generations", "group advantages need >= 2 rollouts per prompt")
-    loss = base.resolve_loss(section, key, {
-        "temperature": (float(sampling.temperature) or 1.0, f"{key}.sampling.temperature",
-                        "; greedy sampling, 0, scores at 1.0"),
-        "group_size": (g, f"{key}.sampling.num_generations", ""),
-    })
+    loss = base.resolve_loss(
+        section,
+        key,
+        {
+            "temperature": (
+                float(sampling.temperature) or 1.0,
+                f"{key}.sampling.temperature",
+                "; greedy sampling, 0, scores at 1.0",
+            ),
+            "group_size": (g, f"{key}.sampling.num_generations", ""),
+        },
+    )
     m, k = int(section.batch.micro_batches), int(section.batch.mini_batches)
     if m < 1 or k < 1:
         raise config_error(f"{key}.batch", "micro_batches and mini_batches must be >= 1")
     rows = data.batch_size * g
     if rows % (m * k):
-        raise config_error(f"{key}.batch", f"{rows} rollout rows (batch_size x num_generations) cannot be cut into "
-                           f"{k} mini-batches x {m} micro-batches")
+        raise config_error(
+            f"{key}.batch",
+            f"{rows} rollout rows (batch_size x num_generations) cannot be cut into "
+            f"{k} mini-batches x {m} micro-batches",
+        )
     optimizer, total = base.resolve_optimizer(section, key)
-    return StageSpec(name=name, mode=mode, steps=steps, epochs=epochs, sources=sources, data=data,
-                     optimizer=optimizer, total_steps=total, loss=loss, micro_batches=m, mini_batches=k,
-                     sampling=sampling, rewards=specs, accuracy_reward=base.resolve_accuracy_reward(section, key, specs, accuracy_required))
+    return StageSpec(
+        name=name,
+        mode=mode,
+        steps=steps,
+        epochs=epochs,
+        sources=sources,
+        data=data,
+        optimizer=optimizer,
+        total_steps=total,
+        loss=loss,
+        micro_batches=m,
+        mini_batches=k,
+        sampling=sampling,
+        rewards=specs,
+        accuracy_reward=base.resolve_accuracy_reward(section, key, specs, accuracy_required),
+    )
 
 
 class Grpo(base.StageMode):
@@ -81,10 +122,17 @@ class Grpo(base.StageMode):
         spec = plan.spec
         out, metrics = rollouts.rollout(rt, spec, params, batch, key)
         rows, mb = rollouts.grpo_update_batch(
-            out.rows, out.scores.total, spec.sampling.num_generations, spec.loss.advantage_scale, plan.leading,
-            row_pixels=base.row_pixels(batch, spec.sampling.num_generations), vision_config=rt.model_config.vision,
-            slot_multiple=sharding.data_parallel_size(rt.mesh))
+            out.rows,
+            out.scores.total,
+            spec.sampling.num_generations,
+            spec.loss.advantage_scale,
+            plan.leading,
+            row_pixels=base.row_pixels(batch, spec.sampling.num_generations),
+            vision_config=rt.model_config.vision,
+            slot_multiple=sharding.data_parallel_size(rt.mesh),
+        )
         metrics["advantage_abs_max"] = float(np.max(np.abs(rows["advantages"])))
         return mb, metrics
+
 
 MODE = Grpo()

@@ -10,7 +10,7 @@ import dataclasses
 import ml_collections
 
 from jaxvlm import rejection
-from jaxvlm.configuration import RejectionSpec, StageSpec, config_error
+from jaxvlm.configuration import RejectionSpec, StageSpec, config_error, resolve_sampling
 from jaxvlm.stages import base
 from jaxvlm.stages.sft import Sft
 
@@ -24,13 +24,15 @@ class RejectionSft(Sft):
         s.rewards = []
         s.accuracy_reward = "accuracy"  # the correctness reward of the stage's evaluation
         s.sampling = base.rl_sampling_section()
-        s.rejection = ml_collections.ConfigDict(dict(
-            min_reward=1.0,  # a prompt's best sample is kept when its total reward reaches this
-            num_prompts=64,
-            batch_size=8,  # prompts per sampling batch
-            text_share=0.0,  # share of text-only examples (text_sources) mixed into the SFT set
-            text_sources=[],
-        ))
+        s.rejection = ml_collections.ConfigDict(
+            dict(
+                min_reward=1.0,  # a prompt's best sample is kept when its total reward reaches this
+                num_prompts=64,
+                batch_size=8,  # prompts per sampling batch
+                text_share=0.0,  # share of text-only examples (text_sources) mixed into the SFT set
+                text_sources=[],
+            )
+        )
         return s
 
     def resolve(self, section, name: str, seed: int) -> StageSpec:
@@ -47,11 +49,19 @@ class RejectionSft(Sft):
         if r.text_share == 0 and r.text_sources:
             raise config_error(f"{key}.rejection.text_sources", "given with text_share = 0: they would not be used")
         return dataclasses.replace(
-            spec, mode=self.name, sampling=base.resolve_sampling(section.sampling, f"{key}.sampling"), rewards=specs,
+            spec,
+            mode=self.name,
+            sampling=resolve_sampling(section.sampling, f"{key}.sampling"),
+            rewards=specs,
             accuracy_reward=base.resolve_accuracy_reward(section, key, specs),
-            rejection=RejectionSpec(min_reward=float(r.min_reward), num_prompts=int(r.num_prompts),
-                                    batch_size=int(r.batch_size), text_share=float(r.text_share),
-                                    text_sources=tuple(dict(e) for e in r.text_sources)))
+            rejection=RejectionSpec(
+                min_reward=float(r.min_reward),
+                num_prompts=int(r.num_prompts),
+                batch_size=int(r.batch_size),
+                text_share=float(r.text_share),
+                text_sources=tuple(dict(e) for e in r.text_sources),
+            ),
+        )
 
     def prepare(self, rt, spec: StageSpec, params) -> StageSpec:
         """Sample and filter (or reuse a finished sampling phase), then train on the kept set."""

@@ -29,12 +29,22 @@ class Sft(base.StageMode):
         key = f"stages.{name}"
         steps, epochs = base.check_steps(section, key)
         sources, data = base.resolve_data(section, key, seed, with_targets=True, epochs=epochs)
-        base.check_micro_batches(section.batch.micro_batches, data.batch_size, key,
-                                 f"data.batch_size={data.batch_size}")
+        base.check_micro_batches(
+            section.batch.micro_batches, data.batch_size, key, f"data.batch_size={data.batch_size}"
+        )
         optimizer, total = base.resolve_optimizer(section, key)
-        return StageSpec(name=name, mode=self.name, steps=steps, epochs=epochs, sources=sources, data=data,
-                         optimizer=optimizer, total_steps=total, loss=base.resolve_loss(section, key),
-                         micro_batches=int(section.batch.micro_batches))
+        return StageSpec(
+            name=name,
+            mode=self.name,
+            steps=steps,
+            epochs=epochs,
+            sources=sources,
+            data=data,
+            optimizer=optimizer,
+            total_steps=total,
+            loss=base.resolve_loss(section, key),
+            micro_batches=int(section.batch.micro_batches),
+        )
 
     def update_batch(self, rt, plan: base.StagePlan, params, batch: dict, key) -> tuple[dict, dict[str, float]]:
         del params, key
