@@ -39,6 +39,7 @@ def reduced(config):
     return config
 
 
+@pytest.mark.slow  # every recipe's stages end to end
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_runs_stops_and_resumes(recipe, tmp_path):
     config = reduced(load_config(recipe))

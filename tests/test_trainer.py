@@ -85,6 +85,7 @@ def trained(tmp_path_factory):
     return config, workdir, result
 
 
+@pytest.mark.slow  # trains (the fast tier keeps the config and evaluation checks)
 def test_all_stages_run_in_order_and_write_metrics(trained):
     config, workdir, result = trained
     assert result["finished"] and result["stages"] == ["sft", "grpo", "dyme", "reject"]
@@ -107,6 +108,7 @@ def test_all_stages_run_in_order_and_write_metrics(trained):
     assert [step for step, _ in scalars["train/loss"]] == list(range(1, 9))
 
 
+@pytest.mark.slow  # trains (the fast tier keeps the config and evaluation checks)
 def test_every_evaluation_writes_its_greedy_completions_and_reasoning_f1(trained):
     """eval_completions/<stage>-step<N>.jsonl: one row per evaluated example, whose scores average to the logged
     accuracy; with reasoning prompt styles each row's think_f1 is DyME's think_f1 of its own completion against its
@@ -156,6 +158,7 @@ def test_evaluation_writes_no_completions_when_switched_off_and_none_for_plain_p
     assert len(rows) == 2 and all("think_f1" not in row for row in rows)
 
 
+@pytest.mark.slow  # trains (the fast tier keeps the config and evaluation checks)
 def test_kl_reference_is_re_anchored_at_the_stage_start(trained):
     _, workdir, _ = trained
     grpo = [r for r in read_metrics(workdir) if r.get("train/stage") == "grpo"]
@@ -164,6 +167,7 @@ def test_kl_reference_is_re_anchored_at_the_stage_start(trained):
     assert grpo[1]["train/kl"] > 1e-6
 
 
+@pytest.mark.slow  # trains (the fast tier keeps the config and evaluation checks)
 def test_rejection_sampling_writes_the_kept_set(trained):
     config, workdir, _ = trained
     kept = JsonlSource(os.path.join(workdir, "rejection", "reject", "kept.jsonl"))
@@ -177,6 +181,7 @@ def test_rejection_sampling_writes_the_kept_set(trained):
     assert summary["prompts"] == 4 and summary["kept"] == 4
 
 
+@pytest.mark.slow  # trains (the fast tier keeps the config and evaluation checks)
 def test_final_model_is_a_hugging_face_checkpoint(trained):
     from transformers import AutoTokenizer
 
@@ -187,6 +192,7 @@ def test_final_model_is_a_hugging_face_checkpoint(trained):
     assert tokenizer.convert_tokens_to_ids("<|image_pad|>") == model.config.image_token_id
 
 
+@pytest.mark.slow  # trains (the fast tier keeps the config and evaluation checks)
 def test_rerun_of_a_finished_workdir_trains_nothing(trained):
     config, workdir, _ = trained
     before = len(read_metrics(workdir))
@@ -221,6 +227,7 @@ def sft_grpo_config(steps=2):
     return c
 
 
+@pytest.mark.slow  # trains (the fast tier keeps the config and evaluation checks)
 def test_stop_mid_stage_then_resume_equals_an_uninterrupted_run(tmp_path):
     whole = tmp_path / "whole"
     trainer.run(sft_grpo_config(), str(whole))
@@ -248,6 +255,7 @@ def _leaves(tree):
     return jax.tree.leaves(tree)
 
 
+@pytest.mark.slow  # trains (the fast tier keeps the config and evaluation checks)
 def test_nan_reward_is_contained_and_poisoned_batches_stop_the_run(tmp_path, monkeypatch):
     """Step 1: every reward total is NaN -> those rows get advantage 0 (losses.group_advantages), the update is
     finite. Steps 2+: the batch's old log-probs are NaN -> non-finite loss, the update is skipped; after
@@ -312,6 +320,7 @@ def get_config(arg=None):
 """
 
 
+@pytest.mark.slow  # trains (the fast tier keeps the config and evaluation checks)
 def test_sigterm_writes_a_checkpoint_and_the_same_command_resumes(tmp_path):
     config_file = tmp_path / "signal_config.py"
     config_file.write_text(SIGNAL_CONFIG.format(tests=os.path.join(ROOT, "tests")))
