@@ -61,28 +61,15 @@ def resolve_rl(
     g = sampling.num_generations
     if g < 2:
         raise config_error(f"{key}.sampling.num_generations", "group advantages need >= 2 rollouts per prompt")
-    loss = base.resolve_loss(
-        section,
-        key,
-        {
-            "temperature": (
-                float(sampling.temperature) or 1.0,
-                f"{key}.sampling.temperature",
-                "; greedy sampling, 0, scores at 1.0",
-            ),
-            "group_size": (g, f"{key}.sampling.num_generations", ""),
-        },
+    temperature = (
+        float(sampling.temperature) or 1.0,
+        f"{key}.sampling.temperature",
+        "; greedy sampling, 0, scores at 1.0",
     )
-    m, k = int(section.batch.micro_batches), int(section.batch.mini_batches)
-    if m < 1 or k < 1:
-        raise config_error(f"{key}.batch", "micro_batches and mini_batches must be >= 1")
-    rows = data.batch_size * g
-    if rows % (m * k):
-        raise config_error(
-            f"{key}.batch",
-            f"{rows} rollout rows (batch_size x num_generations) cannot be cut into "
-            f"{k} mini-batches x {m} micro-batches",
-        )
+    loss = base.resolve_loss(
+        section, key, {"temperature": temperature, "group_size": (g, f"{key}.sampling.num_generations", "")}
+    )
+    m, k = rollout_batches(section, key, data.batch_size * g)
     optimizer, total = base.resolve_optimizer(section, key)
     return StageSpec(
         name=name,
@@ -100,6 +87,20 @@ def resolve_rl(
         rewards=specs,
         accuracy_reward=base.resolve_accuracy_reward(section, key, specs, accuracy_required),
     )
+
+
+def rollout_batches(section, key: str, rows: int) -> tuple[int, int]:
+    """(M micro-batches, K mini-batches) of an RL stage, checked against its rollout rows."""
+    m, k = int(section.batch.micro_batches), int(section.batch.mini_batches)
+    if m < 1 or k < 1:
+        raise config_error(f"{key}.batch", "micro_batches and mini_batches must be >= 1")
+    if rows % (m * k):
+        raise config_error(
+            f"{key}.batch",
+            f"{rows} rollout rows (batch_size x num_generations) cannot be cut into "
+            f"{k} mini-batches x {m} micro-batches",
+        )
+    return m, k
 
 
 class Grpo(base.StageMode):
