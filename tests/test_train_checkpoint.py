@@ -1,4 +1,7 @@
-"""jaxvlm.checkpoint.TrainCheckpointer: round trips, retention, resharding, bitwise resume, errors."""
+"""jaxvlm.checkpoint.TrainCheckpointer: round trips, retention, resharding, bitwise resume, errors, damaged steps."""
+
+import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +11,7 @@ import pytest
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxvlm.checkpoint import TrainCheckpointer, abstract_like
+from jaxvlm.checkpoint import CheckpointError, TrainCheckpointer, abstract_like, step_problems
 
 
 def assert_trees_equal(a, b):
@@ -55,6 +58,7 @@ def test_round_trip(tmp_path, opt_name):
         restored, restored_data, restored_config = ckpt.restore(abstract_like(state))
 
     assert_trees_equal(restored, state)
+    assert step_problems(tmp_path / "7", ("data_state", "config"), read_arrays=True) == []
     assert jax.random.key_impl(restored["key"]) == jax.random.key_impl(state["key"])
     np.testing.assert_array_equal(jax.random.normal(restored["key"], (3,)), jax.random.normal(state["key"], (3,)))
     assert restored_data == data_state and restored_config == config
@@ -240,3 +244,143 @@ def test_bitwise_resume_of_real_sft_steps_and_restore_across_meshes(tmp_path):
     kernel = back.params["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding.spec == jax.P(None, "fsdp", "tensor") and len(kernel.sharding.device_set) == 8
     assert_trees_equal(back, straight)
+
+
+# --- damaged steps: named, set aside, the newest intact step restored ---
+
+
+def damage_state():
+    """One array large enough to live in a data file of its own (small ones are inlined in the OCDBT index)."""
+    rng = np.random.default_rng(5)
+    return {
+        "w": jnp.asarray(rng.standard_normal((64, 64)), jnp.float32),
+        "b": jnp.arange(3.0),
+        "key": jax.random.key(1),
+    }
+
+
+def two_steps(directory, state):
+    """Steps 1 and 2 of `state` (step 2's arrays are step 1's + 1), data_state {"step": n}."""
+    with TrainCheckpointer(directory, save_every=1) as ckpt:
+        ckpt.save(1, state, data_state={"step": 1})
+        ckpt.save(2, {**state, "w": state["w"] + 1, "b": state["b"] + 1}, data_state={"step": 2})
+
+
+def largest_file(directory):
+    files = [os.path.join(root, f) for root, _, names in os.walk(directory) for f in names]
+    return max(files, key=os.path.getsize)
+
+
+def truncate_half(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def overwrite_with_garbage(path):
+    size = os.path.getsize(path)
+    with open(path, "wb") as f:
+        f.write(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+
+
+# (what to damage in step 2, how, what the message names)
+DAMAGE = {
+    "array data truncated": (largest_file, truncate_half, r"state/ocdbt\.process_0/d/\w+: truncated \(\d+ bytes"),
+    "array data deleted": (largest_file, os.remove, r"state/ocdbt\.process_0/d/\w+: missing .*array 'w'"),
+    "array data overwritten": (largest_file, overwrite_with_garbage, r"state array 'w' does not read back"),
+    "data_state JSON corrupt": (
+        lambda step: os.path.join(step, "data_state", "metadata"),
+        lambda p: open(p, "w").write('{"step": '),
+        r"data_state/metadata: not valid JSON",
+    ),
+    "index manifest deleted": (
+        lambda step: os.path.join(step, "state", "manifest.ocdbt"),
+        os.remove,
+        r"state/manifest\.ocdbt: missing",
+    ),
+    "array metadata truncated": (lambda step: os.path.join(step, "state", "_METADATA"), truncate_half, "_METADATA"),
+}
+
+
+# Orbax's reader leaves un-awaited coroutines when an array fails to read; Python reports them when collected.
+orbax_unraisable = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@orbax_unraisable
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_latest_step_is_named_set_aside_and_the_previous_step_restored(tmp_path, damage, caplog):
+    pick, spoil, message = DAMAGE[damage]
+    state = damage_state()
+    two_steps(tmp_path, state)
+    spoil(pick(str(tmp_path / "2")))
+    with TrainCheckpointer(tmp_path, save_every=1) as ckpt:
+        with caplog.at_level("WARNING"):
+            restored, data_state, _ = ckpt.restore(abstract_like(state), required_items=("data_state",))
+        assert data_state == {"step": 1}
+        assert_trees_equal(restored, state)
+        [record] = ckpt.set_aside
+        assert record.step == 2 and re.search(message, "; ".join(record.problems)), record.problems
+        assert record.moved_to == str(tmp_path / "2.damaged")
+        assert re.search(rf"{tmp_path / '2'} is damaged, using step 1 instead; moved to .*2\.damaged", caplog.text)
+        assert ckpt.all_steps() == [1]
+        assert ckpt.save(2, state, data_state={"step": 2})  # the step number is free again
+    assert sorted(os.listdir(tmp_path)) == ["1", "2", "2.damaged"]
+    with TrainCheckpointer(tmp_path, save_every=1) as ckpt:  # Orbax never lists the .damaged directory
+        assert ckpt.all_steps() == [1, 2]
+        assert ckpt.restore(abstract_like(state))[1] == {"step": 2} and ckpt.set_aside == []
+
+
+def test_a_step_damaged_twice_is_kept_under_a_new_name(tmp_path):
+    state = damage_state()
+    two_steps(tmp_path, state)
+    os.makedirs(tmp_path / "2.damaged")  # evidence from an earlier failure
+    truncate_half(largest_file(str(tmp_path / "2")))
+    with TrainCheckpointer(tmp_path, save_every=1) as ckpt:
+        assert ckpt.restore(abstract_like(state))[1] == {"step": 1}
+        assert ckpt.set_aside[0].moved_to == str(tmp_path / "2.damaged.2")
+    assert sorted(os.listdir(tmp_path)) == ["1", "2.damaged", "2.damaged.2"]
+
+
+def test_no_intact_step_lists_every_step_and_moves_nothing(tmp_path):
+    state = damage_state()
+    two_steps(tmp_path, state)
+    truncate_half(largest_file(str(tmp_path / "2")))
+    os.remove(os.path.join(tmp_path, "1", "data_state", "metadata"))
+    with TrainCheckpointer(tmp_path, save_every=1) as ckpt:
+        with pytest.raises(CheckpointError) as error:
+            ckpt.restore(abstract_like(state), required_items=("data_state",))
+        assert ckpt.set_aside == [] and ckpt.all_steps() == [1, 2]
+    text = str(error.value)
+    assert text.startswith(f"no intact checkpoint in {tmp_path}; every step is damaged:")
+    assert re.search(r"\n  step 2: state/ocdbt\.process_0/d/\w+: truncated", text)
+    assert "\n  step 1: data_state/metadata: missing" in text
+    assert text.endswith(f"rm -r {tmp_path / '2'} {tmp_path / '1'}")
+    assert sorted(os.listdir(tmp_path)) == ["1", "2"]
+
+
+@orbax_unraisable
+def test_an_explicit_damaged_step_raises_and_a_mismatch_is_not_damage(tmp_path):
+    state = damage_state()
+    two_steps(tmp_path, state)
+    with open(tmp_path / "1" / "data_state" / "metadata", "w") as f:
+        f.write("[")
+    with TrainCheckpointer(tmp_path, save_every=1) as ckpt:
+        with pytest.raises(CheckpointError, match=rf"{tmp_path / '1'} is damaged: data_state/metadata: not valid JSON"):
+            ckpt.restore(abstract_like(state), step=1)
+        # Intact files that do not fit the requested state: an error, and nothing is moved.
+        other = {**state, "w": jnp.zeros((8, 8))}
+        with pytest.raises(CheckpointError, match=r"/2 does not restore \(ValueError: .*reads back intact"):
+            ckpt.restore(abstract_like(other))
+        assert ckpt.set_aside == [] and ckpt.all_steps() == [1, 2]
+
+
+def test_intact_steps_have_no_problems_and_newest_intact_step_skips_damage(tmp_path):
+    state = damage_state()
+    two_steps(tmp_path, state)
+    for step in ("1", "2"):
+        assert step_problems(tmp_path / step, ("data_state",), read_arrays=True) == []
+    assert step_problems(tmp_path / "2", ("config",)) == ["config/metadata: missing"]
+    truncate_half(largest_file(str(tmp_path / "2")))
+    with TrainCheckpointer(tmp_path, save_every=1) as ckpt:
+        assert ckpt.newest_intact_step() == 1 and [d.step for d in ckpt.set_aside] == [2]
+    with TrainCheckpointer(tmp_path / "none", save_every=1) as ckpt:
+        assert ckpt.newest_intact_step() is None
