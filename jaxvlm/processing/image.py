@@ -3,7 +3,8 @@
 An exact port of the math of transformers' `Qwen2VLImageProcessorPil`
 (`image_processing_pil_qwen2_vl.py` with the `PilBackend` helpers):
 
-1. convert to RGB (transparent pixels are composited onto white),
+1. convert to RGB (transparent pixels are composited onto white; 16-bit greyscale, which transformers clips to
+   white, is scaled to 8 bits instead, see `pil_to_rgb`),
 2. resize with PIL bicubic to `smart_resize(h, w)` so both sides are
    multiples of `patch_size * merge_size`,
 3. rescale (`uint8 -> float64 * rescale_factor -> float32`),
@@ -33,6 +34,11 @@ PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 IMAGE_PROCESSOR_TYPE = "Qwen2VLImageProcessor"
 PIL_BICUBIC = 3
 MAX_ASPECT_RATIO = 200
+
+# PIL modes `Image.convert("RGB")` maps faithfully (alpha modes are composited onto white first).
+RGB_CONVERTIBLE_MODES = ("1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "LA", "PA")
+# Greyscale modes with 16-bit samples (PNG and TIFF 16-bit greyscale; "I" holds 32-bit ints, read as 16-bit).
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def smart_resize(
@@ -88,22 +94,57 @@ def _check_numpy_image(image: np.ndarray) -> None:
         )
 
 
-def convert_to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
-    """RGB pixels of `image` as uint8 `[H, W, 3]`, exactly as transformers converts them.
+def sixteen_bit_to_uint8(samples: np.ndarray) -> np.ndarray:
+    """16-bit samples (0..65535, any int dtype) -> uint8 with `round(v * 255 / 65535)`, the full range kept."""
+    return ((samples.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 
-    PIL images with an alpha band or a transparency key are alpha-composited
-    onto opaque white by PIL; other modes use `image.convert("RGB")`.  uint8
-    numpy images: `[H, W]` / `[H, W, 1]` are repeated to 3 channels, `[H, W, 4]`
-    is blended onto white with `round(a * rgb + (1 - a) * 255)` (transformers'
+
+def _sixteen_bit_grey_to_rgb(image: Image.Image) -> np.ndarray:
+    """uint8 [H, W, 3] of a 16-bit greyscale image; a transparency key (tRNS) becomes white."""
+    samples = np.asarray(image)
+    if samples.size and (int(samples.min()) < 0 or int(samples.max()) > 65535):
+        raise ValueError(
+            f"image mode {image.mode!r} has values {int(samples.min())}..{int(samples.max())}, outside the 16-bit "
+            "range 0..65535 it is read in; save it as 8- or 16-bit"
+        )
+    grey = sixteen_bit_to_uint8(samples)
+    transparency = image.info.get("transparency")
+    if isinstance(transparency, int):
+        grey = np.where(samples == transparency, np.uint8(255), grey)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def pil_to_rgb(image: Image.Image) -> np.ndarray:
+    """RGB pixels of a PIL image as uint8 `[H, W, 3]`; ValueError naming a mode with no faithful conversion.
+
+    Modes in RGB_CONVERTIBLE_MODES go through PIL's `convert` exactly as transformers does, those with an alpha
+    band or a transparency key alpha-composited onto opaque white. 16-bit greyscale (SIXTEEN_BIT_MODES) is scaled
+    to 8 bits as `round(v * 255 / 65535)`, where PIL's convert (and so transformers) clips every value over 255 to
+    white. Mode "F" (float samples, no fixed range) and any other mode are rejected by name.
+    """
+    mode = image.mode
+    if mode in SIXTEEN_BIT_MODES:
+        return _sixteen_bit_grey_to_rgb(image)
+    if mode not in RGB_CONVERTIBLE_MODES:
+        hint = "float samples have no fixed 0..255 range" if mode == "F" else "no faithful conversion to RGB"
+        raise ValueError(f"image mode {mode!r} is not supported ({hint}); save the image as 8-bit RGB or greyscale")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.array(Image.alpha_composite(background, rgba).convert("RGB"))
+    return np.array(image.convert("RGB"))
+
+
+def convert_to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
+    """RGB pixels of `image` as uint8 `[H, W, 3]`, as transformers converts them.
+
+    PIL images: `pil_to_rgb` (transformers' conversion, except that 16-bit greyscale is scaled rather than clipped
+    to white, and modes without a faithful conversion are rejected). uint8 numpy images: `[H, W]` / `[H, W, 1]` are
+    repeated to 3 channels, `[H, W, 4]` is blended onto white with `round(a * rgb + (1 - a) * 255)` (transformers'
     numpy path), `[H, W, 3]` is returned unchanged.
     """
     if isinstance(image, Image.Image):
-        has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
-        if has_alpha:
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return np.array(Image.alpha_composite(background, rgba).convert("RGB"))
-        return np.array(image.convert("RGB"))
+        return pil_to_rgb(image)
     if isinstance(image, np.ndarray):
         _check_numpy_image(image)
         pixels = image[..., None] if image.ndim == 2 else image
