@@ -36,7 +36,7 @@ import numpy as np
 from absl import logging
 
 from jaxvlm import configuration, distributed, evaluation, models, rollouts, runtime, stages, train_steps
-from jaxvlm.checkpoint import TrainCheckpointer, abstract_like
+from jaxvlm.checkpoint import CheckpointError, TrainCheckpointer, abstract_like
 from jaxvlm.configuration import StageSpec
 from jaxvlm.data import pipeline, sources
 from jaxvlm.metrics import ProgressBar, StepTimer
@@ -52,11 +52,16 @@ class TrainingDiverged(RuntimeError):
 def run(config, workdir: str, stop: StopSignal | None = None) -> dict:
     """Run (or resume) every stage of `config` in `workdir`. Returns {"finished": bool, "stages": [...]}.
 
-    `stop`: what says "checkpoint and exit" between steps (default: SIGTERM / SIGINT).
+    `stop`: what says "checkpoint and exit" between steps (default: SIGTERM / SIGINT). A second trainer on the same
+    workdir is refused (runtime.WorkdirError naming the holder) until this one returns or raises.
     """
     spec = configuration.resolve(config)
-    rt = runtime.setup(spec, workdir)
-    progress = runtime.load_progress(workdir)
+    with runtime.workdir_lock(workdir):
+        progress = runtime.load_progress(workdir)
+        return run_stages(runtime.setup(spec, workdir), spec, progress, stop)
+
+
+def run_stages(rt: Runtime, spec: configuration.RunSpec, progress: dict, stop: StopSignal | None) -> dict:
     params = None
     with stop or StopSignal() as stop:
         for index, stage in enumerate(spec.stages):
@@ -133,7 +138,8 @@ def stage_checkpointer(rt: Runtime, spec: StageSpec, save_every: int = 1, keep: 
 
 
 def stage_final_params(rt: Runtime, spec: StageSpec, params_template):
-    """The last checkpointed params of a completed stage (to start the next stage after a restart)."""
+    """The last checkpointed params of a completed stage (to start the next stage after a restart). When its final
+    checkpoint is damaged the stage is marked unfinished in progress.json and CheckpointError says to re-run."""
     optimizer = train_steps.make_optimizer(spec.optimizer, params_template)
     state = jax.eval_shape(lambda p: train_steps.create_train_state(p, optimizer, jax.random.key(0)), params_template)
     shardings = train_steps.state_shardings(state, rt.mesh)
@@ -142,12 +148,29 @@ def stage_final_params(rt: Runtime, spec: StageSpec, params_template):
     tree_sh = checkpoint_tree(shardings, None if ref is None else shardings.params)
     with stage_checkpointer(rt, spec) as ckpt:
         restored, _, _ = ckpt.restore(abstract_like(tree, tree_sh))
+        if ckpt.set_aside:
+            progress = runtime.load_progress(rt.workdir)
+            progress["completed"].pop(spec.name, None)
+            runtime.save_progress(rt, progress)
+            raise final_checkpoint_damaged(spec, ckpt)
     return restored["state"].params
 
 
 def completed_steps(rt: Runtime, spec: StageSpec) -> int:
+    """The step count of a stage that just finished, from its newest checkpoint, checked intact."""
     with stage_checkpointer(rt, spec) as ckpt:
-        return int(ckpt.latest_step() or 0)
+        step = ckpt.newest_intact_step()
+        if ckpt.set_aside:
+            raise final_checkpoint_damaged(spec, ckpt)
+        return int(step or 0)
+
+
+def final_checkpoint_damaged(spec: StageSpec, ckpt: TrainCheckpointer) -> CheckpointError:
+    damaged = "; ".join(f"{d.describe()} (moved to {d.moved_to})" for d in ckpt.set_aside)
+    return CheckpointError(
+        f"stage {spec.name!r} finished, but its final checkpoint is damaged: {damaged}. The stage is not marked done: "
+        f"re-run the same command to resume it from its newest intact step, {ckpt.latest_step()}, to its end"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -203,12 +226,16 @@ class StageRun:
             return
         tree_sh = checkpoint_tree(self.state_sh, None if self.ref_params is None else self.state_sh.params)
         restored, data_state, _ = self.ckpt.restore(
-            abstract_like(checkpoint_tree(self.state, self.ref_params), tree_sh)
+            abstract_like(checkpoint_tree(self.state, self.ref_params), tree_sh), required_items=("data_state",)
         )
         self.state, self.ref_params = restored["state"], restored.get("ref_params")
         self.iterator.set_state(data_state["iterator"])
         self.start, self.skipped_totals = int(data_state["stage_step"]), data_state["skipped"]
         logging.info("stage %s: resumed at step %d", self.spec.name, self.start)
+        if self.ckpt.set_aside:  # damaged newer steps were skipped (each logged with its files)
+            damaged = {"restore_fallbacks": len(self.ckpt.set_aside), "stage": self.spec.name}
+            damaged["damaged_steps"] = ",".join(str(d.step) for d in self.ckpt.set_aside)
+            self.rt.writer.write(self.offset + self.start, damaged, prefix="checkpoint/")
 
     def _data_state(self, done: int) -> dict:
         return {"iterator": self.iterator.get_state(), "stage_step": done, "skipped": self.skipped_totals}
