@@ -21,12 +21,16 @@ a value that disagrees with its source, it is a start-up error naming both keys.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
+import os
 from typing import Any
 
 import ml_collections
 from absl import logging
 
+from jaxvlm import checks
 from jaxvlm.data.pipeline import PipelineConfig
 from jaxvlm.sampling import SamplingParams
 from jaxvlm.train_steps import LossConfig, OptimizerConfig
@@ -140,6 +144,26 @@ class ConfigError(ValueError):
 
 def config_error(key: str, message: str) -> ConfigError:
     return ConfigError(f"config.{key}: {message}")
+
+
+@contextlib.contextmanager
+def errors_under(key: str):
+    """A settings dataclass's FieldError (or ValueError / TypeError) raised inside becomes a ConfigError naming
+    the key path: `config.<key>.<field>`."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except checks.FieldError as error:
+        raise config_error(f"{key}.{error.field}" if key else error.field, error.message) from None
+    except (ValueError, TypeError) as error:
+        raise config_error(key, str(error)) from None
+
+
+def check_section(section, rules: dict[str, checks.Rule], key: str) -> None:
+    """`rules` on the keys of a config section; ConfigError naming `config.<key>.<field>`."""
+    with errors_under(key):
+        checks.check_fields(section, rules)
 
 
 MODEL_OPTIONS = ("dtype", "param_dtype", "remat", "attention", "logits_chunk", "vocab_chunk")
@@ -258,6 +282,7 @@ def resolve(c: ml_collections.ConfigDict) -> RunSpec:
             "config.stages %s are not in config.stage_order %s: they will not run", unused, tuple(c.stage_order)
         )
     check_known_keys(c, base_config(), "", skip=("stages",))
+    check_section(c, {"seed": checks.integer(0)}, "")
     resolved = []
     for name in c.stage_order:
         section = c.stages[name]
@@ -312,9 +337,29 @@ def check_config(c: ml_collections.ConfigDict) -> RunSpec:
     return resolve(c)
 
 
+def _model_rules() -> dict[str, checks.Rule]:
+    from jaxvlm.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+
+    return {
+        "preset": checks.text,
+        "path": checks.text,
+        "tokenizer": checks.text,
+        "dtype": checks.text,
+        "param_dtype": checks.text,
+        "remat": checks.one_of("auto", *REMAT_POLICIES),
+        "attention": checks.one_of(*ATTENTION_IMPLEMENTATIONS),
+        "logits_chunk": checks.integer(1),
+        "vocab_chunk": checks.integer(1),
+        "min_pixels": checks.integer(1),
+        "max_pixels": checks.integer(1),
+    }
+
+
 def resolve_model(m: ml_collections.ConfigDict) -> ModelSpec:
     """`config.model` (a preset or a path, and MODEL_OPTIONS; a section without `tokenizer` or pixel bounds, as the
     benchmarks' and the forward check's, gets the defaults)."""
+    rules = _model_rules()
+    check_section(m, {k: rule for k, rule in rules.items() if k in m}, "model")
     if m.path and m.preset:
         raise config_error(
             "model.preset",
@@ -327,11 +372,13 @@ def resolve_model(m: ml_collections.ConfigDict) -> ModelSpec:
             "this config trains a real checkpoint; set --config.model.path=/path/to/"
             "checkpoint (or --config.model.preset=tiny for a random-weight toy model)",
         )
+    from jaxvlm.models.config import PRESETS, canonical_dtype
+
+    if m.preset and m.preset not in PRESETS:
+        raise config_error("model.preset", f"must be one of {tuple(PRESETS)} (or '' with model.path), got {m.preset!r}")
     min_pixels, max_pixels = int(m.get("min_pixels", 56 * 56)), int(m.get("max_pixels", 56 * 56))
     if not 0 < min_pixels <= max_pixels:
         raise config_error("model.min_pixels", f"need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
-    from jaxvlm.models.config import canonical_dtype
-
     options = {k: m[k] for k in MODEL_OPTIONS}
     for k in ("dtype", "param_dtype"):  # one spelling: "bf16" and "bfloat16" are the same run
         try:
@@ -348,10 +395,74 @@ def resolve_model(m: ml_collections.ConfigDict) -> ModelSpec:
     )
 
 
+def check_files(spec: RunSpec) -> None:
+    """What a resolved run reads from disk exists: the checkpoint and tokenizer directories, and every data source's
+    files (stages, evaluation, rejection sampling's text sources). Run before anything is built or loaded."""
+    from jaxvlm.data import sources
+
+    check_local_directory(spec.model.path, "model.path", "config.json")
+    check_local_directory(spec.model.tokenizer, "model.tokenizer", "tokenizer_config.json")
+    named = [] if spec.eval is None else [("eval.sources", spec.eval.sources)]
+    for s in spec.stages:
+        named.append((f"{s.key}.data.sources", s.sources))
+        if s.rejection is not None:
+            named.append((f"{s.key}.rejection.text_sources", s.rejection.text_sources))
+    for key, entries in named:
+        for k, entry in enumerate(entries):
+            with errors_under(f"{key}[{k}]"):
+                sources.check_entry_files(entry)
+
+
+def check_devices(spec: RunSpec, num_devices: int) -> None:
+    """The mesh fits `num_devices`, and every training stage's batch splits over its data-parallel devices."""
+    from jaxvlm import stages
+
+    data, fsdp, _ = check_mesh_devices(spec.mesh_shape, num_devices)
+    for s in spec.stages:
+        if stages.get(s.mode).trains and s.data.batch_size % (data * fsdp):
+            raise config_error(
+                f"{s.key}.data.batch_size",
+                f"{s.data.batch_size} rows cannot be split over the {data * fsdp} data-parallel devices "
+                f"(data x fsdp) of mesh {spec.mesh_shape} on {num_devices} devices",
+            )
+
+
+def check_local_directory(path: str, key: str, marker: str) -> None:
+    """`path` ("" = unset) is a local directory holding `marker`: nothing is ever fetched from a hub, so a path
+    that does not exist is "not found" here, not a hub lookup error later."""
+    if not path:
+        return
+    if "://" in path:
+        raise config_error(key, f"{path!r}: a local directory is needed (nothing is downloaded)")
+    if not os.path.exists(path):
+        raise config_error(key, f"{path}: not found (a local directory is needed; nothing is downloaded)")
+    if not os.path.isdir(path):
+        raise config_error(key, f"{path}: not a directory")
+    if not os.path.isfile(os.path.join(path, marker)):
+        raise config_error(key, f"{path}: no {marker} in this directory: not a Hugging Face checkpoint / tokenizer")
+
+
 def resolve_mesh(mesh: ml_collections.ConfigDict) -> tuple[int, int, int]:
-    shape = tuple(int(d) for d in mesh.shape)
-    if len(shape) != 3 or sum(d == -1 for d in shape) > 1 or any(d == 0 or d < -1 for d in shape):
+    shape = tuple(mesh.shape)
+    if (
+        len(shape) != 3
+        or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+        or sum(d == -1 for d in shape) > 1
+        or any(d == 0 or d < -1 for d in shape)
+    ):
         raise config_error("mesh.shape", f"must be 3 sizes (data, fsdp, tensor) with at most one -1, got {shape}")
+    return shape
+
+
+def check_mesh_devices(shape: tuple[int, int, int], num_devices: int) -> tuple[int, int, int]:
+    """The mesh shape with its -1 filled in for `num_devices` devices (ConfigError when they cannot fill it)."""
+    fixed = math.prod(d for d in shape if d != -1)
+    if -1 in shape:
+        if num_devices % fixed:
+            raise config_error("mesh.shape", f"{shape}: {num_devices} devices cannot fill it")
+        return tuple(num_devices // fixed if d == -1 else d for d in shape)
+    if fixed > num_devices:
+        raise config_error("mesh.shape", f"{shape} needs {fixed} devices; {num_devices} are available")
     return shape
 
 
@@ -366,34 +477,59 @@ NO_TRAINING = TrainSpec(
     tensorboard=False,
 )
 
+TRAIN_RULES = {
+    "log_every": checks.integer(1),
+    "eval_every": checks.integer(0),
+    "save_every": checks.integer(1),
+    "keep_checkpoints": checks.integer(1),  # 0 would delete every checkpoint, and with them the resume point
+    "max_consecutive_skips": checks.integer(1),
+    "progress": checks.boolean,
+    "tensorboard": checks.boolean,
+}
+
 
 def resolve_train(t: ml_collections.ConfigDict) -> TrainSpec:
-    if t.max_consecutive_skips < 1:
-        raise config_error("train.max_consecutive_skips", "must be >= 1")
+    check_section(t, TRAIN_RULES, "train")
     return TrainSpec(**{f.name: t[f.name] for f in dataclasses.fields(TrainSpec)})
 
 
 def resolve_sampling(section: ml_collections.ConfigDict, key: str) -> SamplingParams:
-    try:
+    with errors_under(key):
         sp = SamplingParams.from_config(section)
         sp.validate()
-    except (ValueError, TypeError) as error:
-        raise config_error(key, str(error)) from None
     return sp
 
 
+EVAL_RULES = {"num_examples": checks.integer(1), "batch_size": checks.integer(1), "save_completions": checks.boolean}
+
+
 def resolve_eval(e: ml_collections.ConfigDict) -> EvalSpec:
-    if not e.sources:
-        raise config_error("eval.sources", "empty: evaluation needs data")
-    if e.batch_size < 1 or e.num_examples < 1:
-        raise config_error("eval", f"batch_size and num_examples must be >= 1, got {e.batch_size}, {e.num_examples}")
+    check_section(e, EVAL_RULES, "eval")
+    sources = check_sources(e.sources, "eval.sources")
     return EvalSpec(
-        sources=tuple(dict(x) for x in e.sources),
+        sources=sources,
         num_examples=int(e.num_examples),
         batch_size=int(e.batch_size),
         sampling=resolve_sampling(e.sampling, "eval.sampling"),
         save_completions=bool(e.save_completions),
     )
+
+
+def check_sources(entries, key: str, *, required: bool = True) -> tuple[dict, ...]:
+    """Data source entries (`jaxvlm.data.sources`), each checked (kind, keys, values, files) without reading data."""
+    from jaxvlm.data import sources
+
+    if required and not entries:
+        raise config_error(key, "empty: this needs data")
+    checked = []
+    for k, entry in enumerate(entries or ()):
+        if not isinstance(entry, (dict, ml_collections.ConfigDict)):
+            raise config_error(f"{key}[{k}]", f"must be a source entry (a dict with a 'kind'), got {entry!r}")
+        entry = entry.to_dict() if isinstance(entry, ml_collections.ConfigDict) else dict(entry)
+        with errors_under(f"{key}[{k}]"):
+            sources.check_entry(entry)
+        checked.append(entry)
+    return tuple(checked)
 
 
 # ----------------------------------------------------------------------------------------------------------

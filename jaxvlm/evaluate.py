@@ -17,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxvlm import configuration
+from jaxvlm import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/eval.py", "Path to an evaluation config file.", lock_config=True
@@ -59,13 +59,10 @@ def main(argv):
             f"jaxvlm.evaluate runs eval stages only; config.stages.{training[0]} is a "
             f"{config.stages[training[0]].mode!r} stage (train with python -m jaxvlm.main)"
         )
-    try:
-        trainer.run(config, _WORKDIR.value)
-    except configuration.ConfigError as error:
-        raise SystemExit(f"error: {error}") from None
+    trainer.run(config, _WORKDIR.value)
     if jax.process_index() == 0:
         print(summary_table(_WORKDIR.value, config.stage_order))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

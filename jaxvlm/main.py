@@ -2,7 +2,8 @@
 
 Config files follow big_vision: a Python file with `get_config(arg)` returning an `ml_collections.ConfigDict`;
 `--config configs/x.py:arg` passes `arg`, and `--config.a.b=value` overrides any field. A config error (a value
-that cannot work, a derived key set to another value) stops the run at start-up with one line naming the key.
+that cannot work, a derived key set to another value, a missing file) stops the run at start-up with one line naming
+the key, before the model is built; `--verbose` adds the traceback (`jaxvlm.cli`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxvlm import configuration
+from jaxvlm import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Path to a config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
@@ -33,8 +34,6 @@ def main(argv):
         raise app.UsageError("--workdir is required for training (checkpoints, metrics, resume)")
     try:
         result = trainer.run(config, _WORKDIR.value)
-    except configuration.ConfigError as error:
-        raise SystemExit(f"error: {error}") from None
     except trainer.TrainingDiverged as error:
         raise SystemExit(f"training stopped: {error}") from None
     if not result["finished"]:
@@ -46,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

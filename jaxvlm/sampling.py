@@ -36,6 +36,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxvlm import checks
 from jaxvlm.models.config import ModelConfig
 from jaxvlm.models.qwen2_5_vl import Qwen25VL, compute_dtype_params
 from jaxvlm.sharding import traced_on
@@ -95,22 +96,26 @@ class SamplingParams:
         return resolved
 
     def validate(self) -> None:
-        if self.num_generations < 1:
-            raise ValueError(f"num_generations must be >= 1, got {self.num_generations}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p < 1:
-            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        """FieldError naming the first field out of range."""
+        checks.check_fields(self, SAMPLING_RULES)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+SAMPLING_RULES = {
+    "num_generations": checks.integer(1),
+    "max_new_tokens": checks.integer(1),
+    "temperature": checks.number(0),
+    "top_k": checks.integer(0),
+    "top_p": checks.number(0, 1, lo_open=True),
+    "min_p": checks.number(0, 1, hi_open=True),
+    "stop_token_ids": checks.sequence_of(checks.integer(0)),
+    "use_eos": checks.boolean,
+    "pad_token_id": checks.optional(checks.integer(0)),
+    "suppress_token_ids": checks.optional(checks.sequence_of(checks.integer(0))),
+}
 
 
 class Rollout(NamedTuple):

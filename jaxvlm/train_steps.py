@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxvlm import losses
+from jaxvlm import checks, losses
 from jaxvlm.models.qwen2_5_vl import Qwen25VL, head_weight
 from jaxvlm.sharding import BATCH, constrain, path_str, traced_on
 
@@ -68,6 +68,32 @@ class OptimizerConfig:
     max_grad_norm: float | None = 1.0
     frozen: tuple[str, ...] = ()  # regexes on param paths never updated, e.g. ("^visual/",) freezes the vision tower
     no_decay: tuple[str, ...] = (r"bias$", r"scale$")  # HF Trainer: no weight decay on biases and norm weights
+
+    def validate(self) -> None:
+        """FieldError naming the first field out of range (a negative learning rate would train uphill)."""
+        checks.check_fields(self, OPTIMIZER_RULES)
+        for field in ("frozen", "no_decay"):
+            for pattern in getattr(self, field):
+                try:
+                    re.compile(pattern)
+                except re.error as error:
+                    raise checks.FieldError(field, f"{pattern!r} is not a regular expression: {error}") from None
+
+
+OPTIMIZER_RULES = {
+    "learning_rate": checks.number(0),
+    "schedule": checks.one_of("cosine", "constant"),
+    "warmup_steps": checks.integer(0),
+    "total_steps": checks.integer(1),
+    "final_lr_ratio": checks.number(0, 1),
+    "weight_decay": checks.number(0),
+    "b1": checks.number(0, 1, hi_open=True),
+    "b2": checks.number(0, 1, hi_open=True),
+    "eps": checks.number(0, lo_open=True),
+    "max_grad_norm": checks.optional(checks.number(0, lo_open=True)),
+    "frozen": checks.sequence_of(checks.text),
+    "no_decay": checks.sequence_of(checks.text),
+}
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
@@ -154,14 +180,29 @@ class LossConfig:
     advantage_scale: str = "group"  # group | batch | none
 
     def validate(self) -> None:
-        if self.num_iterations < 1:
-            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
-        if self.dyme_granularity not in ("prompt", "batch"):
-            raise ValueError(f"dyme_granularity must be 'prompt' or 'batch', got {self.dyme_granularity!r}")
-        if self.sft_aggregation not in ("token", "sequence"):
-            raise ValueError(f"sft_aggregation must be 'token' or 'sequence', got {self.sft_aggregation!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 for scoring, got {self.temperature}")
+        """FieldError naming the first field out of range."""
+        checks.check_fields(self, LOSS_RULES)
+        if self.delta is not None and not self.delta > 1 + self.eps_high:
+            raise checks.FieldError("delta", f"the two-sided clip must be > 1 + eps_high = {1 + self.eps_high}")
+
+
+LOSS_RULES = {
+    "temperature": checks.number(0, lo_open=True),
+    "eps_low": checks.number(0, 1, hi_open=True),
+    "eps_high": checks.number(0),
+    "delta": checks.optional(checks.number(1, lo_open=True)),
+    "importance": checks.one_of("token", "sequence"),
+    "beta": checks.number(0),
+    "kl_estimator": checks.one_of(*losses.KL_ESTIMATORS),
+    "aggregation": checks.one_of(*losses.POLICY_AGGREGATIONS),
+    "num_iterations": checks.integer(1),
+    "sft_aggregation": checks.one_of(*losses.SFT_AGGREGATIONS),
+    "dyme_granularity": checks.one_of("prompt", "batch"),
+    "dyme_sft_threshold": checks.number(0, 1),
+    "dyme_correct_threshold": checks.number(0, 1),
+    "group_size": checks.integer(1),
+    "advantage_scale": checks.one_of(*losses.ADVANTAGE_SCALES),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxvlm import configuration, models, runtime
+from jaxvlm import cli, configuration, models, runtime
 from jaxvlm.processing.image import ImageProcessor
 from jaxvlm.processing.processor import pad_sequences
 from jaxvlm.processing.rope import get_rope_index
@@ -109,13 +109,10 @@ def run_forward(cfg, workdir: str | None) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        result = run_forward(_CONFIG.value, _WORKDIR.value)
-    except configuration.ConfigError as error:
-        raise SystemExit(f"error: {error}") from None
+    result = run_forward(_CONFIG.value, _WORKDIR.value)
     if not result["logits_finite"]:
         raise SystemExit("non-finite logits")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -15,11 +15,20 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from jaxvlm import batching, rewards, sharding
-from jaxvlm.configuration import ConfigError, StageSpec, config_error, sampling_section, typed_none
+from jaxvlm import batching, checks, rewards, sharding
+from jaxvlm.configuration import (
+    ConfigError,
+    StageSpec,
+    check_section,
+    check_sources,
+    config_error,
+    errors_under,
+    sampling_section,
+    typed_none,
+)
 from jaxvlm.data import sources
 from jaxvlm.data.pipeline import PipelineConfig
-from jaxvlm.train_steps import LossConfig, OptimizerConfig
+from jaxvlm.train_steps import OPTIMIZER_RULES, LossConfig, OptimizerConfig
 
 # PipelineConfig fields a stage's `data` section does not hold: the run sets them (every process reads the global
 # batch; targets follow the mode; the pass count is the stage's `epochs`; rejection sampling keeps images).
@@ -111,8 +120,9 @@ def rl_sampling_section(**values) -> ml_collections.ConfigDict:
 
 
 def check_steps(section, key: str) -> tuple[int, int]:
+    check_section(section, {"steps": checks.integer(0), "epochs": checks.integer(0)}, key)
     steps, epochs = int(section.steps), int(section.epochs)
-    if steps < 0 or epochs < 0 or (steps == 0 and epochs == 0):
+    if steps == 0 and epochs == 0:
         raise config_error(
             f"{key}.steps",
             "give a positive number of steps, or steps=0 and epochs > 0 (with both, "
@@ -125,31 +135,30 @@ def resolve_data(
     section, key: str, seed: int, *, with_targets: bool, epochs: int = 0, max_target_length: int | None = None
 ) -> tuple[tuple[dict, ...], PipelineConfig]:
     """The stage's sources and PipelineConfig (run-set fields filled in; `data.seed` offset by `config.seed`)."""
-    if not section.data.sources:
-        raise config_error(f"{key}.data.sources", "empty: the stage needs data")
+    entries = check_sources(section.data.sources, f"{key}.data.sources")
     values = {k: v for k, v in section.data.to_dict().items() if k != "sources"}
+    if "seed" in values:
+        check_section(values, {"seed": checks.integer(0)}, f"{key}.data")
     values.update(
         with_targets=with_targets, num_epochs=epochs or None, shard_by_process=False, seed=values.get("seed", 0) + seed
     )
     if max_target_length is not None:
         values["max_target_length"] = max_target_length
-    try:
+    with errors_under(f"{key}.data"):
         data = PipelineConfig.from_dict(values)
-    except (ValueError, TypeError) as error:
-        raise config_error(f"{key}.data", str(error)) from None
-    return tuple(dict(e) for e in section.data.sources), data
+    return entries, data
 
 
 def resolve_optimizer(section, key: str) -> tuple[OptimizerConfig, int | None]:
     values = section.optimizer.to_dict()
     total = values.pop("total_steps")
-    values.update(frozen=tuple(values["frozen"]), no_decay=tuple(values["no_decay"]), total_steps=1)
-    try:
+    if total is not None:
+        check_section({"total_steps": total}, {"total_steps": checks.integer(1)}, f"{key}.optimizer")
+    with errors_under(f"{key}.optimizer"):
+        checks.check_fields(values, {k: OPTIMIZER_RULES[k] for k in ("frozen", "no_decay")})
+        values.update(frozen=tuple(values["frozen"]), no_decay=tuple(values["no_decay"]), total_steps=1)
         cfg = OptimizerConfig(**values)
-    except (ValueError, TypeError) as error:
-        raise config_error(f"{key}.optimizer", str(error)) from None
-    if cfg.schedule not in ("cosine", "constant"):
-        raise config_error(f"{key}.optimizer.schedule", f"must be 'cosine' or 'constant', got {cfg.schedule!r}")
+        cfg.validate()
     return cfg, total
 
 
@@ -166,11 +175,9 @@ def resolve_loss(section, key: str, derived: dict[str, tuple[Any, str, str]] | N
                 f"{given!r}. Set config.{source} instead, or leave config.{key}.loss.{field} unset",
             )
         values[field] = value
-    try:
+    with errors_under(f"{key}.loss"):
         cfg = LossConfig(**values)
         cfg.validate()
-    except (ValueError, TypeError) as error:
-        raise config_error(f"{key}.loss", str(error)) from None
     return cfg
 
 
@@ -199,8 +206,7 @@ def resolve_accuracy_reward(section, key: str, specs: tuple, required: bool = Fa
 
 
 def check_micro_batches(micro_batches: int, rows: int, key: str, what: str) -> None:
-    if micro_batches < 1:
-        raise config_error(f"{key}.batch.micro_batches", "must be >= 1")
+    check_section({"micro_batches": micro_batches}, {"micro_batches": checks.integer(1)}, f"{key}.batch")
     if rows % micro_batches:
         raise config_error(f"{key}.batch.micro_batches", f"{micro_batches} does not divide {what}")
 

@@ -11,8 +11,8 @@ import os
 
 import ml_collections
 
-from jaxvlm import evaluation
-from jaxvlm.configuration import StageSpec, config_error, resolve_sampling, sampling_section
+from jaxvlm import checks, evaluation
+from jaxvlm.configuration import StageSpec, check_section, config_error, resolve_sampling, sampling_section
 from jaxvlm.stages import base
 
 # The PipelineConfig fields an eval stage's data section holds (no shuffling, no targets, every example once).
@@ -22,6 +22,7 @@ EVAL_DATA_FIELDS = (
     "prompt_style",
     "with_caption",
     "max_prompt_length",
+    "max_image_pixels",
     "prompt_buckets",
     "on_error",
     "num_threads",
@@ -47,8 +48,7 @@ class Eval(base.StageMode):
 
     def resolve(self, section, name: str, seed: int) -> StageSpec:
         key = f"stages.{name}"
-        if section.num_examples < 0:
-            raise config_error(f"{key}.num_examples", f"must be >= 0 (0 = all), got {section.num_examples}")
+        check_section(section, {"num_examples": checks.integer(0)}, key)  # 0 = all
         sources, data = base.resolve_data(section, key, seed, with_targets=False, epochs=1)
         data = dataclasses.replace(data, shuffle=False, drop_remainder=False)
         sampling = resolve_sampling(section.sampling, f"{key}.sampling")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
-from jaxvlm import rollouts, sharding, train_steps
-from jaxvlm.configuration import StageSpec, config_error, resolve_sampling
+from jaxvlm import checks, rollouts, sharding, train_steps
+from jaxvlm.configuration import StageSpec, check_section, config_error, resolve_sampling
 from jaxvlm.stages import base
 
 # The LossConfig fields an RL stage reads; temperature and group_size are derived from its sampling section.
@@ -91,9 +91,9 @@ def resolve_rl(
 
 def rollout_batches(section, key: str, rows: int) -> tuple[int, int]:
     """(M micro-batches, K mini-batches) of an RL stage, checked against its rollout rows."""
+    rules = {"micro_batches": checks.integer(1), "mini_batches": checks.integer(1)}
+    check_section(section.batch, rules, f"{key}.batch")
     m, k = int(section.batch.micro_batches), int(section.batch.mini_batches)
-    if m < 1 or k < 1:
-        raise config_error(f"{key}.batch", "micro_batches and mini_batches must be >= 1")
     if rows % (m * k):
         raise config_error(
             f"{key}.batch",

@@ -9,10 +9,24 @@ import dataclasses
 
 import ml_collections
 
-from jaxvlm import rejection
-from jaxvlm.configuration import RejectionSpec, StageSpec, config_error, resolve_sampling
+from jaxvlm import checks, rejection
+from jaxvlm.configuration import (
+    RejectionSpec,
+    StageSpec,
+    check_section,
+    check_sources,
+    config_error,
+    resolve_sampling,
+)
 from jaxvlm.stages import base
 from jaxvlm.stages.sft import Sft
+
+REJECTION_RULES = {
+    "min_reward": checks.number(),
+    "num_prompts": checks.integer(1),
+    "batch_size": checks.integer(1),
+    "text_share": checks.number(0, 1, hi_open=True),
+}
 
 
 class RejectionSft(Sft):
@@ -40,10 +54,8 @@ class RejectionSft(Sft):
         spec = super().resolve(section, name, seed)
         specs = base.resolve_rewards(section, key)
         r = section.rejection
-        if r.num_prompts < 1 or r.batch_size < 1:
-            raise config_error(f"{key}.rejection", "num_prompts and batch_size must be >= 1")
-        if not 0.0 <= r.text_share < 1.0:
-            raise config_error(f"{key}.rejection.text_share", "must be in [0, 1)")
+        check_section(r, REJECTION_RULES, f"{key}.rejection")
+        text_sources = check_sources(r.text_sources, f"{key}.rejection.text_sources", required=False)
         if r.text_share > 0 and not r.text_sources:
             raise config_error(f"{key}.rejection.text_sources", "text_share > 0 needs text-only sources")
         if r.text_share == 0 and r.text_sources:
@@ -59,7 +71,7 @@ class RejectionSft(Sft):
                 num_prompts=int(r.num_prompts),
                 batch_size=int(r.batch_size),
                 text_share=float(r.text_share),
-                text_sources=tuple(dict(e) for e in r.text_sources),
+                text_sources=text_sources,
             ),
         )
 
