@@ -56,6 +56,8 @@ def run(config, workdir: str, stop: StopSignal | None = None) -> dict:
     workdir is refused (runtime.WorkdirError naming the holder) until this one returns or raises.
     """
     spec = configuration.resolve(config)
+    configuration.check_files(spec)
+    configuration.check_devices(spec, jax.device_count())
     with runtime.workdir_lock(workdir):
         progress = runtime.load_progress(workdir)
         return run_stages(runtime.setup(spec, workdir), spec, progress, stop)
