@@ -27,18 +27,48 @@ Departures from the papers' code (each also stated where it happens):
   * IoU: exactly one predicted box (Curr-ReFT reads the first); plain area formula unless `inclusive=True`.
   * Jaccard: surrounding punctuation stripped from each label.
   * think_f1: no spaCy (stopword list + rule lemmatiser instead of POS filter + lemmas); exact F1 (DyME adds 1e-6).
+
+Bounded in time, on any thread (a batch holds 64+ rollouts, some of them degenerate):
+  * Length caps, checked before any parsing (a real answer is short). accuracy, iou and think_f1 score 0 on a
+    completion over `MAX_COMPLETION_CHARS` (32,768 characters; kwarg `max_completion_chars`); accuracy and iou score
+    0 on an extracted answer ("tags"/"dyme") over `MAX_ANSWER_CHARS` (1,024; kwarg `max_answer_chars`); with
+    extract="raw" the answer is the whole completion, bounded by the completion cap. A label list longer than
+    `MAX_LITERAL_CHARS` (4,096) is split, not `ast.literal_eval`-ed.
+  * Cheap checks first and linear patterns: tag counts (`str.count`) before any regex; no regex here has nested
+    quantifiers, and the lazy `.*?` of the format reward only runs once each tag is known to occur once (linear then).
+  * Math: `math_input_problem` keeps from math-verify texts over `MAX_MATH_CHARS` (512), brackets nested deeper
+    than `MAX_MATH_NESTING` (6), power towers of more than `MAX_POWER_TOWER` (2) carets, nested powers of numbers
+    only (`10^{10^{10}}`, `(10^{9})^{9}`), integer exponents over `MAX_EXPONENT_DIGITS` (5) digits, factorials of
+    integers over `MAX_FACTORIAL_DIGITS` (4) digits, of factorials or of powers, more than `MAX_FACTORIALS` (8)
+    factorials, and binomials of powers or long integers. A prediction it rejects scores by exact string match
+    only; a reference it rejects is scored like one math-verify cannot parse (numbers, then exact strings).
+  * Math time budget: what passes runs in a math-verify worker process (`MathVerifyWorker`: started on first use,
+    reused) with a budget of `MATH_TIME_BUDGET_S` (1 s of the worker's CPU time per completion; kwarg
+    `math_time_budget_s`), enforced in the worker by a CPU-time timer and by the caller, which kills (and later
+    restarts) a worker that does not answer within `math_wall_limit_s(budget)` = 4 x budget + 2 s of wall time (a
+    computation stuck in C ignores the timer). No signal reaches the calling thread, so the budget holds off the
+    main thread too. A prediction over the budget scores as unverified (exact string match only) and is counted in
+    `rewards/<name>/timeouts` (`RewardResult.timeouts`).
 """
 
 from __future__ import annotations
 
 import ast
+import atexit
 import collections
 import dataclasses
 import inspect
+import json
 import logging
 import math
+import os
 import re
+import select
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -90,12 +120,30 @@ def get_reward(name: str) -> RewardFn:
 _DYME_FLAG = re.compile(r"answer:", re.IGNORECASE)
 
 
+# Length caps (module docstring): a completion / an extracted answer longer than this scores 0 for accuracy, iou and
+# think_f1; a label list longer than MAX_LITERAL_CHARS is split instead of `ast.literal_eval`-ed.
+MAX_COMPLETION_CHARS = 32_768
+MAX_ANSWER_CHARS = 1_024
+MAX_LITERAL_CHARS = 4_096
+
+
 def _single_block(completion: str, tag: str) -> str | None:
-    """Content of the one `<tag>...</tag>` block, or None when there is none, an unclosed one, or several."""
-    if completion.count(f"<{tag}>") != 1 or completion.count(f"</{tag}>") != 1:
+    """Content of the one `<tag>...</tag>` block, or None when there is none, an unclosed one, or several.
+    Counts, then two `str.find`s: linear in the completion's length."""
+    opening, closing = f"<{tag}>", f"</{tag}>"
+    if completion.count(opening) != 1 or completion.count(closing) != 1:
         return None
-    match = re.search(f"<{tag}>(.*?)</{tag}>", completion, re.DOTALL)
-    return match.group(1).strip() if match else None
+    start = completion.find(opening) + len(opening)
+    end = completion.find(closing, start)
+    return completion[start:end].strip() if end >= 0 else None
+
+
+def _over_caps(completion: str, answer: str | None, extract: str, max_completion_chars: int, max_answer_chars: int):
+    """Whether a completion, or its extracted answer (not with extract="raw": that is the completion), is over its
+    length cap: such a completion scores 0 before any parser sees it."""
+    if len(completion) > max_completion_chars:
+        return True
+    return answer is not None and extract != "raw" and len(answer) > max_answer_chars
 
 
 def extract_answer(completion: str, style: str = "tags") -> str | None:
@@ -139,12 +187,13 @@ _BOX = re.compile(rf"\[\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\
 def format_think_answer(completion: str, example: Mapping | None = None) -> float:
     """Curr-ReFT's format reward: `re.fullmatch(r"<think>.*?</think>\\s*<answer>.*?</answer>", text, DOTALL)` on the
     stripped completion, AND each of the four tags exactly once. The count check is stricter than Curr-ReFT: its lazy
-    `.*?` still lets `<think>..</think><answer>1</answer><answer>2</answer>` match, and we do not reward two answers."""
+    `.*?` still lets `<think>..</think><answer>1</answer><answer>2</answer>` match, and we do not reward two answers.
+    It also runs first: on `<think>` + `</think><answer>` x 14,000 (230 KB) the full match alone took 50 s."""
     text = completion.strip()
-    if not _THINK_ANSWER.fullmatch(text):
-        return 0.0
     tags = ("<think>", "</think>", "<answer>", "</answer>")
-    return float(all(text.count(tag) == 1 for tag in tags))
+    if not all(text.count(tag) == 1 for tag in tags):  # first: with each tag once, the lazy regex below is linear
+        return 0.0
+    return float(_THINK_ANSWER.fullmatch(text) is not None)
 
 
 @register("format_think_answer_bbox")
@@ -323,27 +372,342 @@ def _math_string(text: str) -> str:
     return re.sub(r"\s+", "", _unwrap_math(text)).lower()
 
 
-def math_score(pred: str, gt: str, *, use_math_verify: bool = True) -> float:
+# Math pre-check (`math_input_problem`): what math-verify never sees.
+MAX_MATH_CHARS = 512
+MAX_MATH_NESTING = 6  # brackets {, (, [ open at once
+MAX_POWER_TOWER = 2  # carets in one tower: a^{b^{c}} has 2
+MAX_EXPONENT_DIGITS = 5  # an integer exponent of at most 99,999
+MAX_FACTORIAL_DIGITS = 4  # n! for n of at most 9,999
+MAX_FACTORIALS = 8
+
+_OPENERS, _CLOSERS = "{([", "})]"
+
+
+def _bracket_partners(text: str) -> tuple[dict[int, int], int]:
+    """{index of an opening bracket: index of its closing one} (unmatched ones left out), and the deepest nesting."""
+    partners: dict[int, int] = {}
+    stack: list[int] = []
+    deepest = 0
+    for i, char in enumerate(text):
+        if char in _OPENERS:
+            stack.append(i)
+            deepest = max(deepest, len(stack))
+        elif char in _CLOSERS and stack:
+            partners[stack.pop()] = i
+    return partners, deepest
+
+
+def _token_end(text: str, start: int, partners: Mapping[int, int]) -> int:
+    """End (exclusive) of the operand starting at `start`: a bracket group, a `\\command`, a run of digits (math-verify
+    may read `10^10` as 10**10) or one character."""
+    if start >= len(text):
+        return start
+    if start in partners:
+        return partners[start] + 1
+    if text[start] == "\\":
+        end = start + 1
+        while end < len(text) and text[end].isalpha():
+            end += 1
+        return max(end, start + 2)
+    if text[start].isdigit():
+        end = start
+        while end < len(text) and (text[end].isdigit() or text[end] == "."):
+            end += 1
+        return end
+    return start + 1
+
+
+def _skip_spaces(text: str, i: int) -> int:
+    while i < len(text) and text[i].isspace():
+        i += 1
+    return i
+
+
+def _power_problem(text: str, partners: Mapping[int, int]) -> str | None:
+    """A power tower of more than MAX_POWER_TOWER carets (nested exponents or an unbraced chain a^b^c), a nested power
+    of numbers only (10^{10^{10}}), or an integer exponent over MAX_EXPONENT_DIGITS digits; None otherwise. Carets
+    are at most len(text) / 2 (the text is capped first), so the quadratic scan below is bounded."""
+    carets = [i for i, char in enumerate(text) if char == "^"]
+    openers = {close: open_ for open_, close in partners.items()}
+    height: dict[int, int] = {}
+    for caret in reversed(carets):
+        start = _skip_spaces(text, caret + 1)
+        end = _token_end(text, start, partners)
+        exponent = text[start:end].strip("{}() ")
+        if exponent.isdigit() and len(exponent) > MAX_EXPONENT_DIGITS:
+            return f"an integer exponent of more than {MAX_EXPONENT_DIGITS} digits"
+        inner = [height[c] for c in carets if start <= c < end]
+        chained = _skip_spaces(text, end)
+        if chained < len(text) and text[chained] == "^":
+            inner.append(height[chained])
+        height[caret] = 1 + max(inner, default=0)
+        if height[caret] > MAX_POWER_TOWER:
+            return f"a power tower of more than {MAX_POWER_TOWER} carets"
+        base = _base_group(text, caret, openers)
+        if (inner or "^" in base) and not re.search(r"[A-Za-z]", exponent + base):
+            return "a nested power of numbers only"
+    return None
+
+
+def _base_group(text: str, caret: int, openers: Mapping[int, int]) -> str:
+    """The bracket group right before a caret ("(10^{9})" in "(10^{9})^{9}"; `openers` maps each matched closing
+    bracket to its opening one), or "" when the base is not one."""
+    end = caret
+    while end > 0 and text[end - 1].isspace():
+        end -= 1
+    return text[openers[end - 1] : end] if end > 0 and (end - 1) in openers else ""
+
+
+def _factorial_problem(text: str, partners: Mapping[int, int]) -> str | None:
+    """More than MAX_FACTORIALS factorials, a factorial of an integer over MAX_FACTORIAL_DIGITS digits, or of a
+    bracket group holding a factorial or a power ((9!)!, {10^{10}}!); None otherwise. `\\!` (a TeX space) and `!=` are
+    not factorials."""
+    closer_to_opener = {close: open_ for open_, close in partners.items()}
+    bangs = [
+        i
+        for i, char in enumerate(text)
+        if char == "!" and (i == 0 or text[i - 1] != "\\") and not text.startswith("!=", i)
+    ]
+    if len(bangs) > MAX_FACTORIALS:
+        return f"more than {MAX_FACTORIALS} factorials"
+    for bang in bangs:
+        end = bang
+        while end > 0 and text[end - 1].isspace():
+            end -= 1
+        start = end
+        while start > 0 and text[start - 1].isdigit():
+            start -= 1
+        if end - start > MAX_FACTORIAL_DIGITS:
+            return f"a factorial of an integer of more than {MAX_FACTORIAL_DIGITS} digits"
+        if start == end and end > 0 and (end - 1) in closer_to_opener:
+            group = text[closer_to_opener[end - 1] : end]
+            if "!" in group or "^" in group:
+                return "a factorial of a factorial or of a power"
+    return None
+
+
+_BINOMIAL = re.compile(r"\\[dt]?binom|\\choose")
+_LONG_INTEGER = re.compile(rf"\d{{{MAX_FACTORIAL_DIGITS + 1}}}")
+
+
+def math_input_problem(text: str, max_chars: int = MAX_MATH_CHARS) -> str | None:
+    """Why `text` must not reach math-verify (whose SymPy evaluation of `10^{10^{10}}` or `9^{9^{9}}` runs for
+    minutes, and whose parser slows down sharply on deep nesting), or None when it may: over `max_chars` characters,
+    brackets nested deeper than MAX_MATH_NESTING, `_power_problem` / `_factorial_problem`, or a binomial alongside a
+    power or an integer over MAX_FACTORIAL_DIGITS digits (`\\binom{10^{9}}{10^{5}}`). Length checked first; the rest
+    is quadratic at worst in a text of at most `max_chars`."""
+    if len(text) > max_chars:
+        return f"over {max_chars} characters"
+    partners, deepest = _bracket_partners(text)
+    if deepest > MAX_MATH_NESTING:
+        return f"brackets nested deeper than {MAX_MATH_NESTING}"
+    if _BINOMIAL.search(text) and ("^" in text or _LONG_INTEGER.search(text)):
+        return "a binomial of a power or of a long integer"
+    return _power_problem(text, partners) or _factorial_problem(text, partners)
+
+
+# The math-verify worker: a child process (`python -c`, not multiprocessing, so no re-import of the caller's
+# __main__ and no restriction on daemonic callers) speaking JSON lines on a pipe.
+MATH_TIME_BUDGET_S = 1.0
+MATH_WORKER_START_S = 300.0  # importing SymPy on a loaded machine; not part of any completion's budget
+_WORKER_BOOT = "from jaxvlm.rewards import _math_worker_main; _math_worker_main()"
+
+
+def math_wall_limit_s(budget_s: float) -> float:
+    """Wall seconds the caller waits for the worker's answer before it kills the worker: 4 x budget + 2 s, so a
+    loaded machine does not cut a computation the CPU-time timer would let finish."""
+    return 4.0 * budget_s + 2.0
+
+
+class _OverBudget(BaseException):
+    """Raised in the worker by the CPU-time timer. A BaseException: math-verify's `except Exception` must not eat it."""
+
+
+def _math_worker_main() -> None:
+    """The worker's loop: read `[gold, prediction, budget_s]` lines from stdin, answer one JSON line each on the
+    original stdout (`["equal" | "different" | "no_gold" | "timeout", cumulative CPU seconds]`) — anything the
+    libraries print goes to stderr. The budget is ITIMER_PROF (this process's CPU time), re-fired every 50 ms until
+    disarmed in case a library's bare `except:` swallows one `_OverBudget`."""
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the caller; it closes our stdin
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout is disabled": the budget is ours
+    import math_verify
+
+    armed = False
+
+    def over_budget(signum, frame):
+        if armed:
+            raise _OverBudget
+
+    signal.signal(signal.SIGPROF, over_budget)
+    replies.write(json.dumps(["ready", time.process_time()]) + "\n")
+    replies.flush()
+    for line in sys.stdin:
+        gold, prediction, budget_s = json.loads(line)
+        try:
+            armed = True
+            signal.setitimer(signal.ITIMER_PROF, budget_s, 0.05)
+            outcome = _verify_outcome(math_verify, gold, prediction)
+            signal.setitimer(signal.ITIMER_PROF, 0)
+            armed = False
+        except _OverBudget:
+            signal.setitimer(signal.ITIMER_PROF, 0)
+            armed = False
+            outcome = "timeout"
+        replies.write(json.dumps([outcome, time.process_time()]) + "\n")
+        replies.flush()
+
+
+def _verify_outcome(math_verify, gold_text: str, prediction_text: str) -> str:
+    """math-verify's `verify(parse(gold), parse(prediction))` (gold first, as its API asks; its own signal timeouts
+    off, the worker's budget covers both parses and the comparison)."""
+    gold = math_verify.parse(gold_text, parsing_timeout=None)
+    if not gold:
+        return "no_gold"
+    predicted = math_verify.parse(prediction_text, parsing_timeout=None)
+    verified = bool(predicted) and math_verify.verify(gold, predicted, timeout_seconds=None)
+    return "equal" if verified else "different"
+
+
+class MathVerifyWorker:
+    """The math-verify worker process: started on first use, reused, killed when it does not answer within
+    `math_wall_limit_s(budget)` and started again on the next use. One call at a time (a lock): callers on several
+    threads take turns. A copy inherited by a forked process starts its own worker."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen | None = None
+        self._owner_pid = 0
+        self._pending = b""
+        self._live_cpu_s = 0.0  # CPU seconds the live worker reported (a finished one counts in os.times())
+        self.restarts = 0  # workers killed for not answering in time or found dead
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the live worker has used (its start-up included). A finished worker's time is in
+        `os.times().children_user/children_system` of this process once it has been waited for."""
+        return self._live_cpu_s
+
+    def verify(self, gold: str, prediction: str, budget_s: float, wall_limit_s: float | None = None) -> str:
+        """The outcome: "equal", "different", "no_gold" (math-verify cannot parse the gold) or "timeout" (over the CPU
+        budget, no answer within the wall limit, or the worker died)."""
+        wall_limit_s = math_wall_limit_s(budget_s) if wall_limit_s is None else wall_limit_s
+        with self._lock:
+            process = self._started()
+            try:
+                process.stdin.write((json.dumps([gold, prediction, budget_s]) + "\n").encode())
+                process.stdin.flush()
+            except OSError:
+                self._stop()
+                return "timeout"
+            reply = self._reply(process, time.monotonic() + wall_limit_s)
+            if reply is None:
+                self._stop()
+                return "timeout"
+            outcome, self._live_cpu_s = reply
+            return outcome
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop()
+
+    def _started(self) -> subprocess.Popen:
+        if self._process is not None and self._owner_pid == os.getpid() and self._process.poll() is None:
+            return self._process
+        if self._process is not None and self._owner_pid == os.getpid():
+            self._stop()
+        self._process, self._owner_pid, self._pending = None, os.getpid(), b""
+        path = os.pathsep.join(entry for entry in sys.path if entry)
+        env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        process = subprocess.Popen(
+            [sys.executable, "-c", _WORKER_BOOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, bufsize=0
+        )
+        ready = self._reply(process, time.monotonic() + MATH_WORKER_START_S)
+        if ready is None or ready[0] != "ready":
+            process.kill()
+            process.wait()
+            raise RuntimeError(
+                f"the math-verify worker ({sys.executable} -c {_WORKER_BOOT!r}) did not start within "
+                f"{MATH_WORKER_START_S:.0f} s (its errors are on stderr)"
+            )
+        self._process, self._live_cpu_s = process, ready[1]
+        return process
+
+    def _reply(self, process: subprocess.Popen, deadline: float) -> list | None:
+        """The worker's next JSON line, or None when it sends none before `deadline` (time.monotonic()) or exits."""
+        fd = process.stdout.fileno()
+        while b"\n" not in self._pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return None
+            self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        return json.loads(line)
+
+    def _stop(self) -> None:
+        process, self._process, self._pending, self._live_cpu_s = self._process, None, b"", 0.0
+        if process is None or self._owner_pid != os.getpid():
+            return
+        if process.poll() is None:
+            process.kill()
+            self.restarts += 1
+        process.wait()
+        for stream in (process.stdin, process.stdout):
+            stream.close()
+
+
+MATH_WORKER = MathVerifyWorker()
+atexit.register(MATH_WORKER.close)
+
+_budget_events = threading.local()  # per thread: predictions over the math time budget so far (compute_rewards)
+
+
+def timeouts_so_far() -> int:
+    """Predictions this thread has seen go over the math time budget (`compute_rewards` counts them per reward)."""
+    return getattr(_budget_events, "timeouts", 0)
+
+
+def _record_timeout(budget_s: float, prediction: str) -> None:
+    _budget_events.timeouts = timeouts_so_far() + 1
+    if "timeout" not in _warned:
+        _warned.add("timeout")
+        logger.warning(
+            "math-verify went over its time budget (%.3g s of CPU) on a prediction of %d characters; scored as "
+            "unverified (further ones are only counted in rewards/<name>/timeouts)",
+            budget_s,
+            len(prediction),
+        )
+
+
+def math_score(pred: str, gt: str, *, use_math_verify: bool = True, time_budget_s: float = MATH_TIME_BUDGET_S) -> float:
     """Math answer check. Never substring containment, never option letters unless the reference is a letter.
 
     With math-verify (the default; MissingDependencyError when it cannot be imported, never a silent substitute):
     `verify(parse(gold), parse(prediction))`, gold first as its API asks (R1-V's reward code passes them the other way
-    round), both wrapped in `$...$` when they have no math delimiters. Parsing timeouts (signal-based) are only used on
-    the main thread. A reference math-verify cannot parse is scored by the path below. With `use_math_verify=False`:
-    both sides as numbers (plain, `a/b`, `\\frac{a}{b}`, `\\boxed`), else exact match after removing `$`, `\\boxed{}`,
-    whitespace, case and a trailing '.'.
+    round), both wrapped in `$...$` when they have no math delimiters, or an exact match after normalisation. It runs
+    in the worker process (`MathVerifyWorker`) under `time_budget_s` seconds of CPU, on any thread; a prediction over
+    the budget, or one `math_input_problem` rejects, scores by the exact match alone (a timeout is counted:
+    `timeouts_so_far`). A reference math-verify cannot parse, or one `math_input_problem` rejects, is scored by the
+    path below. With `use_math_verify=False`: both sides as numbers (plain, `a/b`, `\\frac{a}{b}`, `\\boxed`), else
+    exact match after removing `$`, `\\boxed{}`, whitespace, case and a trailing '.'.
     Curr-ReFT's stage-3 bug gave `<answer>7</answer>` vs "5" (and "" or "1" vs "12") a reward of 1; all score 0 here.
     """
     if not pred.strip():
         return 0.0
     if use_math_verify:
-        math_verify = require_math_verify()
-        main = threading.current_thread() is threading.main_thread()
-        gold = math_verify.parse(_latex_wrapped(gt), parsing_timeout=5 if main else None)
-        if gold:
-            predicted = math_verify.parse(_latex_wrapped(pred), parsing_timeout=5 if main else None)
-            verified = bool(predicted) and math_verify.verify(gold, predicted, timeout_seconds=5 if main else None)
-            return float(verified or _math_string(pred) == _math_string(gt))
+        require_math_verify()
+        if math_input_problem(gt) is None:
+            exact = _math_string(pred) == _math_string(gt)
+            if math_input_problem(pred) is not None:
+                return float(exact)
+            outcome = MATH_WORKER.verify(_latex_wrapped(gt), _latex_wrapped(pred), time_budget_s)
+            if outcome == "timeout":
+                _record_timeout(time_budget_s, pred)
+            if outcome != "no_gold":
+                return float(outcome == "equal" or exact)
     expected, value = _simple_number(gt), _simple_number(pred)
     if expected is not None:
         return float(value is not None and math.isclose(value, expected, rel_tol=1e-9, abs_tol=1e-12))
@@ -397,12 +761,14 @@ def iou_score(pred: str, example: Mapping, threshold: float | None = None, *, in
 
 
 def label_set(text: str) -> set[str]:
-    """Lowercased labels: `ast.literal_eval` of a list when the text holds '[', else split on `[,，、\\s]+` (Curr-ReFT's
-    rule; a multi-word label becomes several words, on both sides alike). Surrounding punctuation is stripped."""
+    """Lowercased labels: `ast.literal_eval` of a list when the text holds '[' ... ']' (at most MAX_LITERAL_CHARS
+    characters from the first '[' to the last ']'), else split on `[,，、\\s]+` (Curr-ReFT's rule; a multi-word label
+    becomes several words, on both sides alike). Surrounding punctuation is stripped."""
     items = [text]
-    if "[" in text:
+    first, last = text.find("["), text.rfind("]")
+    if 0 <= first < last and last - first < MAX_LITERAL_CHARS:
         try:
-            parsed = ast.literal_eval(text[text.index("[") : text.rindex("]") + 1])
+            parsed = ast.literal_eval(text[first : last + 1])
             if isinstance(parsed, (list, tuple)):
                 items = [str(x) for x in parsed]
         except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
@@ -511,6 +877,9 @@ def accuracy(
     iou_threshold: float | None = 0.5,
     inclusive_iou: bool = False,
     use_math_verify: bool = True,
+    math_time_budget_s: float = MATH_TIME_BUDGET_S,
+    max_completion_chars: int = MAX_COMPLETION_CHARS,
+    max_answer_chars: int = MAX_ANSWER_CHARS,
 ) -> float:
     """Answer correctness, dispatched on `example["answer_type"]`:
 
@@ -518,10 +887,12 @@ def accuracy(
     math → math_score(use_math_verify), string → string_score, bbox → iou_score(iou_threshold; None = continuous IoU,
     inclusive_iou), labels → jaccard_score. The prediction comes from `extract_answer(completion, extract)`; none → 0.
     With extract="dyme" the prediction of yes/no, number, string and labels answers gets DyME's normalisation
-    (lowercase, trailing '.' stripped) first.
+    (lowercase, trailing '.' stripped) first. A completion over `max_completion_chars`, or an extracted answer over
+    `max_answer_chars` (not with extract="raw"), scores 0; a math answer gets `math_time_budget_s` CPU seconds of
+    math-verify (module docstring: bounded in time).
     """
-    pred = extract_answer(completion, extract)
-    if pred is None:
+    pred = extract_answer(completion, extract)  # linear; raises on an unknown style whatever the length
+    if pred is None or _over_caps(completion, pred, extract, max_completion_chars, max_answer_chars):
         return 0.0
     answer_type, gt = example.get("answer_type", "string"), str(example["answer"])
     if extract == "dyme" and answer_type in _DYME_NORMALISED_TYPES:
@@ -533,7 +904,7 @@ def accuracy(
     if answer_type == "number":
         return number_score(pred, gt, rel_tol=rel_tol, abs_tol=abs_tol)
     if answer_type == "math":
-        return math_score(pred, gt, use_math_verify=use_math_verify)
+        return math_score(pred, gt, use_math_verify=use_math_verify, time_budget_s=math_time_budget_s)
     if answer_type == "string":
         return string_score(pred, gt)
     if answer_type == "bbox":
@@ -544,29 +915,45 @@ def accuracy(
 
 
 @register("iou")
-def iou_reward(completion: str, example: Mapping, *, extract: str = "tags", inclusive: bool = False) -> float:
+def iou_reward(
+    completion: str,
+    example: Mapping,
+    *,
+    extract: str = "tags",
+    inclusive: bool = False,
+    max_completion_chars: int = MAX_COMPLETION_CHARS,
+    max_answer_chars: int = MAX_ANSWER_CHARS,
+) -> float:
     """Continuous IoU of the one predicted box with the example's box (no threshold).
 
     An example without a box (answer_type other than "bbox" and no `bbox` field, e.g. a classification row in a
-    mixed detection / classification stage) is not scored by this reward: 0, whatever the completion says.
+    mixed detection / classification stage) is not scored by this reward: 0, whatever the completion says. The
+    length caps are accuracy's.
     """
     if example.get("answer_type") != "bbox" and not example.get("bbox"):
         return 0.0
-    pred = extract_answer(completion, extract)
-    return 0.0 if pred is None else iou_score(pred, example, None, inclusive=inclusive)
+    pred = extract_answer(completion, extract)  # linear; raises on an unknown style whatever the length
+    if pred is None or _over_caps(completion, pred, extract, max_completion_chars, max_answer_chars):
+        return 0.0
+    return iou_score(pred, example, None, inclusive=inclusive)
 
 
 @register("think_f1")
-def think_f1_reward(completion: str, example: Mapping, *, extract: str = "dyme") -> float:
+def think_f1_reward(
+    completion: str, example: Mapping, *, extract: str = "dyme", max_completion_chars: int = MAX_COMPLETION_CHARS
+) -> float:
     """DyME's thinking reward: `think_f1` of the thinking against `example["reasoning"]`. The thinking is the text
-    before the first "answer:" (extract="dyme") or the single `<think>` block (extract="tags"; none → 0)."""
+    before the first "answer:" (extract="dyme") or the single `<think>` block (extract="tags"; none → 0). A completion
+    over `max_completion_chars` scores 0."""
     if extract == "dyme":
         thinking: str | None = dyme_thinking(completion)
     elif extract == "tags":
         thinking = _single_block(completion, "think")
     else:
         raise ValueError(f"think_f1: extract must be 'dyme' or 'tags', got {extract!r}")
-    return 0.0 if not thinking else think_f1(thinking, str(example.get("reasoning", "")))
+    if not thinking or len(completion) > max_completion_chars:
+        return 0.0
+    return think_f1(thinking, str(example.get("reasoning", "")))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -604,8 +991,22 @@ def _checked_spec(name: Any, weight: Any, kwargs: Any, entry: Any) -> RewardSpec
         inspect.signature(REWARDS[name]).bind("", {}, **kwargs)
     except TypeError as error:
         raise ValueError(f"reward entry {entry!r}: bad kwargs for {name!r}: {error}") from None
+    _check_limits(kwargs, entry)
     _run_startup_check(name, kwargs, entry)
     return RewardSpec(name, weight, dict(kwargs))
+
+
+def _check_limits(kwargs: Mapping[str, Any], entry: Any) -> None:
+    """The time and length limits among a reward's kwargs: `max_*_chars` a positive integer, `math_time_budget_s` a
+    positive finite number of seconds; ValueError naming the entry and the key otherwise."""
+    for key, value in kwargs.items():
+        if key.startswith("max_") and key.endswith("_chars"):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"reward entry {entry!r}: kwargs[{key!r}] must be a positive integer, got {value!r}")
+        elif key == "math_time_budget_s":
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"reward entry {entry!r}: kwargs[{key!r}] must be seconds > 0, got {value!r}")
 
 
 def _run_startup_check(name: str, kwargs: Mapping[str, Any], entry: Any) -> None:
@@ -666,9 +1067,12 @@ class RewardResult:
     total: np.ndarray  # float32 [N], sum_r weight_r * per_reward[:, r]
     names: tuple[str, ...]  # R display names
     failures: dict[str, int]  # per display name: samples whose function raised or returned a non-finite value
+    # per display name: samples whose math check went over its time budget (scored as unverified)
+    timeouts: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
-        """`rewards/<name>/mean`, `/std`, `/failures` per column and `rewards/total/mean`, `/std` (NaN when N = 0)."""
+        """`rewards/<name>/mean`, `/std`, `/failures`, `/timeouts` per column and `rewards/total/mean`, `/std` (NaN
+        when N = 0)."""
 
         def stats(column: np.ndarray) -> tuple[float, float]:
             return (float(column.mean()), float(column.std())) if column.size else (math.nan, math.nan)
@@ -677,6 +1081,7 @@ class RewardResult:
         for r, name in enumerate(self.names):
             out[f"rewards/{name}/mean"], out[f"rewards/{name}/std"] = stats(self.per_reward[:, r])
             out[f"rewards/{name}/failures"] = float(self.failures.get(name, 0))
+            out[f"rewards/{name}/timeouts"] = float(self.timeouts.get(name, 0))
         out["rewards/total/mean"], out["rewards/total/std"] = stats(self.total)
         return out
 
@@ -690,16 +1095,18 @@ def compute_rewards(specs: Any, completions: Sequence[str], examples: Sequence[M
     A function that raises, or returns something that is not a finite number, gives 0 for that sample and counts in
     `failures` (a warning is logged once per reward name per process); the batch always completes, unless the
     function lacks a package (MissingDependencyError, raised: zeros for every sample would be a silent substitute).
+    A sample whose math check went over its time budget is counted in `timeouts` (its score is the reward's own).
     """
     specs = parse_reward_specs(specs)
     if len(completions) != len(examples):
         raise ValueError(f"{len(completions)} completions but {len(examples)} examples")
     names = display_names(specs)
     per_reward = np.zeros((len(completions), len(specs)), np.float32)
-    failures = dict.fromkeys(names, 0)
+    failures, timeouts = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
     for r, (spec, name) in enumerate(zip(specs, names)):
         fn = REWARDS[spec.name]
         for i, (completion, example) in enumerate(zip(completions, examples)):
+            timeouts_before = timeouts_so_far()
             try:
                 value = float(fn(completion, example, **spec.kwargs))
                 if not math.isfinite(value):
@@ -718,7 +1125,9 @@ def compute_rewards(specs: Any, completions: Sequence[str], examples: Sequence[M
                         error,
                     )
                 continue
+            finally:
+                timeouts[name] += timeouts_so_far() > timeouts_before
             per_reward[i, r] = value
     weights = np.asarray([spec.weight for spec in specs], np.float32)
     total = (per_reward * weights).sum(axis=1, dtype=np.float32)
-    return RewardResult(per_reward, total, names, failures)
+    return RewardResult(per_reward, total, names, failures, timeouts)

@@ -681,7 +681,7 @@ def test_compute_rewards_repeated_names_and_metrics():
     assert result.names == ("accuracy#0", "accuracy#1", "format_dyme")
     np.testing.assert_array_equal(result.per_reward, [[1, 0, 0], [0, 1, 1]])
     metrics = result.metrics()
-    assert set(metrics) == {f"rewards/{n}/{s}" for n in result.names for s in ("mean", "std", "failures")} | {
+    assert set(metrics) == {f"rewards/{n}/{s}" for n in result.names for s in ("mean", "std", "failures", "timeouts")} | {
         "rewards/total/mean",
         "rewards/total/std",
     }
