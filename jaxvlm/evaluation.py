@@ -57,6 +57,7 @@ def task_for_stage(e: EvalSpec, stage: StageSpec) -> EvalTask:
         prompt_style=d.prompt_style,
         with_caption=d.with_caption,
         max_prompt_length=d.max_prompt_length,
+        max_image_pixels=d.max_image_pixels,
         shuffle=False,
         num_epochs=1,
         drop_remainder=True,

@@ -61,7 +61,11 @@ _IGNORED_R1V_KEYS = ("conversations", "accu_reward_method", "messages")
 MAX_RECORD_BYTES = 8 << 20  # one JSONL line; images are files, so a record is text only
 MAX_JSON_DEPTH = 16  # nested arrays / objects in one record (a record needs 3: object, list, list of objects)
 DEFAULT_MAX_IMAGE_PIXELS = 1 << 26  # 67,108,864 = 8192 x 8192; below PIL's 89,478,485 warning threshold
-IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "WEBP", "TIFF", "PPM", "JPEG2000", "AVIF")
+# The raster formats an image file may have (PIL's plugin names; JPEG covers MPO). Never EPS / PDF: PIL runs
+# Ghostscript on them. A format this PIL build lacks (AVIF, JPEG2000) is left out rather than failing `Image.open`.
+Image.init()
+_RASTER_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "PPM", "JPEG2000", "AVIF")
+IMAGE_FORMATS = tuple(f for f in _RASTER_FORMATS if f in Image.OPEN)
 _SCAN_BLOCK = 1 << 20  # bytes read at a time when indexing a file (a huge line is never read whole)
 _FILE_KINDS = (  # (leading bytes, what the file is), for the hint on parse errors
     (b"\x1f\x8b", "gzip-compressed: decompress it first"),

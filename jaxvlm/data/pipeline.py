@@ -11,6 +11,16 @@
 * **Skip or raise** (`data.on_error`): with "raise" the first bad record stops the run with its file:line; with
   "skip" it is dropped and counted by kind: each batch carries the records dropped while it was read
   (`batch["skipped"]`), and `add_skip_counts` keeps the running totals. A record is never replaced by another.
+  Records dropped after the last batch (bad records at the end of a finite stream, and the rows of a dropped
+  remainder) are counted in the last batch, which is handed out once the stream is known to end there. A finite
+  stream that yields no batch while records were skipped is a `DataError` naming the sources and the counts, not
+  an empty stream (a stage whose every record is bad must fail, not train 0 steps and be marked done).
+* **Special tokens in data text** are rejected: a question, caption, reasoning, answer, target or option that
+  contains one of the tokenizer's special tokens (`<|im_end|>`, `<|image_pad|>`, ...) is a
+  `DataError("file:line: field 'question': contains the special token ...", kind="field")`. Typed into the prompt
+  it would be tokenized as the control token itself (ending the turn, or posing as an image placeholder), so such a
+  record is never encoded. The reasoning tags (`<think>`, `<answer>`) are added but not special tokens: they stay
+  allowed.
 * **Batch** (`BatchCollator`): prompts left-padded to the smallest length bucket that fits (the sampler needs
   each row's last column to be its last prompt token), targets right-padded to `max_target_length`, the rows'
   image patches concatenated, M-RoPE positions computed on the host. The images are laid out in bucketed image
@@ -27,16 +37,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
 import numpy as np
-from absl import logging
 
 from jaxvlm.data import prompts
-from jaxvlm.data.example import ExampleError, example_location
-from jaxvlm.data.jsonl import DataError
+from jaxvlm.data.example import ExampleError, brief_text, example_location
+from jaxvlm.data.jsonl import DEFAULT_MAX_IMAGE_PIXELS, DataError, check_max_image_pixels
 from jaxvlm.processing.image import ImageProcessor
 from jaxvlm.processing.processor import expand_image_placeholders, pad_sequences
 from jaxvlm.processing.rope import get_rope_index, text_position_ids
@@ -44,6 +54,8 @@ from jaxvlm.processing.rope import get_rope_index, text_position_ids
 ON_ERROR_CHOICES = ("raise", "skip")
 SKIP_KINDS = ("parse", "field", "missing_image", "bad_image", "too_long")
 IMAGE_TOKEN = "<|image_pad|>"
+# Example fields whose text reaches the prompt or the target (options: scored, and written into questions).
+USER_TEXT_FIELDS = ("question", "caption", "reasoning", "answer", "target", "options")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +68,7 @@ class PipelineConfig:
     with_targets: bool = False  # also tokenize the reference completion (SFT, DyME memorisation rows)
     max_prompt_length: int = 512  # tokens, image tokens included; longer prompts are bad records
     max_target_length: int = 256  # tokens incl. end-of-turn; also the static completion width
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # width x height of one image file; larger ones are bad records
     prompt_buckets: tuple[int, ...] = ()  # padded prompt lengths; () = powers of two (>= 16) up to the max
     shuffle: bool = True
     seed: int = 0
@@ -77,6 +90,7 @@ class PipelineConfig:
             raise ValueError(f"data.on_error must be one of {ON_ERROR_CHOICES}, got {self.on_error!r}")
         if self.max_prompt_length < 1 or self.max_target_length < 1:
             raise ValueError("data.max_prompt_length and data.max_target_length must be >= 1")
+        check_max_image_pixels(self.max_image_pixels)
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ValueError(f"data.num_epochs must be >= 1 or None, got {self.num_epochs}")
         buckets = self.prompt_buckets
@@ -132,6 +146,31 @@ def example_metadata(example: Mapping[str, Any], keep_images: bool = False) -> d
     return meta
 
 
+def special_tokens(tokenizer) -> tuple[str, ...]:
+    """The tokenizer's special tokens (control tokens such as `<|im_end|>`, `<|image_pad|>`), longest first.
+
+    The special added tokens and `all_special_tokens`, plus IMAGE_TOKEN; added tokens that are not special (the
+    reasoning tags `<think>`, `<answer>`) are ordinary text and not included.
+    """
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    tokens = {token.content for token in added.values() if getattr(token, "special", False)}
+    tokens |= set(getattr(tokenizer, "all_special_tokens", ()) or ())
+    tokens.add(IMAGE_TOKEN)
+    return tuple(sorted((t for t in tokens if t), key=lambda t: (-len(t), t)))
+
+
+def user_texts(example: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(field name, text) of the example's USER_TEXT_FIELDS that hold text (options as `options[k]`)."""
+    texts = []
+    for field in USER_TEXT_FIELDS:
+        value = example.get(field)
+        if isinstance(value, str):
+            texts.append((field, value))
+        elif field == "options" and isinstance(value, (list, tuple)):
+            texts.extend((f"options[{k}]", v) for k, v in enumerate(value) if isinstance(v, str))
+    return texts
+
+
 class ExampleEncoder:
     """example dict -> token ids + pixels (or `Skipped`); picklable, so grain workers can run it."""
 
@@ -146,6 +185,19 @@ class ExampleEncoder:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.config = config
+        self.special_token_pattern = re.compile("|".join(re.escape(t) for t in special_tokens(tokenizer)))
+
+    def check_special_tokens(self, example: Mapping[str, Any]) -> None:
+        """DataError (kind "field") naming the first user-text field that contains a special token, and the token."""
+        for field, text in user_texts(example):
+            match = self.special_token_pattern.search(text)
+            if match:
+                raise DataError(
+                    f"{example_location(example)}: field {field!r}: contains the special token {match.group()!r} "
+                    f"at character {match.start()}; in a prompt or target it would act as that control token, so "
+                    "special tokens are not allowed in data text",
+                    kind="field",
+                )
 
     def encode(self, example: Mapping[str, Any]) -> dict[str, Any]:
         """Token ids and pixels of one validated example; DataError for a bad one.
@@ -158,6 +210,7 @@ class ExampleEncoder:
         images = list(example.get("images", ()))
         if images and self.image_processor is None:
             raise DataError(f"{where}: field 'images': the model is text-only but the example has images")
+        self.check_special_tokens(example)
         try:
             messages = prompts.prompt_messages(example, cfg.prompt_style, with_caption=cfg.with_caption)
             target = prompts.target_text(example, cfg.prompt_style) if cfg.with_targets else None
@@ -199,11 +252,25 @@ class ExampleEncoder:
         return out
 
     def __call__(self, example: Any) -> dict[str, Any] | Skipped:
-        """Encode, with bad records (also those the source failed to read) raised or turned into `Skipped`."""
+        """Encode, with bad records (also those the source failed to read) raised or turned into `Skipped`.
+
+        Any other exception while encoding one record is a safety net's DataError (kind "field") that keeps the
+        original type and message: the checks before should have named the field, and the test suite's fuzzing
+        asserts that they do.
+        """
+        if isinstance(example, Skipped):
+            return example
         try:
-            if isinstance(example, Skipped):
-                return example
-            return self.encode(example)
+            try:
+                return self.encode(example)
+            except DataError:
+                raise
+            except Exception as error:
+                raise DataError(
+                    f"{example_location(example)}: unexpected {type(error).__name__} encoding the record: "
+                    f"{brief_text(str(error))}",
+                    kind="field",
+                ) from error
         except DataError as error:
             if self.config.on_error == "skip":
                 return Skipped(error.kind, str(error))
@@ -237,22 +304,38 @@ class _SafeSource:
 # ----------------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class _StreamTail:
+    """The last element of a counting stream that ended with skipped records after its last usable one."""
+
+    counts: dict[str, int]
+    last_message: str
+
+
 class _SkipCountingIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, max_consecutive: int | None = None):
         super().__init__(parent)
         self._pending = dict.fromkeys(SKIP_KINDS, 0)  # skipped since the last element handed out
+        self._last_message = ""
         self._max_consecutive = max_consecutive
+        self._ended = False
 
     def __next__(self):
         while True:
+            if self._ended:
+                raise StopIteration
             try:
                 element = next(self._parent)
             except StopIteration:
-                if any(self._pending.values()):
-                    logging.warning("data: %s records skipped after the last complete batch", self._pending)
-                raise
+                self._ended = True
+                if not any(self._pending.values()):
+                    raise
+                # Records skipped after the last usable one: handed on to the batching stage, which counts them.
+                tail, self._pending = _StreamTail(self._pending, self._last_message), dict.fromkeys(SKIP_KINDS, 0)
+                return tail
             if isinstance(element, Skipped):
                 self._pending[element.kind] = self._pending.get(element.kind, 0) + 1
+                self._last_message = element.message
                 skipped = sum(self._pending.values())
                 if self._max_consecutive is not None and skipped >= self._max_consecutive:
                     # No usable record in two passes over the data: with repeat(None) this would spin forever,
@@ -273,10 +356,11 @@ class _SkipCountingIterator(grain.DatasetIterator):
     def set_state(self, state):
         self._parent.set_state(state["parent"])
         self._pending = dict.fromkeys(SKIP_KINDS, 0)
+        self._ended = False
 
 
 def _nonzero(counts: Mapping[str, int]) -> str:
-    return ", ".join(f"{kind}: {n}" for kind, n in counts.items() if n)
+    return ", ".join(f"{kind}: {n}" for kind, n in counts.items() if n) or "none"
 
 
 class SkipCounting(grain.IterDataset):
@@ -284,7 +368,8 @@ class SkipCounting(grain.IterDataset):
 
     Counts are deltas rather than running totals so they stay right when grain worker processes each run a
     copy of this stage: the consumer sums them over batches (`add_skip_counts`). `max_consecutive` (two passes over
-    the records) turns "every record is bad" into a DataError instead of an endless loop.
+    the records) turns "every record is bad" into a DataError instead of an endless loop. A stream that ends with
+    skipped records ends with a `_StreamTail` carrying their counts (for `TailBatcher`).
     """
 
     def __init__(self, parent, max_consecutive: int | None = None):
@@ -293,6 +378,123 @@ class SkipCounting(grain.IterDataset):
 
     def __iter__(self):
         return _SkipCountingIterator(self._parent.__iter__(), self._max_consecutive)
+
+
+class TailBatcher:
+    """grain `batch_fn` (the batch is built with drop_remainder=False): rows -> `collator(rows)`, or, at the end of a
+    stream, a *tail* `{"tail": {...}, "skipped": counts}` instead of a batch: when the rows are a remainder that
+    `drop_remainder` drops, or only `_StreamTail`s. Tails carry the skip counts of the stream's end (the tail's own
+    and the dropped rows'); `StreamEnd` folds them into the last batch. Picklable for grain workers."""
+
+    def __init__(self, collator, batch_size: int, drop_remainder: bool):
+        self.collator = collator
+        self.batch_size = batch_size
+        self.drop_remainder = drop_remainder
+
+    def __call__(self, rows: Sequence[Any]) -> dict[str, Any]:
+        ends = [row for row in rows if isinstance(row, _StreamTail)]
+        good = [row for row in rows if not isinstance(row, _StreamTail)]
+        counts = _sum_counts(end.counts for end in ends)
+        if good and (len(good) == self.batch_size or not self.drop_remainder):
+            batch = self.collator(good)
+            batch["skipped"] = _sum_counts([batch["skipped"], counts])
+            return batch
+        return {
+            "tail": {"dropped_rows": len(good), "last_skip": ends[-1].last_message if ends else ""},
+            "skipped": _sum_counts([counts, *(row.get("skipped", {}) for row in good)]),
+        }
+
+
+class _StreamEndIterator(grain.DatasetIterator):
+    """Hands out the parent's batches one behind, so that at the end of the stream the tails' counts join the last
+    batch; raises DataError at the end of a stream that handed out no batch while records were skipped."""
+
+    def __init__(self, parent: grain.DatasetIterator, describe: str, batch_size: int):
+        super().__init__(parent)
+        self._describe, self._batch_size = describe, batch_size
+        self._reset(batches_out=0)
+
+    def _reset(self, batches_out: int) -> None:
+        self._held = None  # the next batch to hand out (read, its stream-end tails not yet known)
+        self._held_state = None  # the parent's state before `_held` was read
+        self._orphan = dict.fromkeys(SKIP_KINDS, 0)  # tail counts read before any batch
+        self._dropped_rows, self._last_skip = 0, ""
+        self._batches_out = batches_out
+        self._ended = False
+
+    def _read(self) -> tuple[dict | None, Any]:
+        """(the parent's next batch, its state before that batch), tails folded in on the way; (None, _) at the end."""
+        while True:
+            state = self._parent.get_state()
+            try:
+                batch = next(self._parent)
+            except StopIteration:
+                return None, state
+            if "tail" not in batch:
+                if any(self._orphan.values()):
+                    batch["skipped"] = _sum_counts([batch["skipped"], self._orphan])
+                    self._orphan = dict.fromkeys(SKIP_KINDS, 0)
+                return batch, state
+            self._dropped_rows += batch["tail"]["dropped_rows"]
+            self._last_skip = batch["tail"]["last_skip"] or self._last_skip
+            if self._held is not None:
+                self._held["skipped"] = _sum_counts([self._held["skipped"], batch["skipped"]])
+            else:
+                self._orphan = _sum_counts([self._orphan, batch["skipped"]])
+
+    def __next__(self):
+        if self._ended:
+            raise StopIteration
+        if self._held is None:
+            self._held, self._held_state = self._read()
+            if self._held is None:
+                self._ended = True
+                self._raise_if_all_skipped()
+                raise StopIteration
+        following, state = self._read()
+        batch = self._held
+        self._held, self._held_state = following, state
+        self._ended = following is None
+        self._batches_out += 1
+        return batch
+
+    def _raise_if_all_skipped(self) -> None:
+        if self._batches_out or not any(self._orphan.values()):
+            return
+        usable = (
+            f"{self._dropped_rows} usable records, fewer than one batch of {self._batch_size}"
+            if self._dropped_rows
+            else "no usable record"
+        )
+        raise DataError(
+            f"data: the stream ended with {usable}: {sum(self._orphan.values())} records were skipped "
+            f"({_nonzero(self._orphan)}) in {self._describe}; the last one: {self._last_skip}",
+            max(self._orphan, key=self._orphan.get),
+        )
+
+    def get_state(self):
+        parent = self._held_state if self._held is not None else self._parent.get_state()
+        return {"pipeline": parent, "stream_end": {"batches_out": self._batches_out}}
+
+    def set_state(self, state):
+        if "stream_end" not in state:  # a state saved before this stage existed: the pipeline's own
+            self._parent.set_state(state)
+            self._reset(batches_out=1)
+            return
+        self._parent.set_state(state["pipeline"])
+        self._reset(batches_out=int(state["stream_end"]["batches_out"]))
+
+
+class StreamEnd(grain.IterDataset):
+    """The pipeline's last stage, after prefetching: batches pass through one behind (see `_StreamEndIterator`), so
+    that records skipped after the last batch are counted in it, and a stream with no usable record is an error."""
+
+    def __init__(self, parent, describe: str, batch_size: int):
+        super().__init__(parent)
+        self._describe, self._batch_size = describe, batch_size
+
+    def __iter__(self):
+        return _StreamEndIterator(self._parent.__iter__(), self._describe, self._batch_size)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -462,7 +664,9 @@ def build_dataset(
     period = max(len(source) / share for source, share in zip(sources, shares))
     readers = process_count if config.shard_by_process and process_count > 1 else 1
     it = SkipCounting(it, max_consecutive=math.ceil(2 * period / readers) + 1)
-    it = it.batch(config.batch_size, drop_remainder=config.drop_remainder, batch_fn=collator)
+    # drop_remainder is TailBatcher's: grain's own would drop the remainder's skip counts with its rows.
+    batcher = TailBatcher(collator, config.batch_size, config.drop_remainder)
+    it = it.batch(config.batch_size, drop_remainder=False, batch_fn=batcher)
     if config.worker_processes > 0:
         from absl import flags
 
@@ -471,7 +675,7 @@ def build_dataset(
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_processes))
     elif config.prefetch > 0:
         it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=config.prefetch)
-    return it
+    return StreamEnd(it, ", ".join(repr(source) for source in sources), config.batch_size)
 
 
 def _sum_counts(counts) -> dict[str, int]:

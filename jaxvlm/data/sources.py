@@ -39,8 +39,9 @@ def _check_keys(entry: Mapping[str, Any], allowed: Sequence[str], where: str) ->
         )
 
 
-def make_source(entry: Mapping[str, Any], where: str = "data.sources[0]"):
-    """A random-access source (len + getitem -> example dict) for one config entry."""
+def make_source(entry: Mapping[str, Any], where: str = "data.sources[0]", *, max_image_pixels: int | None = None):
+    """A random-access source (len + getitem -> example dict) for one config entry. `max_image_pixels`: the largest
+    image a JSONL source loads (`data.max_image_pixels`; None: its default)."""
     entry = dict(entry)
     kind = entry.get("kind")
     if kind not in SOURCE_KINDS:
@@ -60,11 +61,13 @@ def make_source(entry: Mapping[str, Any], where: str = "data.sources[0]"):
         _check_keys(entry, ("path", "record_format", "answer_type", "image_root"), where)
         if not entry.get("path"):
             raise ValueError(f"{where}: a jsonl source needs path")
+        limit = {} if max_image_pixels is None else {"max_image_pixels": max_image_pixels}
         return JsonlSource(
             entry["path"],
             record_format=entry.get("record_format", "jaxvlm"),
             answer_type=entry.get("answer_type", "string"),
             image_root=entry.get("image_root") or None,
+            **limit,
         )
     from jaxvlm.data import tfds_gym
 
@@ -92,7 +95,10 @@ def input_pipeline(data_config: Mapping[str, Any], tokenizer, image_processor, m
     if not entries:
         raise ValueError("data.sources is empty: give at least one source")
     config = PipelineConfig.from_dict({**values, **overrides})
-    sources = [make_source(entry, f"data.sources[{k}]") for k, entry in enumerate(entries)]
+    sources = [
+        make_source(entry, f"data.sources[{k}]", max_image_pixels=config.max_image_pixels)
+        for k, entry in enumerate(entries)
+    ]
     encoder = ExampleEncoder(tokenizer, image_processor if model_config.vision is not None else None, config)
     collator = BatchCollator(
         config,
