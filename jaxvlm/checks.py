@@ -2,7 +2,8 @@
 field, so `jaxvlm.configuration` can report it under its full key path (`config.stages.sft.optimizer.eps: ...`).
 
 A rule is a function of the value returning None when the value is fine, else what it must be ("must be >= 1").
-Integer rules reject bools and floats (64.5 is never truncated to 64); number rules reject NaN and infinities.
+Integer rules reject bools and floats (64.5 is never truncated to 64) and values above 2**31 - 1; number rules
+reject NaN and infinities.
 """
 
 from __future__ import annotations
@@ -39,13 +40,19 @@ def _in_range(x, lo, hi, lo_open: bool, hi_open: bool) -> bool:
     return not (hi is not None and (x >= hi if hi_open else x > hi))
 
 
-def integer(lo: int | None = None, hi: int | None = None) -> Rule:
-    """An int (not a bool, not a float) in [lo, hi]."""
-    text = _range_text(lo, hi, False, False)
+INT32_MAX = 2**31 - 1  # sizes become int32 array shapes and indices, seeds 32-bit keys
+
+
+def integer(lo: int | None = None, hi: int | None = INT32_MAX) -> Rule:
+    """An int (not a bool, not a float) in [lo, hi] (by default at most INT32_MAX: a larger count or seed could
+    only fail later, inside the run)."""
+    text = _range_text(lo, None if hi == INT32_MAX else hi, False, False)
 
     def rule(x):
         if isinstance(x, bool) or not isinstance(x, numbers.Integral):
             return f"must be an integer{' ' + text if text else ''}, got {x!r}"
+        if hi == INT32_MAX and x > hi:
+            return f"must be <= {hi} (2**31 - 1), got {x!r}"
         if not _in_range(x, lo, hi, False, False):
             return f"must be {text}, got {x!r}"
         return None

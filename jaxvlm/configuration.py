@@ -269,6 +269,7 @@ def resolve(c: ml_collections.ConfigDict) -> RunSpec:
     """Check a full config and turn it into the `RunSpec` the run reads; ConfigError names the key."""
     from jaxvlm import stages
 
+    check_section(c, {"stage_order": checks.sequence_of(checks.text)}, "")
     if not c.stage_order:
         raise config_error("stage_order", "no stages to run")
     for name in c.stage_order:
@@ -443,6 +444,8 @@ def check_local_directory(path: str, key: str, marker: str) -> None:
 
 
 def resolve_mesh(mesh: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    if not isinstance(mesh.shape, (list, tuple)):
+        raise config_error("mesh.shape", f"must be 3 sizes (data, fsdp, tensor), got {mesh.shape!r}")
     shape = tuple(mesh.shape)
     if (
         len(shape) != 3
