@@ -12,6 +12,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import signal
 import socket
 from collections.abc import Iterator
@@ -57,6 +58,23 @@ def build_model(spec: ModelSpec, seed: int, tokenizer=None, *, abstract: bool = 
         return models.load_pretrained(spec.path, **spec.overrides)
     cfg = model_config(spec, tokenizer)
     return models.Qwen25VL(cfg), models.init_params(cfg, seed)
+
+
+def check_frozen_patterns(spec: RunSpec) -> None:
+    """Each training stage's `optimizer.frozen` patterns match some parameter of the model: checked on its abstract
+    shapes (config.json or the preset; nothing loaded), so a pattern for another model fails at start-up."""
+    stages = [s for s in spec.stages if s.optimizer is not None and s.optimizer.frozen]
+    if not stages:
+        return
+    abstract = models.abstract_params(model_config(spec.model))
+    names = [sharding.path_str(path) for path, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]]
+    for s in stages:
+        for pattern in s.optimizer.frozen:
+            if not any(re.search(pattern, name) for name in names):
+                raise ConfigError(
+                    f"config.{s.key}.optimizer.frozen: {pattern!r} matches no parameter of this model "
+                    f"(its parameters are named like {names[0]!r}, {names[-1]!r})"
+                )
 
 
 def build_tokenizer(spec: ModelSpec, workdir: str):

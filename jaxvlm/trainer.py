@@ -58,6 +58,7 @@ def run(config, workdir: str, stop: StopSignal | None = None) -> dict:
     spec = configuration.resolve(config)
     configuration.check_files(spec)
     configuration.check_devices(spec, jax.device_count())
+    runtime.check_frozen_patterns(spec)
     with runtime.workdir_lock(workdir):
         progress = runtime.load_progress(workdir)
         return run_stages(runtime.setup(spec, workdir), spec, progress, stop)

@@ -148,3 +148,13 @@ def test_the_command_line_prints_a_data_error_as_one_line(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: data: ") and f"{data}:1: field 'bbox'" in last, result.stderr  # on_error=skip
     assert "Traceback" not in result.stderr
+
+
+def test_a_frozen_pattern_that_matches_no_parameter_fails_before_the_model_is_built(tmp_path, nothing_heavy):
+    config = demo_config()
+    config.stages.sft.optimizer.frozen = ("^vision_tower/",)  # another model's name for the vision tower
+    with pytest.raises(configuration.ConfigError, match=r"^config\.stages\.sft\.optimizer\.frozen: '\^vision_tower/'"):
+        trainer.run(config, str(tmp_path))
+    config.stages.sft.optimizer.frozen = ("^visual/", "(unclosed")
+    with pytest.raises(configuration.ConfigError, match=r"^config\.stages\.sft\.optimizer\.frozen: '\(unclosed' is not"):
+        trainer.run(config, str(tmp_path))
