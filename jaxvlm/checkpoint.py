@@ -40,7 +40,8 @@ in the index. When that check fails, or the restore itself fails and reading eve
 damaged step directories are then renamed ``<step>.damaged`` (kept as evidence; Orbax lists only ``<step>``, so the
 step number can be saved again) and recorded in ``TrainCheckpointer.set_aside``. When no step is intact nothing is
 moved and ``CheckpointError`` lists every step and what is wrong with it. A step whose files all read back intact
-but that does not restore (another model or stage configuration) raises ``CheckpointError`` and is never moved.
+but that does not restore counts as damaged when an older step restores; when the next step fails that way too, the
+checkpoint does not fit the requested state (another model or stage configuration): ``CheckpointError``, nothing moved.
 What the check cannot see: bytes changed in place inside an array's data, which Zstd and OCDBT do not checksum.
 """
 
@@ -49,6 +50,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import jax
@@ -209,7 +212,12 @@ def _state_problems(state_dir: epath.Path, read_arrays: bool) -> list[str]:
     except ValueError as e:
         return [f"state/: the array index does not read ({_first_line(e)})"]
     present = sorted({k.rsplit("/", 1)[0] for k in keys if k.endswith(("/.zarray", "/zarr.json"))})
-    missing = sorted(set(_expected_arrays(state_dir) or ()) - set(present))
+    try:
+        expected = _expected_arrays(state_dir)
+    except (AttributeError, KeyError, TypeError) as e:  # valid JSON, but not what Orbax writes
+        problems.append(f"state/_METADATA: not the layout Orbax writes ({type(e).__name__}: {e})")
+        expected = None
+    missing = sorted(set(expected or ()) - set(present))
     if missing:
         shown = ", ".join(repr(m) for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         problems.append(f"state/: {len(missing)} arrays of _METADATA are missing from the index ({shown})")
@@ -218,11 +226,23 @@ def _state_problems(state_dir: epath.Path, read_arrays: bool) -> list[str]:
     return problems
 
 
-def step_problems(step_dir, required_items=(), *, read_arrays: bool = False) -> list[str]:
+def _missing_keys_problem(path: epath.Path, label: str, keys) -> str | None:
+    """A JSON item that parses but is not an object holding `keys` (e.g. a changed byte in a key name)."""
+    value = _read_json(path)
+    if not isinstance(value, dict):
+        return f"{label}: holds a JSON {type(value).__name__}, not an object"
+    missing = [k for k in keys if k not in value]
+    if missing:
+        return f"{label}: lacks {', '.join(map(repr, missing))} (has {', '.join(map(repr, sorted(value)[:8]))})"
+    return None
+
+
+def step_problems(step_dir, required_items: Mapping[str, Sequence[str]] = MappingProxyType({}), *, read_arrays=False):
     """What is wrong with the files of one checkpoint step ("<path in the step>: what"); empty when intact.
 
     Without `read_arrays` no array data is read (cheap: JSON files, the OCDBT index and the sizes of the files it
-    refers to); with it every array is read back too. `required_items`: JSON items that must be there.
+    refers to); with it every array is read back too. `required_items`: JSON items that must be there, each with the
+    top-level keys its object must hold.
     """
     step_dir = epath.Path(step_dir)
     if not step_dir.is_dir():
@@ -239,7 +259,10 @@ def step_problems(step_dir, required_items=(), *, read_arrays: bool = False) -> 
     for item in _JSON_ITEMS:
         if (step_dir / item).exists() or item in expected:
             label = f"{item}/{_JSON_ITEM_FILE}"
-            problems += [p for p in [json_file_problem(step_dir / label, label)] if p]
+            problem = json_file_problem(step_dir / label, label)
+            if problem is None and item in required_items:
+                problem = _missing_keys_problem(step_dir / label, label, required_items[item])
+            problems += [problem] if problem else []
     if not (step_dir / "state").is_dir():
         return [*problems, "state/: missing"]
     return problems + _state_problems(step_dir / "state", read_arrays)
@@ -345,14 +368,19 @@ class TrainCheckpointer:
         return epath.Path(self.directory) / str(step)
 
     def restore(
-        self, abstract_state, step: int | None = None, *, required_items: tuple[str, ...] = ()
+        self,
+        abstract_state,
+        step: int | None = None,
+        *,
+        required_items: Mapping[str, Sequence[str]] = MappingProxyType({}),
     ) -> tuple[Any, dict | None, dict | None]:
         """Restores ``(state, data_state, config)`` of ``step`` (default: the newest intact step).
 
         ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` (see ``abstract_like``) whose shardings say
-        where the arrays go; missing JSON items come back as None unless named in ``required_items`` (then their
-        absence makes the step damaged). Without ``step``, damaged newer steps are logged, set aside and skipped
-        (module docstring); an explicit ``step`` that is damaged raises ``CheckpointError``.
+        where the arrays go; missing JSON items come back as None unless named in ``required_items`` (item -> the
+        top-level keys its object must hold; a missing item or key makes the step damaged). Without ``step``,
+        damaged newer steps are logged, set aside and skipped (module docstring); an explicit ``step`` that is
+        damaged raises ``CheckpointError``.
         """
         self.wait_until_finished()
         steps = self.all_steps()
@@ -361,20 +389,29 @@ class TrainCheckpointer:
         if step is not None:
             if step not in steps:
                 raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory}; available steps: {steps}")
-            restored, problems = self._try_restore(step, abstract_state, required_items)
+            restored, problems, error = self._try_restore(step, abstract_state, required_items)
+            if error is not None:
+                raise self._does_not_fit([(step, error)]) from error
             if problems:
                 raise CheckpointError(f"{self.step_path(step)} is damaged: {'; '.join(problems)}")
             return restored
-        damaged = []
+        # A step that fails with intact files is damaged in a way the check cannot name when an older step restores;
+        # when the next one fails that way too, the checkpoint does not fit `abstract_state`: stop, move nothing.
+        damaged, unexplained = [], []
         for candidate in reversed(steps):
-            restored, problems = self._try_restore(candidate, abstract_state, required_items)
-            if not problems:
+            restored, problems, error = self._try_restore(candidate, abstract_state, required_items)
+            if error is None and not problems:
                 self._set_aside(damaged, candidate)
                 return restored
+            if error is not None:
+                unexplained.append((candidate, error))
+                if len(unexplained) == 2 or len(steps) == 1:
+                    raise self._does_not_fit(unexplained) from error
+                problems = [f"does not restore ({_first_line(error)}) although every file parses and reads back"]
             damaged.append(DamagedStep(candidate, tuple(problems)))
         raise self._no_intact_step(damaged)
 
-    def newest_intact_step(self, required_items: tuple[str, ...] = ()) -> int | None:
+    def newest_intact_step(self, required_items: Mapping[str, Sequence[str]] = MappingProxyType({})) -> int | None:
         """The newest step whose files pass the check that reads no array (None without steps); damaged newer steps
         are set aside as in ``restore``; ``CheckpointError`` when there are steps but none is intact."""
         self.wait_until_finished()
@@ -389,25 +426,28 @@ class TrainCheckpointer:
             raise self._no_intact_step(damaged)
         return None
 
-    def _try_restore(self, step: int, abstract_state, required_items) -> tuple[Any, list[str]]:
-        """(restored, []) or (None, what is wrong with the step's files). A restore that fails although every file
-        reads back intact raises CheckpointError: that step is not damaged, it does not fit `abstract_state`."""
+    def _try_restore(self, step: int, abstract_state, required_items) -> tuple[Any, list[str], Exception | None]:
+        """(restored, [], None); (None, what is wrong with the step's files, None); or (None, [], the restore's
+        error) when the restore fails although every file reads back intact."""
         path = self.step_path(step)
         problems = self._agreed(step, step_problems(path, required_items))
         if problems:
-            return None, problems
+            return None, problems, None
         try:
-            return self._restore_step(step, abstract_state), []
-        except Exception as error:  # noqa: BLE001 - classified below by reading every file back
+            return self._restore_step(step, abstract_state), [], None
+        except Exception as error:  # noqa: BLE001 - classified by reading every file back
             problems = self._agreed(step, step_problems(path, required_items, read_arrays=True))
-            if problems:
-                return None, problems
-            lines = str(error).strip().splitlines()[:3]
-            raise CheckpointError(
-                f"{path} does not restore ({type(error).__name__}: {' '.join(lines)}), yet every file of it reads "
-                "back intact, so it is not treated as damaged and nothing was moved: was it written by another model "
-                "or stage configuration?"
-            ) from error
+            return None, problems, None if problems else error
+
+    def _does_not_fit(self, failures: list[tuple[int, Exception]]) -> CheckpointError:
+        step, error = failures[0]
+        lines = " ".join(str(error).strip().splitlines()[:3])
+        also = f", and neither does step {failures[1][0]}" if len(failures) > 1 else ""
+        return CheckpointError(
+            f"{self.step_path(step)} does not restore ({type(error).__name__}: {lines}), yet every file of it reads "
+            f"back intact{also}, so nothing is treated as damaged and nothing was moved: was it written by another "
+            "model or stage configuration?"
+        )
 
     def _agreed(self, step: int, problems: list[str]) -> list[str]:
         """Every process takes the same decision: a step damaged for one process is damaged for all."""

@@ -229,7 +229,8 @@ class StageRun:
             return
         tree_sh = checkpoint_tree(self.state_sh, None if self.ref_params is None else self.state_sh.params)
         restored, data_state, _ = self.ckpt.restore(
-            abstract_like(checkpoint_tree(self.state, self.ref_params), tree_sh), required_items=("data_state",)
+            abstract_like(checkpoint_tree(self.state, self.ref_params), tree_sh),
+            required_items={"data_state": ("iterator", "stage_step", "skipped")},
         )
         self.state, self.ref_params = restored["state"], restored.get("ref_params")
         self.iterator.set_state(data_state["iterator"])

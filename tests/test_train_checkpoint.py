@@ -58,7 +58,7 @@ def test_round_trip(tmp_path, opt_name):
         restored, restored_data, restored_config = ckpt.restore(abstract_like(state))
 
     assert_trees_equal(restored, state)
-    assert step_problems(tmp_path / "7", ("data_state", "config"), read_arrays=True) == []
+    assert step_problems(tmp_path / "7", {"data_state": ("next_index",), "config": ("lr",)}, read_arrays=True) == []
     assert jax.random.key_impl(restored["key"]) == jax.random.key_impl(state["key"])
     np.testing.assert_array_equal(jax.random.normal(restored["key"], (3,)), jax.random.normal(state["key"], (3,)))
     assert restored_data == data_state and restored_config == config
@@ -314,7 +314,7 @@ def test_a_damaged_latest_step_is_named_set_aside_and_the_previous_step_restored
     spoil(pick(str(tmp_path / "2")))
     with TrainCheckpointer(tmp_path, save_every=1) as ckpt:
         with caplog.at_level("WARNING"):
-            restored, data_state, _ = ckpt.restore(abstract_like(state), required_items=("data_state",))
+            restored, data_state, _ = ckpt.restore(abstract_like(state), required_items={"data_state": ("step",)})
         assert data_state == {"step": 1}
         assert_trees_equal(restored, state)
         [record] = ckpt.set_aside
@@ -347,7 +347,7 @@ def test_no_intact_step_lists_every_step_and_moves_nothing(tmp_path):
     os.remove(os.path.join(tmp_path, "1", "data_state", "metadata"))
     with TrainCheckpointer(tmp_path, save_every=1) as ckpt:
         with pytest.raises(CheckpointError) as error:
-            ckpt.restore(abstract_like(state), required_items=("data_state",))
+            ckpt.restore(abstract_like(state), required_items={"data_state": ("step",)})
         assert ckpt.set_aside == [] and ckpt.all_steps() == [1, 2]
     text = str(error.value)
     assert text.startswith(f"no intact checkpoint in {tmp_path}; every step is damaged:")
@@ -366,19 +366,41 @@ def test_an_explicit_damaged_step_raises_and_a_mismatch_is_not_damage(tmp_path):
     with TrainCheckpointer(tmp_path, save_every=1) as ckpt:
         with pytest.raises(CheckpointError, match=rf"{tmp_path / '1'} is damaged: data_state/metadata: not valid JSON"):
             ckpt.restore(abstract_like(state), step=1)
-        # Intact files that do not fit the requested state: an error, and nothing is moved.
+    # Intact files that do not fit the requested state: an error, and nothing is moved.
+    two_steps(tmp_path / "intact", state)
+    with TrainCheckpointer(tmp_path / "intact", save_every=1) as ckpt:
         other = {**state, "w": jnp.zeros((8, 8))}
-        with pytest.raises(CheckpointError, match=r"/2 does not restore \(ValueError: .*reads back intact"):
+        with pytest.raises(
+            CheckpointError, match=r"/2 does not restore \(ValueError: .*reads back intact, and neither does step 1, so"
+        ):
             ckpt.restore(abstract_like(other))
         assert ckpt.set_aside == [] and ckpt.all_steps() == [1, 2]
+
+
+@orbax_unraisable
+def test_a_step_failing_with_files_that_read_back_is_damaged_when_an_older_step_restores(tmp_path):
+    """A changed key in Orbax's per-array metadata: valid JSON, every array reads back, yet the restore fails."""
+    state = damage_state()
+    two_steps(tmp_path, state)
+    path = tmp_path / "2" / "state" / "array_metadatas" / "process_0"
+    path.write_text(path.read_text().replace('"param_name"', '"param_nbme"'))
+    with TrainCheckpointer(tmp_path, save_every=1) as ckpt:
+        assert ckpt.restore(abstract_like(state))[1] == {"step": 1}
+        [record] = ckpt.set_aside
+    assert record.step == 2 and re.fullmatch(
+        r"does not restore \(.*param_name.*\) although every file parses and reads back", record.problems[0]
+    ), record.problems
 
 
 def test_intact_steps_have_no_problems_and_newest_intact_step_skips_damage(tmp_path):
     state = damage_state()
     two_steps(tmp_path, state)
     for step in ("1", "2"):
-        assert step_problems(tmp_path / step, ("data_state",), read_arrays=True) == []
-    assert step_problems(tmp_path / "2", ("config",)) == ["config/metadata: missing"]
+        assert step_problems(tmp_path / step, {"data_state": ("step",)}, read_arrays=True) == []
+    assert step_problems(tmp_path / "2", {"config": ()}) == ["config/metadata: missing"]
+    assert step_problems(tmp_path / "2", {"data_state": ("step", "iterator")}) == [
+        "data_state/metadata: lacks 'iterator' (has 'step')"
+    ]
     truncate_half(largest_file(str(tmp_path / "2")))
     with TrainCheckpointer(tmp_path, save_every=1) as ckpt:
         assert ckpt.newest_intact_step() == 1 and [d.step for d in ckpt.set_aside] == [2]
