@@ -48,7 +48,10 @@ def run(main: Callable[[list[str]], object]) -> None:
 def parse_flags(argv: Sequence[str]) -> list[str]:
     """absl's flag parsing, with a bad `--config.<path>` override named instead of a traceback."""
     try:
-        return app.parse_flags_with_usage(list(argv))
+        return flags.FLAGS(list(argv))
+    except flags.Error as error:  # e.g. `--config.stages.sft.steps=abc`: absl names the flag
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     except (AttributeError, KeyError, IndexError, TypeError, ValueError) as error:
         if "--verbose" in argv:
             raise

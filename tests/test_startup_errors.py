@@ -124,6 +124,11 @@ def test_the_command_line_names_an_override_that_fits_no_key(tmp_path):
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: --config.stages.sft.optimizer.lr=3: config.stages.sft.optimizer has no key 'lr'")
     assert "learning_rate" in line
+    result = run_main("--config.stages.sft.steps=abc", workdir=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: flag --config.stages.sft.steps=abc: invalid literal for int() with base 10: 'abc'"
+    ]
 
 
 def test_the_command_line_prints_a_data_error_as_one_line(tmp_path):
@@ -156,5 +161,7 @@ def test_a_frozen_pattern_that_matches_no_parameter_fails_before_the_model_is_bu
     with pytest.raises(configuration.ConfigError, match=r"^config\.stages\.sft\.optimizer\.frozen: '\^vision_tower/'"):
         trainer.run(config, str(tmp_path))
     config.stages.sft.optimizer.frozen = ("^visual/", "(unclosed")
-    with pytest.raises(configuration.ConfigError, match=r"^config\.stages\.sft\.optimizer\.frozen: '\(unclosed' is not"):
+    with pytest.raises(
+        configuration.ConfigError, match=r"^config\.stages\.sft\.optimizer\.frozen: '\(unclosed' is not"
+    ):
         trainer.run(config, str(tmp_path))
