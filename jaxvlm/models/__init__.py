@@ -1,10 +1,11 @@
 """Qwen2.5-VL / Qwen2 models: config, flax.linen module, Hugging Face checkpoint I/O."""
 
-from jaxvlm.models.checkpoint import CheckpointMismatchError, load_pretrained, save_pretrained
+from jaxvlm.models.checkpoint import CheckpointError, CheckpointMismatchError, load_pretrained, save_pretrained
 from jaxvlm.models.config import ModelConfig, TextConfig, VisionConfig, load_hf_config, preset
 from jaxvlm.models.qwen2_5_vl import Qwen25VL, abstract_params, init_params
 
 __all__ = [
+    "CheckpointError",
     "CheckpointMismatchError",
     "ModelConfig",
     "Qwen25VL",

@@ -16,9 +16,13 @@ transformers 5 in-memory names (`model.language_model.*`, `model.visual.*`) are 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+import math
 import os
 import shutil
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,55 +40,279 @@ DTypeLike = Any  # a dtype name, alias or numpy / JAX dtype: see config.canonica
 # safetensors file format (8-byte little-endian header length, JSON header, raw little-endian data)
 # ----------------------------------------------------------------------------------------------------------
 
-_ST_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
+# The reference implementation's limit (safetensors' MAX_HEADER_SIZE); real headers are a few MB at most.
+MAX_HEADER_BYTES = 100_000_000
+# Bits per element of every dtype the safetensors format defines.
+ST_DTYPE_BITS = {
+    "BOOL": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
 }
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+# The dtypes a tensor can be read as (F4 / F6 pack several elements into a byte: numpy has no view of them).
+_ST_DTYPES = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "C64": np.dtype("<c8"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"),
+    "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype(np.bool_),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
+    "F8_E4M3FNUZ": np.dtype(ml_dtypes.float8_e4m3fnuz),
+    "F8_E5M2FNUZ": np.dtype(ml_dtypes.float8_e5m2fnuz),
+}
+_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
+# The dtypes a model weight may have on disk (converted to param_dtype on load).
+WEIGHT_DTYPES = ("F16", "BF16", "F32", "F64")
+_ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
+CheckpointError = config_lib.CheckpointError
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint's tensors do not fit the model built from its config.json: missing, unexpected, mis-shaped or
+    of a dtype that is not a floating-point weight."""
+
+
+class _HeaderJSONError(ValueError):
+    """JSON that Python's json module reads but the safetensors format does not allow."""
+
+
+def _strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object_pairs_hook: the safetensors format disallows duplicate keys (json keeps the last silently), and its
+    strings are UTF-8 (json lets "\\ud800" through as a lone surrogate)."""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _HeaderJSONError(f"duplicate key {duplicate!r}")
+    for text in (t for pair in pairs for t in pair if isinstance(t, str)):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise _HeaderJSONError(f"string {_short(text)} is not Unicode text ({e.reason})") from e
+    return d
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _is_count(value: Any) -> bool:
+    """A non-negative JSON integer (not a bool, not a float)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors header, checked: data bytes [begin, end) of the data section."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _header_bytes(path: str, f, file_size: int) -> bytes:
+    """The JSON header of an open safetensors file, its length checked against the file and MAX_HEADER_BYTES."""
+    raw = f.read(8)
+    if len(raw) != 8:
+        raise CheckpointError(
+            f"{path}: not a safetensors file ({file_size} bytes, shorter than its 8-byte header length)"
+        )
+    (n,) = struct.unpack("<Q", raw)
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointError(
+            f"{path}: header length {n} exceeds the safetensors limit of {MAX_HEADER_BYTES} bytes "
+            "(not a safetensors file, or a corrupt one)"
+        )
+    if 8 + n > file_size:
+        raise CheckpointError(
+            f"{path}: header length {n} runs past the end of the file ({file_size} bytes): the file is truncated "
+            "(a partial download?) or not a safetensors file"
+        )
+    return f.read(n)
+
+
+def _parse_header(path: str, raw: bytes) -> dict[str, Any]:
+    """The header's JSON object: UTF-8, starting with '{' (trailing spaces allowed), no duplicate keys, no NaN."""
+    if not raw.startswith(b"{"):
+        raise CheckpointError(f"{path}: corrupt safetensors header: it must start with '{{', got {raw[:16]!r}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header: not UTF-8 at byte {8 + e.start}") from e
+    try:
+        return json.loads(text, object_pairs_hook=_strict_object, parse_constant=_reject_constant)
+    except RecursionError as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header: JSON nested too deeply") from e
+    except ValueError as e:  # JSONDecodeError, a duplicate key, NaN / Infinity
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
+
+
+def _check_metadata(path: str, metadata: Any) -> dict[str, str]:
+    """__metadata__: absent / null, or a string -> string map (the format allows nothing else)."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings, got {_short(metadata)}")
+    return metadata
+
+
+def _check_entry(path: str, name: str, entry: Any) -> TensorEntry:
+    """One header entry: exactly dtype / shape / data_offsets, typed, and a byte range as long as dtype and shape
+    need."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise CheckpointError(
+            f"{where}: header entry must be an object with {list(_ENTRY_FIELDS)}, got {_short(entry)}"
+        )
+    missing = [k for k in _ENTRY_FIELDS if k not in entry]
+    extra = sorted(k for k in entry if k not in _ENTRY_FIELDS)
+    if missing or extra:
+        found = f"missing {missing}" if missing else f"unexpected {extra}"
+        raise CheckpointError(f"{where}: header entry must have exactly {list(_ENTRY_FIELDS)} ({found})")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in ST_DTYPE_BITS:
+        raise CheckpointError(
+            f"{where}: unknown dtype {_short(dtype)} (safetensors dtypes: {', '.join(ST_DTYPE_BITS)})"
+        )
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {_short(shape)}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise CheckpointError(
+            f"{where}: data_offsets must be two non-negative integers [begin, end], got {_short(offsets)}"
+        )
+    begin, end = offsets
+    if begin > end:
+        raise CheckpointError(f"{where}: data_offsets [{begin}, {end}] end before they begin")
+    bits = math.prod(shape) * ST_DTYPE_BITS[dtype]
+    if bits % 8:
+        raise CheckpointError(f"{where}: {dtype} {shape} is {bits} bits, not a whole number of bytes")
+    if end - begin != bits // 8:
+        raise CheckpointError(
+            f"{where}: data_offsets [{begin}, {end}] hold {end - begin} bytes, but {dtype} of shape {shape} needs "
+            f"{bits // 8}"
+        )
+    return TensorEntry(dtype, tuple(shape), begin, end)
+
+
+def _check_layout(path: str, entries: dict[str, TensorEntry], data_bytes: int, file_size: int) -> None:
+    """The tensors tile the data section: in offset order each begins where the previous ends, the first at 0, the
+    last at the end of the file (the format allows no overlaps, holes or trailing bytes)."""
+    ordered = sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end))
+    beyond = next(((n, e) for n, e in ordered if e.end > data_bytes), None)
+    if beyond is not None:
+        name, e = beyond
+        raise CheckpointError(
+            f"{path}: tensor {name!r} needs data bytes [{e.begin}, {e.end}), but the file ({file_size} bytes) holds "
+            f"only {data_bytes} data bytes: the file is truncated (a partial download?) or its header is corrupt"
+        )
+    position, previous = 0, None
+    for name, e in ordered:
+        if e.begin < position:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} (data bytes [{e.begin}, {e.end})) overlaps tensor {previous!r}, which ends "
+                f"at {position}"
+            )
+        if e.begin > position:
+            raise CheckpointError(
+                f"{path}: data bytes [{position}, {e.begin}) before tensor {name!r} belong to no tensor (the format "
+                "allows no holes)"
+            )
+        position, previous = e.end, name
+    if position != data_bytes:
+        raise CheckpointError(
+            f"{path}: {data_bytes - position} bytes after the last tensor ({previous!r}, ending at {position}) belong "
+            f"to no tensor (the data section is {data_bytes} bytes; the format allows no trailing bytes)"
+        )
 
 
 class SafetensorsFile:
-    """Lazily reads tensors of one .safetensors file through a read-only memory map."""
+    """One .safetensors file, its header checked against the file when opened; tensors are read lazily through a
+    read-only memory map.
+
+    Opening raises CheckpointError naming the file (and the tensor) for everything the format lets us see: a header
+    length beyond the file or the 100 MB limit, a header that is not a UTF-8 JSON object (or has duplicate keys),
+    entries without exactly dtype / shape / data_offsets, unknown dtypes, byte ranges that are not dtype x shape long,
+    and ranges that do not tile the data section (overlaps, holes, trailing bytes, a truncated file). Three rules the
+    format's README states are enforced here but not by safetensors' own reader: the header starts with '{', has no
+    duplicate keys, and its entries have no fields beyond those three.
+
+    What no reader can see: a dtype relabelled to another of the same width (F32 <-> I32 / U32, F16 <-> BF16), or the
+    offsets of two same-sized tensors swapped, gives a valid file with other values. `load_pretrained` rejects a
+    weight whose dtype is not floating point (I32 for F32), so of these only F16 <-> BF16 and swapped ranges load.
+    """
 
     def __init__(self, path: str):
         self.path = path
         with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-            (n,) = np.frombuffer(raw, "<u8")
-            try:
-                header = json.loads(f.read(int(n)))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{path}: corrupt safetensors header ({e})") from e
-        header.pop("__metadata__", None)
-        self.header = header
-        self.data_start = 8 + int(n)
+            self.file_size = os.fstat(f.fileno()).st_size
+            raw = _header_bytes(path, f, self.file_size)
+        header = _parse_header(path, raw)
+        self.metadata = _check_metadata(path, header.pop("__metadata__", None))
+        self.entries = {name: _check_entry(path, name, entry) for name, entry in header.items()}
+        self.data_start = 8 + len(raw)
+        _check_layout(path, self.entries, self.file_size - self.data_start, self.file_size)
         self._mmap = None
 
     def keys(self) -> list[str]:
-        return list(self.header)
+        return list(self.entries)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.header[name]["shape"])
+        return self._entry(name).shape
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype name (F32, BF16, ...)."""
+        return self._entry(name).dtype
+
+    def _entry(self, name: str) -> TensorEntry:
+        if name not in self.entries:
+            raise KeyError(f"{self.path} has no tensor {name!r}")
+        return self.entries[name]
 
     def get(self, name: str) -> np.ndarray:
-        entry = self.header[name]
-        if entry["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+        e = self._entry(name)
+        if e.dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {e.dtype}, which packs elements into bits")
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        begin, end = entry["data_offsets"]
-        buf = self._mmap[self.data_start + begin : self.data_start + end]
-        return buf.view(_ST_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        buf = self._mmap[self.data_start + e.begin : self.data_start + e.end]
+        if len(buf) != e.end - e.begin:
+            raise CheckpointError(f"{self.path}: the file was truncated after it was opened (tensor {name!r})")
+        return buf.view(_ST_DTYPES[e.dtype]).reshape(e.shape)
 
 
 def save_safetensors(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str] | None = None) -> None:
@@ -92,8 +320,9 @@ def save_safetensors(tensors: dict[str, np.ndarray], path: str, metadata: dict[s
     arrays = {}
     for name in sorted(tensors):
         a = np.ascontiguousarray(tensors[name])
-        if a.dtype not in _ST_NAMES:
+        if a.dtype.newbyteorder("<") not in _ST_NAMES:
             raise ValueError(f"cannot save tensor {name!r} of dtype {a.dtype} as safetensors")
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
         arrays[name] = a
         header[name] = {
             "dtype": _ST_NAMES[a.dtype],
@@ -111,8 +340,16 @@ def save_safetensors(tensors: dict[str, np.ndarray], path: str, metadata: dict[s
             f.write(arrays[name].tobytes())
 
 
+def _is_plain_file_name(name: Any) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
 class CheckpointTensors:
-    """All tensors of a checkpoint directory (single file or sharded with model.safetensors.index.json)."""
+    """All tensors of a checkpoint directory (single file or sharded with model.safetensors.index.json).
+
+    A sharded checkpoint's index is checked against its shards: its weight_map maps tensor names to plain file names
+    in the directory, each of which exists, is a valid safetensors file and holds the tensor, and every tensor of
+    those shards is in the weight_map. Anything else raises CheckpointError naming the index and the tensor."""
 
     def __init__(self, path: str):
         index = os.path.join(path, "model.safetensors.index.json")
@@ -120,17 +357,7 @@ class CheckpointTensors:
         self.files: dict[str, SafetensorsFile] = {}
         self.where: dict[str, str] = {}
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            for name, file in weight_map.items():
-                if file not in self.files:
-                    full = os.path.join(path, file)
-                    if not os.path.exists(full):
-                        raise FileNotFoundError(f"{index} names shard {file!r}, which does not exist")
-                    self.files[file] = SafetensorsFile(full)
-                if name not in self.files[file].header:
-                    raise ValueError(f"{index} maps {name!r} to {file}, but that shard has no such tensor")
-                self.where[name] = file
+            self._open_shards(path, index)
         elif os.path.exists(single):
             self.files["model.safetensors"] = SafetensorsFile(single)
             self.where = {k: "model.safetensors" for k in self.files["model.safetensors"].keys()}
@@ -141,14 +368,60 @@ class CheckpointTensors:
                 "jaxvlm reads safetensors only (convert .bin checkpoints with transformers first)"
             )
 
+    def _open_shards(self, path: str, index: str) -> None:
+        weight_map = _read_weight_map(index)
+        for name, file in weight_map.items():
+            if file not in self.files:
+                full = os.path.join(path, file)
+                if not os.path.isfile(full):
+                    raise CheckpointError(
+                        f"{index}: weight_map maps {name!r} to shard {file!r}, which is not in {path}"
+                    )
+                self.files[file] = SafetensorsFile(full)
+            if name not in self.files[file].entries:
+                raise CheckpointError(f"{index}: weight_map maps {name!r} to {file}, but that shard has no such tensor")
+            self.where[name] = file
+        for file, shard in self.files.items():
+            unlisted = sorted(n for n in shard.keys() if weight_map.get(n) != file)
+            if unlisted:
+                raise CheckpointError(
+                    f"{index}: shard {file} holds tensors the weight_map does not map to it ({len(unlisted)}): "
+                    f"{', '.join(map(repr, unlisted[:5]))}" + (" ..." if len(unlisted) > 5 else "")
+                )
+
     def names(self) -> list[str]:
         return list(self.where)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.files[self.where[name]].shape(name)
 
+    def dtype(self, name: str) -> str:
+        return self.files[self.where[name]].dtype(name)
+
+    def file(self, name: str) -> str:
+        """The file (in the checkpoint directory) holding tensor `name`."""
+        return self.where[name]
+
     def get(self, name: str) -> np.ndarray:
         return self.files[self.where[name]].get(name)
+
+
+def _read_weight_map(index: str) -> dict[str, str]:
+    """model.safetensors.index.json's weight_map (tensor name -> shard file name), checked."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            d = json.load(f)
+    except (UnicodeDecodeError, RecursionError, ValueError) as e:  # ValueError: JSONDecodeError
+        raise CheckpointError(f"{index}: not a JSON index ({e})") from e
+    weight_map = d.get("weight_map") if isinstance(d, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f'{index}: must be a JSON object with a "weight_map" object (tensor name -> shard file)')
+    for name, file in weight_map.items():
+        if not _is_plain_file_name(file):
+            raise CheckpointError(
+                f"{index}: weight_map[{name!r}] must be the file name of a shard in the directory, got {_short(file)}"
+            )
+    return weight_map
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -247,10 +520,6 @@ def _expected_hf_shape(path, leaf_shape, stacked: bool, cfg) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-class CheckpointMismatchError(ValueError):
-    """The checkpoint's tensors do not fit the model built from its config.json."""
-
-
 def load_pretrained(path: str, dtype: DTypeLike = "float32", param_dtype: DTypeLike | None = None, **config_overrides):
     """Load a Qwen2.5-VL or text-only Qwen2 / Qwen2.5 checkpoint directory.
 
@@ -264,17 +533,20 @@ def load_pretrained(path: str, dtype: DTypeLike = "float32", param_dtype: DTypeL
     Returns:
       (model, params): a `Qwen25VL` linen module and its params (nested dict of jax arrays).
     Raises:
-      CheckpointMismatchError naming every missing, unexpected and mis-shaped tensor; ValueError naming `dtype` or
-      `param_dtype` when it is not a supported dtype.
+      CheckpointError (a ValueError) naming the file and the field or tensor when config.json, a .safetensors file or
+      the shard index is malformed (see `config.from_hf_dict`, `SafetensorsFile`, `CheckpointTensors`);
+      CheckpointMismatchError (a CheckpointError) naming every missing, unexpected, mis-shaped and non-float tensor;
+      ValueError naming `dtype` or `param_dtype` when it is not a supported dtype.
     """
     # `is None`, not `or`: a np.dtype is falsy (it has len 0).
     param_dtype = dtype if param_dtype is None else param_dtype
     cfg = config_lib.load_hf_config(path, dtype=dtype, param_dtype=param_dtype, **config_overrides)
     tensors = CheckpointTensors(path)
-    available = {canonical_hf_name(n): n for n in tensors.names()}
+    available = _canonical_names(path, tensors)
+    _check_size(path, cfg, tensors)
     target = np.dtype(jnp.dtype(cfg.param_dtype))
-    missing, misshaped, used, params = [], [], set(), {}
-    for p, leaf in _leaves(abstract_params(cfg)):
+    missing, misshaped, mistyped, used, params = [], [], [], set(), {}
+    for p, leaf in _leaves(_model_shapes(cfg)):
         layers = _num_layers(p, cfg)
         names = hf_names(p, layers)
         want = _expected_hf_shape(p, leaf.shape, layers is not None, cfg)
@@ -284,15 +556,18 @@ def load_pretrained(path: str, dtype: DTypeLike = "float32", param_dtype: DTypeL
                 missing.append(name)
                 continue
             used.add(name)
-            got = tensors.shape(available[name])
+            stored = available[name]
+            got, stored_dtype = tensors.shape(stored), tensors.dtype(stored)
             if got != want:
-                misshaped.append(f"{name}: checkpoint {list(got)} vs model {list(want)}")
-                continue
-            parts.append(_from_hf(p, tensors.get(available[name])).astype(target))
+                misshaped.append(f"{name}: checkpoint {list(got)} vs model {list(want)} in {tensors.file(stored)}")
+            elif stored_dtype not in WEIGHT_DTYPES:
+                mistyped.append(f"{name}: {stored_dtype} in {tensors.file(stored)}")
+            else:
+                parts.append(_from_hf(p, tensors.get(stored)).astype(target))
         if len(parts) == len(names):
             _set(params, p, jnp.asarray(np.stack(parts) if layers is not None else parts[0]))
     unexpected = [n for n in available if n not in used and not _ignorable(n, cfg)]
-    if missing or misshaped or unexpected:
+    if missing or misshaped or mistyped or unexpected:
         lines = [f"checkpoint {path} does not match its config.json:"]
         if missing:
             lines.append(
@@ -300,10 +575,49 @@ def load_pretrained(path: str, dtype: DTypeLike = "float32", param_dtype: DTypeL
             )
         if misshaped:
             lines.append(f"  mis-shaped tensors ({len(misshaped)}): " + "; ".join(misshaped[:20]))
+        if mistyped:
+            lines.append(
+                f"  tensors of a dtype that is no weight's ({len(mistyped)}; weights are {', '.join(WEIGHT_DTYPES)}): "
+                + "; ".join(mistyped[:20])
+            )
         if unexpected:
             lines.append(f"  unexpected tensors ({len(unexpected)}): {', '.join(sorted(unexpected)[:20])}")
         raise CheckpointMismatchError("\n".join(lines))
     return Qwen25VL(cfg), params
+
+
+@functools.lru_cache(maxsize=8)
+def _model_shapes(cfg: config_lib.ModelConfig) -> dict:
+    """abstract_params, traced once per config (loading several checkpoints of one model traces the init once)."""
+    return abstract_params(cfg)
+
+
+def _canonical_names(path: str, tensors: CheckpointTensors) -> dict[str, str]:
+    """On-disk name (see canonical_hf_name) -> the name stored in the checkpoint; one tensor stored under both its
+    transformers-5 and its on-disk name is an error (which copy would load?)."""
+    available = {}
+    for stored in tensors.names():
+        name = canonical_hf_name(stored)
+        if name in available:
+            raise CheckpointError(
+                f"checkpoint {path} holds {name!r} twice: as {available[name]!r} ({tensors.file(available[name])}) "
+                f"and as {stored!r} ({tensors.file(stored)})"
+            )
+        available[name] = stored
+    return available
+
+
+def _check_size(path: str, cfg: config_lib.ModelConfig, tensors: CheckpointTensors) -> None:
+    """A config whose model has more than twice as many parameters as the checkpoint holds values is another model's
+    (or has a corrupt size field): say so before tracing a model of that size or listing its every missing tensor."""
+    wanted = config_lib.num_params(cfg)
+    stored = sum(math.prod(tensors.shape(name)) for name in tensors.names())
+    if wanted > 2 * stored:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} does not match its config.json: the config describes a model of {wanted:,} "
+            f"parameters, but the checkpoint's tensors hold {stored:,} values (a config.json of another model, or a "
+            "corrupt size field)"
+        )
 
 
 def _ignorable(name: str, cfg) -> bool:

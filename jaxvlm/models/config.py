@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -182,6 +183,46 @@ def default_remat(cfg: ModelConfig) -> str:
     return "none" if num_params(cfg) < 500_000_000 else "full"
 
 
+_POSITIVE_SIZES = {
+    "text": (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "max_position_embeddings",
+    ),
+    "vision": (
+        "depth",
+        "hidden_size",
+        "intermediate_size",
+        "num_heads",
+        "in_channels",
+        "patch_size",
+        "temporal_patch_size",
+        "spatial_merge_size",
+        "window_size",
+        "out_hidden_size",
+        "tokens_per_second",
+    ),
+}
+
+
+def _check_positive_sizes(cfg: ModelConfig) -> None:
+    """Every size of the text and vision configs is a positive integer (head_dim: 0 = derived)."""
+    sizes = [("text", cfg.text, name) for name in _POSITIVE_SIZES["text"]]
+    if cfg.vision is not None:
+        sizes += [("vision", cfg.vision, name) for name in _POSITIVE_SIZES["vision"]]
+    for where, section, name in sizes:
+        value = getattr(section, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{where}.{name}={value!r}: must be a positive integer")
+    head_dim = cfg.text.head_dim
+    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim < 0:
+        raise ValueError(f"text.head_dim={head_dim!r}: must be a positive integer, or 0 for hidden_size // heads")
+
+
 def validate(cfg: ModelConfig) -> None:
     """Raise ValueError naming the offending field when the configuration cannot be built (dtype and param_dtype are
     checked as they are normalised, by `canonical_dtype`)."""
@@ -196,6 +237,7 @@ def validate(cfg: ModelConfig) -> None:
         value = getattr(cfg, name)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r}: must be a positive integer")
+    _check_positive_sizes(cfg)
     if t.num_attention_heads % t.num_key_value_heads:
         raise ValueError(
             f"text.num_attention_heads={t.num_attention_heads} is not a multiple of "
@@ -234,121 +276,322 @@ def validate(cfg: ModelConfig) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _rope(d: dict[str, Any], where: str) -> tuple[float, tuple[int, ...] | None]:
-    """(rope_theta, mrope_section) from either `rope_parameters` (5.x) or `rope_theta` + `rope_scaling` (4.x)."""
-    params = d.get("rope_parameters") or {}
-    scaling = d.get("rope_scaling") or {}
-    theta = params.get("rope_theta", d.get("rope_theta", 1000000.0))
-    rope_type = params.get("rope_type", params.get("type")) or scaling.get("rope_type", scaling.get("type"))
-    if rope_type not in (None, "default", "mrope"):
-        raise ValueError(f"{where}: rope type {rope_type!r} is not supported (only default / mrope)")
-    section = params.get("mrope_section", scaling.get("mrope_section"))
-    return float(theta), (tuple(int(s) for s in section) if section is not None else None)
+class CheckpointError(ValueError):
+    """A checkpoint's file (config.json, a .safetensors file, the shard index) is malformed, inconsistent, or describes
+    a model jaxvlm cannot build; the message names the file and the field or tensor."""
 
 
-def _eos(value):
-    return tuple(value) if isinstance(value, list) else value
+# Every integer field of a config.json is at most this: token ids are int32 on the device, and no size of a real model
+# comes near it.
+INT32_MAX = 2**31 - 1
+# Patches per vision attention window (Qwen2.5-VL: 64). The vision tower lays images out in slots of whole windows,
+# so this bounds the memory a config can ask for before any weight is read.
+MAX_WINDOW_PATCHES = 65536
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+TOKEN_ID_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+_TEXT_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_REQUIRED = object()  # a field without a default
 
 
-def _text_from_hf(d: dict[str, Any], where: str, default_mrope: bool) -> TextConfig:
-    if d.get("use_sliding_window"):
-        raise ValueError(f"{where}: use_sliding_window=true is not supported")
-    theta, section = _rope(d, where)
-    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    missing = [k for k in required if k not in d]
-    if missing:
-        raise ValueError(f"{where}: missing text fields {missing}")
-    heads = int(d["num_attention_heads"])
-    head_dim = int(d.get("head_dim") or 0)
-    if default_mrope and section is None:
+def _json_text(value: Any) -> str:
+    """A config value as JSON spells it (null, true, "64", 64.5), cut to 60 characters."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_requirement(value: Any, minimum: int) -> str:
+    """What an integer field must be, worded for the value it holds."""
+    if _is_int(value) and value > INT32_MAX:
+        return f"at most {INT32_MAX}"
+    return {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+
+
+class _Fields:
+    """One JSON object of a config.json, read field by field: every reader checks its value's type and range and
+    raises CheckpointError naming the file and the field's path (e.g. `vision_config.depth`).
+
+    Integers must be JSON integers (not floats, strings or booleans) in [minimum, INT32_MAX]; numbers may be integers
+    or floats, finite and positive; flags must be true / false. A field that is absent takes its default; null is a
+    value like any other (rejected) except where a reader documents what it means."""
+
+    def __init__(self, d: dict[str, Any], file: str, path: str = ""):
+        self.d, self.file, self.path = d, file, path
+
+    def name(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str, message: str) -> CheckpointError:
+        return CheckpointError(f"{self.file}: {self.name(key)}: {message}")
+
+    def _get(self, key: str, default: Any) -> Any:
+        if key in self.d:
+            return self.d[key]
+        if default is _REQUIRED:
+            raise self.error(key, "missing")
+        return default
+
+    def integer(self, key: str, default: Any = _REQUIRED, minimum: int = 1) -> int:
+        value = self._get(key, default)
+        if not _is_int(value) or not minimum <= value <= INT32_MAX:
+            raise self.error(key, f"must be {_int_requirement(value, minimum)}, got {_json_text(value)}")
+        return value
+
+    def optional_integer(self, key: str, minimum: int = 0) -> int | None:
+        """An integer, or None where the field is absent or null."""
+        return None if self.d.get(key) is None else self.integer(key, minimum=minimum)
+
+    def number(self, key: str, default: Any = _REQUIRED) -> float:
+        """A positive number a float32 holds (norm epsilons and RoPE bases are used in float32)."""
+        value = self._get(key, default)
+        if not (_is_int(value) or isinstance(value, float)) or not 0 < value <= sys.float_info.max:
+            raise self.error(key, f"must be a positive finite number, got {_json_text(value)}")
+        if value > FLOAT32_MAX:
+            raise self.error(key, f"must be at most {FLOAT32_MAX:.7g} (it is used in float32), got {_json_text(value)}")
+        return float(value)
+
+    def flag(self, key: str, default: Any = _REQUIRED) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, got {_json_text(value)}")
+        return value
+
+    def choice(self, key: str, default: Any, choices: tuple[str, ...]) -> str:
+        value = self._get(key, default)
+        if not isinstance(value, str) or value not in choices:
+            raise self.error(key, f"must be one of {list(choices)}, got {_json_text(value)}")
+        return value
+
+    def optional_string(self, key: str) -> str | None:
+        """A string, or None where the field is absent or null."""
+        value = self.d.get(key)
+        if value is not None and not isinstance(value, str):
+            raise self.error(key, f"must be a string, got {_json_text(value)}")
+        return value
+
+    def integers(self, key: str, default: Any = _REQUIRED, minimum: int = 0) -> tuple[int, ...]:
+        value = self._get(key, default)
+        if not isinstance(value, (list, tuple)):
+            raise self.error(key, f"must be a list of integers, got {_json_text(value)}")
+        for i, item in enumerate(value):
+            if not _is_int(item) or not minimum <= item <= INT32_MAX:
+                raise self.error(f"{key}[{i}]", f"must be {_int_requirement(item, minimum)}, got {_json_text(item)}")
+        return tuple(value)
+
+    def token_ids(self, key: str) -> int | tuple[int, ...] | None:
+        """A token id, a list of them (eos_token_id), or None where the field is absent or null."""
+        value = self.d.get(key)
+        if isinstance(value, list):
+            return self.integers(key)
+        return self.optional_integer(key)
+
+    def section(self, key: str, required: bool = False) -> _Fields | None:
+        """The nested object `key`, or None where it is absent or null (an error when `required`)."""
+        value = self.d.get(key)
+        if value is None and not required:
+            return None
+        if not isinstance(value, dict):
+            raise self.error(key, f"must be a JSON object, got {_json_text(value) if key in self.d else 'nothing'}")
+        return _Fields(value, self.file, self.name(key))
+
+
+def _rope(f: _Fields) -> tuple[float, tuple[int, ...] | None, str]:
+    """(rope_theta, mrope_section, the section's field path) from `rope_parameters` (5.x) or `rope_theta` +
+    `rope_scaling` (4.x)."""
+    params, scaling = f.section("rope_parameters"), f.section("rope_scaling")
+    if params is not None and "rope_theta" in params.d:
+        theta = params.number("rope_theta")
+    else:
+        theta = f.number("rope_theta", 1000000.0)
+    for source in (s for s in (params, scaling) if s is not None):
+        key = "rope_type" if source.d.get("rope_type") is not None else "type"
+        rope_type = source.optional_string(key)
+        if rope_type is not None:
+            if rope_type not in ("default", "mrope"):
+                raise source.error(key, f"{_json_text(rope_type)} is not supported (only default / mrope)")
+            break
+    for source in (s for s in (params, scaling) if s is not None):
+        if source.d.get("mrope_section") is not None:
+            return theta, source.integers("mrope_section"), source.name("mrope_section")
+    return theta, None, f.name("rope_parameters") + ".mrope_section"
+
+
+def _text_from_hf(f: _Fields, default_mrope: bool) -> TextConfig:
+    """The decoder's fields of `f` (a 5.x text_config, or the root of a 4.x or qwen2 config.json)."""
+    if f.flag("use_sliding_window", False):
+        raise f.error("use_sliding_window", "true is not supported (jaxvlm attends over the whole sequence)")
+    hidden, heads = f.integer("hidden_size"), f.integer("num_attention_heads")
+    kv_heads = f.optional_integer("num_key_value_heads", minimum=1) or heads  # null: one per head (transformers)
+    head_dim = f.optional_integer("head_dim", minimum=1)  # null: hidden_size // num_attention_heads
+    if head_dim is None and hidden % heads:
+        raise f.error(
+            "hidden_size",
+            f"{hidden} is not divisible by {f.name('num_attention_heads')}={heads} (and no head_dim is given)",
+        )
+    if heads % kv_heads:
+        raise f.error("num_key_value_heads", f"{kv_heads} does not divide {f.name('num_attention_heads')}={heads}")
+    resolved = head_dim or hidden // heads
+    if head_dim:
+        head_dim_text = f"{f.name('head_dim')} = {head_dim}"
+    else:
+        head_dim_text = f"{f.name('hidden_size')} / {f.name('num_attention_heads')} = {hidden} / {heads} = {resolved}"
+    if resolved % 2:
+        raise f.error(
+            "head_dim" if head_dim else "hidden_size", f"the head dimension ({head_dim_text}) must be even for RoPE"
+        )
+    theta, section, section_field = _rope(f)
+    if section is None and default_mrope:
         section = (16, 24, 24)  # transformers' default for qwen2_5_vl when the config names none
+        if sum(section) != resolved // 2:
+            raise CheckpointError(
+                f"{f.file}: {section_field}: missing, and the default {list(section)} sums to {sum(section)}, not to "
+                f"half the head dimension ({head_dim_text})"
+            )
+    if section is not None and sum(section) != resolved // 2:
+        raise CheckpointError(
+            f"{f.file}: {section_field}: {list(section)} sums to {sum(section)}, but must sum to half the head "
+            f"dimension ({head_dim_text}), {resolved // 2}"
+        )
     return TextConfig(
-        vocab_size=int(d["vocab_size"]),
-        hidden_size=int(d["hidden_size"]),
-        intermediate_size=int(d["intermediate_size"]),
-        num_hidden_layers=int(d["num_hidden_layers"]),
+        vocab_size=f.integer("vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=f.integer("intermediate_size"),
+        num_hidden_layers=f.integer("num_hidden_layers"),
         num_attention_heads=heads,
-        num_key_value_heads=int(d.get("num_key_value_heads") or heads),
-        head_dim=head_dim,
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim or 0,
+        rms_norm_eps=f.number("rms_norm_eps", 1e-6),
         rope_theta=theta,
         mrope_section=section,
-        max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
-        hidden_act=d.get("hidden_act", "silu"),
-        bos_token_id=d.get("bos_token_id"),
-        eos_token_id=_eos(d.get("eos_token_id")),
-        pad_token_id=d.get("pad_token_id"),
+        max_position_embeddings=f.integer("max_position_embeddings", 32768),
+        hidden_act=f.choice("hidden_act", "silu", SUPPORTED_ACTIVATIONS),
+        bos_token_id=f.token_ids("bos_token_id"),
+        eos_token_id=f.token_ids("eos_token_id"),
+        pad_token_id=f.token_ids("pad_token_id"),
     )
 
 
-def _vision_from_hf(d: dict[str, Any]) -> VisionConfig:
-    theta = (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+def _vision_from_hf(f: _Fields, text_hidden: int, text_hidden_field: str) -> VisionConfig:
+    """The vision tower's fields of `f` (vision_config); absent fields take Qwen2.5-VL-3B's values."""
     defaults = VisionConfig()
+    depth, hidden = f.integer("depth", defaults.depth), f.integer("hidden_size", defaults.hidden_size)
+    heads = f.integer("num_heads", defaults.num_heads)
+    if hidden % heads or (hidden // heads) % 4:
+        raise f.error(
+            "hidden_size", f"{hidden} / {f.name('num_heads')}={heads} must give a head dimension divisible by 4"
+        )
+    patch, merge = (
+        f.integer("patch_size", defaults.patch_size),
+        f.integer("spatial_merge_size", defaults.spatial_merge_size),
+    )
+    window, unit = f.integer("window_size", defaults.window_size), patch * merge
+    if window % unit:
+        raise f.error(
+            "window_size",
+            f"{window} is not a multiple of {f.name('patch_size')} * {f.name('spatial_merge_size')} = "
+            f"{patch} * {merge} = {unit}",
+        )
+    window_patches = (window // unit * merge) ** 2
+    if window_patches > MAX_WINDOW_PATCHES:
+        raise f.error(
+            "window_size", f"{window} gives windows of {window_patches} patches (at most {MAX_WINDOW_PATCHES})"
+        )
+    fullatt = f.integers("fullatt_block_indexes", list(defaults.fullatt_block_indexes))
+    for i, index in enumerate(fullatt):
+        if index >= depth:
+            raise f.error(f"fullatt_block_indexes[{i}]", f"{index} is out of range for {f.name('depth')}={depth}")
+    out_hidden = f.integer("out_hidden_size", defaults.out_hidden_size)
+    if out_hidden != text_hidden:
+        raise f.error(
+            "out_hidden_size",
+            f"{out_hidden} must equal {text_hidden_field}={text_hidden} (the merger projects into the text embedding)",
+        )
+    channels_key = "in_channels" if "in_channels" in f.d else "in_chans"  # in_chans: older hub configs
+    rope = f.section("rope_parameters")
     return VisionConfig(
-        depth=int(d.get("depth", defaults.depth)),
-        hidden_size=int(d.get("hidden_size", defaults.hidden_size)),
-        intermediate_size=int(d.get("intermediate_size", defaults.intermediate_size)),
-        num_heads=int(d.get("num_heads", defaults.num_heads)),
-        in_channels=int(d.get("in_channels", d.get("in_chans", defaults.in_channels))),
-        patch_size=int(d.get("patch_size", defaults.patch_size)),
-        temporal_patch_size=int(d.get("temporal_patch_size", defaults.temporal_patch_size)),
-        spatial_merge_size=int(d.get("spatial_merge_size", defaults.spatial_merge_size)),
-        window_size=int(d.get("window_size", defaults.window_size)),
-        fullatt_block_indexes=tuple(int(i) for i in d.get("fullatt_block_indexes", defaults.fullatt_block_indexes)),
-        out_hidden_size=int(d.get("out_hidden_size", defaults.out_hidden_size)),
-        tokens_per_second=int(d.get("tokens_per_second", defaults.tokens_per_second)),
-        rope_theta=float(theta),
-        hidden_act=d.get("hidden_act", defaults.hidden_act),
+        depth=depth,
+        hidden_size=hidden,
+        intermediate_size=f.integer("intermediate_size", defaults.intermediate_size),
+        num_heads=heads,
+        in_channels=f.integer(channels_key, defaults.in_channels),
+        patch_size=patch,
+        temporal_patch_size=f.integer("temporal_patch_size", defaults.temporal_patch_size),
+        spatial_merge_size=merge,
+        window_size=window,
+        fullatt_block_indexes=fullatt,
+        out_hidden_size=out_hidden,
+        tokens_per_second=f.integer("tokens_per_second", defaults.tokens_per_second),
+        rope_theta=rope.number("rope_theta", 10000.0) if rope is not None else 10000.0,
+        hidden_act=f.choice("hidden_act", defaults.hidden_act, SUPPORTED_ACTIVATIONS),
     )
 
 
-def from_hf_dict(d: dict[str, Any], where: str = "config.json", **overrides) -> ModelConfig:
-    """Build a ModelConfig from a parsed HF config.json (nested 5.x or flat 4.x form)."""
+def from_hf_dict(d: Any, where: str = "config.json", **overrides) -> ModelConfig:
+    """Build a ModelConfig from a parsed HF config.json (nested 5.x or flat 4.x form).
+
+    Every field jaxvlm reads is checked for its type and range (see `_Fields`), and the fields against each other
+    (heads divide the width, the M-RoPE section fits the head, the vision windows fit the patches); a bad one raises
+    CheckpointError naming `where` and the field's path. Fields jaxvlm does not read are ignored."""
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{where}: must be a JSON object, got {_json_text(d)}")
+    root = _Fields(d, where)
     model_type = d.get("model_type")
     if model_type == "qwen2":
-        text = _text_from_hf(d, where, default_mrope=False)
         return ModelConfig(
-            text=text,
+            text=_text_from_hf(root, default_mrope=False),
             vision=None,
             model_type="qwen2",
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            tie_word_embeddings=root.flag("tie_word_embeddings", False),
             **overrides,
         )
     if model_type != "qwen2_5_vl":
-        raise ValueError(
-            f"{where}: model_type={model_type!r} is not supported; jaxvlm loads 'qwen2_5_vl' and 'qwen2' checkpoints"
+        raise CheckpointError(
+            f'{where}: model_type: {_json_text(model_type)} is not supported (jaxvlm loads "qwen2_5_vl" and '
+            '"qwen2" checkpoints)'
         )
-    text_d = d.get("text_config")
-    nested = isinstance(text_d, dict) and "hidden_size" in text_d
-    text = _text_from_hf(text_d if nested else d, where + (":text_config" if nested else ""), default_mrope=True)
-    if "vision_config" not in d:
-        raise ValueError(f"{where}: qwen2_5_vl config has no vision_config")
-    tie = bool(d.get("tie_word_embeddings", False)) or bool((text_d or {}).get("tie_word_embeddings", False))
-    ids = {
-        k: int(d[k])
-        for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-        if k in d
-    }
+    text_section = root.section("text_config")
+    nested = text_section is not None and any(k in text_section.d for k in _TEXT_REQUIRED)
+    text_fields = text_section if nested else root
+    text = _text_from_hf(text_fields, default_mrope=True)
+    vision = _vision_from_hf(
+        root.section("vision_config", required=True), text.hidden_size, text_fields.name("hidden_size")
+    )
+    tie = root.flag("tie_word_embeddings", False)
+    if text_section is not None:
+        tie = text_section.flag("tie_word_embeddings", False) or tie
     return ModelConfig(
         text=text,
-        vision=_vision_from_hf(d["vision_config"]),
+        vision=vision,
         model_type="qwen2_5_vl",
         tie_word_embeddings=tie,
-        **ids,
+        **{k: root.integer(k, minimum=0) for k in TOKEN_ID_FIELDS if k in d},
         **overrides,
     )
 
 
 def load_hf_config(path: str, **overrides) -> ModelConfig:
-    """Read `<path>/config.json` (or a config.json file path)."""
+    """Read `<path>/config.json` (or a config.json file path); CheckpointError naming the file (and the field) when
+    it is not UTF-8 JSON or a field is missing, mistyped or out of range."""
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.exists(file):
         raise FileNotFoundError(f"no config.json at {path}")
-    with open(file) as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    try:
+        with open(file, encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{file}: not UTF-8 text (byte {e.start}: {e.reason})") from e
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    except RecursionError as e:
+        raise CheckpointError(f"{file}: invalid JSON: nested too deeply") from e
     return from_hf_dict(d, where=file, **overrides)
 
 
