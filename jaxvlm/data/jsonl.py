@@ -24,7 +24,8 @@ Reading is lazy: opening a file records each line's byte offset, and ``__getitem
 images and validates it. A bad record raises `DataError` naming ``file:line`` and the field; the pipeline turns
 that into a skipped-and-counted record when ``data.on_error="skip"``. Nothing is ever replaced by another sample.
 
-Hostile records are data errors, never crashes (tests/test_fuzz_data.py feeds generated bad records through here):
+Hostile records are data errors, never crashes (docs/data.md; tests/test_fuzz_data.py feeds generated bad records
+through here):
 
 * JSON: a line over MAX_RECORD_BYTES (kind "too_long"), invalid UTF-8, invalid JSON, NaN / Infinity literals and
   numbers beyond a float (``1e999``), a key given twice in one object, nesting deeper than MAX_JSON_DEPTH, an
