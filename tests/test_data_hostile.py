@@ -404,6 +404,16 @@ def test_records_skipped_after_the_last_batch_are_counted(tmp_path, tokenizer, m
     assert pipeline.skip_metrics(skip_totals(batches))["data/skipped"] == 4.0
 
 
+@pytest.mark.slow  # spawns two grain worker processes (each imports jax)
+def test_trailing_skips_are_counted_with_worker_processes(tmp_path, tokenizer, model_config):
+    """Each grain worker ends its own share of the stream: every worker's trailing skips reach the batches."""
+    records = [{"question": f"q{k}", "answer": str(k)} if k % 3 else "bad json" for k in range(14)] + ["bad"] * 3
+    write_lines(tmp_path / "d.jsonl", records)
+    source = JsonlSource(tmp_path / "d.jsonl", answer_type="number")
+    batches = list(skip_pipeline([source], tokenizer, model_config, worker_processes=2, batch_size=3))
+    assert skip_totals(batches)["parse"] == 8 and all(len(b["examples"]) == 3 for b in batches)
+
+
 def test_skip_counts_survive_a_resume_at_every_batch(tmp_path, tokenizer, model_config):
     records = []
     for k in range(11):
