@@ -44,9 +44,10 @@ from typing import Any
 import grain
 import numpy as np
 
+from jaxvlm import checks
 from jaxvlm.data import prompts
 from jaxvlm.data.example import ExampleError, brief_text, example_location
-from jaxvlm.data.jsonl import DEFAULT_MAX_IMAGE_PIXELS, DataError, check_max_image_pixels
+from jaxvlm.data.jsonl import DEFAULT_MAX_IMAGE_PIXELS, DataError, max_image_pixels_problem
 from jaxvlm.processing.image import ImageProcessor
 from jaxvlm.processing.processor import expand_image_placeholders, pad_sequences
 from jaxvlm.processing.rope import get_rope_index, text_position_ids
@@ -82,24 +83,12 @@ class PipelineConfig:
     keep_images: bool = False  # also keep the decoded images in `batch["examples"]` (e.g. to write samples out)
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
-        if self.prompt_style not in prompts.PROMPT_STYLES:
-            raise ValueError(f"data.prompt_style must be one of {prompts.PROMPT_STYLES}, got {self.prompt_style!r}")
-        if self.on_error not in ON_ERROR_CHOICES:
-            raise ValueError(f"data.on_error must be one of {ON_ERROR_CHOICES}, got {self.on_error!r}")
-        if self.max_prompt_length < 1 or self.max_target_length < 1:
-            raise ValueError("data.max_prompt_length and data.max_target_length must be >= 1")
-        check_max_image_pixels(self.max_image_pixels)
-        if self.num_epochs is not None and self.num_epochs < 1:
-            raise ValueError(f"data.num_epochs must be >= 1 or None, got {self.num_epochs}")
-        buckets = self.prompt_buckets
-        if list(buckets) != sorted(set(buckets)) or any(b < 1 for b in buckets):
-            raise ValueError(f"data.prompt_buckets must be strictly increasing positive ints, got {buckets}")
+        """FieldError (a ValueError) naming the first field out of range."""
+        checks.check_fields(self, PIPELINE_RULES)
         if self.prompt_buckets and self.prompt_buckets[-1] < self.max_prompt_length:
-            raise ValueError(
-                f"data.prompt_buckets' largest entry {self.prompt_buckets[-1]} must be >= "
-                f"max_prompt_length={self.max_prompt_length}"
+            raise checks.FieldError(
+                "prompt_buckets",
+                f"the largest entry {self.prompt_buckets[-1]} must be >= max_prompt_length={self.max_prompt_length}",
             )
 
     @classmethod
@@ -111,8 +100,37 @@ class PipelineConfig:
             raise ValueError(f"unknown data config key(s) {unknown}; known: {sorted(names)}")
         values = dict(values)
         if "prompt_buckets" in values:
-            values["prompt_buckets"] = tuple(int(x) for x in values["prompt_buckets"])
+            values["prompt_buckets"] = tuple(values["prompt_buckets"])  # checked: 64.5 is an error, not 64
         return cls(**values)
+
+
+def _increasing_positive(buckets) -> str | None:
+    ints = isinstance(buckets, tuple) and all(checks.integer(1)(b) is None for b in buckets)
+    if not ints or list(buckets) != sorted(set(buckets)):
+        return f"must be strictly increasing positive ints, got {buckets}"
+    return None
+
+
+PIPELINE_RULES = {
+    "batch_size": checks.integer(1),
+    "prompt_style": checks.one_of(*prompts.PROMPT_STYLES),
+    "with_caption": checks.boolean,
+    "with_targets": checks.boolean,
+    "max_prompt_length": checks.integer(1),
+    "max_target_length": checks.integer(1),
+    "max_image_pixels": max_image_pixels_problem,
+    "prompt_buckets": _increasing_positive,
+    "shuffle": checks.boolean,
+    "seed": checks.integer(0),
+    "num_epochs": checks.optional(checks.integer(1)),
+    "shard_by_process": checks.boolean,
+    "on_error": checks.one_of(*ON_ERROR_CHOICES),
+    "num_threads": checks.integer(1),
+    "prefetch": checks.integer(0),
+    "worker_processes": checks.integer(0),
+    "drop_remainder": checks.boolean,
+    "keep_images": checks.boolean,
+}
 
 
 def _bucket(value: int, buckets: Sequence[int], what: str, floor: int = 1) -> int:
