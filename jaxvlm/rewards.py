@@ -541,6 +541,7 @@ def _math_worker_main() -> None:
             raise _OverBudget
 
     signal.signal(signal.SIGPROF, over_budget)
+    _verify_outcome(math_verify, "$\\frac{1}{2}$", "0.5")  # lazy set-up (the LaTeX grammar) outside any budget
     replies.write(json.dumps(["ready", time.process_time()]) + "\n")
     replies.flush()
     for line in sys.stdin:
@@ -582,6 +583,11 @@ class MathVerifyWorker:
         self._pending = b""
         self._live_cpu_s = 0.0  # CPU seconds the live worker reported (a finished one counts in os.times())
         self.restarts = 0  # workers killed for not answering in time or found dead
+
+    @property
+    def pid(self) -> int | None:
+        """The live worker's process id (None before the first use and after a kill)."""
+        return None if self._process is None else self._process.pid
 
     def cpu_seconds(self) -> float:
         """CPU seconds the live worker has used (its start-up included). A finished worker's time is in

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+import signal
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -681,7 +684,9 @@ def test_compute_rewards_repeated_names_and_metrics():
     assert result.names == ("accuracy#0", "accuracy#1", "format_dyme")
     np.testing.assert_array_equal(result.per_reward, [[1, 0, 0], [0, 1, 1]])
     metrics = result.metrics()
-    assert set(metrics) == {f"rewards/{n}/{s}" for n in result.names for s in ("mean", "std", "failures", "timeouts")} | {
+    assert set(metrics) == {
+        f"rewards/{n}/{s}" for n in result.names for s in ("mean", "std", "failures", "timeouts")
+    } | {
         "rewards/total/mean",
         "rewards/total/std",
     }
@@ -772,3 +777,279 @@ def test_property_builtin_rewards_bounded(completions):
         for name in BUILTIN_REWARDS:
             value = R.get_reward(name)(completion, example)
             assert isinstance(value, float) and 0.0 <= value <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bounded in time (issue 18): the tester's slow inputs and more, on the main thread and off it. Time is bounded in
+# CPU seconds of this process, its finished children and the live math-verify worker, never in wall time.
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process, of its waited-for children (killed workers) and of the live math worker."""
+    children = os.times()
+    return time.process_time() + children.children_user + children.children_system + R.MATH_WORKER.cpu_seconds()
+
+
+# Per reward call: the math budget, plus the worker's answer and all parsing on the caller's side, with room to spare.
+CPU_BOUND_S = 3 * R.MATH_TIME_BUDGET_S + 2.0
+ANSWER = "<think>reasoning</think><answer>{}</answer>"
+HOSTILE = {
+    # The tester's cases (before: 5.0 s, 5.6 s, 5 s on the main thread; unbounded off it; 50 s; 1.5-4.6 s).
+    "power tower 10^{10^{10}}": ANSWER.format("10^{10^{10}}"),
+    "power tower 9^{9^{9^{9^{9}}}}": ANSWER.format("9^{9^{9^{9^{9}}}}"),
+    "3,001-character x^x^...^x": ANSWER.format("x^" * 1500 + "x"),
+    "format regex, 230 KB": "<think>" + "</think><answer>" * 14375,
+    "label list, 1 MB": ANSWER.format("[" + "'label1', " * 100000 + "]"),
+    "label list of ints, 1 MB": ANSWER.format("[" + "1, " * 333000 + "]"),
+    # More of the same kinds.
+    "huge completion, 250 KB": ANSWER.format("5") + " filler" * 42000,
+    "huge thinking, 250 KB": "<think>" + "the cat sat on the mat " * 11000 + "</think><answer>yes</answer>",
+    "deep braces": ANSWER.format("{" * 5000 + "1" + "}" * 5000),
+    "braces nested 7": ANSWER.format("{" * 7 + "1" + "}" * 7),
+    "parentheses nested 7": ANSWER.format("(" * 7 + "1" + ")" * 7),
+    "\\frac nested 300": ANSWER.format("\\frac{1}{" * 300 + "1" + "}" * 300),
+    "\\frac chain 40": ANSWER.format("\\frac{1}{2}" * 40),
+    "digits 100,000": ANSWER.format("9" * 100000),
+    "digits 500": ANSWER.format("9" * 500),
+    "digits outside the answer": "9" * 300000 + ANSWER.format("5"),
+    "factorial of a factorial": ANSWER.format("(9!)!"),
+    "factorial chain": ANSWER.format("9!" * 1500),
+    "factorial of 10^{10}": ANSWER.format("{10^{10}}!"),
+    "binomial of powers": ANSWER.format("\\binom{10^{9}}{10^{5}}"),
+    "power of a power group": ANSWER.format("(10^{99999})^{99999}"),
+    "x^{x^{x}} (passes the pre-check)": ANSWER.format("x^{x^{x}}"),
+    # Found by tests/test_fuzz_rewards.py: passes every pre-check, yet verify() against 5 or 1/2 runs for minutes.
+    "\\log(2)+9999910 (stopped by the budget)": ANSWER.format("\\log(2)+9999910"),
+    "many answer tags": "<think>r</think>" + "<answer>5</answer>" * 20000,
+    "unbalanced open tags": "<think>" * 30000 + "<answer>" * 30000,
+    "unbalanced close tags": "</answer>" * 30000 + "<answer>5",
+    "closing before opening": "</think></answer><think><answer>" * 10000,
+    "many answer: flags": "Answer: 5\n" * 30000,
+    "many boxes": ANSWER.format("[1, 2, 3, 4] " * 20000),
+    "box digits": ANSWER.format("[" + "1" * 50000 + ", 2, 3, 4]"),
+    "unicode whitespace": "<think>\u3000r\u2028</think>\u00a0\u2003<answer>\u205f5\u3000</answer>" * 5000,
+    "long label list under the answer cap": ANSWER.format("[" + "'calm', " * 120 + "]"),
+}
+HOSTILE_EXAMPLES = [
+    make_example("math", "5"),
+    make_example("math", "\\frac{1}{2}"),
+    make_example("yesno", "yes", reasoning="The cat is on the mat."),
+    make_example("multi_choice", "A,C"),
+    make_example("number", "5"),
+    make_example("string", "red"),
+    make_example("bbox", "[0, 0, 10, 10]", bbox=[0.0, 0.0, 10.0, 10.0]),
+    make_example("labels", "calm, warm", reasoning="calm warm colours"),
+]
+HOSTILE_SPECS = [R.RewardSpec(name) for name in BUILTIN_REWARDS] + [
+    R.RewardSpec("accuracy", kwargs={"extract": "dyme"}),
+    R.RewardSpec("accuracy", kwargs={"extract": "raw"}),
+    R.RewardSpec("think_f1", kwargs={"extract": "tags"}),
+]
+
+
+def score_hostile() -> dict[tuple[str, int, int], tuple[float, float, bool]]:
+    """(case, example index, spec index) -> (value, CPU seconds, whether the math budget ran out) for every hostile
+    case, example and spec."""
+    out = {}
+    for case, completion in HOSTILE.items():
+        for e, example in enumerate(HOSTILE_EXAMPLES):
+            for s, spec in enumerate(HOSTILE_SPECS):
+                start, timeouts = cpu_seconds(), R.timeouts_so_far()
+                value = R.get_reward(spec.name)(completion, example, **spec.kwargs)
+                out[case, e, s] = (value, cpu_seconds() - start, R.timeouts_so_far() > timeouts)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hostile_scores_main_thread():
+    R.math_score("1", "1")  # the worker's start-up (imports) is not part of any completion's time
+    return score_hostile()
+
+
+def check_hostile(scores):
+    for (case, e, s), (value, cpu, _) in scores.items():
+        where = f"{case!r} x {HOSTILE_EXAMPLES[e]['answer_type']} x {HOSTILE_SPECS[s]}"
+        assert isinstance(value, float) and math.isfinite(value) and 0.0 <= value <= 1.0, where
+        assert cpu <= CPU_BOUND_S, f"{where}: {cpu:.2f} s of CPU"
+    # The budget, not a pre-check, stops this one (math examples 0 and 1, the default accuracy spec 0).
+    accuracy = BUILTIN_REWARDS.index("accuracy")
+    assert all(scores["\\log(2)+9999910 (stopped by the budget)", e, accuracy][2] for e in (0, 1))
+    assert not any(timed_out for (case, _, _), (_, _, timed_out) in scores.items() if "budget" not in case)
+
+
+def test_hostile_completions_are_bounded_on_the_main_thread(hostile_scores_main_thread):
+    check_hostile(hostile_scores_main_thread)
+    # The caps score what they cut 0, whatever the answer; the correct short answer still scores 1.
+    math_accuracy = {
+        case: hostile_scores_main_thread[case, 0, BUILTIN_REWARDS.index("accuracy")][0] for case in HOSTILE
+    }
+    assert math_accuracy["huge completion, 250 KB"] == 0.0  # over MAX_COMPLETION_CHARS
+    assert math_accuracy["digits outside the answer"] == 0.0
+    assert math_accuracy["power tower 10^{10^{10}}"] == 0.0
+    assert R.accuracy(ANSWER.format("5"), HOSTILE_EXAMPLES[0]) == 1.0
+    fmt = BUILTIN_REWARDS.index("format_think_answer")
+    assert hostile_scores_main_thread["huge thinking, 250 KB", 0, fmt][0] == 1.0  # no cap on the format, linear
+    assert hostile_scores_main_thread["format regex, 230 KB", 0, fmt][0] == 0.0
+
+
+def test_hostile_completions_are_bounded_off_the_main_thread(hostile_scores_main_thread):
+    """Same values from a threading.Thread (no signal-based timeouts there), within the same CPU bound."""
+    results = []
+    thread = threading.Thread(target=lambda: results.append(score_hostile()))
+    thread.start()
+    thread.join()
+    (scores,) = results
+    check_hostile(scores)
+    assert {key: value for key, (value, _, _) in scores.items()} == {
+        key: value for key, (value, _, _) in hostile_scores_main_thread.items()
+    }
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("10^{10^{10}}", "nested power of numbers only"),
+        ("9^{9^9}", "nested power of numbers only"),
+        ("(10^{9})^{9}", "nested power of numbers only"),
+        ("9^{9^{9^{9^{9}}}}", "nested power of numbers only"),  # found before its height
+        ("x^x^x^x", "power tower"),
+        ("x^{y^{z^{w}}}", "power tower"),
+        ("2^{1000000}", "integer exponent"),
+        ("{" * 7 + "1" + "}" * 7, "nested deeper"),
+        ("\\left(" * 7 + "1" + "\\right)" * 7, "nested deeper"),
+        ("x" * 513, "over 512 characters"),
+        ("10000!", "factorial of an integer"),
+        ("(9!)!", "factorial of a factorial or of a power"),
+        ("{10^{10}}!", "factorial of a factorial or of a power"),
+        ("1!" * 9, "more than 8 factorials"),
+        ("\\binom{10^{9}}{10^{5}}", "binomial"),
+        ("\\binom{100000}{3}", "binomial"),
+    ],
+)
+def test_math_input_problem_rejects(text, reason):
+    assert reason in R.math_input_problem(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "5",
+        "\\frac{\\sqrt{3}}{2}",
+        "e^{-x^2}",
+        "2^{2^n}",
+        "x^x^x",
+        "x^2+2x+1",
+        "2^{10}",
+        "10^{6}",
+        "(n+1)!",
+        "5!",
+        "9999!",
+        "a \\! b",
+        "x != 3",
+        "\\binom{5}{2}",
+        "\\left(\\frac{1}{2}\\right)^{2}",
+        "\\boxed{\\left(\\frac{\\sqrt{3}}{2}, \\frac{1}{2}\\right)}",
+        "(-\\infty, 3] \\cup [5, \\infty)",
+        "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}",
+        "9" * 500,
+    ],
+)
+def test_math_input_problem_passes_real_answers(text):
+    assert R.math_input_problem(text) is None
+
+
+def test_math_pre_check_keeps_exact_matches_and_scores_references_by_the_fallback():
+    # A rejected prediction scores by exact string match only; a rejected reference as one math-verify cannot parse.
+    assert R.math_score("10^{10^{10}}", "5") == 0.0
+    assert R.math_score("10^{10^{10}}", "10^{10^{10}}") == 1.0
+    assert R.math_score(" 10^{10^{10}} ", "10^{10^{10}}") == 1.0
+    assert R.math_score("2.5", "\\frac{10^{10^{1}}}{4 \\cdot 10^{9}}") == 0.0  # numbers fallback: not a simple number
+    assert R.math_score("0.5", "\\frac{1}{2}") == 1.0
+
+
+def test_math_time_budget_scores_unverified_and_counts_a_timeout(caplog):
+    """A tower of fresh symbols (SymPy caches what it has seen) passes the pre-check and needs far more than 1 ms of
+    math-verify's CPU: parsing, then comparing."""
+    tight = {"math_time_budget_s": 0.001}
+    symbol = f"z_{{{os.getpid()}}}"
+    tower = f"{symbol}^{{{symbol}^{{{symbol}}}}}"
+    examples = [make_example("math", "5"), make_example("math", tower), make_example("math", "5")]
+    completions = [ANSWER.format(tower), ANSWER.format(tower), ANSWER.format("5")]
+    specs = [{"name": "accuracy", "kwargs": tight}, "format_think_answer"]
+    R._warned.discard("timeout")
+    with caplog.at_level(logging.WARNING, logger=R.__name__):
+        result = R.compute_rewards(specs, completions, examples)
+    # Over the budget: unverified, so only an exact string match scores (the second row); "5" vs "5" stays exact too.
+    np.testing.assert_array_equal(result.per_reward[:, 0], [0.0, 1.0, 1.0])
+    assert result.timeouts == {"accuracy": 2, "format_think_answer": 0}
+    assert result.failures == {"accuracy": 0, "format_think_answer": 0}
+    assert result.metrics()["rewards/accuracy/timeouts"] == 2.0
+    assert any("time budget" in record.getMessage() for record in caplog.records)
+    assert R.accuracy(ANSWER.format(tower), examples[0]) == 0.0  # the default budget: verified, different
+
+
+def test_math_worker_that_does_not_answer_is_killed_and_restarted():
+    """A stopped worker (SIGSTOP: it cannot answer, whatever the machine's speed) is killed at the wall limit, the
+    call is a timeout, and the next call starts a fresh worker."""
+    assert R.math_score("\\frac{1}{2}", "0.5") == 1.0
+    pid, restarts = R.MATH_WORKER.pid, R.MATH_WORKER.restarts
+    os.kill(pid, signal.SIGSTOP)
+    assert R.MATH_WORKER.verify("$5$", "$5$", budget_s=1.0, wall_limit_s=0.5) == "timeout"
+    assert R.MATH_WORKER.restarts == restarts + 1 and R.MATH_WORKER.pid is None
+    assert R.math_score("\\frac{1}{2}", "0.5") == 1.0
+    assert R.MATH_WORKER.pid not in (None, pid)
+
+
+def test_math_worker_that_died_is_restarted():
+    """Killed between calls, the worker is replaced: the next call either sees it gone and starts a fresh one, or
+    (killed while the call writes) reads no answer, which is a counted timeout; the call after that is answered."""
+    assert R.math_score("7", "5") == 0.0
+    pid, timeouts = R.MATH_WORKER.pid, R.timeouts_so_far()
+    os.kill(pid, signal.SIGKILL)
+    first = R.math_score("\\frac{1}{2}", "0.5")
+    assert first == 1.0 or (first == 0.0 and R.timeouts_so_far() == timeouts + 1)
+    assert R.math_score("\\frac{1}{2}", "0.5") == 1.0
+    assert R.MATH_WORKER.pid not in (None, pid)
+
+
+def test_length_caps_and_their_kwargs():
+    math5, yes = make_example("math", "5"), make_example("yesno", "yes")
+    long_answer = ANSWER.format("yes" + "." * 2000)
+    assert R.accuracy(long_answer, yes) == 0.0  # answer over MAX_ANSWER_CHARS
+    assert R.accuracy(long_answer, yes, max_answer_chars=4096) == 1.0
+    padded = ANSWER.format("5") + "." * R.MAX_COMPLETION_CHARS
+    assert R.accuracy(padded, math5) == 0.0
+    assert R.accuracy(padded, math5, max_completion_chars=2 * R.MAX_COMPLETION_CHARS) == 1.0
+    raw = "yes " + "." * 3000  # extract="raw": the completion is the answer, only the completion cap applies
+    assert R.accuracy(raw, make_example("yesno", "yes"), extract="raw") == 1.0
+    box = make_example("bbox", "[0, 0, 10, 10]", bbox=[0.0, 0.0, 10.0, 10.0])
+    assert R.iou_reward(ANSWER.format("[0, 0, 10, 10]") + " " * R.MAX_COMPLETION_CHARS, box) == 0.0
+    assert R.iou_reward(ANSWER.format("[0, 0, 10, 10]" + "." * 2000), box) == 0.0
+    assert R.iou_reward(ANSWER.format("[0, 0, 10, 10]" + "." * 2000), box, max_answer_chars=4096) == 1.0
+    thinking = make_example(reasoning="the cat sat")
+    assert R.think_f1_reward("the cat sat answer: x", thinking) == 1.0
+    assert R.think_f1_reward("the cat sat answer: x" + " " * R.MAX_COMPLETION_CHARS, thinking) == 0.0
+
+
+def test_label_lists_over_the_literal_cap_are_split():
+    long_list = "[" + ", ".join(["'calm'"] * 1000) + "]"
+    assert len(long_list) > R.MAX_LITERAL_CHARS
+    assert R.label_set(long_list) == {"calm"}  # split on commas, brackets and quotes stripped
+    assert R.label_set("['calm', 'warm']") == {"calm", "warm"}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_answer_chars": 0}, "kwargs['max_answer_chars'] must be a positive integer, got 0"),
+        ({"max_completion_chars": 1.5}, "kwargs['max_completion_chars'] must be a positive integer, got 1.5"),
+        ({"max_answer_chars": True}, "kwargs['max_answer_chars'] must be a positive integer, got True"),
+        ({"math_time_budget_s": 0}, "kwargs['math_time_budget_s'] must be seconds > 0, got 0"),
+        ({"math_time_budget_s": math.inf}, "kwargs['math_time_budget_s'] must be seconds > 0, got inf"),
+        ({"math_time_budget_s": "1"}, "kwargs['math_time_budget_s'] must be seconds > 0, got '1'"),
+    ],
+)
+def test_limit_kwargs_are_checked_when_specs_are_parsed(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        R.parse_reward_specs([{"name": "accuracy", "kwargs": kwargs}])
+    assert "reward entry" in str(info.value)
