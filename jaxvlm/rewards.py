@@ -138,7 +138,9 @@ def _single_block(completion: str, tag: str) -> str | None:
     return completion[start:end].strip() if end >= 0 else None
 
 
-def _over_caps(completion: str, answer: str | None, extract: str, max_completion_chars: int, max_answer_chars: int):
+def _over_caps(
+    completion: str, answer: str | None, extract: str, max_completion_chars: int, max_answer_chars: int
+) -> bool:
     """Whether a completion, or its extracted answer (not with extract="raw": that is the completion), is over its
     length cap: such a completion scores 0 before any parser sees it."""
     if len(completion) > max_completion_chars:
@@ -510,6 +512,7 @@ def math_input_problem(text: str, max_chars: int = MAX_MATH_CHARS) -> str | None
 # __main__ and no restriction on daemonic callers) speaking JSON lines on a pipe.
 MATH_TIME_BUDGET_S = 1.0
 MATH_WORKER_START_S = 300.0  # importing SymPy on a loaded machine; not part of any completion's budget
+MATH_OUTCOME_CACHE = 4096  # (gold, prediction, budget) outcomes kept: a group's G rollouts often repeat an answer
 _WORKER_BOOT = "from jaxvlm.rewards import _math_worker_main; _math_worker_main()"
 
 
@@ -574,15 +577,18 @@ def _verify_outcome(math_verify, gold_text: str, prediction_text: str) -> str:
 class MathVerifyWorker:
     """The math-verify worker process: started on first use, reused, killed when it does not answer within
     `math_wall_limit_s(budget)` and started again on the next use. One call at a time (a lock): callers on several
-    threads take turns. A copy inherited by a forked process starts its own worker."""
+    threads take turns. A copy inherited by a forked process starts its own worker. The worker's answers (over-budget
+    ones included, not a kill at the wall limit, which depends on the machine's load) are kept for the last
+    MATH_OUTCOME_CACHE questions: a repeated degenerate answer costs its budget once."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._outcomes: collections.OrderedDict[tuple[str, str, float], str] = collections.OrderedDict()
         self._process: subprocess.Popen | None = None
         self._owner_pid = 0
         self._pending = b""
         self._live_cpu_s = 0.0  # CPU seconds the live worker reported (a finished one counts in os.times())
-        self.restarts = 0  # workers killed for not answering in time or found dead
+        self.kills = 0  # workers killed: no answer within the wall limit, or alive at `close`
 
     @property
     def pid(self) -> int | None:
@@ -598,7 +604,11 @@ class MathVerifyWorker:
         """The outcome: "equal", "different", "no_gold" (math-verify cannot parse the gold) or "timeout" (over the CPU
         budget, no answer within the wall limit, or the worker died)."""
         wall_limit_s = math_wall_limit_s(budget_s) if wall_limit_s is None else wall_limit_s
+        question = (gold, prediction, float(budget_s))
         with self._lock:
+            if question in self._outcomes:
+                self._outcomes.move_to_end(question)
+                return self._outcomes[question]
             process = self._started()
             try:
                 process.stdin.write((json.dumps([gold, prediction, budget_s]) + "\n").encode())
@@ -611,6 +621,9 @@ class MathVerifyWorker:
                 self._stop()
                 return "timeout"
             outcome, self._live_cpu_s = reply
+            self._outcomes[question] = outcome
+            if len(self._outcomes) > MATH_OUTCOME_CACHE:
+                self._outcomes.popitem(last=False)
             return outcome
 
     def close(self) -> None:
@@ -659,7 +672,7 @@ class MathVerifyWorker:
             return
         if process.poll() is None:
             process.kill()
-            self.restarts += 1
+            self.kills += 1
         process.wait()
         for stream in (process.stdin, process.stdout):
             stream.close()

@@ -255,7 +255,7 @@ def summary(n: int) -> None:
             rows.append((cpu, wall, seed, spec))
     rows.sort(reverse=True)
     print(f"{n} cases, {calls} reward calls, 0 raised, {R.timeouts_so_far() - timeouts_before} math timeouts")
-    print(f"math worker restarts: {R.MATH_WORKER.restarts}")
+    print(f"math workers killed: {R.MATH_WORKER.kills}")
     for cpu, wall, seed, spec in rows[:5]:
         completion, example = hostile_case(seed)
         print(

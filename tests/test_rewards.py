@@ -967,6 +967,15 @@ def test_math_pre_check_keeps_exact_matches_and_scores_references_by_the_fallbac
     assert R.math_score("0.5", "\\frac{1}{2}") == 1.0
 
 
+def test_math_outcomes_are_kept_for_repeated_questions():
+    """A group's rollouts often repeat one answer: the second identical question costs no worker time."""
+    fresh = f"\\sqrt{{{os.getpid()}}}"
+    assert R.math_score(fresh, "5") == 0.0
+    worker_cpu = R.MATH_WORKER.cpu_seconds()
+    assert [R.math_score(fresh, "5") for _ in range(64)] == [0.0] * 64
+    assert R.MATH_WORKER.cpu_seconds() == worker_cpu
+
+
 def test_math_time_budget_scores_unverified_and_counts_a_timeout(caplog):
     """A tower of fresh symbols (SymPy caches what it has seen) passes the pre-check and needs far more than 1 ms of
     math-verify's CPU: parsing, then comparing."""
@@ -991,24 +1000,27 @@ def test_math_time_budget_scores_unverified_and_counts_a_timeout(caplog):
 def test_math_worker_that_does_not_answer_is_killed_and_restarted():
     """A stopped worker (SIGSTOP: it cannot answer, whatever the machine's speed) is killed at the wall limit, the
     call is a timeout, and the next call starts a fresh worker."""
-    assert R.math_score("\\frac{1}{2}", "0.5") == 1.0
-    pid, restarts = R.MATH_WORKER.pid, R.MATH_WORKER.restarts
+    fresh = f"{os.getpid()}.25"  # a question the worker has not answered yet (answers are kept)
+    assert R.math_score(fresh, fresh) == 1.0
+    pid, kills = R.MATH_WORKER.pid, R.MATH_WORKER.kills
     os.kill(pid, signal.SIGSTOP)
-    assert R.MATH_WORKER.verify("$5$", "$5$", budget_s=1.0, wall_limit_s=0.5) == "timeout"
-    assert R.MATH_WORKER.restarts == restarts + 1 and R.MATH_WORKER.pid is None
-    assert R.math_score("\\frac{1}{2}", "0.5") == 1.0
+    assert R.MATH_WORKER.verify("$5$", f"${fresh}$", budget_s=1.0, wall_limit_s=0.5) == "timeout"
+    assert R.MATH_WORKER.kills == kills + 1 and R.MATH_WORKER.pid is None
+    assert R.math_score(f"{fresh}+1", fresh) == 0.0  # a fresh worker answers
     assert R.MATH_WORKER.pid not in (None, pid)
+    assert R.MATH_WORKER.verify("$5$", f"${fresh}$", budget_s=1.0) == "different"  # the kill was not kept
 
 
 def test_math_worker_that_died_is_restarted():
     """Killed between calls, the worker is replaced: the next call either sees it gone and starts a fresh one, or
     (killed while the call writes) reads no answer, which is a counted timeout; the call after that is answered."""
-    assert R.math_score("7", "5") == 0.0
+    fresh = f"{os.getpid()}.75"  # questions the worker has not answered yet (answers are kept)
+    assert R.math_score(fresh, "5") == 0.0
     pid, timeouts = R.MATH_WORKER.pid, R.timeouts_so_far()
     os.kill(pid, signal.SIGKILL)
-    first = R.math_score("\\frac{1}{2}", "0.5")
+    first = R.math_score(fresh, f"{fresh}0")
     assert first == 1.0 or (first == 0.0 and R.timeouts_so_far() == timeouts + 1)
-    assert R.math_score("\\frac{1}{2}", "0.5") == 1.0
+    assert R.math_score(fresh, f"{fresh}00") == 1.0
     assert R.MATH_WORKER.pid not in (None, pid)
 
 
