@@ -48,7 +48,8 @@ Bounded in time, on any thread (a batch holds 64+ rollouts, some of them degener
     restarts) a worker that does not answer within `math_wall_limit_s(budget)` = 4 x budget + 2 s of wall time (a
     computation stuck in C ignores the timer). No signal reaches the calling thread, so the budget holds off the
     main thread too. A prediction over the budget scores as unverified (exact string match only) and is counted in
-    `rewards/<name>/timeouts` (`RewardResult.timeouts`).
+    `rewards/<name>/timeouts` (`RewardResult.timeouts`). The worker's last 4,096 outcomes are kept, so a group's
+    repeated degenerate answer costs its budget once; a batch of G distinct ones costs up to G budgets.
 """
 
 from __future__ import annotations
