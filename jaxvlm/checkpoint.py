@@ -42,7 +42,8 @@ step number can be saved again) and recorded in ``TrainCheckpointer.set_aside``.
 moved and ``CheckpointError`` lists every step and what is wrong with it. A step whose files all read back intact
 but that does not restore counts as damaged when an older step restores; when the next step fails that way too, the
 checkpoint does not fit the requested state (another model or stage configuration): ``CheckpointError``, nothing moved.
-What the check cannot see: bytes changed in place inside an array's data, which Zstd and OCDBT do not checksum.
+What the check cannot see: bytes changed in place inside an array's data (Zstd and OCDBT do not checksum it) or in a
+JSON value that stays valid JSON.
 """
 
 from __future__ import annotations
@@ -320,6 +321,15 @@ def abstract_like(state, shardings=None):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
+def _free_name(step_dir: epath.Path) -> epath.Path:
+    """Where a damaged step directory goes: ``<step>.damaged``, else ``<step>.damaged.2``, ``.3``, ..."""
+    target, n = step_dir.with_name(step_dir.name + DAMAGED_SUFFIX), 1
+    while target.exists():
+        n += 1
+        target = step_dir.with_name(f"{step_dir.name}{DAMAGED_SUFFIX}.{n}")
+    return target
+
+
 class TrainCheckpointer:
     """Periodic, asynchronous, bounded-retention checkpoints of (state, data_state, config)."""
 
@@ -469,27 +479,22 @@ class TrainCheckpointer:
         return state, *(restored[name] if name in saved else None for name in _JSON_ITEMS)
 
     def _set_aside(self, damaged: list[DamagedStep], intact: int) -> None:
-        """Renames each damaged step directory to ``<step>.damaged`` (``.damaged.2``, ... if taken; process 0
-        renames, every process waits for it), logs it and records it in ``set_aside``."""
+        """Renames each damaged step directory to ``<step>.damaged`` (``.damaged.2``, ... if taken; every process
+        names the targets before process 0 renames, then waits for it), logs it and records it in ``set_aside``."""
         if not damaged:
             return
-        for record in damaged:
+        targets = [_free_name(self.step_path(record.step)) for record in damaged]
+        _sync_processes(f"jaxvlm-set-aside-named-{self.directory}-{intact}")
+        for record, target in zip(damaged, targets):
             source = self.step_path(record.step)
-            target, n = source.with_name(f"{record.step}{DAMAGED_SUFFIX}"), 1
-            while target.exists():
-                n += 1
-                target = source.with_name(f"{record.step}{DAMAGED_SUFFIX}.{n}")
             if jax.process_index() == 0:
                 source.rename(target)
             self.set_aside.append(dataclasses.replace(record, moved_to=os.fspath(target)))
+            problems = "; ".join(record.problems)
             logging.warning(
-                "checkpoint %s is damaged, using step %d instead; moved to %s. %s",
-                source,
-                intact,
-                target,
-                "; ".join(record.problems),
+                "checkpoint %s is damaged, using step %d instead; moved to %s. %s", source, intact, target, problems
             )
-        _sync_processes(f"jaxvlm-set-aside-{self.directory}-{intact}")
+        _sync_processes(f"jaxvlm-set-aside-moved-{self.directory}-{intact}")
         self._manager.reload()
 
     def _no_intact_step(self, damaged: list[DamagedStep]) -> CheckpointError:

@@ -16,11 +16,15 @@ import time
 
 import jax
 import numpy as np
-import pytest
 
 from jaxvlm import runtime
 from jaxvlm.checkpoint import CheckpointError, TrainCheckpointer, abstract_like
-from test_train_checkpoint import damage_state, two_steps
+from test_train_checkpoint import (
+    collect_orbax_coroutines,  # noqa: F401 - the fixture orbax_unraisable uses
+    damage_state,
+    orbax_unraisable,
+    two_steps,
+)
 
 N = 1000 if os.environ.get("JAXVLM_FULL_TESTS") == "1" else 12
 MUTATIONS = ("delete", "truncate", "empty", "overwrite", "flip", "append", "delete_directory")
@@ -75,7 +79,7 @@ def leaves_equal(a, b) -> bool:
     return all(np.array_equal(raw(x), raw(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@orbax_unraisable
 def test_fuzz_damaged_latest_checkpoint_step(tmp_path):
     """Outcomes: `intact` (step 2 restored, equal to what was saved: the damage did not matter, e.g. a commit
     marker), `fallback` (step 1 restored, step 2 set aside with named problems), `clear_error` (CheckpointError),

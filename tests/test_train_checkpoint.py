@@ -1,5 +1,6 @@
 """jaxvlm.checkpoint.TrainCheckpointer: round trips, retention, resharding, bitwise resume, errors, damaged steps."""
 
+import gc
 import os
 import re
 
@@ -301,8 +302,17 @@ DAMAGE = {
 }
 
 
-# Orbax's reader leaves un-awaited coroutines when an array fails to read; Python reports them when collected.
-orbax_unraisable = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.fixture
+def collect_orbax_coroutines():
+    """Orbax's reader leaves un-awaited coroutines behind when an array fails to read, which Python reports whenever
+    they are collected: collect them in the test that caused them, where `orbax_unraisable` ignores the report."""
+    yield
+    gc.collect()
+
+
+def orbax_unraisable(test):
+    ignore = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+    return pytest.mark.usefixtures("collect_orbax_coroutines")(ignore(test))
 
 
 @orbax_unraisable

@@ -22,7 +22,12 @@ import pytest
 from jaxvlm import models, runtime, trainer
 from jaxvlm.checkpoint import CheckpointError
 from jaxvlm.metrics import read_metrics
-from test_train_checkpoint import largest_file, truncate_half
+from test_train_checkpoint import (
+    collect_orbax_coroutines,  # noqa: F401 - the fixture orbax_unraisable uses
+    largest_file,
+    orbax_unraisable,
+    truncate_half,
+)
 from test_trainer import ROOT, sft_grpo_config
 
 HOST = socket.gethostname()
@@ -67,7 +72,7 @@ def copy_of(finished, tmp_path):
 
 
 @pytest.mark.slow  # trains (a 2-step run, then one step again)
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@orbax_unraisable
 def test_a_damaged_latest_step_is_named_counted_skipped_and_the_run_ends_as_undamaged(finished, tmp_path, caplog):
     workdir = copy_of(finished, tmp_path)
     os.remove(workdir / "progress.json")  # the stage resumes from its checkpoints instead of being skipped as done
@@ -95,7 +100,7 @@ def test_a_damaged_latest_step_is_named_counted_skipped_and_the_run_ends_as_unda
 
 
 @pytest.mark.slow  # trains (a 2-step run, then one step again)
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@orbax_unraisable
 def test_a_finished_stage_whose_final_checkpoint_is_damaged_is_reopened_and_finished_again(finished, tmp_path):
     workdir = copy_of(finished, tmp_path)
     damage_array_data(workdir, 2)
