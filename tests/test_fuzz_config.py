@@ -16,6 +16,7 @@ import math
 import os
 import random
 import re
+import time
 
 import ml_collections
 import pytest
@@ -92,20 +93,22 @@ def test_hostile_overrides_fail_at_startup_naming_the_key():
     base = {c: runnable(*c) for c in configs}
     for c in base.values():  # the full-size recipes' placeholder paths would fail check_files in every case
         c.model.path, c.model.preset = "", "tiny"
-    outcomes, crashes = collections.Counter(), []
+    outcomes, crashes, slowest = collections.Counter(), [], (0.0, "")
     for _ in range(CASES):
         config = base[rng.choice(configs)]
         path, value, field_type = rng.choice(list(leaves(config)))
         if path == ("model", "preset"):
             continue  # "" with no path is tested below
         bad = hostile_value(rng, value, field_type)
+        start = time.perf_counter()
         try:
             outcomes[run_case(config, path, bad)] += 1
         except Exception as error:  # noqa: BLE001 - every crash is listed below
             crashes.append(f"config.{'.'.join(path)}={bad!r}: {type(error).__name__}: {error}")
+        slowest = max(slowest, (time.perf_counter() - start, f"config.{'.'.join(path)}={bad!r}"))
     assert not crashes, "\n".join(crashes)
     assert outcomes["config_error"] > CASES // 4, outcomes
-    print(f"config fuzz: {sum(outcomes.values())} cases, {dict(outcomes)}")
+    print(f"config fuzz: {sum(outcomes.values())} cases, {dict(outcomes)}; slowest {slowest[0]:.3f} s: {slowest[1]}")
 
 
 # The numeric keys where a negative value has a meaning (everything else must reject -1 by name).
