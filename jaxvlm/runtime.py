@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from jaxvlm import models, sharding
+from jaxvlm import models, reproducibility, sharding
 from jaxvlm.configuration import ConfigError, ModelSpec, RunSpec
 from jaxvlm.metrics import MetricsWriter
 from jaxvlm.processing.image import ImageProcessor
@@ -158,6 +158,8 @@ class Runtime:
 def setup(spec: RunSpec, workdir: str) -> Runtime:
     """Tokenizer, model (checkpoint or preset with random weights), image processor, mesh, metrics writer."""
     os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        reproducibility.record_environment(workdir)  # what the run's numbers depend on besides its config
     tokenizer = build_tokenizer(spec.model, workdir)
     model, params = build_model(spec.model, spec.seed, None if spec.model.path else tokenizer)
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, tensorboard=spec.train.tensorboard)

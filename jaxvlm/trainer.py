@@ -17,7 +17,8 @@ Layout of `workdir`: `checkpoints/<stage>/<step>/` (Orbax: train state, KL refer
 `<step>.damaged/`: a damaged step set aside, see jaxvlm.checkpoint), `progress.json` (completed training stages; eval
 stages run on every run), `metrics.jsonl`, `tensorboard/`, `eval_completions/`, `eval/<stage>/`,
 `rejection/<stage>/kept.jsonl`, `tokenizer/` (the built-in tokenizer), `final_model/`, `train.lock` (while a trainer
-runs: its pid@host and start time). Re-running the same command resumes.
+runs: its pid@host and start time), `environment.json` (what the numbers depend on besides the config: versions,
+devices, CPUs; jaxvlm.reproducibility). Re-running the same command resumes.
 
 Data is read as the *global* batch on every process (each process decodes and scores every rollout, so rewards
 and advantages agree everywhere) and fed to the devices with `distributed.feed_global_batch`.
