@@ -20,11 +20,12 @@ small, trained for minutes, learns little from 56-pixel images alone, so the dem
 what it learns is to read, count and answer. `--config.stages.sft.data.with_caption=False
 --config.stages.dyme.data.with_caption=False` runs the pixel-only version (which needs far longer).
 
-About 6-8 minutes on a 2-core CPU (6 min 06 s and 7 min 38 s measured, RESULTS.md). What the demo shows today: SFT
-learns the format and part of the skill; held-out accuracy rises during DyME (0.552 -> 0.656 measured), about as much
-as continued SFT would, and mostly on `exists`; 0.552 is also what answering each task's most common answer scores.
-The completions show why: the reasoning invents its shapes ("a small orange circle, a small orange circle ...")
-instead of reading the caption, so `count` answers follow the invented list (RESULTS.md, "What the demo model writes").
+About 4-8 minutes on a 2-core CPU (4 min 26 s and 4 min 54 s measured, RESULTS.md). What the demo shows today: SFT
+learns the format and part of the skill; held-out accuracy rises during DyME (0.552 -> 0.667 measured; seeded, so the
+same bits on one machine: docs/reproducibility.md), about as much as continued SFT would, and mostly on `exists`;
+0.552 is also what answering each task's most common answer scores. The completions show why: the reasoning invents
+its shapes ("a small orange circle, a small orange circle ...") instead of reading the caption, so `count` answers
+follow the invented list (RESULTS.md, "What the demo model writes").
 """
 
 from __future__ import annotations

@@ -38,7 +38,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The demo's stages at test size: a few rows, short evaluations (each key is a `--config.` override).
 SMALL = {
     "stages.sft.data.batch_size": 4,
+    "stages.sft.data.prompt_buckets": (256,),  # one prompt width: each stage's step compiles once
     "stages.dyme.data.batch_size": 2,
+    "stages.dyme.data.prompt_buckets": (256,),
     "stages.dyme.sampling.num_generations": 4,
     "stages.dyme.sampling.max_new_tokens": 96,  # the demo's: DyME tokenizes its references at this width
     "eval.num_examples": 4,
@@ -178,7 +180,7 @@ def test_seeded_sft_stage_is_bitwise_identical_in_another_process(tmp_path):
     run_twice_and_compare(tmp_path, FAST)
 
 
-@pytest.mark.slow  # two runs of two stages (~2 min on 2 cores); the fast form runs the SFT stage only
+@pytest.mark.slow  # two runs of two stages (~1.5 min on 2 cores); the fast form runs the SFT stage only
 def test_seeded_sft_then_dyme_with_evaluations_and_checkpoints_is_bitwise_identical(tmp_path):
     run_twice_and_compare(tmp_path, SLOW)
     with open(os.path.join(tmp_path, "here", "progress.json")) as f:
