@@ -804,7 +804,11 @@ CONFIG_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("path, value, message", CONFIG_ERRORS, ids=[f"{p}={v!r}" for p, v, _ in CONFIG_ERRORS])
+@pytest.mark.parametrize(
+    "path, value, message",
+    CONFIG_ERRORS,
+    ids=[f"{p}=<deleted>" if v is DELETE else f"{p}={v!r}" for p, v, _ in CONFIG_ERRORS],  # stable for xdist
+)
 def test_config_errors_name_the_file_and_the_field(path, value, message):
     from jaxvlm.models.config import from_hf_dict
 

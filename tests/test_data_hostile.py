@@ -455,6 +455,7 @@ def test_a_state_saved_before_the_stream_end_stage_still_restores(tmp_path, toke
         ("cr.jsonl", b'{"question": "q", "answer": "1"}\r' * 3, "CR-only line ends"),
         ("bad.jsonl", b'{"question": "q", "answer": NaN}\n' * 3, "NaN"),
     ],
+    ids=["utf16", "gzip", "cr", "nan"],  # not the bytes: gzip's header holds the time, and xdist workers must agree
 )
 def test_a_stream_whose_every_record_is_bad_is_an_error_not_empty(
     tmp_path, tokenizer, model_config, name, content, hint
