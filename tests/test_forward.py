@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from jaxvlm.models.config import PRESETS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -83,4 +85,7 @@ def test_unknown_preset_is_named(preset):
         text=True,
         timeout=600,
     )
-    assert proc.returncode != 0 and "unknown model preset 'nonexistent'" in proc.stderr
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        f"error: config.model.preset: must be one of {tuple(PRESETS)} (or '' with model.path), got {preset!r}"
+    ]
