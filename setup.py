@@ -37,13 +37,18 @@ setup(
         # The tests compile for a TPU topology too, so the test extra carries it where it has wheels (Linux x86-64;
         # elsewhere those tests fail, naming this extra).
         "tpu": ["libtpu==0.0.42.*"],
-        # torch is only the parity oracle of the tests (and the PyTorch baseline of the benchmarks).
+        # `python -m jaxvlm.convert_gguf`: transformers reads a GGUF file only with torch, gguf and accelerate.
+        "convert": ["torch==2.13.0", "gguf>=0.19.0", "accelerate>=1.15.0"],
+        # torch is the parity oracle of the tests (and the PyTorch baseline of the benchmarks); gguf and accelerate
+        # are there for the converter test.
         # ruff: lint and format (ruff.toml; CI runs `ruff check .` and `ruff format --check .`).
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.6",
             "hypothesis>=6.100",
             "torch==2.13.0",
+            "gguf>=0.19.0",
+            "accelerate>=1.15.0",
             "libtpu==0.0.42.*; sys_platform == 'linux' and platform_machine == 'x86_64'",
             "ruff>=0.17",
         ],
