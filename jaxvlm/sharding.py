@@ -45,6 +45,7 @@ PARAM_RULES: tuple[tuple[str, tuple], ...] = (
     (r"self_attn/o_proj/kernel$", ("tensor", "fsdp")),  # [L, H*hd, D]
     (r"layers/mlp/(gate_proj|up_proj)/kernel$", ("fsdp", "tensor")),  # [L, D, I]
     (r"layers/mlp/down_proj/kernel$", ("tensor", "fsdp")),  # [L, I, D]
+    (r"layers/mlp/(gate_proj|up_proj)/bias$", ("tensor",)),  # [L, I] (Llama with mlp_bias)
     # Vision tower
     (r"visual/patch_embed/kernel$", (None, "fsdp")),  # [patch_dim, Dv]
     (r"attn/qkv/kernel$", ("fsdp", "tensor")),  # [depth, Dv, 3 Dv]
@@ -67,6 +68,8 @@ PARAM_RULES: tuple[tuple[str, tuple], ...] = (
     # Biases of the projections back to the residual width (their kernels split their input over `tensor`):
     # the output is a full-width row, not split over `tensor`, so its bias is not either (D floats per layer).
     (r"attn/proj/bias$", ()),  # [depth, Dv]
+    (r"self_attn/o_proj/bias$", ()),  # [L, D] (Llama with attention_bias)
+    (r"layers/mlp/down_proj/bias$", ()),  # [L, D] (Llama with mlp_bias)
     (r"blocks/mlp/down_proj/bias$", ()),  # [depth, Dv]
     (r"merger/fc2/bias$", ()),  # [D]
 )

@@ -152,6 +152,67 @@ def make_hf_qwen2_checkpoint(path, seed: int = 0, tie: bool = False):
     return model
 
 
+LLAMA_CONFIGS = {
+    # SmolLM2's shape in miniature: tied head, no biases, rope_theta 1e5, GQA 3:1, head_dim given.
+    "smollm2_like": dict(
+        hidden_size=48,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=8,
+        tie_word_embeddings=True,
+        rope_parameters=dict(rope_type="default", rope_theta=1e5),
+    ),
+    # Llama 3.2's: untied head, llama3 RoPE scaling (a small original context so all three bands are used), a
+    # head_dim that is not hidden / heads, and both bias flags on (no released Llama has them; the config allows it).
+    "llama3_scaled_biased": dict(
+        hidden_size=40,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=False,
+        attention_bias=True,
+        mlp_bias=True,
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=5e5,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        ),
+    ),
+    # Linear position interpolation (Llama 2 long-context fine-tunes), multi-head (no GQA).
+    "linear_scaled_mha": dict(
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="linear", rope_theta=1e4, factor=4.0),
+    ),
+}
+
+
+def make_hf_llama_checkpoint(path, name: str = "smollm2_like", seed: int = 0, **overrides):
+    """A random tiny `LlamaForCausalLM` of `LLAMA_CONFIGS[name]` saved with transformers' save_pretrained."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs = dict(
+        vocab_size=300,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        max_position_embeddings=512,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    model = LlamaForCausalLM(LlamaConfig(**{**kwargs, **LLAMA_CONFIGS[name], **overrides})).eval()
+    randomize_(model, seed)
+    model.save_pretrained(path)
+    return model
+
+
 def hf_logits(torch_model, batch: dict) -> np.ndarray:
     """transformers' forward on a numpy batch (adds the mm_token_type_ids its processor would)."""
     import torch

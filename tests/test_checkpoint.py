@@ -744,7 +744,7 @@ CONFIG_ERRORS = [
         'rope_scaling.mrope_section[2]: must be a non-negative integer, got "24"',
     ),
     ("rope_scaling.mrope_section", 64, "rope_scaling.mrope_section: must be a list of integers, got 64"),
-    ("rope_scaling.type", "yarn", 'rope_scaling.type: "yarn" is not supported (only default / mrope)'),
+    ("rope_scaling.type", "yarn", 'rope_scaling.type: "yarn" is not supported (supported: default, mrope)'),
     ("rope_scaling", "mrope", 'rope_scaling: must be a JSON object, got "mrope"'),
     ("rope_theta", 0, "rope_theta: must be a positive finite number, got 0"),
     ("rms_norm_eps", "1e-6", 'rms_norm_eps: must be a positive finite number, got "1e-6"'),
@@ -799,7 +799,7 @@ CONFIG_ERRORS = [
     (
         "model_type",
         "qwen2_vl",
-        'model_type: "qwen2_vl" is not supported (jaxvlm loads "qwen2_5_vl" and "qwen2" checkpoints)',
+        'model_type: "qwen2_vl" is not supported (jaxvlm loads "qwen2_5_vl", "qwen2", "llama" checkpoints)',
     ),
 ]
 

@@ -1,7 +1,7 @@
-"""Qwen2.5-VL / Qwen2 models: config, flax.linen module, Hugging Face checkpoint I/O."""
+"""Qwen2.5-VL, Qwen2 and Llama-family (SmolLM2, Llama 3.x) models: config, linen module, HF checkpoint I/O."""
 
 from jaxvlm.models.checkpoint import CheckpointError, CheckpointMismatchError, load_pretrained, save_pretrained
-from jaxvlm.models.config import ModelConfig, TextConfig, VisionConfig, load_hf_config, preset
+from jaxvlm.models.config import ModelConfig, RopeScaling, TextConfig, VisionConfig, load_hf_config, preset
 from jaxvlm.models.qwen2_5_vl import Qwen25VL, abstract_params, init_params
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "CheckpointMismatchError",
     "ModelConfig",
     "Qwen25VL",
+    "RopeScaling",
     "TextConfig",
     "VisionConfig",
     "abstract_params",

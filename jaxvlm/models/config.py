@@ -6,7 +6,12 @@ to a Hugging Face `config.json`; both layouts found in the wild are accepted:
 * transformers 5.x: text fields nested under `text_config`, RoPE under `rope_parameters`;
 * older hub checkpoints (transformers 4.4x): text fields at the root, `rope_theta` + `rope_scaling`
   (`{"type": "mrope", "mrope_section": [...]}`), `vision_config` nested;
-* text-only `qwen2` checkpoints (Qwen2 / Qwen2.5 LMs): flat, 1-D RoPE.
+* text-only `qwen2` checkpoints (Qwen2 / Qwen2.5 LMs): flat, 1-D RoPE;
+* text-only `llama` checkpoints (Llama 2 / 3.x, SmolLM2): flat, 1-D RoPE with the checkpoint's scaling (none,
+  "linear" or "llama3"), biases as `attention_bias` / `mlp_bias` say (none in every released Llama).
+
+The Qwen2 and Llama decoders are one module: they differ only in which projections carry biases (Qwen2: q/k/v;
+Llama: q/k/v/o when `attention_bias`, gate/up/down when `mlp_bias`) and in the RoPE frequency scaling.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from typing import Any
 
 import numpy as np
 
-SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2")
+SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2", "llama")
+TEXT_ONLY_MODEL_TYPES = ("qwen2", "llama")  # decoders without a vision tower
+ROPE_SCALING_TYPES = ("linear", "llama3")  # besides "default" (and "mrope", Qwen2.5-VL's)
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: debugging parity (needs jax_enable_x64)
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 # np.dtype reads both as float64, JAX reads float as its default float (float32): a dtype option names its width.
@@ -74,8 +81,26 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """A RoPE frequency scaling of the Llama family, as transformers computes it (`modeling_rope_utils`):
+
+    * "linear": every inverse frequency divided by `factor`;
+    * "llama3" (Llama 3.1 / 3.2): wavelengths longer than `original_max_position_embeddings / low_freq_factor` are
+      divided by `factor`, those shorter than `original_max_position_embeddings / high_freq_factor` are kept, and the
+      band between is interpolated smoothly.
+    """
+
+    rope_type: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """Qwen2 decoder: GQA with q/k/v bias, RMSNorm, SwiGLU, (M-)RoPE."""
+    """The decoder: GQA, RMSNorm, SwiGLU, (M-)RoPE. Qwen2: q/k/v biases (the defaults); Llama: `qkv_bias` and
+    `o_bias` both from `attention_bias` (false in released Llamas), `mlp_bias`, and optionally `rope_scaling`."""
 
     vocab_size: int = 151936
     hidden_size: int = 2048
@@ -90,6 +115,10 @@ class TextConfig:
     mrope_section: tuple[int, ...] | None = (16, 24, 24)
     max_position_embeddings: int = 128000
     hidden_act: str = "silu"
+    qkv_bias: bool = True  # biases on q_proj, k_proj, v_proj (Qwen2: always; Llama: attention_bias)
+    o_bias: bool = False  # bias on o_proj (Llama: attention_bias)
+    mlp_bias: bool = False  # biases on gate_proj, up_proj, down_proj (Llama: mlp_bias)
+    rope_scaling: RopeScaling | None = None  # None: plain 1 / theta^(2i/d) frequencies
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -166,7 +195,10 @@ def num_params(cfg: ModelConfig) -> int:
     t, v = cfg.text, cfg.vision
     hd = t.resolved_head_dim
     q, kv = t.num_attention_heads * hd, t.num_key_value_heads * hd
-    layer = t.hidden_size * (q + 2 * kv) + (q + 2 * kv) + q * t.hidden_size + 3 * t.hidden_size * t.intermediate_size
+    layer = t.hidden_size * (q + 2 * kv) + q * t.hidden_size + 3 * t.hidden_size * t.intermediate_size
+    layer += (
+        (q + 2 * kv) * t.qkv_bias + t.hidden_size * t.o_bias + (2 * t.intermediate_size + t.hidden_size) * t.mlp_bias
+    )
     text = t.num_hidden_layers * (layer + 2 * t.hidden_size) + t.hidden_size + t.vocab_size * t.hidden_size
     text += 0 if cfg.tie_word_embeddings else t.vocab_size * t.hidden_size
     if v is None:
@@ -223,6 +255,24 @@ def _check_positive_sizes(cfg: ModelConfig) -> None:
         raise ValueError(f"text.head_dim={head_dim!r}: must be a positive integer, or 0 for hidden_size // heads")
 
 
+def _check_rope_scaling(r: RopeScaling) -> None:
+    if r.rope_type not in ROPE_SCALING_TYPES:
+        raise ValueError(f"text.rope_scaling.rope_type={r.rope_type!r}: must be one of {ROPE_SCALING_TYPES}")
+    for name in ("factor", "low_freq_factor", "high_freq_factor"):
+        value = getattr(r, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+            raise ValueError(f"text.rope_scaling.{name}={value!r}: must be a positive finite number")
+    if r.rope_type == "llama3":
+        if r.high_freq_factor <= r.low_freq_factor:
+            raise ValueError(
+                f"text.rope_scaling.high_freq_factor={r.high_freq_factor} must exceed "
+                f"low_freq_factor={r.low_freq_factor}"
+            )
+        n = r.original_max_position_embeddings
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"text.rope_scaling.original_max_position_embeddings={n!r}: must be a positive integer")
+
+
 def validate(cfg: ModelConfig) -> None:
     """Raise ValueError naming the offending field when the configuration cannot be built (dtype and param_dtype are
     checked as they are normalised, by `canonical_dtype`)."""
@@ -252,8 +302,20 @@ def validate(cfg: ModelConfig) -> None:
     if t.mrope_section is not None and sum(t.mrope_section) != hd // 2:
         raise ValueError(f"text.mrope_section={t.mrope_section} must sum to head_dim/2={hd // 2}")
     v = cfg.vision
-    if cfg.model_type == "qwen2" and v is not None:
-        raise ValueError("model_type='qwen2' is text-only: vision must be None")
+    if cfg.model_type in TEXT_ONLY_MODEL_TYPES and v is not None:
+        raise ValueError(f"model_type={cfg.model_type!r} is text-only: vision must be None")
+    if t.rope_scaling is not None:
+        _check_rope_scaling(t.rope_scaling)
+    # What each architecture's config.json can say about biases (to_hf_dict writes exactly that).
+    if cfg.model_type == "llama" and t.qkv_bias != t.o_bias:
+        raise ValueError(
+            f"text.qkv_bias={t.qkv_bias} and text.o_bias={t.o_bias}: a llama model has both or neither (attention_bias)"
+        )
+    if cfg.model_type != "llama" and (not t.qkv_bias or t.o_bias or t.mlp_bias or t.rope_scaling is not None):
+        raise ValueError(
+            f"model_type={cfg.model_type!r} is the Qwen2 decoder: q/k/v biases only (qkv_bias=True, o_bias=False, "
+            "mlp_bias=False) and no rope_scaling"
+        )
     if cfg.model_type == "qwen2_5_vl" and v is None:
         raise ValueError("model_type='qwen2_5_vl' needs a vision config")
     if v is not None:
@@ -401,29 +463,55 @@ class _Fields:
         return _Fields(value, self.file, self.name(key))
 
 
-def _rope(f: _Fields) -> tuple[float, tuple[int, ...] | None, str]:
-    """(rope_theta, mrope_section, the section's field path) from `rope_parameters` (5.x) or `rope_theta` +
-    `rope_scaling` (4.x)."""
+def _rope(f: _Fields, scaling_allowed: bool = False) -> tuple[float, tuple[int, ...] | None, str, RopeScaling | None]:
+    """(rope_theta, mrope_section, the section's field path, the frequency scaling) from `rope_parameters` (5.x) or
+    `rope_theta` + `rope_scaling` (4.x). A scaling ("linear", "llama3") is read where `scaling_allowed` (Llama)."""
     params, scaling = f.section("rope_parameters"), f.section("rope_scaling")
     if params is not None and "rope_theta" in params.d:
         theta = params.number("rope_theta")
     else:
         theta = f.number("rope_theta", 1000000.0)
+    supported = ("default", "mrope", *(ROPE_SCALING_TYPES if scaling_allowed else ()))
+    rope_scaling = None
     for source in (s for s in (params, scaling) if s is not None):
         key = "rope_type" if source.d.get("rope_type") is not None else "type"
         rope_type = source.optional_string(key)
         if rope_type is not None:
-            if rope_type not in ("default", "mrope"):
-                raise source.error(key, f"{_json_text(rope_type)} is not supported (only default / mrope)")
+            if rope_type not in supported:
+                raise source.error(key, f"{_json_text(rope_type)} is not supported (supported: {', '.join(supported)})")
+            if rope_type in ROPE_SCALING_TYPES:
+                rope_scaling = _rope_scaling(source, rope_type, f.integer("max_position_embeddings", 32768))
             break
+    for source in (s for s in (params, scaling, f) if s is not None):
+        factor = source.d.get("partial_rotary_factor")
+        if factor is not None and factor != 1:
+            raise source.error(
+                "partial_rotary_factor", f"{_json_text(factor)} is not supported (only 1: RoPE on the whole head)"
+            )
     for source in (s for s in (params, scaling) if s is not None):
         if source.d.get("mrope_section") is not None:
-            return theta, source.integers("mrope_section"), source.name("mrope_section")
-    return theta, None, f.name("rope_parameters") + ".mrope_section"
+            return theta, source.integers("mrope_section"), source.name("mrope_section"), rope_scaling
+    return theta, None, f.name("rope_parameters") + ".mrope_section", rope_scaling
 
 
-def _text_from_hf(f: _Fields, default_mrope: bool) -> TextConfig:
-    """The decoder's fields of `f` (a 5.x text_config, or the root of a 4.x or qwen2 config.json)."""
+def _rope_scaling(source: _Fields, rope_type: str, max_positions: int) -> RopeScaling:
+    """The scaling fields of a rope_parameters / rope_scaling object (transformers' defaults where it has them)."""
+    if rope_type == "linear":
+        return RopeScaling(rope_type="linear", factor=source.number("factor"))
+    low, high = source.number("low_freq_factor"), source.number("high_freq_factor")
+    if high <= low:
+        raise source.error("high_freq_factor", f"{high} must exceed {source.name('low_freq_factor')}={low}")
+    return RopeScaling(
+        rope_type="llama3",
+        factor=source.number("factor"),
+        low_freq_factor=low,
+        high_freq_factor=high,
+        original_max_position_embeddings=source.integer("original_max_position_embeddings", max_positions),
+    )
+
+
+def _text_from_hf(f: _Fields, default_mrope: bool, llama: bool = False) -> TextConfig:
+    """The decoder's fields of `f` (a 5.x text_config, or the root of a 4.x, qwen2 or llama config.json)."""
     if f.flag("use_sliding_window", False):
         raise f.error("use_sliding_window", "true is not supported (jaxvlm attends over the whole sequence)")
     hidden, heads = f.integer("hidden_size"), f.integer("num_attention_heads")
@@ -445,7 +533,11 @@ def _text_from_hf(f: _Fields, default_mrope: bool) -> TextConfig:
         raise f.error(
             "head_dim" if head_dim else "hidden_size", f"the head dimension ({head_dim_text}) must be even for RoPE"
         )
-    theta, section, section_field = _rope(f)
+    theta, section, section_field, rope_scaling = _rope(f, scaling_allowed=llama)
+    if llama and section is not None:
+        raise CheckpointError(
+            f"{f.file}: {section_field}: model_type llama has no multimodal RoPE (1-D positions only)"
+        )
     if section is None and default_mrope:
         section = (16, 24, 24)  # transformers' default for qwen2_5_vl when the config names none
         if sum(section) != resolved // 2:
@@ -471,6 +563,10 @@ def _text_from_hf(f: _Fields, default_mrope: bool) -> TextConfig:
         mrope_section=section,
         max_position_embeddings=f.integer("max_position_embeddings", 32768),
         hidden_act=f.choice("hidden_act", "silu", SUPPORTED_ACTIVATIONS),
+        qkv_bias=f.flag("attention_bias", False) if llama else True,
+        o_bias=f.flag("attention_bias", False) if llama else False,
+        mlp_bias=f.flag("mlp_bias", False) if llama else False,
+        rope_scaling=rope_scaling,
         bos_token_id=f.token_ids("bos_token_id"),
         eos_token_id=f.token_ids("eos_token_id"),
         pad_token_id=f.token_ids("pad_token_id"),
@@ -542,18 +638,19 @@ def from_hf_dict(d: Any, where: str = "config.json", **overrides) -> ModelConfig
         raise CheckpointError(f"{where}: must be a JSON object, got {_json_text(d)}")
     root = _Fields(d, where)
     model_type = d.get("model_type")
-    if model_type == "qwen2":
+    if model_type in TEXT_ONLY_MODEL_TYPES:
         return ModelConfig(
-            text=_text_from_hf(root, default_mrope=False),
+            text=_text_from_hf(root, default_mrope=False, llama=model_type == "llama"),
             vision=None,
-            model_type="qwen2",
+            model_type=model_type,
             tie_word_embeddings=root.flag("tie_word_embeddings", False),
             **overrides,
         )
     if model_type != "qwen2_5_vl":
         raise CheckpointError(
-            f'{where}: model_type: {_json_text(model_type)} is not supported (jaxvlm loads "qwen2_5_vl" and '
-            '"qwen2" checkpoints)'
+            f"{where}: model_type: {_json_text(model_type)} is not supported (jaxvlm loads "
+            + ", ".join(f'"{m}"' for m in SUPPORTED_MODEL_TYPES)
+            + " checkpoints)"
         )
     text_section = root.section("text_config")
     nested = text_section is not None and any(k in text_section.d for k in _TEXT_REQUIRED)
@@ -620,6 +717,22 @@ def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
     rope = {"rope_type": "default", "rope_theta": t.rope_theta}
     if t.mrope_section is not None:
         rope["mrope_section"] = list(t.mrope_section)
+    if t.rope_scaling is not None:
+        rope.update(dataclasses.asdict(t.rope_scaling))
+        if t.rope_scaling.rope_type == "linear":
+            for name in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                del rope[name]
+    if cfg.model_type == "llama":
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "dtype": hf_dtype,
+            **{k: v for k, v in text.items() if k != "use_sliding_window"},
+            "attention_bias": t.qkv_bias,
+            "mlp_bias": t.mlp_bias,
+            "head_dim": t.resolved_head_dim,
+            "rope_parameters": rope,
+        }
     if cfg.model_type == "qwen2":
         return {
             "architectures": ["Qwen2ForCausalLM"],

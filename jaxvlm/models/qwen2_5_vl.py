@@ -25,7 +25,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxvlm.models import fused
 from jaxvlm.models.attention import attention, resolve_implementation
-from jaxvlm.models.config import ModelConfig, TextConfig, VisionConfig
+from jaxvlm.models.config import ModelConfig, RopeScaling, TextConfig, VisionConfig
 from jaxvlm.sharding import BATCH, constrain
 
 Array = jax.Array
@@ -135,13 +135,37 @@ def _inv_freq(dim: int, theta: float) -> np.ndarray:
     return (1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(np.float32)
 
 
-def mrope_cos_sin(position_ids: Array, head_dim: int, theta: float, mrope_section) -> tuple[Array, Array]:
+def scaled_inv_freq(dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """The decoder's inverse frequencies [dim / 2] with the Llama family's scaling (config.RopeScaling), in float32
+    step by step as transformers' `_compute_linear_scaling_rope_parameters` / `_compute_llama3_parameters`."""
+    inv_freq = _inv_freq(dim, theta)
+    if scaling is None:
+        return inv_freq
+    factor = np.float32(scaling.factor)
+    if scaling.rope_type == "linear":
+        return (inv_freq / factor).astype(np.float32)
+    old_context = scaling.original_max_position_embeddings
+    low_wavelen = old_context / scaling.low_freq_factor
+    high_wavelen = old_context / scaling.high_freq_factor
+    wavelen = (np.float32(2 * np.pi) / inv_freq).astype(np.float32)
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq).astype(np.float32)
+    span = np.float32(scaling.high_freq_factor - scaling.low_freq_factor)
+    smooth = ((np.float32(old_context) / wavelen - np.float32(scaling.low_freq_factor)) / span).astype(np.float32)
+    smoothed = ((1 - smooth) * scaled / factor + smooth * scaled).astype(np.float32)
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def mrope_cos_sin(
+    position_ids: Array, head_dim: int, theta: float, mrope_section, scaling: RopeScaling | None = None
+) -> tuple[Array, Array]:
     """Multimodal RoPE tables.
 
     Args:
       position_ids: int [3, B, T] (t, h, w positions) or [B, T] (text only: same position on every axis).
       mrope_section: how the head_dim/2 frequencies are split between the t, h and w axes (chunk i reads axis
         i % 3, as transformers does), or None for plain 1-D RoPE.
+      scaling: the Llama family's frequency scaling (`scaled_inv_freq`), or None.
     Returns cos, sin: float32 [B, T, head_dim].
     """
     if position_ids.ndim == 2:
@@ -152,7 +176,7 @@ def mrope_cos_sin(position_ids: Array, head_dim: int, theta: float, mrope_sectio
     else:
         axis_of_freq = np.concatenate([np.full(s, i % 3, np.int32) for i, s in enumerate(mrope_section)])
     pos = position_ids.astype(jnp.float32)[axis_of_freq]  # [half, B, T]
-    freqs = jnp.moveaxis(pos, 0, -1) * _inv_freq(head_dim, theta)  # [B, T, half]
+    freqs = jnp.moveaxis(pos, 0, -1) * scaled_inv_freq(head_dim, theta, scaling)  # [B, T, half]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
@@ -364,9 +388,9 @@ class TextAttention(nn.Module):
         c = self.config
         hd, b, t = c.resolved_head_dim, x.shape[0], x.shape[1]
         dense = functools.partial(_dense, dtype=self.dtype, param_dtype=self.param_dtype)
-        q = dense(c.num_attention_heads * hd, True, name="q_proj")(x).reshape(b, t, c.num_attention_heads, hd)
-        k = dense(c.num_key_value_heads * hd, True, name="k_proj")(x).reshape(b, t, c.num_key_value_heads, hd)
-        v = dense(c.num_key_value_heads * hd, True, name="v_proj")(x).reshape(b, t, c.num_key_value_heads, hd)
+        q = dense(c.num_attention_heads * hd, c.qkv_bias, name="q_proj")(x).reshape(b, t, c.num_attention_heads, hd)
+        k = dense(c.num_key_value_heads * hd, c.qkv_bias, name="k_proj")(x).reshape(b, t, c.num_key_value_heads, hd)
+        v = dense(c.num_key_value_heads * hd, c.qkv_bias, name="v_proj")(x).reshape(b, t, c.num_key_value_heads, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (constrain(t, BATCH, None, "tensor", None) for t in (q, k, v))
         if cache is None:
@@ -382,7 +406,7 @@ class TextAttention(nn.Module):
                 q[:, 0], prompt_k, prompt_v, ctx["prompt_mask"], gen_k[index], gen_v[index], ctx["gen_mask"]
             )[:, None]
             new = (gen_k, gen_v)
-        return dense(c.hidden_size, False, name="o_proj")(out.reshape(b, t, -1)), new
+        return dense(c.hidden_size, c.o_bias, name="o_proj")(out.reshape(b, t, -1)), new
 
 
 class DecoderLayer(nn.Module):
@@ -401,7 +425,7 @@ class DecoderLayer(nn.Module):
         out, new = attn(norm(name="input_layernorm")(x), cos, sin, ctx, layer, cache)
         x = x + out
         mlp = GatedMLP(
-            c.hidden_size, c.intermediate_size, False, c.hidden_act, self.dtype, self.param_dtype, name="mlp"
+            c.hidden_size, c.intermediate_size, c.mlp_bias, c.hidden_act, self.dtype, self.param_dtype, name="mlp"
         )
         x = constrain(x + mlp(norm(name="post_attention_layernorm")(x)), BATCH, None, None)
         if cache is None:
@@ -442,7 +466,7 @@ class TextModel(nn.Module):
         (and, with `return_kv`, the keys and values of every layer, [L, B, T, K, Dh] each: a prefill cache).
         When the cache is not returned, jit drops it (dead code), so training does not pay for it."""
         c = self.config
-        cos, sin = mrope_cos_sin(position_ids, c.resolved_head_dim, c.rope_theta, c.mrope_section)
+        cos, sin = mrope_cos_sin(position_ids, c.resolved_head_dim, c.rope_theta, c.mrope_section, c.rope_scaling)
         cos, sin = (constrain(t, BATCH, None, None) for t in (cos, sin))
         x = constrain(inputs_embeds.astype(self.dtype), BATCH, None, None)
         ctx = {"segment_ids": constrain(attention_mask.astype(jnp.int32), BATCH, None)}
@@ -461,7 +485,7 @@ class TextModel(nn.Module):
         Returns (hidden [B*G, 1, D], cache with `gen_k`/`gen_v` updated at `step`).
         """
         c = self.config
-        cos, sin = mrope_cos_sin(position_ids, c.resolved_head_dim, c.rope_theta, c.mrope_section)
+        cos, sin = mrope_cos_sin(position_ids, c.resolved_head_dim, c.rope_theta, c.mrope_section, c.rope_scaling)
         n = cache["gen_k"].shape[2]
         ctx = {"prompt_mask": cache["prompt_mask"], "step": cache["step"], "gen_mask": jnp.arange(n) <= cache["step"]}
         layer = (jnp.arange(c.num_hidden_layers), cache["prompt_k"], cache["prompt_v"])
