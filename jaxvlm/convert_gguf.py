@@ -302,6 +302,15 @@ def verify_checkpoint(directory: str, model, tokenizer) -> None:
             raise ConvertError(f"the written {key} differs from the converted float32 weights")
 
 
+def _default_permissions(directory: str) -> None:
+    """What a plain mkdir / open would have given, under the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for name in os.listdir(directory):
+        os.chmod(os.path.join(directory, name), 0o666 & ~umask)
+
+
 def convert_gguf(gguf_path: str, out_dir: str, *, force: bool = False) -> str:
     """Convert `gguf_path` into a Hugging Face checkpoint directory `out_dir`; returns `out_dir`.
 
@@ -319,6 +328,8 @@ def convert_gguf(gguf_path: str, out_dir: str, *, force: bool = False) -> str:
     del gguf_model
     if tokenizer.model_max_length > 10**9 and getattr(model.config, "max_position_embeddings", None):
         tokenizer.model_max_length = model.config.max_position_embeddings  # the GGUF file does not state one
+    for key in ("local_files_only", "is_local"):  # how it was loaded here, not what the checkpoint is
+        tokenizer.init_kwargs.pop(key, None)
 
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -326,6 +337,7 @@ def convert_gguf(gguf_path: str, out_dir: str, *, force: bool = False) -> str:
     try:
         write_checkpoint(model, tokenizer, staging)
         verify_checkpoint(staging, model, tokenizer)
+        _default_permissions(staging)  # mkdtemp made it private
         if os.path.exists(out_dir):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.replaced-", dir=parent)
             os.rename(out_dir, os.path.join(old, "checkpoint"))

@@ -194,6 +194,13 @@ def test_converts_a_llama_gguf_exactly(tmp_path, bpe, tied, capsys):
     written = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= written
 
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not the private mode of the staging directory
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert "local_files_only" not in tokenizer_config and "is_local" not in tokenizer_config
+
     raw = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in raw and "_model_name_or_path" not in raw
     assert raw["model_type"] == "llama" and raw["architectures"] == ["LlamaForCausalLM"] and raw["dtype"] == "float32"
