@@ -205,10 +205,19 @@ def load_gguf(gguf_path: str):
 
     folder, name = os.path.split(os.path.abspath(gguf_path))
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, local_files_only=True)
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32, local_files_only=True, output_loading_info=True
+        )
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     except (ValueError, KeyError, NotImplementedError) as error:
         raise ConvertError(f"{gguf_path}: transformers cannot convert it ({type(error).__name__}: {error})") from None
+    # transformers fills a weight the file lacks with random values and only logs it: here that is an error.
+    unfilled = sorted(set(loading.get("missing_keys", ())) | {key for key, *_ in loading.get("mismatched_keys", ())})
+    if unfilled:
+        raise ConvertError(
+            f"{gguf_path}: holds no usable tensor for {len(unfilled)} of the model's weights ({', '.join(unfilled[:4])}"
+            f"{', ...' if len(unfilled) > 4 else ''}): a checkpoint would hold random values there"
+        )
     return model, tokenizer
 
 

@@ -116,8 +116,11 @@ GGUF_NAMES = {  # HF name inside a layer -> llama.cpp's
 }
 
 
-def write_tiny_gguf(path, model, merges, *, architecture: str = "llama", chat_template: str | None = CHATML) -> None:
-    """The model and the BPE vocabulary as a GGUF file, F32, the way llama.cpp's converter writes a Llama."""
+def write_tiny_gguf(
+    path, model, merges, *, architecture: str = "llama", chat_template: str | None = CHATML, leave_out: str = ""
+) -> None:
+    """The model and the BPE vocabulary as a GGUF file, F32, the way llama.cpp's converter writes a Llama (without
+    the tensor named `leave_out`)."""
     import gguf
 
     bpe, _ = tiny_bpe()
@@ -160,7 +163,8 @@ def write_tiny_gguf(path, model, merges, *, architecture: str = "llama", chat_te
                 weights = llama_cpp_permute(weights, HEADS, HEADS)
             elif gguf_name == "attn_k":
                 weights = llama_cpp_permute(weights, HEADS, KV_HEADS)
-            writer.add_tensor(f"blk.{layer}.{gguf_name}.weight", np.ascontiguousarray(weights))
+            if f"blk.{layer}.{gguf_name}.weight" != leave_out:
+                writer.add_tensor(f"blk.{layer}.{gguf_name}.weight", np.ascontiguousarray(weights))
     writer.add_tensor("output_norm.weight", state["model.norm.weight"])
     if not model.config.tie_word_embeddings:  # llama.cpp writes output.weight only when the head is its own matrix
         writer.add_tensor("output.weight", state["lm_head.weight"])
@@ -296,6 +300,14 @@ def test_not_a_gguf_file(tmp_path):
     truncated.write_bytes(b"GGUF\x03\x00")
     with pytest.raises(cg.ConvertError, match="cannot read the GGUF header"):
         cg.convert_gguf(str(truncated), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_tensor_is_an_error_not_a_random_weight(tmp_path, bpe):
+    gguf_path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(gguf_path, tiny_llama(True), bpe[1], leave_out="blk.1.ffn_down.weight")
+    with pytest.raises(cg.ConvertError, match=r"holds no usable tensor for 1 of .* \(model\.layers\.1\.mlp\.down_proj"):
+        cg.convert_gguf(str(gguf_path), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
