@@ -39,6 +39,11 @@ setup(
         "tpu": ["libtpu==0.0.42.*"],
         # `python -m jaxvlm.convert_gguf`: transformers reads a GGUF file only with torch, gguf and accelerate.
         "convert": ["torch==2.13.0", "gguf>=0.19.0", "accelerate>=1.15.0"],
+        # `python -m jaxvlm.bench.trl_grpo`: TRL's GRPOTrainer next to jaxvlm's. trl is pinned exactly: the parity
+        # check calls GRPOTrainer internals (_compute_loss, _get_per_token_logps_and_entropies) read in 1.16.0. Not in
+        # the test extra: its one end-to-end test skips without trl, and trl + datasets add 26 s and 270 MB (pyarrow)
+        # to an install that has the test extra (measured: pip, no cache, this 2-core machine).
+        "bench": ["torch==2.13.0", "trl==1.16.0", "accelerate>=1.15.0", "datasets>=5.2.0"],
         # torch is the parity oracle of the tests (and the PyTorch baseline of the benchmarks); gguf and accelerate
         # are there for the converter test.
         # ruff: lint and format (ruff.toml; CI runs `ruff check .` and `ruff format --check .`).
