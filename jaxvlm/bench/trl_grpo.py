@@ -67,7 +67,9 @@ Where the two cannot match exactly (closest choice taken):
     truncated completions stay in the loss on both sides.
   * Reward std: jaxvlm logs the population std; it is converted to TRL's Bessel-corrected std here.
   * Wall time: TRL's per optimizer step, from its step-end callbacks (generation, rewards, reference and policy
-    passes, the update); jaxvlm's `time/step_s` (the same work; its first step includes XLA compilation).
+    passes, the update); jaxvlm's `time/step_s` (the same work; its first step includes XLA compilation). The sides
+    run one after the other, each side's load average at its start and end is recorded (a shared machine's load
+    slows the two unevenly).
   * Mesh and data-loader settings have no TRL counterpart (one CPU process); evaluation stages are ignored.
 
 torch, transformers' models, trl and datasets are imported inside the TRL-side functions only.
@@ -501,11 +503,22 @@ def _torch_setup(seed: int):
     return torch
 
 
+def _require_trl():
+    """trl, or an ImportError saying how to install the bench extra."""
+    try:
+        import datasets  # noqa: F401
+        import trl
+    except ImportError as error:
+        raise ImportError(
+            f"the TRL side needs {error.name}: pip install -c constraints.txt -e '.[bench]' (torch, trl, datasets)"
+        ) from error
+    return trl
+
+
 def trl_arguments(cfg, output_dir: str, seed: int, **overrides):
     """trl.GRPOConfig of `grpo_config_from_jaxvlm(cfg)` plus the run-time arguments (CPU, log every update, no
     checkpoints, no reports)."""
-    import trl
-
+    trl = _require_trl()
     values = grpo_config_from_jaxvlm(cfg)
     values.update(overrides)
     return trl.GRPOConfig(
@@ -526,8 +539,8 @@ def trl_trainer(cfg, plan: Sequence[Sequence[dict]], output_dir: str, log: IdLog
     """TRL's GRPOTrainer on the config's checkpoint over the planned prompts, in their order (a dataset with TRL's
     shuffling off; its tokenization of each prompt is checked against jaxvlm's first); (trainer, tokenizer).
     `overrides` replace GRPOConfig arguments (the parity check's one micro-batch)."""
+    trl = _require_trl()
     import datasets
-    import trl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch = _torch_setup(cfg.seed)
@@ -878,7 +891,9 @@ def run_seed(cfg, out: str, seed: int, steps: int, results: dict, save) -> None:
         entry["parity_step0"] = loss_parity(cfg, os.path.join(root, "parity_step0"))
         save()
     if "jaxvlm" not in entry:
+        load = os.getloadavg()
         entry["jaxvlm"] = run_jaxvlm(cfg, os.path.join(root, "jaxvlm"))
+        entry["jaxvlm"]["load_average"] = {"start": load, "end": os.getloadavg()}
         save()
     check_same_prompts(plan, entry["jaxvlm"]["scored_ids"], "jaxvlm's trainer")
     if "parity_trained" not in entry:
@@ -889,7 +904,9 @@ def run_seed(cfg, out: str, seed: int, steps: int, results: dict, save) -> None:
     if "trl" not in entry:
         trl_dir = os.path.join(root, "trl")
         shutil.rmtree(trl_dir, ignore_errors=True)
+        load = os.getloadavg()
         entry["trl"] = run_trl(cfg, plan, trl_dir)
+        entry["trl"]["load_average"] = {"start": load, "end": os.getloadavg()}
         save()
     check_same_prompts(plan, entry["trl"]["scored_ids"], "TRL's GRPOTrainer")
     entry["prompts_equal"] = True
