@@ -24,7 +24,7 @@ from jaxvlm.sampling import SamplingParams
 
 # How each prompt style's completions are read: the answer (rewards.extract_answer) and, except for "plain" (answer
 # only), the reasoning (rewards.think_f1_reward).
-EXTRACT = {"r1": "tags", "dyme": "dyme", "plain": "raw"}
+EXTRACT = {"r1": "tags", "dyme": "dyme", "plain": "raw", "final_answer": "last_number"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -149,6 +149,41 @@ def _over_caps(
     return answer is not None and extract != "raw" and len(answer) > max_answer_chars
 
 
+# How `extract_answer` may read a completion: the values of the `extract` kwarg of accuracy and iou (checked when a
+# reward spec is parsed, so a misspelt one stops the run at start-up naming the config key).
+EXTRACT_STYLES = ("tags", "dyme", "raw", "last_number", "boxed")
+# How `thinking_text` may split off the reasoning: the values of think_f1's `extract` ("raw" has no answer to split).
+THINKING_STYLES = ("tags", "dyme", "last_number", "boxed")
+_BOXED = "\\boxed{"
+
+
+def _last_number_token(completion: str) -> re.Match | None:
+    """The last number token (`_NUMBER_TOKEN`: "1,000" is one number, "-3" keeps its sign) in `completion`, or None.
+    One left-to-right scan: linear in the completion's length."""
+    last = None
+    for match in _NUMBER_TOKEN.finditer(completion):
+        last = match
+    return last
+
+
+def _last_boxed_span(completion: str) -> tuple[int, int] | None:
+    """(start of the last `\\boxed{`, end of its content) with nested braces matched, or None when there is no
+    `\\boxed{` or the last one is never closed. One `rfind`, then one scan forward: linear."""
+    start = completion.rfind(_BOXED)
+    if start < 0:
+        return None
+    depth = 1
+    for i in range(start + len(_BOXED), len(completion)):
+        char = completion[i]
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return start, i
+    return None
+
+
 def extract_answer(completion: str, style: str = "tags") -> str | None:
     """The predicted answer in `completion`, or None when there is none.
 
@@ -158,6 +193,12 @@ def extract_answer(completion: str, style: str = "tags") -> str | None:
     "dyme": the first non-empty line after the LAST "answer:" (any case), with markdown `*` and whitespace stripped
             (DyME's `ExplicitPromptRelaxedCorrectness._get_final_answer`); None when "answer:" is absent.
     "raw":  the whole completion, stripped.
+    "last_number": the last number in the completion, as written ("1,000" is one number, as `parse_single_number`
+            reads it; a sign directly before the digits is kept); None without a number. For small models that
+            reason in prose and end with the result ("... so she has 7 apples.").
+    "boxed": the content of the LAST `\\boxed{...}` (nested braces matched: `\\boxed{\\frac{1}{2}}` gives
+            `\\frac{1}{2}`), stripped; None without one or when it is never closed.
+    Extracted answers (not "raw") are length-capped by the rewards (`max_answer_chars`).
     """
     if style == "tags":
         return _single_block(completion, "answer")
@@ -169,13 +210,39 @@ def extract_answer(completion: str, style: str = "tags") -> str | None:
         return next((line for line in lines if line), "")
     if style == "raw":
         return completion.strip()
-    raise ValueError(f"unknown answer extraction style {style!r} (expected 'tags', 'dyme' or 'raw')")
+    if style == "last_number":
+        match = _last_number_token(completion)
+        return None if match is None else match.group()
+    if style == "boxed":
+        span = _last_boxed_span(completion)
+        return None if span is None else completion[span[0] + len(_BOXED) : span[1]].strip()
+    raise ValueError(f"unknown answer extraction style {style!r} (expected one of {EXTRACT_STYLES})")
 
 
 def dyme_thinking(completion: str) -> str:
     """DyME's thinking text: everything before the first "answer:" (any case); the whole text when it is absent."""
     match = _DYME_FLAG.search(completion)
     return (completion[: match.start()] if match else completion).strip()
+
+
+def thinking_text(completion: str, style: str) -> str | None:
+    """The reasoning part of `completion` for the answer `style` (think_f1's input), or None when there is none.
+
+    "dyme": `dyme_thinking`; "tags": the single `<think>` block; "boxed": the text before the last `\\boxed{`
+    (the whole text without one); "last_number": the text before the last number (the whole text without one), so
+    "..., so 4 + 3 = 7. The answer is 7." gives "..., so 4 + 3 = 7. The answer is".
+    """
+    if style == "dyme":
+        return dyme_thinking(completion)
+    if style == "tags":
+        return _single_block(completion, "think")
+    if style == "boxed":
+        start = completion.rfind(_BOXED)
+        return (completion[:start] if start >= 0 else completion).strip()
+    if style == "last_number":
+        match = _last_number_token(completion)
+        return (completion[: match.start()] if match else completion).strip()
+    raise ValueError(f"think_f1: extract must be one of {THINKING_STYLES}, got {style!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -221,6 +288,23 @@ def format_dyme(completion: str, example: Mapping | None = None) -> float:
 def format_answer_tag(completion: str, example: Mapping | None = None) -> float:
     """Exactly one complete `<answer>...</answer>` block; no `<think>` needed (format-only stages)."""
     return float(_single_block(completion, "answer") is not None)
+
+
+_FINAL_ANSWER_FLAG = re.compile(r"the answer is", re.IGNORECASE)
+
+
+@register("format_final_answer")
+def format_final_answer(completion: str, example: Mapping | None = None) -> float:
+    """The "final_answer" prompt style's format (jaxvlm.data.prompts): "the answer is" (any case) occurs exactly once,
+    and the completion ends with it followed by one number and an optional full stop ("... The answer is 7."; a ':'
+    after "is" is allowed). Whether the number is right is accuracy's business. Linear: one scan for the phrase,
+    then a match on the tail, only when it is short."""
+    text = completion.rstrip()
+    flags = list(_FINAL_ANSWER_FLAG.finditer(text))
+    if len(flags) != 1:
+        return 0.0
+    tail = text[flags[0].end() :].strip().removeprefix(":").strip().removesuffix(".")
+    return float(len(tail) <= MAX_ANSWER_CHARS and _NUMBER_TOKEN.fullmatch(tail) is not None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -963,15 +1047,15 @@ def think_f1_reward(
     completion: str, example: Mapping, *, extract: str = "dyme", max_completion_chars: int = MAX_COMPLETION_CHARS
 ) -> float:
     """DyME's thinking reward: `think_f1` of the thinking against `example["reasoning"]`. The thinking is the text
-    before the first "answer:" (extract="dyme") or the single `<think>` block (extract="tags"; none → 0). A completion
-    over `max_completion_chars` scores 0."""
-    if extract == "dyme":
-        thinking: str | None = dyme_thinking(completion)
-    elif extract == "tags":
-        thinking = _single_block(completion, "think")
-    else:
-        raise ValueError(f"think_f1: extract must be 'dyme' or 'tags', got {extract!r}")
-    if not thinking or len(completion) > max_completion_chars:
+    before the first "answer:" (extract="dyme"), the single `<think>` block (extract="tags"; none → 0), or the text
+    before the final answer (extract="boxed" / "last_number": `thinking_text`). A completion over
+    `max_completion_chars` scores 0."""
+    if extract not in THINKING_STYLES:  # first, whatever the completion
+        raise ValueError(f"think_f1: extract must be one of {THINKING_STYLES}, got {extract!r}")
+    if len(completion) > max_completion_chars:
+        return 0.0
+    thinking = thinking_text(completion, extract)
+    if not thinking:
         return 0.0
     return think_f1(thinking, str(example.get("reasoning", "")))
 
@@ -1012,8 +1096,23 @@ def _checked_spec(name: Any, weight: Any, kwargs: Any, entry: Any) -> RewardSpec
     except TypeError as error:
         raise ValueError(f"reward entry {entry!r}: bad kwargs for {name!r}: {error}") from None
     _check_limits(kwargs, entry)
+    _check_extract(name, kwargs, entry)
     _run_startup_check(name, kwargs, entry)
     return RewardSpec(name, weight, dict(kwargs))
+
+
+# The built-in rewards that read an `extract` kwarg, and the styles each accepts.
+_EXTRACT_KWARG = {"accuracy": EXTRACT_STYLES, "iou": EXTRACT_STYLES, "think_f1": THINKING_STYLES}
+
+
+def _check_extract(name: str, kwargs: Mapping[str, Any], entry: Any) -> None:
+    """A built-in reward's `extract` is one of its styles: a misspelt one would otherwise fail on every sample (each
+    scored 0 and counted as a failure) instead of stopping the run at start-up."""
+    styles = _EXTRACT_KWARG.get(name)
+    if styles is not None and "extract" in kwargs and kwargs["extract"] not in styles:
+        raise ValueError(
+            f"reward entry {entry!r}: kwargs['extract'] must be one of {styles}, got {kwargs['extract']!r}"
+        )
 
 
 def _check_limits(kwargs: Mapping[str, Any], entry: Any) -> None:

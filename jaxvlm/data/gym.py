@@ -28,11 +28,14 @@ Tasks, by curriculum stage (`TASK_STAGE`; stage 0 is the text-only warm-up of In
   3 count_arithmetic    sum (easy), difference (medium), product (hard) of two counts -> number
   3 grounding           "Give the bounding box of the green square as [x1, y1, x2, y2]." (unique target) -> bbox
   3 mood                one label of MOOD_LABELS by the rule of `scene_mood`          -> labels
+Opt-in (`EXTRA_TASKS`: only when a config names them; not in the default suite `TASKS`):
+  0 word_problems       1-3 events of adding / taking away small numbers, in one sentence -> number, no image
 
 Difficulty (0 easy, 1 medium, 2 hard) sets the number of shapes (`GymConfig.shape_counts`), the arithmetic
 (count_arithmetic: +, -, x; word_arithmetic: one small step, multiplication / division / bigger numbers, two steps)
-and for `count` allows two-attribute targets ("red circles"). Within a task the difficulty cycles through
-`GymConfig.difficulties`, so levels are balanced.
+and for `count` allows two-attribute targets ("red circles"); for word_problems it is the number of events minus
+one (`word_problem_steps`). Within a task the difficulty cycles through `GymConfig.difficulties`, so levels are
+balanced (a level listed twice, as in (0, 0, 1), is drawn twice as often).
 
 Splits. Each task draws candidate examples from its own deterministic stream (seeded by config seed, task and
 candidate number). A candidate's *signature* is everything that determines it: task, scene spec and question
@@ -68,6 +71,10 @@ TASKS = (
     "grounding",
     "mood",
 )
+# Tasks a config names explicitly; not in TASKS (the default suite), so the default examples and the built-in
+# tokenizer's corpus (`corpus_texts`) do not change with them.
+EXTRA_TASKS = ("word_problems",)
+ALL_TASKS = TASKS + EXTRA_TASKS
 TEXT_ONLY_STAGE = 0
 TASK_STAGE = {
     "word_arithmetic": TEXT_ONLY_STAGE,
@@ -79,6 +86,7 @@ TASK_STAGE = {
     "count_arithmetic": 3,
     "grounding": 3,
     "mood": 3,
+    "word_problems": TEXT_ONLY_STAGE,
 }
 TASK_ANSWER_TYPE = {
     "word_arithmetic": "number",
@@ -90,6 +98,7 @@ TASK_ANSWER_TYPE = {
     "count_arithmetic": "number",
     "grounding": "bbox",
     "mood": "labels",
+    "word_problems": "number",
 }
 SPLITS = ("train", "validation", "test")
 
@@ -334,9 +343,9 @@ class GymConfig:
         set_field("split_fractions", tuple(float(f) for f in self.split_fractions))
         if not isinstance(self.image_size, int) or self.image_size < 28 or self.image_size % 28:
             raise ValueError(f"GymConfig.image_size must be a positive multiple of 28, got {self.image_size!r}")
-        unknown = [t for t in self.tasks if t not in TASKS]
+        unknown = [t for t in self.tasks if t not in ALL_TASKS]
         if unknown or not self.tasks or len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"GymConfig.tasks must be distinct tasks of {TASKS}, got {self.tasks}")
+            raise ValueError(f"GymConfig.tasks must be distinct tasks of {ALL_TASKS}, got {self.tasks}")
         if not self.difficulties or any(not 0 <= d < len(self.shape_counts) for d in self.difficulties):
             raise ValueError(
                 f"GymConfig.difficulties must be levels in 0..{len(self.shape_counts) - 1}, got {self.difficulties}"
@@ -730,6 +739,60 @@ def _make_word_arithmetic(draw: _Draw) -> dict:
     return dict(scene=None, question=question, answer=str(answer), reasoning=f"{steps} The answer is {answer}.")
 
 
+# word_problems: 1-3 events, each adding or taking away a few items, in one sentence ("Tom has 5 apples, buys 3 more
+# and then gives 2 to Anna."). An event is (its verb phrase in the question, its gerund phrase in the reference);
+# {friend} is the other person, {n} the number of items moved.
+_GAIN_EVENTS = (
+    ("buys {n} more", "buying {n} more"),
+    ("finds {n} more", "finding {n} more"),
+    ("gets {n} more from {friend}", "getting {n} more from {friend}"),
+)
+_LOSS_EVENTS = (
+    ("gives {n} to {friend}", "giving {n} to {friend}"),
+    ("loses {n}", "losing {n}"),
+    ("sells {n}", "selling {n}"),
+)
+WORD_PROBLEM_START = (2, 12)  # the items owned at first, inclusive
+WORD_PROBLEM_CHANGE = (1, 9)  # the items one event adds or takes away, inclusive (never all of them)
+
+
+def word_problem_steps(difficulty: int) -> int:
+    """The number of events (additions or subtractions) in a word_problems example at `difficulty` (0, 1, 2)."""
+    return difficulty + 1
+
+
+def _make_word_problems(draw: _Draw) -> dict:
+    """A word problem of `word_problem_steps(difficulty)` events in one sentence; every intermediate count stays
+    >= 1. The reference writes out each event's arithmetic ("After buying 3 more, Tom has 5 + 3 = 8 apples.") and
+    ends "The answer is N."."""
+    rng = draw.rng
+    name, friend = rng.sample(_NAMES, 2)
+    items = rng.choice(_ITEMS)
+    start = count = rng.randint(*WORD_PROBLEM_START)
+    phrases, steps = [], [f"{name} starts with {start} {items}."]
+    for _ in range(word_problem_steps(draw.difficulty)):
+        gain = count < 2 or rng.random() < 0.5
+        low, high = WORD_PROBLEM_CHANGE
+        n = rng.randint(low, high) if gain else rng.randint(low, min(high, count - 1))
+        verb_phrase, gerund = rng.choice(_GAIN_EVENTS if gain else _LOSS_EVENTS)
+        phrases.append(verb_phrase.format(friend=friend, n=n))
+        new = count + n if gain else count - n
+        noun = items if new != 1 else items[:-1]  # "1 apple": every item word is a plural in -s
+        sign = "+" if gain else "-"
+        steps.append(f"After {gerund.format(friend=friend, n=n)}, {name} has {count} {sign} {n} = {new} {noun}.")
+        count = new
+    if len(phrases) == 1:
+        events = f" and {phrases[0]}"
+    else:
+        events = ", " + ", ".join(phrases[:-1]) + f" and then {phrases[-1]}"
+    return dict(
+        scene=None,
+        question=f"{name} has {start} {items}{events}. How many {items} does {name} have now?",
+        answer=str(count),
+        reasoning=" ".join(steps) + f" The answer is {count}.",
+    )
+
+
 _MAKERS = {
     "word_arithmetic": _make_word_arithmetic,
     "exists": _make_exists,
@@ -740,6 +803,7 @@ _MAKERS = {
     "count_arithmetic": _make_count_arithmetic,
     "grounding": _make_grounding,
     "mood": _make_mood,
+    "word_problems": _make_word_problems,
 }
 
 
@@ -751,7 +815,7 @@ def _candidate_rng(seed: int, task: str, candidate: int) -> random.Random:
 def task_specs(task: str, split: str, count: int, config: GymConfig) -> list[ExampleSpec]:
     """The first `count` distinct candidates of `task`'s stream that belong to `split` (ids gym/split/task/k)."""
     if task not in _MAKERS:
-        raise ValueError(f"unknown gym task {task!r} (known: {', '.join(TASKS)})")
+        raise ValueError(f"unknown gym task {task!r} (known: {', '.join(ALL_TASKS)})")
     budget = config.candidates_per_example * count + 1000
     specs: list[ExampleSpec] = []
     seen: set[str] = set()

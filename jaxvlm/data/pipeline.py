@@ -196,7 +196,7 @@ class ExampleEncoder:
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("the tokenizer has no chat_template; jaxvlm renders prompts with it")
         ids = tokenizer.encode(IMAGE_TOKEN, add_special_tokens=False)
-        if len(ids) != 1:
+        if image_processor is not None and len(ids) != 1:  # a text-only model's tokenizer needs no image token
             raise ValueError(f"{IMAGE_TOKEN!r} is not a single token of the tokenizer (encodes to {ids})")
         if tokenizer.eos_token is None:
             raise ValueError("the tokenizer has no eos_token ('<|im_end|>' for Qwen); targets end with it")

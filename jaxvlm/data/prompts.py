@@ -10,10 +10,16 @@ Each recipe asks its questions the way its authors did (docs/methods.md §1.6):
   answer, and when you're ready to answer, please use the format "Answer: .."\\n\\nQuestion:\\n\\n{question}".
   Target: ``{reasoning}\\nAnswer: {answer}`` (no think tags).
 * ``"plain"`` — the bare question; target = the answer (plain SFT, evaluation of base models).
+* ``"final_answer"`` — for small chat models on word problems (configs/smollm2_math.py): the question, then
+  "End your reply with "The answer is N."" on its own line. Target: ``{reasoning}``, ending with the sentence
+  ``The answer is {answer}.`` (appended when the reasoning does not already end with it). Read with
+  `rewards.extract_answer(..., "last_number")`; `format_final_answer` rewards the closing sentence.
 
 ``with_caption=True`` prepends ``Caption: {caption}`` to the user text (Infi-MMR phase 2, caption-augmented).
 Images come first in the user turn, as in all four code bases. The system prompt is left to the chat template
-(Qwen's inserts "You are a helpful assistant." when there is none).
+(Qwen's inserts "You are a helpful assistant." when there is none, SmolLM2's its own). A user turn without images is
+one text string (`"content": "..."`), which every chat template renders, including those that only concatenate
+strings (SmolLM2's); Qwen's renders it exactly as the one-text-part list.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any
 
 from jaxvlm.data.example import ExampleError, example_location
 
-PROMPT_STYLES = ("r1", "dyme", "plain")
+PROMPT_STYLES = ("r1", "dyme", "plain", "final_answer")
 
 R1_INSTRUCTION = (
     " First output the thinking process in <think> </think> tags and then output the final answer in "
@@ -46,6 +52,10 @@ DYME_TEMPLATE = (
     "Your task is to answer the question below. Give step by step thinking before you answer, and when you're "
     'ready to answer, please use the format "Answer: .."\n\nQuestion:\n\n{question}'
 )
+# "final_answer": the instruction after the question, and the closing sentence of its targets. Chosen by measuring
+# SmolLM2-135M-Instruct's greedy accuracy on the gym's word_problems under several wordings (configs/smollm2_math.py).
+FINAL_ANSWER_INSTRUCTION = '\nEnd your reply with "The answer is N."'
+FINAL_ANSWER_SENTENCE = "The answer is {answer}."
 
 
 def _check_style(style: str) -> None:
@@ -69,13 +79,20 @@ def user_text(example: Mapping[str, Any], style: str, *, with_caption: bool = Fa
         return question + R1_INSTRUCTION + R1_SUFFIX[example.get("answer_type", "string")]
     if style == "dyme":
         return DYME_TEMPLATE.format(question=question)
+    if style == "final_answer":
+        return question + FINAL_ANSWER_INSTRUCTION
     return question
 
 
 def prompt_messages(example: Mapping[str, Any], style: str, *, with_caption: bool = False) -> list[dict]:
-    """Chat messages for `example`: one user turn with an image entry per image, then the text."""
-    content: list[dict[str, Any]] = [{"type": "image"} for _ in example.get("images", ())]
-    content.append({"type": "text", "text": user_text(example, style, with_caption=with_caption)})
+    """Chat messages for `example`: one user turn with an image entry per image, then the text; without images the
+    content is the text alone (a string: templates that concatenate strings, as SmolLM2's, need it)."""
+    text = user_text(example, style, with_caption=with_caption)
+    images = example.get("images", ())
+    if not images:
+        return [{"role": "user", "content": text}]
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
+    content.append({"type": "text", "text": text})
     return [{"role": "user", "content": content}]
 
 
@@ -100,4 +117,7 @@ def target_text(example: Mapping[str, Any], style: str) -> str:
         )
     if style == "r1":
         return f"<think>{reasoning}</think>\n<answer>{answer}</answer>"
+    if style == "final_answer":
+        closing = FINAL_ANSWER_SENTENCE.format(answer=answer)
+        return reasoning if reasoning.endswith(closing) else f"{reasoning} {closing}"
     return f"{reasoning}\nAnswer: {answer}"
