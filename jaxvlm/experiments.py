@@ -19,6 +19,9 @@ Comparisons (`COMPARISONS`):
 
 Results accumulate in `<out>/results.json` (an arm already there is not re-run), `<out>/RESULTS_TABLE.md` and
 `<out>/results.png` are rewritten after every arm.
+
+On a real checkpoint (`jaxvlm.experiments_text`): `--only smollm2_math --model-path DIR` runs base / SFT / GRPO / DyME
+of configs/smollm2_math.py (SmolLM2-135M-Instruct on the gym's word problems) per seed into `<out>/smollm2_math/`.
 """
 
 from __future__ import annotations
@@ -347,12 +350,32 @@ def plot(results: dict, path: str, floor: float | None = None) -> None:
 
 
 def main(argv=None) -> dict:
+    from jaxvlm import experiments_text
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--only", default=",".join(COMPARISONS), help="comma-separated comparisons")
+    parser.add_argument(
+        "--only",
+        default=",".join(COMPARISONS),
+        help=f"comma-separated comparisons: {', '.join(COMPARISONS)} (the gym, tiny model), or "
+        f"{experiments_text.NAME} (a real checkpoint: --model-path)",
+    )
     parser.add_argument("--budget", default="quick", choices=sorted(BUDGETS))
+    experiments_text.add_arguments(parser)
     args = parser.parse_args(argv)
+    only = [c for c in args.only.split(",") if c]
+    unknown = [c for c in only if c not in (*COMPARISONS, experiments_text.NAME)]
+    if unknown:
+        parser.error(
+            f"--only: unknown comparison(s) {unknown}; known: {', '.join(COMPARISONS)}, {experiments_text.NAME}"
+        )
+    if experiments_text.NAME in only:
+        text_results = experiments_text.main_from_args(args)
+        only.remove(experiments_text.NAME)
+        if not only:
+            return {experiments_text.NAME: text_results}
+    args.only = ",".join(only)
     b = BUDGETS[args.budget]
     out = os.path.join(args.out, args.budget)
     os.makedirs(out, exist_ok=True)
