@@ -67,9 +67,10 @@ Where the two cannot match exactly (closest choice taken):
     truncated completions stay in the loss on both sides.
   * Reward std: jaxvlm logs the population std; it is converted to TRL's Bessel-corrected std here.
   * Wall time: TRL's per optimizer step, from its step-end callbacks (generation, rewards, reference and policy
-    passes, the update); jaxvlm's `time/step_s` (the same work; its first step includes XLA compilation). The sides
-    run one after the other, each side's load average at its start and end is recorded (a shared machine's load
-    slows the two unevenly).
+    passes, the update); jaxvlm's `time/step_s` (the same work; its first step includes XLA compilation). Of that,
+    `rollout_s`: TRL's `_generate` (sampling, decoding), jaxvlm's `time/rollout_s` (the same plus the rewards).
+    The sides run one after the other, each side's load average at its start and end is recorded (a shared
+    machine's load slows the two unevenly).
   * Mesh and data-loader settings have no TRL counterpart (one CPU process); evaluation stages are ignored.
 
 torch, transformers' models, trl and datasets are imported inside the TRL-side functions only.
@@ -483,6 +484,7 @@ def run_jaxvlm(cfg, workdir: str) -> dict:
                 "grad_norm": r.get("train/grad_norm"),
                 "learning_rate": r.get("train/learning_rate"),
                 "wall_s": r.get("train/time/step_s"),
+                "rollout_s": r.get("train/time/rollout_s"),
             }
         )
     evals = [r for r in records if "eval/accuracy" in r and r.get("eval/stage") == name]
@@ -583,6 +585,16 @@ def run_trl(cfg, plan: Sequence[Sequence[dict]], output_dir: str) -> dict:
 
     clock = StepClock()
     trainer.add_callback(clock)
+    generate, generation_seconds = trainer._generate, []
+
+    def timed_generate(prompts):  # sampling and decoding, as jaxvlm's time/rollout_s (which adds the rewards)
+        start = time.perf_counter()
+        try:
+            return generate(prompts)
+        finally:
+            generation_seconds.append(time.perf_counter() - start)
+
+    trainer._generate = timed_generate
     trainer.remove_callback(PrinterCallback)  # the per-step dicts are in results.json
     start = time.perf_counter()
     trainer.train()
@@ -594,8 +606,10 @@ def run_trl(cfg, plan: Sequence[Sequence[dict]], output_dir: str) -> dict:
     updates = stage.mini_batches * stage.loss.num_iterations
     entries = [e for e in trainer.state.log_history if "train_runtime" not in e and "step" in e]
     seconds = np.diff(clock.marks).tolist()
-    for entry, s in zip(entries, seconds):
+    for k, (entry, s) in enumerate(zip(entries, seconds)):
         entry["_wall_s"] = s
+        if k % updates == 0 and k // updates < len(generation_seconds):
+            entry["_rollout_s"] = generation_seconds[k // updates]
     reward_names = rewards.display_names(stage.rewards)
     steps = []
     for k, group in enumerate(_per_step(entries, updates)):
@@ -614,6 +628,7 @@ def run_trl(cfg, plan: Sequence[Sequence[dict]], output_dir: str) -> dict:
                 "grad_norm": _mean(group, "grad_norm"),
                 "learning_rate": group[0].get("learning_rate"),
                 "wall_s": float(sum(e.get("_wall_s", 0.0) for e in group)),
+                "rollout_s": group[0].get("_rollout_s"),
             }
         )
     rows = stage.data.batch_size * stage.sampling.num_generations
@@ -966,11 +981,13 @@ def summary(results: dict) -> str:
             steps = entry[side]["steps"]
             rewards_ = [s["reward"] for s in steps if s["reward"] is not None]
             walls = [s["wall_s"] for s in steps[1:] if s["wall_s"] is not None] or [steps[0]["wall_s"]]
+            rollout = [s["rollout_s"] for s in steps[1:] if s.get("rollout_s") is not None] or [np.nan]
             third = max(1, len(rewards_) // 3)
             acc = (entry[side].get("eval_after") or {}).get("accuracy")
             lines.append(
                 f"seed {seed} {side:>6}: reward first third {np.mean(rewards_[:third]):.3f}, last third "
-                f"{np.mean(rewards_[-third:]):.3f}; median step {np.median(walls):.2f} s; held-out accuracy "
+                f"{np.mean(rewards_[-third:]):.3f}; median step {np.median(walls):.2f} s (sampling "
+                f"{np.median(rollout):.2f} s); held-out accuracy "
                 f"{'n/a' if acc is None else f'{acc:.4f}'}"
             )
         for name in ("parity_step0", "parity_trained"):
