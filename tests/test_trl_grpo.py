@@ -104,6 +104,34 @@ def test_mapping_of_configs_grpo_tiny():
     )
 
 
+def test_mapping_of_configs_smollm2_math():
+    """configs/smollm2_math.py:grpo (the comparison this module was written for): its sizes and TRL-like settings."""
+    cfg = trl_grpo.load_config(os.path.join(REPO, "configs", "smollm2_math.py") + ":grpo")
+    cfg.model.update(path="checkpoint", remat="none")  # resolved, never read (remat given: no config.json needed)
+    got = trl_grpo.grpo_config_from_jaxvlm(cfg)
+    expected = dict(
+        num_generations=4,
+        generation_batch_size=16,  # 4 prompts x G 4
+        per_device_train_batch_size=16,
+        gradient_accumulation_steps=1,
+        max_steps=40,
+        beta=0.04,
+        loss_type="grpo",
+        scale_rewards="group",
+        reward_weights=[1.0, 1.0],
+        learning_rate=5e-6,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        temperature=1.0,
+        bf16=False,
+        gradient_checkpointing=False,
+    )
+    assert {k: got[k] for k in expected} == expected
+    assert got["max_completion_length"] == cfg.stages.grpo.sampling.max_new_tokens
+
+
 def test_mapping_of_every_other_setting():
     """Non-default values of every mapped key land where they should."""
     cfg = grpo_config(
