@@ -16,38 +16,60 @@ rollouts; an SFT example counts as one prompt) and the same held-out evaluation:
 
 `--config.model.path` names a Hugging Face checkpoint directory (its tokenizer and chat template are used; nothing is
 downloaded); without it the run stops at start-up (`config.model.path: this config trains a real checkpoint ...`).
-"" is the grpo arm. `<arm>_tiny` variants are the same arms at CI size (2 steps, 8 evaluated problems, 16 new
-tokens; tests/test_smollm2_math.py runs them on a tiny random checkpoint).
+"" is the grpo arm. `<arm>_tiny` variants are the same arms at CI size (2 steps, 8 evaluated problems, room for any
+tokenizer's prompts and references; tests/test_smollm2_math.py runs them on a tiny random Llama checkpoint).
 
 Data: the gym's `word_problems` (jaxvlm.data.gym): "Tom has 5 apples, buys 3 more and then gives 2 to Anna. How many
-apples does Tom have now?", 1 event (difficulty 0), 2 (1) or 3 (2), small numbers (start 2-12, each event 1-9).
-Training draws from the train split, the evaluation from the test split (`EVAL_SPLIT`; validation for tuning:
-`--config.eval.sources[0].split=validation`); splits never share a problem (the gym's signature hash).
+apples does Tom have now?", 1 event (difficulty 0), 2 (1) or 3 (2), small numbers (start 2-12, each event 1-9). The
+reference reasoning: "Tom starts with 5 apples. After buying 3 more, Tom has 5 + 3 = 8 apples. After giving 2 to
+Anna, Tom has 8 - 2 = 6 apples. The answer is 6." Training draws from the train split, the evaluation from the test
+split (`EVAL_SPLIT`; the validation split for tuning: `--config.eval.sources[0].split=validation`, for the base arm
+`--config.stages.base.data.sources[0].split=validation`); splits never share a problem (the gym's signature hash).
 
-Why these choices (measured with transformers `generate`, greedy, 96 new tokens, SmolLM2's own chat template, on 32
-validation problems per cell; the standard error of one cell is about 0.09):
+Why these values. Calibration with transformers `generate` (greedy, 96 new tokens, SmolLM2's own chat template),
+32 validation problems per cell, so a cell's standard error is about 0.09:
 
-  * Task mix `DIFFICULTIES = (0, 0, 1)`: two thirds one-event, one third two-event problems. The base model is right
-    on 0.47 of one-event problems with this prompt, but on 0.00-0.03 of two-event ones (it does the first event
-    and stops) and 0.00-0.09 of three-event ones; the mix puts the base near 0.3, so RL has room up and down, and
-    the two-event third is where learning to carry on past the first step shows.
+  * Task mix `DIFFICULTIES = (0, 0, 1)`: two thirds one-event, one third two-event problems. With this prompt the
+    base model is right on 0.47 of one-event problems, 0.00-0.03 of two-event ones (it does the first event and
+    stops) and 0.00-0.09 of three-event ones. Measured in jaxvlm on the 192-problem validation set of the mix: base
+    0.276 (one event 0.406, two events 0.016), inside the 25-60% window, with room up and down; the two-event third
+    is where carrying on past the first step shows. (A first wording, one sentence per event, "Leo has 5 cards. Leo
+    buys 4 more.", scored 0.16 on one event: the model does better with the events in one sentence.)
   * Prompt style "final_answer" (jaxvlm.data.prompts): the question, then `End your reply with "The answer is N."`.
-    On one-event problems: 0.47 correct (last number), 0.41-0.47 of replies end with the sentence, none cut at 96
-    tokens. Alternatives measured: the bare question 0.34 (19% cut at 96 tokens, rambling on), `End your reply
-    with "Answer: N"` 0.38, `Put the final answer in \\boxed{}` 0.41 by last number but 0.00 by the box's content
-    (19% write one box, never the right number), "Think step by step, then finish with ..." 0.33 on the old
-    `word_arithmetic` task (it reasons at length and is cut off). No system prompt is added: the chat template puts
-    in its own.
-  * Rewards: accuracy reads the LAST NUMBER of the completion (`extract: last_number`: the model's closing sentence
-    when it writes one, else its last result; a reply that runs on after the answer loses it), compared as a
-    number with tolerance 0 (`use_math_verify: False`: the answers are integers, no math-verify worker needed);
-    format: `format_final_answer` (exactly one "The answer is N." and it closes the reply). DyME adds `think_f1`
-    (the text before the last number against the reference's word lemmas). The SFT references are the gym's
-    reasoning, which ends with the same sentence.
-  * G 4, 4 prompts per step (16 rollouts), 96 new tokens (one-event references are ~35 tokens, two-event ~55,
-    three-event ~75 with SmolLM2's tokenizer; DyME's memorised references must fit the rollout width),
-    temperature 1.0 (TRL's default), β 0.04 k3, ε 0.2, loss_type "grpo", float32 (the CPU), constant lr.
-  * lr `RL_LR` / `SFT_LR` and the step budget `STEPS`: see the constants below, measured on the real model.
+    One-event problems: 0.47 correct by last number, 0.41-0.47 of replies end with the sentence, none cut at 96
+    tokens. Alternatives: the bare question 0.34 (19% of replies cut at 96 tokens), `End your reply with
+    "Answer: N"` 0.38, `Put the final answer in \\boxed{}` 0.41 by last number but 0.00 by the box's content (19%
+    write one box, never with the right number), "Show your working, then finish with ..." 0.41 (25% cut), "Work it
+    out, then end with ..." 0.44 (22% cut), "Think step by step, then finish with ..." 0.33 on word_arithmetic
+    (long reasoning, cut off). No system prompt is added: the chat template puts in its own.
+  * Rewards: accuracy reads the LAST NUMBER of the reply (`extract: last_number`: the closing sentence when there is
+    one, else the last result; a reply that runs on after its answer loses it) and compares it as a number,
+    tolerance 0 (`use_math_verify: False`: integer answers, no math-verify worker). Format: `format_final_answer`
+    (exactly one "The answer is N.", closing the reply); base replies meet it 0.28 of the time on validation (the
+    others ramble on, "This is a classic example of a logical fallacy ...", or repeat the sentence). DyME adds
+    `think_f1` (the text before the last number against the reference's word lemmas). The SFT references are the
+    gym's reasoning, which ends with the same sentence.
+  * G 4, 4 prompts per step (16 rollouts), temperature 1.0 (TRL's default; the rollouts' accuracy is ~0.1, far
+    below greedy: most groups have no correct rollout), β 0.04 with k3 (GRPO; DyME: 0), ε 0.2, μ 1, loss_type
+    "grpo", constant lr without warmup, grad clip 1.0, float32 (the CPU).
+  * 64 new tokens (`MAX_NEW_TOKENS`, rollouts, DyME's memorised references and the evaluation) and prompts padded to
+    80 tokens: with SmolLM2's tokenizer references are <= 39 / 60 / 81 tokens with end-of-turn and prompts 59-64 /
+    64-71 / 69-78 (1 / 2 / 3 events), so the mix fits (three-event references do not fit DyME's 64: raise
+    MAX_NEW_TOKENS to use difficulty 2 with DyME). 64 instead of 96 cuts every step's and the evaluation's tokens
+    by a third; base replies average 36 tokens.
+  * lr, measured (GRPO, 12 steps, one seed, validation, base 0.276 / format 0.28): 1e-6 -> 0.302 (format 0.42, KL
+    0.001); 5e-6 -> 0.427 (one event 0.61, two 0.06; format 0.67, KL 0.02; the rambling replies drop from 32% to
+    10%); 1e-5 -> 0.297 (format 0.48, KL 0.05: the replies now repeat "The answer is N." (37%) and the arithmetic
+    gets worse). `RL_LR = 5e-6` for GRPO and DyME. SFT at `SFT_LR = 1e-5` (DyME's SFT baseline lr, docs/methods.md
+    §7), 12 steps: loss 0.74 -> 0.09, validation 0.719 (one event 0.81, two 0.53; the replies copy the reference
+    template, think F1 0.97).
+  * Steps `STEPS = 12` per arm (48 prompts): a GRPO run of 12 steps + the 192-problem evaluation used 725-745 CPU
+    seconds (user + system; 734-896 s wall with another 1-core job on this 2-core machine): per step ~40 CPU s
+    (16 rollouts of 64 tokens, the KL reference's forward, one update of 16 x 144 tokens), the evaluation ~130,
+    start-up and compilation ~60. On both cores to itself that is ~7-8 minutes (JAX used ~1.5 cores when it had
+    them): 5-8 minutes per GRPO run keeps base + SFT + GRPO + DyME for 3 seeds, and a TRL GRPO run per seed, under
+    two hours on this CPU. An SFT run of 12 steps: 247 CPU s. Another budget:
+    `--config.stages.<arm>.steps=N`, or `--steps N` for the runner.
 
 Sizes and lr were tuned on the validation split; the comparison's numbers are on the test split.
 """
@@ -79,9 +101,9 @@ NUM_GENERATIONS = 4  # G
 PROMPTS_PER_STEP = 4  # RL: 4 prompts x G 4 = 16 rollouts per step; SFT: 4 examples per step (the same prompts)
 MAX_NEW_TOKENS = 64  # rollouts, DyME's reference width and the evaluation
 MAX_PROMPT_LENGTH = 80  # SmolLM2's system prompt + question + instruction: 59-64 / 64-71 / 69-78 tokens (1/2/3 events)
-STEPS = 40  # per arm; prompts per arm = STEPS x PROMPTS_PER_STEP (see the docstring for the timing)
-RL_LR = 5e-6
-SFT_LR = 1e-5
+STEPS = 12  # per arm; prompts per arm = STEPS x PROMPTS_PER_STEP = 48 (the docstring: timing)
+RL_LR = 5e-6  # GRPO and DyME (measured against 1e-6 and 1e-5: the docstring)
+SFT_LR = 1e-5  # DyME's SFT baseline lr
 TEMPERATURE = 1.0
 
 # The CI forms: every arm through the real trainer in seconds on a tiny random checkpoint. Room for prompts and
