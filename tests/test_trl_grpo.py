@@ -114,7 +114,7 @@ def test_mapping_of_configs_smollm2_math():
         generation_batch_size=16,  # 4 prompts x G 4
         per_device_train_batch_size=16,
         gradient_accumulation_steps=1,
-        max_steps=40,
+        max_steps=12,  # configs/smollm2_math.py STEPS
         beta=0.04,
         loss_type="grpo",
         scale_rewards="group",
