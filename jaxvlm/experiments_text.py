@@ -66,9 +66,9 @@ def arm_config(
     c.model.path = model_path
     c.train.progress = False
     if eval_split:
-        c.eval.sources[0].split = eval_split
+        c.eval.sources[0]["split"] = eval_split
         if arm == "base":
-            c.stages.base.data.sources[0].split = eval_split
+            c.stages.base.data.sources[0]["split"] = eval_split
     if steps and arm != "base":
         c.stages[arm].steps = steps
     configuration.check_config(c)
@@ -162,7 +162,7 @@ def table(results: dict) -> str:
         accs = [r["accuracy"] for r in seeds.values()]
         p, n = float(np.mean(accs)), int(np.mean([r["examples"] for r in seeds.values()]))
         cells = [
-            LABELS[arm] + (" (greedy: the same for every seed, run once)" if arm == "base" else ""),
+            LABELS[arm] + (" [run once: greedy decoding is the same for every seed]" if arm == "base" else ""),
             str(len(seeds)),
             "/".join(str(x) for x in sorted({r["prompts"] for r in seeds.values()})),
             f"**{_pm(accs)}**",

@@ -57,6 +57,13 @@ def test_arms_share_the_prompt_budget_and_the_evaluation(tiny):
         names = [spec.name for spec in rewards.parse_reward_specs(list(s.rewards))]
         assert names[0] == "format_final_answer" and names[-1] == "accuracy" and s.accuracy_reward == "accuracy"
     assert configs["grpo"].stages.grpo.loss.kl_estimator == "k3"
+    for arm in experiments_text.ARMS:  # the runner's --eval-split and --steps
+        c = experiments_text.arm_config(arm, 0, "/ckpt", tiny=tiny, eval_split="validation", steps=3)
+        assert c.eval.sources[0]["split"] == "validation" and c.eval.sources[0]["tasks"] == (recipe.TASK,)
+        if arm == "base":
+            assert c.stages.base.data.sources[0]["split"] == "validation"
+        else:
+            assert c.stages[arm].steps == 3 and c.stages[arm].data.sources[0]["split"] == "train"
     if not tiny:
         assert 64 <= recipe.MAX_NEW_TOKENS <= 96 and 150 <= recipe.EVAL_EXAMPLES <= 256
         assert configs["dyme"].stages.dyme.loss.dyme_granularity == "prompt"
