@@ -528,3 +528,36 @@ def test_loss_parity_and_a_trl_step(tmp_path, text_tokenizer, digits_reward):
     assert step["rewards"][DIGITS_REWARD] == pytest.approx(step["reward"])
     assert step["learning_rate"] == pytest.approx(1e-3)
     assert os.path.isfile(os.path.join(trl_side["model_dir"], "config.json"))
+
+
+@pytest.mark.slow
+def test_jaxvlm_run_and_trl_replay(tmp_path, text_tokenizer, digits_reward):
+    """jaxvlm's trainer scores the planned prompts in order (the recorder), and TRL trained on its recorded rollouts
+    follows it step by step: loss, KL and gradient norm at every step, and the final weights."""
+    pytest.importorskip("trl")
+    from jaxvlm import runtime
+
+    base = tiny_llama(str(tmp_path / "base"), text_tokenizer)
+    cfg = trl_grpo.bench_config(
+        grpo_config(
+            base,
+            steps=3,
+            rewards=[DIGITS_REWARD],
+            accuracy_reward="",
+            sampling=dict(num_generations=4, max_new_tokens=12, temperature=1.0),
+            loss=dict(beta=0.1),
+        ),
+        base,
+        seed=0,
+    )
+    spec = configuration.resolve(cfg)
+    plan = trl_grpo.prompt_plan(cfg, text_tokenizer, runtime.model_config(spec.model))
+    side = trl_grpo.run_jaxvlm(cfg, str(tmp_path / "jax"))
+    trl_grpo.check_same_prompts(plan, side["scored_ids"], "jaxvlm")
+    assert [s["step"] for s in side["steps"]] == [1, 2, 3] and side["eval_after"]["examples"] == 4
+    assert side["steps"][2]["kl"] > 0
+    replay = trl_grpo.replay_in_trl(cfg, plan, side, str(tmp_path / "replay"))
+    assert len(replay["steps"]) == 3
+    assert replay["loss_max_abs_diff"] < 1e-5 and replay["kl_max_abs_diff"] < 1e-5, replay
+    assert replay["grad_norm_max_rel_diff"] < 1e-3, replay
+    assert replay["final_weights_rel_diff"] < 1e-2, replay

@@ -1,7 +1,7 @@
 """The same GRPO run in TRL and in jaxvlm: same checkpoint, prompts in the same order, rewards and hyperparameters.
 
     python -m jaxvlm.bench.trl_grpo --model-path DIR --config configs/smollm2_math.py:grpo --seeds 0,1,2 --out OUT \\
-        [--steps N]
+        [--steps N] [--replay]
 
 For each seed, on the checkpoint DIR:
   (a) TRL's `GRPOTrainer` (torch, CPU, no vLLM), configured by `grpo_config_from_jaxvlm(config)`;
@@ -14,7 +14,10 @@ recorded by a reward of weight 0, `recording_prompts`). The rewards are jaxvlm's
 (`trl_reward_funcs` wraps them for TRL, decoding TRL's completion ids as jaxvlm decodes its own). Before the runs,
 `loss_parity` scores jaxvlm's step-0 rollouts with both implementations (same old / reference log-probs) and records
 the loss, KL, clip fraction, gradient norm and log-prob differences; after them, the same check with jaxvlm's trained
-model as the policy (the ratio, the clip and the KL term are then all at work).
+model as the policy (the ratio, the clip and the KL term are then all at work). With --replay, TRL's trainer is also
+run on jaxvlm's own recorded rollouts, step by step (`replay_in_trl`): the same algorithm gives the same loss, KL and
+gradient norm at every step and nearly the same final weights, so what differs between the two independent runs is
+what they sampled.
 Held-out accuracy before and after: jaxvlm's evaluator (`evaluation.evaluate` on `evaluation.task_for_stage`, greedy,
 the config's `eval` section), for the base checkpoint, for TRL's model (`save_pretrained`, read back by jaxvlm) and,
 from the jaxvlm trainer's own end-of-stage evaluation (the same function and task), for jaxvlm's model.
@@ -412,6 +415,40 @@ def recording_prompts():
         rewards.REWARDS.pop(RECORDER_REWARD, None)
 
 
+@contextlib.contextmanager
+def recording_update_batches():
+    """For the duration, every GRPO update batch jaxvlm's trainer assembles (`rollouts.grpo_update_batch`: the rollout
+    rows [R, ...] with their advantages) is also kept, as host arrays, in the yielded list (one dict per step)."""
+    from jaxvlm import rollouts
+
+    batches: list[dict[str, np.ndarray]] = []
+    assemble = rollouts.grpo_update_batch
+
+    def recording(rows, *args, **kwargs):
+        out = assemble(rows, *args, **kwargs)
+        batches.append({k: np.array(v) for k, v in out[0].items() if k in REPLAY_FIELDS})
+        return out
+
+    rollouts.grpo_update_batch = recording
+    try:
+        yield batches
+    finally:
+        rollouts.grpo_update_batch = assemble
+
+
+REPLAY_FIELDS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "old_logp")
+
+
+def save_batches(path: str, batches: Sequence[Mapping[str, np.ndarray]]) -> None:
+    np.savez_compressed(path, **{f"{k}/{field}": v for k, b in enumerate(batches) for field, v in b.items()})
+
+
+def load_batches(path: str) -> list[dict[str, np.ndarray]]:
+    with np.load(path) as data:
+        steps = sorted({int(key.split("/")[0]) for key in data.files})
+        return [{field: data[f"{k}/{field}"] for field in REPLAY_FIELDS if f"{k}/{field}" in data.files} for k in steps]
+
+
 def with_recorder(cfg, stage_name: str):
     """A copy of `cfg` whose stage also scores with the recorder, at weight 0."""
     cfg = copy.deepcopy(cfg)
@@ -448,7 +485,8 @@ def _mean(entries: list[dict], key: str) -> float | None:
 
 def run_jaxvlm(cfg, workdir: str) -> dict:
     """jaxvlm's trainer on `cfg` (see `bench_config`) in `workdir`: per-step metrics, the end-of-stage held-out
-    evaluation, the example ids it scored per step, wall times."""
+    evaluation, the example ids it scored per step, wall times. Its update batches are written to
+    `workdir`/update_batches.npz (`replay_in_trl` trains TRL on them)."""
     from jaxvlm import trainer
     from jaxvlm.metrics import read_metrics
 
@@ -456,12 +494,13 @@ def run_jaxvlm(cfg, workdir: str) -> dict:
     _, stage, plan = resolved_stage(cfg)
     g = stage.sampling.num_generations
     shutil.rmtree(workdir, ignore_errors=True)  # a fresh run: a resumed one would score only the remaining steps
-    with recording_prompts() as log:
+    with recording_prompts() as log, recording_update_batches() as batches:
         start = time.perf_counter()
         result = trainer.run(with_recorder(cfg, name), workdir)
         wall = time.perf_counter() - start
     if not result["finished"]:
         raise RuntimeError(f"{workdir}: the jaxvlm run stopped before its end")
+    save_batches(os.path.join(workdir, "update_batches.npz"), batches)
     records = read_metrics(workdir)
     train = [r for r in records if "train/reward" in r and r.get("train/stage") == name]
     rows = stage.data.batch_size * g
@@ -495,6 +534,7 @@ def run_jaxvlm(cfg, workdir: str) -> dict:
         "train_wall_s": wall,
         "planned_steps": plan.steps,
         "final_model": os.path.join(workdir, "final_model"),
+        "update_batches": os.path.join(workdir, "update_batches.npz"),
     }
 
 
@@ -639,6 +679,88 @@ def run_trl(cfg, plan: Sequence[Sequence[dict]], output_dir: str) -> dict:
         "model_dir": model_dir,
         "arguments": {k: _plain(v) for k, v in trainer.args.to_dict().items() if k in TRL_REPORTED},
     }
+
+
+def _trl_inputs(trainer, rows: Mapping[str, np.ndarray], old_logp: bool):
+    """GRPOTrainer's training inputs (what `_generate_and_score_completions` returns) for jaxvlm's rollout rows
+    [R, ...]: the reference log-probs from TRL's own reference model; the old log-probs the sampler's (`old_logp`)
+    or, as TRL does when generation and updates line up, none (log pi.detach())."""
+    import torch
+
+    def tensor(x, dtype):
+        return torch.as_tensor(np.array(x)).to(dtype)
+
+    inputs = {
+        "prompt_ids": tensor(rows["prompt_ids"], torch.long),
+        "prompt_mask": tensor(rows["prompt_mask"], torch.long),
+        "completion_ids": tensor(rows["completion_ids"], torch.long),
+        "completion_mask": tensor(rows["completion_mask"], torch.long),
+        "advantages": tensor(rows["advantages"], torch.float32),
+    }
+    inputs["num_items_in_batch"] = inputs["completion_mask"].sum()
+    if old_logp:
+        inputs["old_per_token_logps"] = tensor(rows["old_logp"], torch.float32)
+    if trainer.beta != 0.0:
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        with torch.no_grad():
+            inputs["ref_per_token_logps"], _, _ = trainer._get_per_token_logps_and_entropies(
+                trainer.ref_model, ids, mask, inputs["completion_ids"].shape[1]
+            )
+    return inputs
+
+
+def replay_in_trl(cfg, plan: Sequence[Sequence[dict]], jaxvlm_side: Mapping[str, Any], output_dir: str) -> dict:
+    """TRL's GRPOTrainer trained on jaxvlm's own rollouts, step by step (its generation replaced by jaxvlm's recorded
+    update batches; everything else, reference forward, loss, clipping, AdamW, schedule, is TRL's loop), next to
+    jaxvlm's logged loss, KL and gradient norm for the same steps; and how far TRL's final weights are from jaxvlm's,
+    relative to jaxvlm's whole update. Same algorithm: the columns agree to float noise and the distance is small. A
+    step whose sampled rollouts differ is then the only source of the two independent runs' differences."""
+    from transformers import AutoModelForCausalLM, PrinterCallback
+
+    batches = load_batches(jaxvlm_side["update_batches"])
+    trainer, _ = trl_trainer(cfg, plan, output_dir, max_steps=len(batches) * _updates_per_step(cfg))
+    trainer.remove_callback(PrinterCallback)
+    queue = list(batches)
+    trainer._generate_and_score_completions = lambda generation_batch: _trl_inputs(trainer, queue.pop(0), False)
+    trainer.train()
+    torch = _torch_setup(cfg.seed)
+    updates = _updates_per_step(cfg)
+    logged = [e for e in trainer.state.log_history if "loss" in e and "train_runtime" not in e]
+    steps = []
+    for k, (group, ours) in enumerate(zip(_per_step(logged, updates), jaxvlm_side["steps"])):
+        steps.append(
+            {
+                "step": k + 1,
+                "jaxvlm_loss": ours["loss"],
+                "trl_loss": _mean(group, "loss"),
+                "jaxvlm_kl": ours["kl"],
+                "trl_kl": _mean(group, "kl"),
+                "jaxvlm_grad_norm": ours["grad_norm"],
+                "trl_grad_norm": _mean(group, "grad_norm"),
+            }
+        )
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32).state_dict()
+    ours = AutoModelForCausalLM.from_pretrained(jaxvlm_side["final_model"], dtype=torch.float32).state_dict()
+    theirs = trainer.model.state_dict()
+    apart = sum(float(((ours[k] - theirs[k].detach()) ** 2).sum()) for k in base)
+    moved = sum(float(((ours[k] - base[k]) ** 2).sum()) for k in base)
+    return {
+        "steps": steps,
+        "loss_max_abs_diff": max(abs(s["jaxvlm_loss"] - s["trl_loss"]) for s in steps),
+        "kl_max_abs_diff": max(abs(s["jaxvlm_kl"] - s["trl_kl"]) for s in steps)
+        if steps[0]["trl_kl"] is not None
+        else None,
+        "grad_norm_max_rel_diff": max(
+            abs(s["jaxvlm_grad_norm"] - s["trl_grad_norm"]) / s["jaxvlm_grad_norm"] for s in steps
+        ),
+        "final_weights_rel_diff": math.sqrt(apart / max(moved, 1e-30)),
+    }
+
+
+def _updates_per_step(cfg) -> int:
+    _, stage, _ = resolved_stage(cfg)
+    return stage.mini_batches * stage.loss.num_iterations
 
 
 TRL_REPORTED = (
@@ -813,31 +935,14 @@ def trl_loss_on_rows(cfg, prompts: list[dict], rows: Mapping[str, np.ndarray], p
     model.train()
     trainer.current_gradient_accumulation_steps = 1
 
-    def tensor(x, dtype):
-        return torch.as_tensor(np.array(x)).to(dtype)
-
-    completion_ids, completion_mask = (
-        tensor(rows["completion_ids"], torch.long),
-        tensor(rows["completion_mask"], torch.long),
-    )
-    inputs = {
-        "prompt_ids": tensor(rows["prompt_ids"], torch.long),
-        "prompt_mask": tensor(rows["prompt_mask"], torch.long),
-        "completion_ids": completion_ids,
-        "completion_mask": completion_mask,
-        "advantages": tensor(rows["advantages"], torch.float32),
-        "old_per_token_logps": tensor(rows["old_logp"], torch.float32),
-        "num_items_in_batch": completion_mask.sum(),
-    }
-    input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
-    attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
-    n = completion_ids.shape[1]
-    ref = None
+    inputs = _trl_inputs(trainer, rows, True)
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
     with torch.no_grad():
-        if trainer.beta != 0.0:
-            ref, _, _ = trainer._get_per_token_logps_and_entropies(trainer.ref_model, input_ids, attention_mask, n)
-            inputs["ref_per_token_logps"] = ref
-        logp, _, _ = trainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, n)
+        logp, _, _ = trainer._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, inputs["completion_ids"].shape[1]
+        )
+    ref = inputs.get("ref_per_token_logps")
     model.zero_grad()
     loss = trainer._compute_loss(model, inputs)
     loss.backward()
@@ -880,7 +985,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def run_seed(cfg, out: str, seed: int, steps: int, results: dict, save) -> None:
+def run_seed(cfg, out: str, seed: int, steps: int, results: dict, save, replay: bool = False) -> None:
     """Both sides for one seed, their prompt check, the parity checks and the TRL model's evaluation, each part
     written to `results` (and saved) as soon as it is done; parts already there are not run again."""
     from transformers import AutoTokenizer
@@ -925,6 +1030,11 @@ def run_seed(cfg, out: str, seed: int, steps: int, results: dict, save) -> None:
         save()
     check_same_prompts(plan, entry["trl"]["scored_ids"], "TRL's GRPOTrainer")
     entry["prompts_equal"] = True
+    if replay and "replay" not in entry:
+        trl_dir = os.path.join(root, "trl_replay")
+        shutil.rmtree(trl_dir, ignore_errors=True)
+        entry["replay"] = replay_in_trl(cfg, plan, entry["jaxvlm"], trl_dir)
+        save()
     if "eval_after" not in entry["trl"]:
         entry["trl"]["eval_after"] = evaluate_checkpoint(cfg, entry["trl"]["model_dir"], os.path.join(root, "eval_trl"))
         save()
@@ -990,6 +1100,13 @@ def summary(results: dict) -> str:
                 f"{np.median(rollout):.2f} s); held-out accuracy "
                 f"{'n/a' if acc is None else f'{acc:.4f}'}"
             )
+        if "replay" in entry:
+            r = entry["replay"]
+            lines.append(
+                f"seed {seed} replay (TRL trained on jaxvlm's rollouts): loss max |diff| {r['loss_max_abs_diff']:.1e}, "
+                f"KL max |diff| {r['kl_max_abs_diff']:.1e}, grad norm max rel diff {r['grad_norm_max_rel_diff']:.1e}, "
+                f"final weights |jaxvlm - TRL| / |jaxvlm - base| {r['final_weights_rel_diff']:.1e}"
+            )
         for name in ("parity_step0", "parity_trained"):
             if name in entry:
                 p = entry[name]
@@ -1008,6 +1125,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=0, help="rollout steps (0: the config's)")
+    parser.add_argument(
+        "--replay",
+        action="store_true",
+        help="also train TRL on jaxvlm's recorded rollouts, step by step (replay_in_trl)",
+    )
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     cfg = load_config(args.config)
@@ -1035,7 +1157,7 @@ def main(argv=None) -> dict:
         results["base_eval"] = evaluate_checkpoint(cfg, cfg.model.path, os.path.join(args.out, "eval_base"))
         save()
     for seed in [int(s) for s in args.seeds.split(",")]:
-        run_seed(cfg, args.out, seed, args.steps, results, save)
+        run_seed(cfg, args.out, seed, args.steps, results, save, replay=args.replay)
         for side in ("jaxvlm", "trl"):
             results["seeds"][str(seed)][side]["eval_before"] = results["base_eval"]
         save()
