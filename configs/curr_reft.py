@@ -36,7 +36,7 @@ from __future__ import annotations
 import ml_collections
 
 from jaxvlm.configuration import base_config, check_variant, gym_source, stage, use_tiny_model
-from jaxvlm.data.gym import TASK_STAGE
+from jaxvlm.data.gym import TASK_STAGE, TASKS
 
 VARIANTS = ("", "tiny")
 STAGES = ("judge", "choice", "open", "reject")
@@ -59,7 +59,7 @@ def _open_rewards(inclusive_iou: bool) -> list:
 
 
 def _tasks_of_stage(k: int) -> tuple[str, ...]:
-    return tuple(task for task, level in TASK_STAGE.items() if level == k)
+    return tuple(task for task in TASKS if TASK_STAGE[task] == k)  # the default suite: opt-in tasks stay out
 
 
 def _r1v(path: str, answer_type: str) -> dict:
