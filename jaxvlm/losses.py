@@ -16,13 +16,25 @@ KL estimators of KL(pi || pi_ref) per token (Schulman, "Approximating KL diverge
 l = clip(ref_logp - logp, -clamp, clamp):
     k1 = -l        k2 = l^2 / 2        k3 = exp(l) - l - 1
 
-Clipped policy-gradient term per token (PPO / GRPO / DAPO clip-higher / two-sided GRPO, coded as TRL codes it):
+Policy-gradient term per token, by `surrogate` (coded as TRL 1.16 codes its loss types in
+`GRPOTrainer._compute_loss`, trl/trainer/grpo_trainer.py), with sg = stop_gradient:
     l_t = clip(logp_t - old_logp_t, -c, c)
     r_t = exp(l_t)                                           importance="token"
     r_t = exp(sum_t m_t l_t / max(sum_t m_t, 1))              importance="sequence" (GSPO), same for every token
-    L_t = -min(c1 * A, c2 * A) + beta * KL_t,   c1 = min(r_t, delta) (c1 = r_t without delta),
-                                                c2 = clip(r_t, 1 - eps_low, 1 + eps_high)
-On policy (old_logp = stop_gradient(logp)), r = 1 and grad L_t = -A grad logp_t.
+    "clip"   L_t = -min(c1 * A, c2 * A),   c1 = min(r_t, delta) (c1 = r_t without delta),       PPO / GRPO / DAPO
+                                           c2 = clip(r_t, 1 - eps_low, 1 + eps_high)           clip-higher / two-sided
+    "cispo"  L_t = -sg(min(r_t, eps_max)) * A * logp_t                       CISPO (MiniMax-M1), TRL loss_type "cispo"
+    "sapo"   L_t = -(4 / tau) * sigmoid(tau * (r_t - 1)) * A,                SAPO, TRL loss_type "sapo"
+             tau = tau_pos if A > 0 else tau_neg
+    and then L_t += beta * KL_t.
+Gradients: "clip" is -r A grad logp inside the clip band and 0 outside it; "cispo" is -min(r, eps_max) A grad logp
+for every token (a capped token still learns, with a capped weight); "sapo" is -g(r) r A grad logp with the soft gate
+g(r) = 4 sigmoid(x) (1 - sigmoid(x)), x = tau (r - 1), which is 1 at r = 1 and decays smoothly off policy.
+On policy (old_logp = stop_gradient(logp)), r = 1 and grad L_t = -A grad logp_t for "clip" and "sapo", and
+-min(1, eps_max) A grad logp_t for "cispo" (the same when eps_max >= 1; TRL recommends eps_max = 5).
+TRL ties each of its two new loss types to one normalisation ("cispo" to the global token mean of "dapo", "sapo" to
+the sequence mean of "grpo"); here `aggregation` stays orthogonal to `surrogate`, and TRL's exact losses are
+(cispo, dapo) and (sapo, grpo).
 
 Aggregation: kernels return (loss_sum, normalizer) so that gradient accumulation over micro-batches is exact:
     loss = sum over micro-batches of loss_sum / max(sum over micro-batches of normalizer, 1)
@@ -45,6 +57,7 @@ ADVANTAGE_SCALES = ("group", "batch", "none")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 IMPORTANCE_LEVELS = ("token", "sequence")
 POLICY_AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
+POLICY_SURROGATES = ("clip", "cispo", "sapo")
 SFT_AGGREGATIONS = ("token", "sequence")
 
 
@@ -211,7 +224,19 @@ def kl_penalty(logp: Array, ref_logp: Array, estimator: str = "k3", clamp: float
 
 
 def _check_policy_settings(
-    eps_low, eps_high, delta, importance, beta, ref_logp, aggregation, max_completion_length, log_ratio_clamp
+    eps_low,
+    eps_high,
+    delta,
+    importance,
+    beta,
+    ref_logp,
+    aggregation,
+    max_completion_length,
+    log_ratio_clamp,
+    surrogate,
+    cispo_eps_max,
+    sapo_temperature_pos,
+    sapo_temperature_neg,
 ) -> None:
     _check_choice("importance", importance, IMPORTANCE_LEVELS)
     _check_choice("aggregation", aggregation, POLICY_AGGREGATIONS)
@@ -222,6 +247,12 @@ def _check_policy_settings(
         raise ValueError(f"eps_high must be >= 0, got {eps_high!r}")
     if delta is not None and (not isinstance(delta, numbers.Real) or not delta > 1 + eps_high):
         raise ValueError(f"delta (two-sided clip) must be > 1 + eps_high = {1 + eps_high}, got {delta!r}")
+    _check_choice("surrogate", surrogate, POLICY_SURROGATES)
+    if surrogate != "clip" and delta is not None:
+        raise ValueError(f"delta={delta!r} is the clip surrogate's two-sided clip; surrogate={surrogate!r} has none")
+    _check_positive("cispo_eps_max", cispo_eps_max)
+    _check_positive("sapo_temperature_pos", sapo_temperature_pos)
+    _check_positive("sapo_temperature_neg", sapo_temperature_neg)
     if ref_logp is None and not (isinstance(beta, numbers.Real) and beta == 0):
         raise ValueError(f"beta={beta!r} adds a KL penalty, which needs ref_logp (got None)")
     if aggregation == "dr_grpo" and (
@@ -261,12 +292,11 @@ def _masked_mean(x: Array, mask: Array) -> Array:
     return _safe_div(jnp.sum(x * mask), jnp.sum(mask))
 
 
-def _policy_metrics(ratio, advantages, mask, valid, eps_low, eps_high, kl, entropy) -> dict[str, Array]:
-    """Masked scalar diagnostics; 0 (never NaN) when there is no token."""
+def _policy_metrics(ratio, mask, valid, low, high, kl, entropy, extra) -> dict[str, Array]:
+    """Masked scalar diagnostics; 0 (never NaN) when there is no token. `low` / `high`: [B, T] bool, the tokens the
+    surrogate clipped on each side; `extra`: surrogate-specific [B, T] float per-token values, masked means."""
     tokens = jnp.sum(mask)
     any_token = tokens > 0
-    low = (ratio < 1 - eps_low) & (advantages < 0)
-    high = (ratio > 1 + eps_high) & (advantages > 0)
     metrics = dict(
         clip_low_fraction=_masked_mean(low.astype(jnp.float32), mask),
         clip_high_fraction=_masked_mean(high.astype(jnp.float32), mask),
@@ -279,6 +309,7 @@ def _policy_metrics(ratio, advantages, mask, valid, eps_low, eps_high, kl, entro
     )
     if entropy is not None:
         metrics["entropy"] = _masked_mean(entropy, mask)
+    metrics.update({name: _masked_mean(x, mask) for name, x in extra.items()})
     return jax.lax.stop_gradient(metrics)
 
 
@@ -299,16 +330,23 @@ def policy_loss(
     max_completion_length: int | None = None,
     entropy: Array | None = None,
     log_ratio_clamp: float = 20.0,
+    surrogate: str = "clip",
+    cispo_eps_max: float = 5.0,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
 ) -> tuple[Array, Array, dict[str, Array]]:
-    """Clipped surrogate loss of GRPO and its variants (DAPO, Dr. GRPO, BNPO, GSPO, two-sided clip).
+    """Policy loss of GRPO and its variants: the clipped surrogate (GRPO, DAPO, Dr. GRPO, BNPO, GSPO, two-sided clip),
+    CISPO and SAPO (module docstring: the formulas, as TRL 1.16 codes them).
 
     Args:
       logp: [B, T] log pi_theta of the completion tokens (the only input gradients should flow through).
       old_logp: [B, T] log pi_old of the same tokens (sampler log-probs, or stop_gradient(logp) on policy).
       advantages: [B] per-completion advantages (e.g. `group_advantages`).
       mask: [B, T] completion mask, nonzero on completion tokens. Masked positions never affect the loss.
-      eps_low, eps_high: c2 = clip(r, 1 - eps_low, 1 + eps_high) (DAPO's clip-higher when eps_high > eps_low).
-      delta: two-sided clip: c1 = min(r, delta) caps the ratio of negative-advantage tokens (> 1 + eps_high).
+      eps_low, eps_high: c2 = clip(r, 1 - eps_low, 1 + eps_high) (DAPO's clip-higher when eps_high > eps_low);
+        read by the "clip" surrogate only.
+      delta: two-sided clip: c1 = min(r, delta) caps the ratio of negative-advantage tokens (> 1 + eps_high);
+        "clip" surrogate only.
       importance: "token" ratios, or "sequence" (GSPO: exp of the row's masked mean log-ratio).
       ref_logp: [B, T] reference-model log-probs; needed when beta != 0, and enables the `kl` metric.
       beta: KL coefficient; adds beta * kl_penalty(logp, ref_logp, kl_estimator) per token.
@@ -317,15 +355,37 @@ def policy_loss(
       max_completion_length: int, the Dr. GRPO constant (required for "dr_grpo").
       entropy: optional [B, T] per-token entropies, only for the `entropy` metric.
       log_ratio_clamp: log pi - log pi_old is clipped to +-this before exp.
+      surrogate: "clip" (PPO's clipped ratio), "cispo" (stop-gradient weight min(r, cispo_eps_max) times A log pi)
+        or "sapo" (the soft gate (4 / tau) sigmoid(tau (r - 1)) in place of the clip).
+      cispo_eps_max: CISPO's cap on the importance weight (> 0). TRL has no field of its own for it: its "cispo"
+        reads `epsilon_high` (which defaults to `epsilon`, 0.2); 5.0 is the value TRL's docs recommend (ScaleRL).
+      sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures (> 0) for tokens with A > 0 and A <= 0
+        (TRL's defaults 1.0 and 1.05).
 
     Returns:
       (loss_sum, normalizer, metrics): float32 scalars with loss = loss_sum / max(normalizer, 1) for one batch, and
       sum(loss_sum) / max(sum(normalizer), 1) over accumulated micro-batches. metrics (float32 scalars, no
       gradient): clip_low_fraction, clip_high_fraction, clip_region_fraction, ratio_min, ratio_mean, ratio_max,
-      kl (masked mean, 0 without ref_logp), entropy (only when given), tokens (sum of the mask).
+      kl (masked mean, 0 without ref_logp), entropy (only when given), tokens (sum of the mask). The clip fractions
+      are token fractions: "clip": r < 1 - eps_low with A < 0 (low), r > 1 + eps_high with A > 0 (high), either
+      (region: the tokens without gradient). "cispo": low 0 (no lower bound); high = region = r > eps_max with
+      A > 0 (TRL's cispo_clip_ratio); plus cispo_capped_fraction: r > eps_max whatever A (every capped weight).
+      "sapo": all three 0 (nothing is clipped); plus sapo_gate_mean, the masked mean of the gate g(r) (1 on policy).
     """
     _check_policy_settings(
-        eps_low, eps_high, delta, importance, beta, ref_logp, aggregation, max_completion_length, log_ratio_clamp
+        eps_low,
+        eps_high,
+        delta,
+        importance,
+        beta,
+        ref_logp,
+        aggregation,
+        max_completion_length,
+        log_ratio_clamp,
+        surrogate,
+        cispo_eps_max,
+        sapo_temperature_pos,
+        sapo_temperature_neg,
     )
     _check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     logp = jnp.asarray(logp, jnp.float32)
@@ -342,15 +402,34 @@ def policy_loss(
     # loss or its gradient.
     log_ratio = jnp.where(valid, logp - jnp.asarray(old_logp, jnp.float32), 0.0)
     log_ratio = jnp.clip(log_ratio, -log_ratio_clamp, log_ratio_clamp)
-    ratio = _importance_ratio(log_ratio, mask_f, importance)
-    adv = jnp.asarray(advantages, jnp.float32)[:, None]
-    clipped_ratio = jnp.clip(ratio, 1 - eps_low, 1 + eps_high)
-    capped_ratio = ratio if delta is None else jnp.minimum(ratio, delta)
-    per_token = -jnp.minimum(capped_ratio * adv, clipped_ratio * adv)
+    ratio = _importance_ratio(log_ratio, mask_f, importance)  # [B, T]
+    adv = jnp.asarray(advantages, jnp.float32)[:, None]  # [B, 1]
+    safe_logp = jnp.where(valid, logp, 0.0)
+    no_clip = jnp.zeros(ratio.shape, jnp.bool_)
+    extra = {}
+    if surrogate == "clip":
+        clipped_ratio = jnp.clip(ratio, 1 - eps_low, 1 + eps_high)
+        capped_ratio = ratio if delta is None else jnp.minimum(ratio, delta)
+        per_token = -jnp.minimum(capped_ratio * adv, clipped_ratio * adv)
+        low = (ratio < 1 - eps_low) & (adv < 0)
+        high = (ratio > 1 + eps_high) & (adv > 0)
+    elif surrogate == "cispo":
+        # TRL: clamped_ratios = torch.clamp(coef_1, max=epsilon_high).detach(); loss = -clamped_ratios * A * logp
+        weight = jax.lax.stop_gradient(jnp.minimum(ratio, cispo_eps_max))
+        per_token = -weight * adv * safe_logp
+        capped = ratio > cispo_eps_max
+        low, high = no_clip, capped & (adv > 0)
+        extra["cispo_capped_fraction"] = capped.astype(jnp.float32)
+    else:
+        # TRL: tau = where(A > 0, tau_pos, tau_neg); loss = -sigmoid(tau * (coef_1 - 1)) * 4 / tau * A
+        temperature = jnp.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg)  # [B, 1]
+        gate = jax.nn.sigmoid(temperature * (ratio - 1.0))
+        per_token = -gate * (4.0 / temperature) * adv
+        low, high = no_clip, no_clip
+        extra["sapo_gate_mean"] = 4.0 * gate * (1.0 - gate)
 
     kl = None
     if ref_logp is not None:
-        safe_logp = jnp.where(valid, logp, 0.0)
         safe_ref = jnp.where(valid, jnp.asarray(ref_logp, jnp.float32), 0.0)
         kl = kl_penalty(safe_logp, safe_ref, kl_estimator, log_ratio_clamp)
         if not (isinstance(beta, numbers.Real) and beta == 0):
@@ -359,7 +438,7 @@ def policy_loss(
         entropy = jnp.where(valid, jnp.asarray(entropy, jnp.float32), 0.0)
 
     loss_sum, normalizer = _aggregate(per_token, mask_f, aggregation, max_completion_length)
-    metrics = _policy_metrics(ratio, adv, mask_f, valid, eps_low, eps_high, kl, entropy)
+    metrics = _policy_metrics(ratio, mask_f, valid, low, high, kl, entropy, extra)
     return loss_sum, normalizer, metrics
 
 

@@ -161,6 +161,7 @@ class LossConfig:
 
     temperature: float = 1.0  # logits are divided by the sampling temperature before the log-softmax (TRL)
     # GRPO
+    surrogate: str = "clip"  # clip (PPO / GRPO) | cispo | sapo: `losses.policy_loss`
     eps_low: float = 0.2
     eps_high: float = 0.2
     delta: float | None = None  # dual clip (TRL's form: min(ratio, delta))
@@ -168,6 +169,9 @@ class LossConfig:
     beta: float = 0.0  # KL coefficient; 0 needs no reference model
     kl_estimator: str = "k3"
     aggregation: str = "grpo"  # grpo | bnpo | dr_grpo | dapo
+    cispo_eps_max: float = 5.0  # surrogate "cispo": cap of the stop-gradient weight (TRL's epsilon_high for cispo)
+    sapo_temperature_pos: float = 1.0  # surrogate "sapo": gate temperature for A > 0 (TRL's default)
+    sapo_temperature_neg: float = 1.05  # surrogate "sapo": gate temperature for A <= 0 (TRL's default)
     num_iterations: int = 1  # μ: passes over one rollout batch
     # SFT
     sft_aggregation: str = "token"  # "token" (mean over all target tokens) | "sequence" (mean of per-row means)
@@ -184,6 +188,25 @@ class LossConfig:
         checks.check_fields(self, LOSS_RULES)
         if self.delta is not None and not self.delta > 1 + self.eps_high:
             raise checks.FieldError("delta", f"the two-sided clip must be > 1 + eps_high = {1 + self.eps_high}")
+        # A setting the chosen surrogate never reads is refused rather than ignored (TRL's cispo, for one, reads
+        # epsilon_high as its cap: loss.eps_high would silently do nothing here).
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        used_by = {
+            "eps_low": "clip",
+            "eps_high": "clip",
+            "delta": "clip",
+            "cispo_eps_max": "cispo",
+            "sapo_temperature_pos": "sapo",
+            "sapo_temperature_neg": "sapo",
+        }
+        for field, surrogate in used_by.items():
+            if self.surrogate != surrogate and getattr(self, field) != defaults[field]:
+                hint = " (CISPO's cap is cispo_eps_max)" if field == "eps_high" and self.surrogate == "cispo" else ""
+                raise checks.FieldError(
+                    field,
+                    f"{getattr(self, field)!r} is read by surrogate={surrogate!r} only, and surrogate is "
+                    f"{self.surrogate!r}{hint}; leave it at its default {defaults[field]!r}",
+                )
 
 
 LOSS_RULES = {
@@ -195,6 +218,10 @@ LOSS_RULES = {
     "beta": checks.number(0),
     "kl_estimator": checks.one_of(*losses.KL_ESTIMATORS),
     "aggregation": checks.one_of(*losses.POLICY_AGGREGATIONS),
+    "surrogate": checks.one_of(*losses.POLICY_SURROGATES),
+    "cispo_eps_max": checks.number(0, lo_open=True),
+    "sapo_temperature_pos": checks.number(0, lo_open=True),
+    "sapo_temperature_neg": checks.number(0, lo_open=True),
     "num_iterations": checks.integer(1),
     "sft_aggregation": checks.one_of(*losses.SFT_AGGREGATIONS),
     "dyme_granularity": checks.one_of("prompt", "batch"),
@@ -382,9 +409,9 @@ def sft_step(state: TrainState, batch: dict, *, model, optimizer, schedule, cfg:
 
 
 def grpo_loss_fn(params, mb, *, model: Qwen25VL, cfg: LossConfig):
-    """Clipped-surrogate loss of one micro-batch. Rows flagged `on_policy` (DyME's spliced references) use
-    old_logp = stop_gradient(logp): ratio 1 in value, gradient -A ∇log π. A scalar `sft_mode` (DyME "batch")
-    replaces the loss by the per-sequence SFT mean over the `on_policy` rows."""
+    """Policy loss (`cfg.surrogate`) of one micro-batch. Rows flagged `on_policy` (DyME's spliced references) use
+    old_logp = stop_gradient(logp): ratio 1 in value, gradient -A ∇log π (CISPO: -min(1, cispo_eps_max) A ∇log π).
+    A scalar `sft_mode` (DyME "batch") replaces the loss by the per-sequence SFT mean over the `on_policy` rows."""
     logp, entropy = completion_logprobs(model, params, mb, cfg.temperature, with_entropy=True)
     mask = mb["completion_mask"]
     old = mb["old_logp"]
@@ -406,10 +433,14 @@ def grpo_loss_fn(params, mb, *, model: Qwen25VL, cfg: LossConfig):
         aggregation=cfg.aggregation,
         max_completion_length=mask.shape[-1],
         entropy=jax.lax.stop_gradient(entropy),
+        surrogate=cfg.surrogate,
+        cispo_eps_max=cfg.cispo_eps_max,
+        sapo_temperature_pos=cfg.sapo_temperature_pos,
+        sapo_temperature_neg=cfg.sapo_temperature_neg,
     )
     if on_policy is not None:
-        # DyME's reference rows: their surrogate is -A in value whatever the model does, so report their NLL as a
-        # sum and a token count (both averaged alike over micro-batches and updates: their ratio stays exact).
+        # DyME's reference rows: their surrogate's value says nothing of the fit (-A for "clip"), so report their NLL
+        # as a sum and a token count (both averaged alike over micro-batches and updates: their ratio stays exact).
         ref_tokens = mask * on_policy[:, None]
         metrics["reference_nll_sum"] = jax.lax.stop_gradient(-jnp.sum(logp * ref_tokens))
         metrics["reference_tokens"] = jnp.sum(ref_tokens).astype(jnp.float32)

@@ -1,4 +1,5 @@
-"""grpo: G rollouts per prompt, rule rewards, group advantages, the clipped surrogate (`train_steps.grpo_step`)."""
+"""grpo: G rollouts per prompt, rule rewards, group advantages, the policy loss (`train_steps.grpo_step`: the
+clipped surrogate, CISPO or SAPO by `loss.surrogate`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from jaxvlm.stages import base
 
 # The LossConfig fields an RL stage reads; temperature and group_size are derived from its sampling section.
 POLICY_LOSS_FIELDS = (
+    "surrogate",
     "eps_low",
     "eps_high",
     "delta",
@@ -18,6 +20,9 @@ POLICY_LOSS_FIELDS = (
     "beta",
     "kl_estimator",
     "aggregation",
+    "cispo_eps_max",
+    "sapo_temperature_pos",
+    "sapo_temperature_neg",
     "num_iterations",
     "advantage_scale",
 )
