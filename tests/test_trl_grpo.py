@@ -81,6 +81,8 @@ def test_mapping_of_configs_grpo_tiny():
         beta=0.04,
         use_bias_correction_kl=False,
         loss_type="grpo",
+        sapo_temperature_pos=1.0,
+        sapo_temperature_neg=1.05,
         scale_rewards="group",
         multi_objective_aggregation="sum_then_normalize",
         reward_weights=[1.0, 1.0],
@@ -210,6 +212,20 @@ def test_mapping_of_every_other_setting():
     assert trl_grpo.grpo_config_from_jaxvlm(cfg)["lr_scheduler_type"] == "constant_with_warmup"
 
 
+def test_mapping_of_cispo_and_sapo():
+    """TRL 1.16 ties loss_type "cispo" to dapo's normalisation and "sapo" to grpo's: those two map (the CISPO cap is
+    TRL's epsilon_high), any other aggregation is refused (test_refuses_what_trl_cannot_express)."""
+    cfg = grpo_config(loss=dict(surrogate="cispo", cispo_eps_max=4.0, aggregation="dapo", importance="sequence"))
+    got = trl_grpo.grpo_config_from_jaxvlm(cfg)
+    assert (got["loss_type"], got["epsilon_high"], got["importance_sampling_level"]) == ("cispo", 4.0, "sequence")
+    loss = dict(surrogate="sapo", sapo_temperature_pos=0.5, sapo_temperature_neg=2.0, aggregation="grpo")
+    got = trl_grpo.grpo_config_from_jaxvlm(grpo_config(loss=loss))
+    assert (got["loss_type"], got["sapo_temperature_pos"], got["sapo_temperature_neg"]) == ("sapo", 0.5, 2.0)
+    got = trl_grpo.grpo_config_from_jaxvlm(grpo_config())  # clip: TRL's own SAPO defaults, its epsilon_high
+    assert (got["loss_type"], got["sapo_temperature_pos"], got["sapo_temperature_neg"]) == ("grpo", 1.0, 1.05)
+    assert got["epsilon_high"] == 0.2
+
+
 @pytest.mark.parametrize(
     "change, key",
     [
@@ -223,8 +239,13 @@ def test_mapping_of_every_other_setting():
         (lambda c: c.model.update(dtype="bfloat16", param_dtype="bfloat16"), "config.model.dtype"),
         (lambda c: setattr(c.stages.grpo.optimizer, "warmup_steps", 2), "config.stages.grpo.optimizer.warmup_steps"),
         (lambda c: setattr(c.stages.grpo, "mode", "dyme"), "config.stage_order"),
+        (lambda c: c.stages.grpo.loss.update(surrogate="cispo"), "config.stages.grpo.loss.aggregation"),
+        (
+            lambda c: c.stages.grpo.loss.update(surrogate="sapo", aggregation="dapo"),
+            "config.stages.grpo.loss.aggregation",
+        ),
     ],
-    ids=["kl_k2", "greedy", "frozen", "no_decay", "bf16_params", "warmup_past_end", "dyme"],
+    ids=["kl_k2", "greedy", "frozen", "no_decay", "bf16_params", "warmup_past_end", "dyme", "cispo_grpo", "sapo_dapo"],
 )
 def test_refuses_what_trl_cannot_express(change, key):
     cfg = grpo_config()

@@ -34,6 +34,9 @@ naming the key):
     batch.micro_batches M                          gradient_accumulation_steps M, steps_per_generation K*M
   loss.num_iterations / eps_low / eps_high       num_iterations / epsilon / epsilon_high
   loss.delta / importance                        delta / importance_sampling_level
+  loss.surrogate "cispo" with aggregation dapo   loss_type "cispo", epsilon_high = loss.cispo_eps_max (TRL's cap)
+  loss.surrogate "sapo" with aggregation grpo    loss_type "sapo", sapo_temperature_pos / _neg (TRL ties each to that
+                                                   normalisation: another aggregation is refused)
   loss.beta, kl_estimator                        beta (k3 is TRL's only estimator: k1 / k2 with beta > 0 refused)
   loss.aggregation / advantage_scale             loss_type / scale_rewards
   rewards (weights)                              reward_funcs (jaxvlm's functions) / reward_weights
@@ -104,7 +107,9 @@ from jaxvlm.configuration import config_error
 
 RECORDER_REWARD = "trl_grpo_prompt_log"
 DEFAULT_NO_DECAY = (r"bias$", r"scale$")
-LOSS_TYPES = {"grpo": "grpo", "bnpo": "bnpo", "dr_grpo": "dr_grpo", "dapo": "dapo"}
+LOSS_TYPES = {"grpo": "grpo", "bnpo": "bnpo", "dr_grpo": "dr_grpo", "dapo": "dapo"}  # surrogate "clip"
+# TRL's loss_type for the other surrogates, and the one normalisation TRL 1.16 gives each (jaxvlm's aggregation)
+SURROGATE_LOSS_TYPES = {"cispo": ("cispo", "dapo"), "sapo": ("sapo", "grpo")}
 ADVANTAGE_SCALES = {"group": "group", "batch": "batch", "none": "none"}
 
 
@@ -177,6 +182,17 @@ def grpo_config_from_jaxvlm(cfg) -> dict[str, Any]:
             f"{key}.loss.kl_estimator",
             f"{loss.kl_estimator!r} with beta={loss.beta}: TRL's KL term is the k3 estimator only",
         )
+    if loss.surrogate == "clip":
+        loss_type, epsilon_high = LOSS_TYPES[loss.aggregation], loss.eps_high
+    else:
+        loss_type, aggregation = SURROGATE_LOSS_TYPES[loss.surrogate]
+        if loss.aggregation != aggregation:
+            raise config_error(
+                f"{key}.loss.aggregation",
+                f"{loss.aggregation!r} with surrogate={loss.surrogate!r}: TRL's loss_type={loss_type!r} normalises "
+                f"as aggregation={aggregation!r} only",
+            )
+        epsilon_high = loss.cispo_eps_max if loss.surrogate == "cispo" else loss.eps_high
     if opt.frozen:
         raise config_error(f"{key}.optimizer.frozen", f"{opt.frozen}: TRL's GRPOTrainer trains every parameter")
     if opt.weight_decay > 0 and tuple(opt.no_decay) != DEFAULT_NO_DECAY:
@@ -228,12 +244,14 @@ def grpo_config_from_jaxvlm(cfg) -> dict[str, Any]:
         # loss
         num_iterations=loss.num_iterations,
         epsilon=float(loss.eps_low),
-        epsilon_high=float(loss.eps_high),
+        epsilon_high=float(epsilon_high),
         delta=None if loss.delta is None else float(loss.delta),
         importance_sampling_level=loss.importance,
         beta=float(loss.beta),
         use_bias_correction_kl=False,
-        loss_type=LOSS_TYPES[loss.aggregation],
+        loss_type=loss_type,
+        sapo_temperature_pos=float(loss.sapo_temperature_pos),
+        sapo_temperature_neg=float(loss.sapo_temperature_neg),
         scale_rewards=ADVANTAGE_SCALES[loss.advantage_scale],
         multi_objective_aggregation="sum_then_normalize",
         reward_weights=[float(r.weight) for r in stage.rewards],
@@ -785,6 +803,8 @@ TRL_REPORTED = (
     "beta",
     "use_bias_correction_kl",
     "loss_type",
+    "sapo_temperature_pos",
+    "sapo_temperature_neg",
     "scale_rewards",
     "multi_objective_aggregation",
     "reward_weights",
@@ -948,10 +968,12 @@ def trl_loss_on_rows(cfg, prompts: list[dict], rows: Mapping[str, np.ndarray], p
     loss.backward()
     grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
     logged = trainer._metrics["train"]
+    # TRL logs clip_ratio/region_mean for the clipped loss types, cispo_clip_ratio for "cispo", nothing for "sapo"
+    clipped = logged.get("clip_ratio/region_mean") or logged.get("cispo_clip_ratio") or [0.0]
     side = {
         "loss": float(loss.detach()),
         "kl": float(logged["kl"][-1]) if logged.get("kl") else 0.0,
-        "clip_fraction": float(logged["clip_ratio/region_mean"][-1]),
+        "clip_fraction": float(clipped[-1]),
         "grad_norm": float(grad_norm),
     }
     return side, logp.numpy(), None if ref is None else ref.numpy()
