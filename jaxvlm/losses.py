@@ -224,6 +224,7 @@ def kl_penalty(logp: Array, ref_logp: Array, estimator: str = "k3", clamp: float
 
 
 def _check_policy_settings(
+    *,
     eps_low,
     eps_high,
     delta,
@@ -373,19 +374,19 @@ def policy_loss(
       "sapo": all three 0 (nothing is clipped); plus sapo_gate_mean, the masked mean of the gate g(r) (1 on policy).
     """
     _check_policy_settings(
-        eps_low,
-        eps_high,
-        delta,
-        importance,
-        beta,
-        ref_logp,
-        aggregation,
-        max_completion_length,
-        log_ratio_clamp,
-        surrogate,
-        cispo_eps_max,
-        sapo_temperature_pos,
-        sapo_temperature_neg,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        delta=delta,
+        importance=importance,
+        beta=beta,
+        ref_logp=ref_logp,
+        aggregation=aggregation,
+        max_completion_length=max_completion_length,
+        log_ratio_clamp=log_ratio_clamp,
+        surrogate=surrogate,
+        cispo_eps_max=cispo_eps_max,
+        sapo_temperature_pos=sapo_temperature_pos,
+        sapo_temperature_neg=sapo_temperature_neg,
     )
     _check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     logp = jnp.asarray(logp, jnp.float32)
