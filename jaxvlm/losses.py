@@ -26,7 +26,8 @@ Policy-gradient term per token, by `surrogate` (coded as TRL 1.16 codes its loss
     "cispo"  L_t = -sg(min(r_t, eps_max)) * A * logp_t                       CISPO (MiniMax-M1), TRL loss_type "cispo"
     "sapo"   L_t = -(4 / tau) * sigmoid(tau * (r_t - 1)) * A,                SAPO, TRL loss_type "sapo"
              tau = tau_pos if A > 0 else tau_neg
-    and then L_t += beta * KL_t.
+    and then, with a sampler correction's weight w_t (`sampler_importance_weights`, 1 without one),
+    L_t <- w_t * L_t + beta * KL_t       (TRL multiplies the policy term only, not the KL term)
 Gradients: "clip" is -r A grad logp inside the clip band and 0 outside it; "cispo" is -min(r, eps_max) A grad logp
 for every token (a capped token still learns, with a capped weight); "sapo" is -g(r) r A grad logp with the soft gate
 g(r) = 4 sigmoid(x) (1 - sigmoid(x)), x = tau (r - 1), which is 1 at r = 1 and decays smoothly off policy.
@@ -58,6 +59,7 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 IMPORTANCE_LEVELS = ("token", "sequence")
 POLICY_AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
 POLICY_SURROGATES = ("clip", "cispo", "sapo")
+SAMPLER_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 SFT_AGGREGATIONS = ("token", "sequence")
 
 
@@ -219,6 +221,123 @@ def kl_penalty(logp: Array, ref_logp: Array, estimator: str = "k3", clamp: float
 
 
 # ----------------------------------------------------------------------------------------------------------
+# sampler / trainer mismatch
+# ----------------------------------------------------------------------------------------------------------
+
+# The band of sampler-to-trainer token ratios counted as "in agreement" by `sampler_mismatch`.
+MISMATCH_RATIO_BAND = (0.5, 2.0)
+
+
+def sampler_mismatch(trainer_logp: Array, sampler_logp: Array, mask: Array) -> dict[str, Array]:
+    """How far the sampler's log-probs of its own tokens are from the trainer's teacher-forced ones, as sums (so
+    micro-batches add up exactly; `mismatch_summary` turns them into means).
+
+    With d_t = trainer_logp_t - sampler_logp_t on the masked tokens (sampled from the sampler, so
+    KL(sampler || trainer) is estimated by k3 = exp(d) - d - 1 >= 0):
+
+    Args:
+      trainer_logp, sampler_logp: [B, T] log-probs of the same tokens. mask: [B, T], nonzero on counted tokens.
+
+    Returns:
+      float32 scalars: abs_sum = sum |d|, abs_max = max |d| (0 without tokens), k3_sum = sum k3(d),
+      outside_sum = #tokens with exp(d) outside [0.5, 2], tokens_sum = #tokens. No gradient.
+    """
+    trainer_logp = jnp.asarray(trainer_logp, jnp.float32)
+    _check_shape("sampler_logp", jnp.asarray(sampler_logp), trainer_logp.shape)
+    _check_shape("mask", jnp.asarray(mask), trainer_logp.shape)
+    mask_f = _float_mask(mask)
+    valid = mask_f > 0
+    d = jnp.where(valid, trainer_logp - jnp.asarray(sampler_logp, jnp.float32), 0.0)
+    k3 = kl_penalty(jnp.zeros_like(d), d, "k3")  # exp(d) - d - 1 (d clamped to +-20)
+    low, high = MISMATCH_RATIO_BAND
+    outside = valid & ((d < jnp.log(low)) | (d > jnp.log(high)))
+    sums = dict(
+        abs_sum=jnp.sum(jnp.abs(d)),
+        abs_max=jnp.max(jnp.abs(d), initial=0.0),
+        k3_sum=jnp.sum(k3 * mask_f),
+        outside_sum=jnp.sum(outside.astype(jnp.float32)),
+        tokens_sum=jnp.sum(mask_f),
+    )
+    return jax.lax.stop_gradient(sums)
+
+
+def mismatch_summary(sums: dict[str, Array], prefix: str = "mismatch/") -> dict[str, Array]:
+    """Logged metrics from `sampler_mismatch` sums: logp_abs_mean, logp_abs_max, k3 (token mean of the k3 estimate of
+    KL(sampler || trainer)), ratio_outside_fraction (share of tokens whose ratio is outside [0.5, 2]), tokens."""
+    tokens = sums["tokens_sum"]
+    return {
+        f"{prefix}logp_abs_mean": _safe_div(sums["abs_sum"], tokens),
+        f"{prefix}logp_abs_max": sums["abs_max"],
+        f"{prefix}k3": _safe_div(sums["k3_sum"], tokens),
+        f"{prefix}ratio_outside_fraction": _safe_div(sums["outside_sum"], tokens),
+        f"{prefix}tokens": tokens,
+    }
+
+
+def sampler_importance_weights(
+    trainer_logp: Array,
+    sampler_logp: Array,
+    mask: Array,
+    mode: str,
+    *,
+    clip_min: float = 0.0,
+    clip_max: float = 3.0,
+    log_ratio_clamp: float = 20.0,
+) -> Array:
+    """Importance weights correcting for sampling from the sampler instead of the trainer's policy (TRL 1.16
+    `vllm_importance_sampling_mode`, verl's rollout correction: truncated / masked importance sampling, TIS / MIS).
+
+    With d_t = trainer_logp_t - sampler_logp_t on masked tokens (0 elsewhere):
+      token_*:    rho_t = exp(d_t)                       a ratio per token
+      sequence_*: rho_t = exp(sum_t' m_t' d_t')          one ratio per row, on every token (TRL sums; no mean)
+      *_truncate: w = clip(rho, clip_min, clip_max)      (TIS)
+      *_mask:     w = rho if clip_min <= rho <= clip_max else 0      (MIS)
+    The exponent is clamped to +-log_ratio_clamp first (TRL does not clamp; exp would overflow to inf, which its
+    clamp maps to clip_max and its mask to 0, as the clamped value does here).
+
+    Args:
+      trainer_logp, sampler_logp, mask: [B, T]. mode: one of SAMPLER_CORRECTIONS except "none".
+      clip_min: lower bound C_min (0: none, TRL's None). clip_max: upper bound C_max (TRL's default 3.0).
+
+    Returns:
+      [B, T] float32 weights, constants (no gradient), 0 on masked-out positions.
+    """
+    _check_choice("mode", mode, SAMPLER_CORRECTIONS[1:])
+    if not isinstance(clip_min, numbers.Real) or not isinstance(clip_max, numbers.Real) or not 0 <= clip_min < clip_max:
+        raise ValueError(f"need 0 <= clip_min < clip_max, got clip_min={clip_min!r}, clip_max={clip_max!r}")
+    trainer_logp = jnp.asarray(trainer_logp, jnp.float32)
+    _check_shape("sampler_logp", jnp.asarray(sampler_logp), trainer_logp.shape)
+    _check_shape("mask", jnp.asarray(mask), trainer_logp.shape)
+    mask_f = _float_mask(mask)
+    d = jnp.where(mask_f > 0, trainer_logp - jnp.asarray(sampler_logp, jnp.float32), 0.0)
+    if mode.startswith("sequence"):
+        d = jnp.broadcast_to(jnp.sum(d, axis=1, keepdims=True), d.shape)
+    rho = jnp.exp(jnp.clip(d, -log_ratio_clamp, log_ratio_clamp))
+    if mode.endswith("truncate"):
+        weight = jnp.clip(rho, clip_min, clip_max)
+    else:
+        weight = jnp.where((rho >= clip_min) & (rho <= clip_max), rho, 0.0)
+    return jax.lax.stop_gradient(weight * mask_f)
+
+
+def correction_summary(weight: Array, mask: Array, clip_max: float, prefix: str = "sampler_correction/"):
+    """Logged metrics of `sampler_importance_weights` over the masked tokens: weight_mean, weight_min, weight_max
+    (TRL's sampling/importance_sampling_ratio/*), zeroed_fraction (tokens a *_mask mode dropped) and capped_fraction
+    (tokens whose weight is C_max: the cap binds, *_truncate modes). 0 (never NaN) without tokens."""
+    mask_f = _float_mask(mask)
+    valid = mask_f > 0
+    weight = jnp.asarray(weight, jnp.float32)
+    any_token = jnp.any(valid)
+    return {
+        f"{prefix}weight_mean": _masked_mean(weight, mask_f),
+        f"{prefix}weight_min": jnp.where(any_token, jnp.min(jnp.where(valid, weight, jnp.inf)), 0.0),
+        f"{prefix}weight_max": jnp.where(any_token, jnp.max(jnp.where(valid, weight, -jnp.inf)), 0.0),
+        f"{prefix}zeroed_fraction": _masked_mean((weight == 0).astype(jnp.float32), mask_f),
+        f"{prefix}capped_fraction": _masked_mean((weight == jnp.float32(clip_max)).astype(jnp.float32), mask_f),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
 # clipped policy loss
 # ----------------------------------------------------------------------------------------------------------
 
@@ -335,6 +454,7 @@ def policy_loss(
     cispo_eps_max: float = 5.0,
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
+    is_weight: Array | None = None,
 ) -> tuple[Array, Array, dict[str, Array]]:
     """Policy loss of GRPO and its variants: the clipped surrogate (GRPO, DAPO, Dr. GRPO, BNPO, GSPO, two-sided clip),
     CISPO and SAPO (module docstring: the formulas, as TRL 1.16 codes them).
@@ -362,6 +482,8 @@ def policy_loss(
         reads `epsilon_high` (which defaults to `epsilon`, 0.2); 5.0 is the value TRL's docs recommend (ScaleRL).
       sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures (> 0) for tokens with A > 0 and A <= 0
         (TRL's defaults 1.0 and 1.05).
+      is_weight: optional [B, T] constant weights on the policy term (not the KL term): a sampler correction,
+        `sampler_importance_weights`. No gradient flows into them.
 
     Returns:
       (loss_sum, normalizer, metrics): float32 scalars with loss = loss_sum / max(normalizer, 1) for one batch, and
@@ -392,7 +514,8 @@ def policy_loss(
     logp = jnp.asarray(logp, jnp.float32)
     if logp.ndim != 2:
         raise ValueError(f"logp must have shape [B, T], got {tuple(logp.shape)}")
-    for name, x in (("old_logp", old_logp), ("mask", mask), ("ref_logp", ref_logp), ("entropy", entropy)):
+    same_shape = dict(old_logp=old_logp, mask=mask, ref_logp=ref_logp, entropy=entropy, is_weight=is_weight)
+    for name, x in same_shape.items():
         if x is not None:
             _check_shape(name, jnp.asarray(x), logp.shape)
     _check_shape("advantages", jnp.asarray(advantages), logp.shape[:1])
@@ -428,6 +551,8 @@ def policy_loss(
         per_token = -gate * (4.0 / temperature) * adv
         low, high = no_clip, no_clip
         extra["sapo_gate_mean"] = 4.0 * gate * (1.0 - gate)
+    if is_weight is not None:
+        per_token = per_token * jax.lax.stop_gradient(jnp.where(valid, jnp.asarray(is_weight, jnp.float32), 0.0))
 
     kl = None
     if ref_logp is not None:

@@ -97,10 +97,4 @@ def grpo_update_batch(
 def reference_logprobs_fn(model, num_leading: int, temperature: float):
     """Jitted log π_ref(completion) [*leading, b, N] over micro-batches (lax.map: one micro-batch at a time)."""
 
-    def score(params, mb):
-        lead = mb["completion_ids"].shape[:num_leading]
-        flat = jax.tree.map(lambda x: x.reshape(-1, *x.shape[num_leading:]), mb)
-        logp = jax.lax.map(lambda one: train_steps.completion_logprobs(model, params, one, temperature), flat)
-        return logp.reshape(*lead, *logp.shape[1:])
-
-    return jax.jit(score)
+    return jax.jit(lambda params, mb: train_steps.rollout_logprobs(model, params, mb, num_leading, temperature))

@@ -173,6 +173,13 @@ class LossConfig:
     sapo_temperature_pos: float = 1.0  # surrogate "sapo": gate temperature for A > 0 (TRL's default)
     sapo_temperature_neg: float = 1.05  # surrogate "sapo": gate temperature for A <= 0 (TRL's default)
     num_iterations: int = 1  # μ: passes over one rollout batch
+    # π_old of the ratio: "sampler" (the rollout's own log-probs) | "recompute" (teacher-forced by the trainer with the
+    # sampler's params, before the first update: TRL's old_per_token_logps). `_policy_updates`.
+    old_logp: str = "sampler"
+    # Correction for the sampler / trainer mismatch (needs old_logp="recompute"): `losses.sampler_importance_weights`
+    sampler_correction: str = "none"  # none | token_truncate | token_mask | sequence_truncate | sequence_mask
+    sampler_correction_min: float = 0.0  # C_min (0: no lower bound; TRL's vllm_importance_sampling_clip_min None)
+    sampler_correction_max: float = 3.0  # C_max (TRL's vllm_importance_sampling_clip_max)
     # SFT
     sft_aggregation: str = "token"  # "token" (mean over all target tokens) | "sequence" (mean of per-row means)
     # DyME
@@ -207,6 +214,24 @@ class LossConfig:
                     f"{getattr(self, field)!r} is read by surrogate={surrogate!r} only, and surrogate is "
                     f"{self.surrogate!r}{hint}; leave it at its default {defaults[field]!r}",
                 )
+        if self.sampler_correction != "none" and self.old_logp != "recompute":
+            raise checks.FieldError(
+                "sampler_correction",
+                f"{self.sampler_correction!r} weighs tokens by trainer / sampler probabilities, which needs the "
+                f"trainer's log-probs: set old_logp='recompute' (got {self.old_logp!r})",
+            )
+        for field in ("sampler_correction_min", "sampler_correction_max"):
+            if self.sampler_correction == "none" and getattr(self, field) != defaults[field]:
+                raise checks.FieldError(
+                    field,
+                    f"{getattr(self, field)!r} is read only with a sampler_correction, and it is 'none'; leave it "
+                    f"at its default {defaults[field]!r}",
+                )
+        if not self.sampler_correction_min < self.sampler_correction_max:
+            raise checks.FieldError(
+                "sampler_correction_min",
+                f"{self.sampler_correction_min!r} must be below sampler_correction_max={self.sampler_correction_max!r}",
+            )
 
 
 LOSS_RULES = {
@@ -223,6 +248,10 @@ LOSS_RULES = {
     "sapo_temperature_pos": checks.number(0, lo_open=True),
     "sapo_temperature_neg": checks.number(0, lo_open=True),
     "num_iterations": checks.integer(1),
+    "old_logp": checks.one_of("sampler", "recompute"),
+    "sampler_correction": checks.one_of(*losses.SAMPLER_CORRECTIONS),
+    "sampler_correction_min": checks.number(0),
+    "sampler_correction_max": checks.number(0, lo_open=True),
     "sft_aggregation": checks.one_of(*losses.SFT_AGGREGATIONS),
     "dyme_granularity": checks.one_of("prompt", "batch"),
     "dyme_sft_threshold": checks.number(0, 1),
@@ -335,29 +364,43 @@ def _tree_zeros(tree):
     return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
 
 
+def reduce_metrics(stacked: dict[str, Array]) -> dict[str, Array]:
+    """Scalar metrics stacked on a leading axis (micro-batches, or updates) -> scalars, by name: `*_sum` add up,
+    `*_max` / `*_min` take the extreme, the rest are averaged."""
+
+    def one(name: str, x: Array) -> Array:
+        x = x.astype(jnp.float32)
+        if name.endswith("_sum"):
+            return jnp.sum(x, axis=0)
+        if name.endswith("_max"):
+            return jnp.max(x, axis=0)
+        if name.endswith("_min"):
+            return jnp.min(x, axis=0)
+        return jnp.mean(x, axis=0)
+
+    return {name: one(name, x) for name, x in stacked.items()}
+
+
 def accumulate_gradients(loss_fn, params, microbatches: dict):
     """Sum `loss_fn(params, mb) -> (loss_sum, (normaliser, metrics))` and its gradient over the leading axis.
 
     Returns (grads, loss, metrics): grads = Σ ∇loss_sum / Σ normaliser, loss = Σ loss_sum / Σ normaliser,
-    metrics averaged over micro-batches. Gradients accumulate in float32.
+    metrics over micro-batches by `reduce_metrics` (averaged, unless named *_sum / *_max / *_min). Gradients
+    accumulate in float32.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    first = jax.tree.map(lambda x: x[0], microbatches)
-    metrics_shape = jax.eval_shape(lambda p, mb: loss_fn(p, mb)[1][1], params, first)
 
     def micro(carry, mb):
-        grads, total, norm, metrics = carry
+        grads, total, norm = carry
         (loss_sum, (normaliser, m)), g = grad_fn(params, mb)
         grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
-        metrics = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), metrics, m)
-        return (grads, total + loss_sum, norm + normaliser, metrics), None
+        return (grads, total + loss_sum, norm + normaliser), m
 
-    init = (_tree_zeros(params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), _tree_zeros(metrics_shape))
-    (grads, total, norm, metrics), _ = jax.lax.scan(micro, init, microbatches)
-    num_micro = jax.tree.leaves(microbatches)[0].shape[0]
+    init = (_tree_zeros(params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    (grads, total, norm), metrics = jax.lax.scan(micro, init, microbatches)
     safe = jnp.maximum(norm, 1.0)  # as losses.py: loss = sum / max(normaliser, 1)
     grads = jax.tree.map(lambda g: g / safe, grads)
-    return grads, total / safe, jax.tree.map(lambda m: m / num_micro, metrics)
+    return grads, total / safe, reduce_metrics(metrics)
 
 
 def apply_gradients(state: TrainState, grads, loss: Array, optimizer, schedule) -> tuple[TrainState, dict]:
@@ -418,6 +461,7 @@ def grpo_loss_fn(params, mb, *, model: Qwen25VL, cfg: LossConfig):
     on_policy = mb.get("on_policy")
     if on_policy is not None:
         old = jnp.where(on_policy[:, None], jax.lax.stop_gradient(logp), old)
+    sampled = mask if on_policy is None else mask * ~on_policy[:, None]  # the tokens the sampler drew
     loss_sum, normaliser, metrics = losses.policy_loss(
         logp,
         old,
@@ -437,13 +481,19 @@ def grpo_loss_fn(params, mb, *, model: Qwen25VL, cfg: LossConfig):
         cispo_eps_max=cfg.cispo_eps_max,
         sapo_temperature_pos=cfg.sapo_temperature_pos,
         sapo_temperature_neg=cfg.sapo_temperature_neg,
+        is_weight=mb.get("is_weight"),
     )
+    if cfg.old_logp == "sampler":
+        # old_logp is the sampler's: at the first update (params = the sampler's) this is the sampler / trainer
+        # mismatch, which `_policy_updates` keeps from that update only.
+        mismatch = losses.sampler_mismatch(logp, mb["old_logp"], sampled)
+        metrics.update({f"mismatch/{k}": v for k, v in mismatch.items()})
     if on_policy is not None:
         # DyME's reference rows: their surrogate's value says nothing of the fit (-A for "clip"), so report their NLL
         # as a sum and a token count (both averaged alike over micro-batches and updates: their ratio stays exact).
         ref_tokens = mask * on_policy[:, None]
         metrics["reference_nll_sum"] = jax.lax.stop_gradient(-jnp.sum(logp * ref_tokens))
-        metrics["reference_tokens"] = jnp.sum(ref_tokens).astype(jnp.float32)
+        metrics["reference_tokens_sum"] = jnp.sum(ref_tokens).astype(jnp.float32)
     if "sft_mode" in mb:
         ref_rows = on_policy.astype(jnp.float32)
         sft_sum, _ = losses.sft_loss(logp, mask * ref_rows[:, None], aggregation="sequence")
@@ -452,9 +502,52 @@ def grpo_loss_fn(params, mb, *, model: Qwen25VL, cfg: LossConfig):
     return loss_sum, (normaliser, metrics)
 
 
-def _policy_updates(state: TrainState, batch: dict, loss_fn, optimizer, schedule, num_iterations: int):
-    """μ passes over the K mini-batches of `batch` [K, M, b, ...]: K * μ optimizer updates, metrics averaged."""
+def rollout_logprobs(model: Qwen25VL, params, batch: dict, num_leading: int, temperature: float) -> Array:
+    """log π_params of the completions of every micro-batch of `batch` [*leading, b, ...] -> [*leading, b, N], one
+    micro-batch at a time (lax.map), without gradient: the KL reference's log-probs, or the trainer's π_old."""
+    lead = batch["completion_ids"].shape[:num_leading]
+    flat = jax.tree.map(lambda x: x.reshape(-1, *x.shape[num_leading:]), batch)
+    logp = jax.lax.map(lambda one: completion_logprobs(model, params, one, temperature), flat)
+    return jax.lax.stop_gradient(logp.reshape(*lead, *logp.shape[1:]))
+
+
+def recompute_old_logp(state: TrainState, batch: dict, *, model: Qwen25VL, cfg: LossConfig) -> tuple[dict, dict]:
+    """`loss.old_logp = "recompute"`: π_old <- the trainer's teacher-forced log-probs of the rollouts with the
+    sampler's params (the state before any update), and with a `sampler_correction` the importance weights
+    `is_weight` from trainer / sampler log-probs. Returns the batch and the metrics: the mismatch over every row
+    (`losses.mismatch_summary`; DyME's spliced reference rows, `on_policy`, are not the sampler's and not counted)
+    and the correction's weights (`losses.correction_summary`)."""
+    sampler_logp = batch["old_logp"]
+    trainer_logp = rollout_logprobs(model, state.params, batch, sampler_logp.ndim - 2, cfg.temperature)
+    mask = batch["completion_mask"]
+    if "on_policy" in batch:
+        mask = mask * ~batch["on_policy"][..., None]
+    width = sampler_logp.shape[-1]
+    flat = lambda x: x.reshape(-1, width)  # noqa: E731  [rows, N]
+    metrics = losses.mismatch_summary(losses.sampler_mismatch(flat(trainer_logp), flat(sampler_logp), flat(mask)))
+    batch = {**batch, "old_logp": trainer_logp}
+    if cfg.sampler_correction != "none":
+        weight = losses.sampler_importance_weights(
+            flat(trainer_logp),
+            flat(sampler_logp),
+            flat(mask),
+            cfg.sampler_correction,
+            clip_min=cfg.sampler_correction_min,
+            clip_max=cfg.sampler_correction_max,
+        )
+        batch["is_weight"] = weight.reshape(sampler_logp.shape)
+        metrics.update(losses.correction_summary(weight, flat(mask), cfg.sampler_correction_max))
+    return batch, metrics
+
+
+def _policy_updates(state: TrainState, batch: dict, loss_fn, optimizer, schedule, cfg: LossConfig, model):
+    """μ passes over the K mini-batches of `batch` [K, M, b, ...]: K * μ optimizer updates, metrics reduced over
+    updates (`reduce_metrics`). The sampler / trainer mismatch (`mismatch/*`) comes from the recomputation over
+    every row (old_logp "recompute"), or else from the first update, whose params are the sampler's (the rows of
+    the first mini-batch: every row when K = 1)."""
     k = jax.tree.leaves(batch)[0].shape[0]
+    if cfg.old_logp == "recompute":
+        batch, measured = recompute_old_logp(state, batch, model=model, cfg=cfg)
 
     def update(state, i):
         minibatch = jax.tree.map(lambda x: x[i % k], batch)
@@ -462,9 +555,13 @@ def _policy_updates(state: TrainState, batch: dict, loss_fn, optimizer, schedule
         state, update_metrics = apply_gradients(state, grads, loss, optimizer, schedule)
         return state, {**metrics, **update_metrics}
 
-    state, metrics = jax.lax.scan(update, state, jnp.arange(k * num_iterations))
-    summary = jax.tree.map(jnp.mean, metrics)
-    summary["updates"] = jnp.asarray(k * num_iterations, jnp.float32)
+    state, metrics = jax.lax.scan(update, state, jnp.arange(k * cfg.num_iterations))
+    if cfg.old_logp == "sampler":
+        first_update = {name.removeprefix("mismatch/"): x[0] for name, x in metrics.items() if "mismatch/" in name}
+        measured = losses.mismatch_summary(first_update)
+    summary = reduce_metrics({name: x for name, x in metrics.items() if not name.startswith("mismatch/")})
+    summary.update(measured)
+    summary["updates"] = jnp.asarray(k * cfg.num_iterations, jnp.float32)
     summary["update_skipped"] = jnp.sum(metrics["update_skipped"])
     return state, summary
 
@@ -472,7 +569,7 @@ def _policy_updates(state: TrainState, batch: dict, loss_fn, optimizer, schedule
 def grpo_step(state: TrainState, batch: dict, *, model, optimizer, schedule, cfg: LossConfig):
     """GRPO on one rollout batch [K, M, b, ...] with precomputed `advantages` (see `losses.group_advantages`)."""
     loss_fn = functools.partial(grpo_loss_fn, model=model, cfg=cfg)
-    return _policy_updates(state, batch, loss_fn, optimizer, schedule, cfg.num_iterations)
+    return _policy_updates(state, batch, loss_fn, optimizer, schedule, cfg, model)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -552,7 +649,7 @@ def dyme_step(state: TrainState, batch: dict, *, model, optimizer, schedule, cfg
     batch["sft_mode"] = jnp.broadcast_to(plan["sft_mode"], lead[:2])
     del batch["rewards"], batch["accuracy"]
     loss_fn = functools.partial(grpo_loss_fn, model=model, cfg=cfg)
-    state, metrics = _policy_updates(state, batch, loss_fn, optimizer, schedule, cfg.num_iterations)
+    state, metrics = _policy_updates(state, batch, loss_fn, optimizer, schedule, cfg, model)
     return state, {**metrics, **plan["metrics"]}
 
 

@@ -313,8 +313,8 @@ class StageRun:
         start = time.perf_counter()
         self.state, metrics = self.compiled(self.state, device_mb)
         metrics = {**scalars(metrics), **host_metrics}
-        if metrics.get("reference_tokens", 0) > 0:  # DyME memorisation rows' token NLL
-            metrics["dyme/reference_nll"] = metrics["reference_nll_sum"] / metrics["reference_tokens"]
+        if metrics.get("reference_tokens_sum", 0) > 0:  # DyME memorisation rows' token NLL
+            metrics["dyme/reference_nll"] = metrics["reference_nll_sum"] / metrics["reference_tokens_sum"]
         metrics["time/update_s"] = time.perf_counter() - start
         metrics["time/step_s"] = self.timer.stop()
         metrics.update(pipeline.skip_metrics(self.skipped_totals))

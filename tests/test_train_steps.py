@@ -243,7 +243,9 @@ def test_dyme_step_compiles_once_and_memorize_rows_are_sft(granularity):
     logp = train_steps.completion_logprobs(MODEL, state.params, mb)
     ref = mb["completion_mask"] * mb["on_policy"][:, None]
     np.testing.assert_allclose(
-        float(m_mem["reference_nll_sum"] / m_mem["reference_tokens"]), float(-(logp * ref).sum() / ref.sum()), rtol=1e-5
+        float(m_mem["reference_nll_sum"] / m_mem["reference_tokens_sum"]),
+        float(-(logp * ref).sum() / ref.sum()),
+        rtol=1e-5,
     )
 
 

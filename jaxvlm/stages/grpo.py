@@ -25,6 +25,10 @@ POLICY_LOSS_FIELDS = (
     "sapo_temperature_neg",
     "num_iterations",
     "advantage_scale",
+    "old_logp",
+    "sampler_correction",
+    "sampler_correction_min",
+    "sampler_correction_max",
 )
 DERIVED_LOSS_FIELDS = ("temperature", "group_size")
 
