@@ -244,8 +244,23 @@ def test_mapping_of_cispo_and_sapo():
             lambda c: c.stages.grpo.loss.update(surrogate="sapo", aggregation="dapo"),
             "config.stages.grpo.loss.aggregation",
         ),
+        (
+            lambda c: c.stages.grpo.loss.update(old_logp="recompute", sampler_correction="token_truncate"),
+            "config.stages.grpo.loss.sampler_correction",
+        ),
     ],
-    ids=["kl_k2", "greedy", "frozen", "no_decay", "bf16_params", "warmup_past_end", "dyme", "cispo_grpo", "sapo_dapo"],
+    ids=[
+        "kl_k2",
+        "greedy",
+        "frozen",
+        "no_decay",
+        "bf16_params",
+        "warmup_past_end",
+        "dyme",
+        "cispo_grpo",
+        "sapo_dapo",
+        "sampler_correction",
+    ],
 )
 def test_refuses_what_trl_cannot_express(change, key):
     cfg = grpo_config()

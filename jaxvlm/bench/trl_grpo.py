@@ -38,6 +38,10 @@ naming the key):
   loss.surrogate "sapo" with aggregation grpo    loss_type "sapo", sapo_temperature_pos / _neg (TRL ties each to that
                                                    normalisation: another aggregation is refused)
   loss.beta, kl_estimator                        beta (k3 is TRL's only estimator: k1 / k2 with beta > 0 refused)
+  loss.old_logp                                  either: TRL recomputes pi_old (teacher-forced) when it has one (mu > 1
+                                                   or K > 1) and is on policy otherwise; jaxvlm's "sampler" differs
+                                                   from that by the sampler / trainer mismatch (~1e-7 in float32)
+  loss.sampler_correction                        refused unless "none" (TRL corrects only vLLM's log-probs)
   loss.aggregation / advantage_scale             loss_type / scale_rewards
   rewards (weights)                              reward_funcs (jaxvlm's functions) / reward_weights
   optimizer.learning_rate, warmup_steps          learning_rate, warmup_steps
@@ -193,6 +197,12 @@ def grpo_config_from_jaxvlm(cfg) -> dict[str, Any]:
                 f"as aggregation={aggregation!r} only",
             )
         epsilon_high = loss.cispo_eps_max if loss.surrogate == "cispo" else loss.eps_high
+    if loss.sampler_correction != "none":
+        raise config_error(
+            f"{key}.loss.sampler_correction",
+            f"{loss.sampler_correction!r}: TRL applies its importance-sampling correction to vLLM's log-probs only "
+            "(use_vllm=True), which this comparison does not run",
+        )
     if opt.frozen:
         raise config_error(f"{key}.optimizer.frozen", f"{opt.frozen}: TRL's GRPOTrainer trains every parameter")
     if opt.weight_decay > 0 and tuple(opt.no_decay) != DEFAULT_NO_DECAY:
