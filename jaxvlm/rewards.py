@@ -9,8 +9,13 @@ Registry: a reward is `fn(completion: str, example: Mapping, **kwargs) -> float`
 reward's start-up check (the accuracy reward's: math-verify imports), so a missing package stops a run before it
 starts, never in the middle. Built in:
 format_think_answer and format_think_answer_bbox (Curr-ReFT), format_dyme (DyME), format_answer_tag (an answer block
-alone, for format-only stages such as CLGRPO's stage 2), accuracy (dispatched on `answer_type`), iou (continuous)
-and think_f1 (DyME's local thinking reward).
+alone, for format-only stages such as CLGRPO's stage 2), accuracy (dispatched on `answer_type`), iou (continuous),
+think_f1 (DyME's local thinking reward) and soft_overlong (DAPO's length penalty, on the completion's token count).
+
+A reward that takes the keyword argument `completion_length` (`LENGTH_KWARG`) is given each completion's length in
+tokens by `compute_rewards(..., lengths=)` (the sampler's lengths, stop token included); its config entry cannot set
+it. A reward that takes `max_completion_len` gets the stage's `sampling.max_new_tokens` when its entry leaves it
+unset (`parse_reward_specs(..., max_new_tokens=)`).
 
 Departures from the papers' code (each also stated where it happens):
   * Tags: no complete `<answer>` block, or several, is no answer (Curr-ReFT uses the whole text / the first block);
@@ -74,6 +79,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from jaxvlm import checks
 
 logger = logging.getLogger(__name__)
 
@@ -1060,6 +1067,42 @@ def think_f1_reward(
     return think_f1(thinking, str(example.get("reasoning", "")))
 
 
+def _soft_overlong_startup_check(kwargs: Mapping[str, Any]) -> None:
+    """L_max a positive integer, L_cache an integer in [0, L_max] (a bad value would fail on every sample)."""
+    max_len, cache = kwargs.get("max_completion_len"), kwargs.get("soft_punish_cache")
+    problem = checks.integer(1)(max_len)
+    if problem is not None:
+        raise ValueError(f"soft_overlong: max_completion_len (tokens) {problem}")
+    problem = checks.integer(0, max_len)(cache)
+    if problem is not None:
+        raise ValueError(f"soft_overlong: soft_punish_cache (tokens, at most max_completion_len) {problem}")
+
+
+@register("soft_overlong", startup_check=_soft_overlong_startup_check)
+def soft_overlong(
+    completion: str, example: Mapping, *, completion_length: int, max_completion_len: int, soft_punish_cache: int
+) -> float:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), as TRL 1.16 codes it
+    (`trl.rewards.get_soft_overlong_punishment(max_completion_len, soft_punish_cache)`), on |y| =
+    `completion_length`, the completion's length in tokens (stop token included, as TRL's completion ids):
+
+        0                                   if |y| <= L_max - L_cache
+        ((L_max - L_cache) - |y|) / L_cache if L_max - L_cache < |y| <= L_max
+        -1                                  if |y| > L_max
+
+    L_max = `max_completion_len` (default: the stage's `sampling.max_new_tokens`, the longest completion the sampler
+    writes; a smaller value is allowed), L_cache = `soft_punish_cache` (required; 0 is a hard -1 above L_max). The
+    penalty only punishes: it never rewards a short completion. verl's overlong buffer is the same ramp with L_max
+    its max_response_length and a `penalty_factor` scale (here the reward entry's `weight`)."""
+    del completion, example
+    limit = max_completion_len - soft_punish_cache
+    if completion_length <= limit:
+        return 0.0
+    if completion_length <= max_completion_len:
+        return (limit - completion_length) / soft_punish_cache
+    return -1.0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Specs and the batched combiner
 
@@ -1078,7 +1121,16 @@ def _plain(value: Any) -> Any:
     return value.to_dict() if hasattr(value, "to_dict") and not isinstance(value, Mapping) else value
 
 
-def _checked_spec(name: Any, weight: Any, kwargs: Any, entry: Any) -> RewardSpec:
+LENGTH_KWARG = "completion_length"  # a reward taking it is given the completion's token count (compute_rewards)
+MAX_LENGTH_KWARG = "max_completion_len"  # a reward taking it defaults it to the stage's sampling.max_new_tokens
+
+
+def takes_kwarg(name: str, kwarg: str) -> bool:
+    """Whether the reward registered as `name` has the keyword parameter `kwarg`."""
+    return kwarg in inspect.signature(REWARDS[name]).parameters
+
+
+def _checked_spec(name: Any, weight: Any, kwargs: Any, entry: Any, max_new_tokens: int | None = None) -> RewardSpec:
     if not isinstance(name, str) or name not in REWARDS:
         known = ", ".join(sorted(REWARDS))
         raise ValueError(f"reward entry {entry!r}: unknown reward {name!r}; known rewards: {known}")
@@ -1091,8 +1143,17 @@ def _checked_spec(name: Any, weight: Any, kwargs: Any, entry: Any) -> RewardSpec
     kwargs = _plain(kwargs)
     if not isinstance(kwargs, Mapping):
         raise ValueError(f"reward entry {entry!r}: kwargs must be a mapping, got {type(kwargs).__name__}")
+    kwargs = _with_max_length(name, dict(kwargs), entry, max_new_tokens)
+    lengths = {}
+    if takes_kwarg(name, LENGTH_KWARG):
+        if LENGTH_KWARG in kwargs:
+            raise ValueError(
+                f"reward entry {entry!r}: kwargs[{LENGTH_KWARG!r}] is each completion's token count, given by the "
+                "sampler; remove it"
+            )
+        lengths = {LENGTH_KWARG: 0}
     try:
-        inspect.signature(REWARDS[name]).bind("", {}, **kwargs)
+        inspect.signature(REWARDS[name]).bind("", {}, **kwargs, **lengths)
     except TypeError as error:
         raise ValueError(f"reward entry {entry!r}: bad kwargs for {name!r}: {error}") from None
     _check_limits(kwargs, entry)
@@ -1128,8 +1189,25 @@ def _check_limits(kwargs: Mapping[str, Any], entry: Any) -> None:
                 raise ValueError(f"reward entry {entry!r}: kwargs[{key!r}] must be seconds > 0, got {value!r}")
 
 
+def _with_max_length(name: str, kwargs: dict, entry: Any, max_new_tokens: int | None) -> dict:
+    """A reward's `max_completion_len` from the stage's `sampling.max_new_tokens` when its entry leaves it unset; a
+    given one above it is an error (no completion is longer, so the penalty's top would never be reached)."""
+    if max_new_tokens is None or not takes_kwarg(name, MAX_LENGTH_KWARG):
+        return kwargs
+    given = kwargs.get(MAX_LENGTH_KWARG)
+    if given is None:
+        return {**kwargs, MAX_LENGTH_KWARG: int(max_new_tokens)}
+    if checks.integer(1)(given) is None and given > max_new_tokens:
+        raise ValueError(
+            f"reward entry {entry!r}: kwargs[{MAX_LENGTH_KWARG!r}] = {given} is above the stage's "
+            f"sampling.max_new_tokens = {max_new_tokens}, the longest completion sampled; leave it unset to use "
+            f"{max_new_tokens}"
+        )
+    return kwargs
+
+
 def _run_startup_check(name: str, kwargs: Mapping[str, Any], entry: Any) -> None:
-    """The reward's `startup_check`, its MissingDependencyError naming the entry."""
+    """The reward's `startup_check`, its MissingDependencyError or ValueError naming the entry."""
     check = STARTUP_CHECKS.get(name)
     if check is None:
         return
@@ -1137,13 +1215,17 @@ def _run_startup_check(name: str, kwargs: Mapping[str, Any], entry: Any) -> None
         check(kwargs)
     except MissingDependencyError as error:
         raise MissingDependencyError(f"reward entry {entry!r}: {error}", name=error.name) from error.__cause__
+    except ValueError as error:  # a bad setting
+        raise ValueError(f"reward entry {entry!r}: {error}") from None
 
 
-def parse_reward_specs(value: Any) -> tuple[RewardSpec, ...]:
+def parse_reward_specs(value: Any, *, max_new_tokens: int | None = None) -> tuple[RewardSpec, ...]:
     """RewardSpecs from a config value: a sequence of RewardSpec, dicts `{"name", "weight"?, "kwargs"?}` or strings
     "name" / "name:weight"; a single such entry, or one string of comma-separated entries, also works. Unknown names,
     bad weights, unknown keys or kwargs the function does not take → ValueError naming the entry; a package a reward
-    needs that cannot be imported (its `startup_check`) → MissingDependencyError (a ValueError) naming the entry."""
+    needs that cannot be imported (its `startup_check`) → MissingDependencyError (a ValueError) naming the entry.
+    `max_new_tokens` (a stage's sampling.max_new_tokens): the default of a reward's `max_completion_len`, and its
+    upper bound."""
     if value is None:
         return ()
     value = _plain(value)
@@ -1155,15 +1237,16 @@ def parse_reward_specs(value: Any) -> tuple[RewardSpec, ...]:
     for entry in value:
         entry = _plain(entry)
         if isinstance(entry, RewardSpec):
-            specs.append(_checked_spec(entry.name, entry.weight, entry.kwargs, entry))
+            specs.append(_checked_spec(entry.name, entry.weight, entry.kwargs, entry, max_new_tokens))
         elif isinstance(entry, str):
             name, _, weight = entry.strip().partition(":")
-            specs.append(_checked_spec(name.strip(), weight.strip() if weight else 1.0, {}, entry))
+            specs.append(_checked_spec(name.strip(), weight.strip() if weight else 1.0, {}, entry, max_new_tokens))
         elif isinstance(entry, Mapping):
             unknown = set(entry) - {"name", "weight", "kwargs"}
             if unknown:
                 raise ValueError(f"reward entry {entry!r}: unknown keys {sorted(unknown)} (use name, weight, kwargs)")
-            specs.append(_checked_spec(entry.get("name"), entry.get("weight", 1.0), entry.get("kwargs") or {}, entry))
+            kwargs = entry.get("kwargs") or {}
+            specs.append(_checked_spec(entry.get("name"), entry.get("weight", 1.0), kwargs, entry, max_new_tokens))
         else:
             raise ValueError(f"reward entry {entry!r}: expected a RewardSpec, a dict or a 'name[:weight]' string")
     return tuple(specs)
@@ -1208,8 +1291,13 @@ class RewardResult:
 _warned: set[str] = set()
 
 
-def compute_rewards(specs: Any, completions: Sequence[str], examples: Sequence[Mapping]) -> RewardResult:
+def compute_rewards(
+    specs: Any, completions: Sequence[str], examples: Sequence[Mapping], *, lengths: Sequence[int] | None = None
+) -> RewardResult:
     """Score `completions[i]` against `examples[i]` with every spec (anything `parse_reward_specs` takes).
+
+    `lengths[i]`: completion i's length in tokens (the sampler's `lengths`), given to the rewards that take
+    `completion_length` (`LENGTH_KWARG`); such a reward without `lengths` is a ValueError before anything is scored.
 
     A function that raises, or returns something that is not a finite number, gives 0 for that sample and counts in
     `failures` (a warning is logged once per reward name per process); the batch always completes, unless the
@@ -1219,6 +1307,12 @@ def compute_rewards(specs: Any, completions: Sequence[str], examples: Sequence[M
     specs = parse_reward_specs(specs)
     if len(completions) != len(examples):
         raise ValueError(f"{len(completions)} completions but {len(examples)} examples")
+    if lengths is not None and len(lengths) != len(completions):
+        raise ValueError(f"{len(completions)} completions but {len(lengths)} lengths")
+    counted = [takes_kwarg(spec.name, LENGTH_KWARG) for spec in specs]
+    if lengths is None and any(counted):
+        needs = [spec.name for spec, c in zip(specs, counted) if c]
+        raise ValueError(f"rewards {needs} score the completions' token counts: pass lengths=")
     names = display_names(specs)
     per_reward = np.zeros((len(completions), len(specs)), np.float32)
     failures, timeouts = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
@@ -1226,8 +1320,9 @@ def compute_rewards(specs: Any, completions: Sequence[str], examples: Sequence[M
         fn = REWARDS[spec.name]
         for i, (completion, example) in enumerate(zip(completions, examples)):
             timeouts_before = timeouts_so_far()
+            extra = {LENGTH_KWARG: int(lengths[i])} if counted[r] else {}
             try:
-                value = float(fn(completion, example, **spec.kwargs))
+                value = float(fn(completion, example, **spec.kwargs, **extra))
                 if not math.isfinite(value):
                     raise ValueError(f"non-finite reward {value}")
             except MissingDependencyError:

@@ -40,7 +40,7 @@ def sample_and_score(
     host = jax.tree.map(distributed.host_value, rollout)
     completions = sampling.decode_completions(rt.tokenizer, host)
     examples = [ex for ex in batch["examples"] for _ in range(g)]
-    scores = rewards.compute_rewards(reward_specs, completions, examples)
+    scores = rewards.compute_rewards(reward_specs, completions, examples, lengths=np.asarray(host.lengths))
     names = list(scores.names)
     accuracy = (
         scores.per_reward[:, names.index(accuracy_reward)]

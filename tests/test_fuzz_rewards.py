@@ -25,7 +25,9 @@ from jaxvlm import rewards as R
 N = 1000 if os.environ.get("JAXVLM_FULL_TESTS") == "1" else 16
 # Per reward call: the math budget, plus the worker's answer and all parsing on the caller's side, with room to spare.
 CPU_BOUND_S = 3 * R.MATH_TIME_BUDGET_S + 2.0
-BUILTIN = [name for name in R.REWARDS if R.REWARDS[name].__module__ == R.__name__]
+BUILTIN = [  # the text rewards (soft_overlong scores token counts: tests/test_overlong_reward.py)
+    name for name in R.REWARDS if R.REWARDS[name].__module__ == R.__name__ and not R.takes_kwarg(name, R.LENGTH_KWARG)
+]
 SPECS = [R.RewardSpec(name) for name in BUILTIN] + [
     R.RewardSpec("accuracy", kwargs={"extract": "dyme"}),
     R.RewardSpec("accuracy", kwargs={"extract": "raw"}),

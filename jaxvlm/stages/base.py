@@ -182,10 +182,14 @@ def resolve_loss(section, key: str, derived: dict[str, tuple[Any, str, str]] | N
 
 
 def resolve_rewards(section, key: str) -> tuple:
+    """The stage's RewardSpecs; a `max_completion_len` (soft_overlong) defaults to `sampling.max_new_tokens`."""
     if not section.rewards:
         raise config_error(f"{key}.rewards", f"a {section.mode} stage needs rewards")
+    max_new_tokens = section.sampling.max_new_tokens  # a bad value is the sampling section's error, reported there
     try:
-        return rewards.parse_reward_specs(list(section.rewards))
+        return rewards.parse_reward_specs(
+            list(section.rewards), max_new_tokens=max_new_tokens if checks.integer(1)(max_new_tokens) is None else None
+        )
     except (ValueError, KeyError) as error:
         raise config_error(f"{key}.rewards", str(error)) from None
 
