@@ -240,6 +240,7 @@ class StageSpec:
     accuracy_reward: str = ""
     rejection: RejectionSpec | None = None
     num_examples: int = 0  # eval stages: examples to score (0 = all)
+    dynamic_sampling: Any = None  # grpo stages: jaxvlm.dynamic_sampling.DynamicSampling
 
     @property
     def key(self) -> str:

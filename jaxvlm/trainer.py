@@ -289,7 +289,7 @@ class StageRun:
         self.skipped_totals = pipeline.add_skip_counts(self.skipped_totals, batch)
         self.timer.start()
         mb, host_metrics = self.mode.update_batch(
-            self.rt, self.plan, self.state.params, batch, jax.random.fold_in(self.key, step)
+            self.rt, self.plan, self.state.params, batch, jax.random.fold_in(self.key, step), self.draw
         )
         if self.ref_logprobs is not None:
             mb["ref_logp"] = np.zeros_like(mb["old_logp"])  # filled on the device below
@@ -320,6 +320,17 @@ class StageRun:
         metrics.update(pipeline.skip_metrics(self.skipped_totals))
         self.check_finite(metrics, step)
         return metrics
+
+    def draw(self) -> dict | None:
+        """The stage's next data batch for a mode that samples more than one per step (grpo's dynamic sampling),
+        its skipped records added to the totals; None when finite data has run out. The iterator state saved after
+        the step covers it, so a resumed run draws what an uninterrupted one would."""
+        try:
+            batch = next(self.iterator)
+        except StopIteration:
+            return None
+        self.skipped_totals = pipeline.add_skip_counts(self.skipped_totals, batch)
+        return batch
 
     def check_finite(self, metrics: dict[str, float], step: int) -> None:
         """Count consecutive skipped (non-finite) updates; too many -> TrainingDiverged."""

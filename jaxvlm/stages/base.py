@@ -5,11 +5,17 @@ A mode (one module each: sft, grpo, dyme, rejection_sft, eval) says which keys i
 them and resolves them into a `StageSpec` (`resolve`, at start-up), and builds each step's update batch from a data
 batch (`update_batch`, the mode's part of the loop body). The loop (`jaxvlm.trainer`) does the rest: state,
 reference log-probs, the jitted step, metrics, evaluation, checkpoints.
+
+A mode that needs more data than the step's batch (grpo's dynamic sampling) calls `draw()`, passed to
+`update_batch`: the next batch of the stage's own data iterator, or None when finite data has run out. The loop
+counts its skipped records with the step's, and the iterator state checkpointed after the step covers every draw,
+so a resumed run continues where an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
@@ -29,6 +35,9 @@ from jaxvlm.configuration import (
 from jaxvlm.data import sources
 from jaxvlm.data.pipeline import PipelineConfig
 from jaxvlm.train_steps import OPTIMIZER_RULES, LossConfig, OptimizerConfig
+
+# The next batch of the stage's data iterator (its skipped records counted by the loop), None when data ran out.
+Draw = Callable[[], "dict | None"]
 
 # PipelineConfig fields a stage's `data` section does not hold: the run sets them (every process reads the global
 # batch; targets follow the mode; the pass count is the stage's `epochs`; rejection sampling keeps images).
@@ -64,8 +73,9 @@ class StageMode:
         del rt, params
         return spec
 
-    def update_batch(self, rt, plan: StagePlan, params, batch: dict, key) -> tuple[dict, dict[str, float]]:
-        """A data batch -> the step's `[*leading, b, ...]` micro-batches and host-side metrics."""
+    def update_batch(self, rt, plan: StagePlan, params, batch: dict, key, draw: Draw) -> tuple[dict, dict[str, float]]:
+        """A data batch -> the step's `[*leading, b, ...]` micro-batches and host-side metrics. `draw()`: more batches
+        of the stage's data, for a mode that needs them (module docstring); the others ignore it."""
         raise NotImplementedError
 
     def run(self, rt, spec: StageSpec, params, global_step: int) -> dict[str, float]:

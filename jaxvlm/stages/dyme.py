@@ -44,7 +44,10 @@ class Dyme(base.StageMode):
     def updates_per_step(self, spec: StageSpec) -> int:
         return spec.mini_batches * spec.loss.num_iterations
 
-    def update_batch(self, rt, plan: base.StagePlan, params, batch: dict, key) -> tuple[dict, dict[str, float]]:
+    def update_batch(
+        self, rt, plan: base.StagePlan, params, batch: dict, key, draw: base.Draw
+    ) -> tuple[dict, dict[str, float]]:
+        del draw  # one batch per step: the switch needs the all-right / all-wrong groups dynamic sampling drops
         spec = plan.spec
         g = spec.sampling.num_generations
         out, metrics = rollouts.rollout(rt, spec, params, batch, key)

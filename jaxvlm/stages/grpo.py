@@ -1,12 +1,17 @@
 """grpo: G rollouts per prompt, rule rewards, group advantages, the policy loss (`train_steps.grpo_step`: the
-clipped surrogate, CISPO or SAPO by `loss.surrogate`)."""
+clipped surrogate, CISPO or SAPO by `loss.surrogate`). With `dynamic_sampling.enabled`, DAPO's dynamic sampling
+(`jaxvlm.dynamic_sampling`): groups whose rewards all agree are dropped and more batches are sampled to fill the
+step's batch."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import ml_collections
 import numpy as np
 
-from jaxvlm import checks, rollouts, sharding, train_steps
+from jaxvlm import checks, dynamic_sampling, rollouts, sharding, train_steps
 from jaxvlm.configuration import StageSpec, check_section, config_error, resolve_sampling
 from jaxvlm.stages import base
 
@@ -117,10 +122,14 @@ class Grpo(base.StageMode):
     step = staticmethod(train_steps.grpo_step)
 
     def defaults(self) -> ml_collections.ConfigDict:
-        return rl_defaults(self.name, POLICY_LOSS_FIELDS)
+        s = rl_defaults(self.name, POLICY_LOSS_FIELDS)
+        s.dynamic_sampling = dynamic_sampling.section()  # not DyME's: its switch needs the all-right/all-wrong groups
+        return s
 
     def resolve(self, section, name: str, seed: int) -> StageSpec:
-        return resolve_rl(self.name, section, name, seed)
+        spec = resolve_rl(self.name, section, name, seed)
+        ds = dynamic_sampling.resolve(section.dynamic_sampling, f"stages.{name}.dynamic_sampling")
+        return dataclasses.replace(spec, dynamic_sampling=ds)
 
     def leading(self, spec: StageSpec) -> tuple[int, ...]:
         return (spec.mini_batches, spec.micro_batches)
@@ -128,21 +137,60 @@ class Grpo(base.StageMode):
     def updates_per_step(self, spec: StageSpec) -> int:
         return spec.mini_batches * spec.loss.num_iterations
 
-    def update_batch(self, rt, plan: base.StagePlan, params, batch: dict, key) -> tuple[dict, dict[str, float]]:
+    def update_batch(
+        self, rt, plan: base.StagePlan, params, batch: dict, key, draw: base.Draw
+    ) -> tuple[dict, dict[str, float]]:
+        """Rollouts of `batch` (with dynamic sampling: of as many batches from `draw` as it takes) -> the update's
+        micro-batches; rollout metrics (reward, accuracy, lengths, ...) are over every rollout sampled this step."""
         spec = plan.spec
-        out, metrics = rollouts.rollout(rt, spec, params, batch, key)
+        g = spec.sampling.num_generations
+        if spec.dynamic_sampling.enabled:
+            update_rows, totals, pixels, metrics = dynamic_rollouts(rt, spec, params, batch, key, draw)
+        else:
+            out, metrics = rollouts.rollout(rt, spec, params, batch, key)
+            update_rows, totals, pixels = out.rows, out.scores.total, base.row_pixels(batch, g)
         rows, mb = rollouts.grpo_update_batch(
-            out.rows,
-            out.scores.total,
-            spec.sampling.num_generations,
+            update_rows,
+            totals,
+            g,
             spec.loss.advantage_scale,
             plan.leading,
-            row_pixels=base.row_pixels(batch, spec.sampling.num_generations),
+            row_pixels=pixels,
             vision_config=rt.model_config.vision,
             slot_multiple=sharding.data_parallel_size(rt.mesh),
         )
         metrics["advantage_abs_max"] = float(np.max(np.abs(rows["advantages"])))
         return mb, metrics
+
+
+def dynamic_rollouts(rt, spec: StageSpec, params, batch: dict, key, draw: base.Draw):
+    """DAPO's dynamic sampling for one step (`jaxvlm.dynamic_sampling`): sample `batch`, then batches from `draw`,
+    until `batch_size` groups have rewards that differ or `max_rounds` batches were sampled. Round r > 0 samples with
+    `fold_in(key, r)` (round 0 with `key`, as without dynamic sampling). Returns the chosen groups' update rows [R,
+    ...], total rewards [R] and row pixels, and the metrics: the rollout metrics over every sampled rollout, the
+    `dynamic_sampling/` counts, and `dynamic_sampling/batch_reward` (mean total reward of the update batch)."""
+    ds, g, size = spec.dynamic_sampling, spec.sampling.num_generations, spec.data.batch_size
+
+    def sample(data: dict, r: int):
+        return rollouts.rollout(rt, spec, params, data, key if r == 0 else jax.random.fold_in(key, r))
+
+    rounds, exhausted = dynamic_sampling.sample_rounds(
+        batch, draw, sample, batch_size=size, group_size=g, max_rounds=ds.max_rounds
+    )
+    selection = dynamic_sampling.select_groups(np.concatenate([r.signal for r in rounds]), size, len(rounds))
+    dynamic_sampling.check_short(selection, ds, f"{spec.key}.dynamic_sampling", size, exhausted)
+    sampled = dynamic_sampling.concat_rollouts([r.out for r in rounds], rt.tokenizer.pad_token_id)
+    metrics = rollouts.rollout_metrics(sampled, g)
+    metrics["time/rollout_s"] = sum(r.metrics["time/rollout_s"] for r in rounds)
+    metrics.update(selection.metrics())
+    index = dynamic_sampling.group_rows(selection.groups, g)
+    totals = sampled.scores.total[index]
+    metrics[dynamic_sampling.PREFIX + "batch_reward"] = float(np.mean(totals))
+    pixels = dynamic_sampling.concat_pixels(
+        [base.row_pixels(r.batch, g) for r in rounds], [len(r.out.completions) for r in rounds]
+    )
+    pixels = None if pixels is None else [pixels[i] for i in index]
+    return dynamic_sampling.take_rows(sampled.rows, index), totals, pixels, metrics
 
 
 MODE = Grpo()

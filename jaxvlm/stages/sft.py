@@ -46,8 +46,10 @@ class Sft(base.StageMode):
             micro_batches=int(section.batch.micro_batches),
         )
 
-    def update_batch(self, rt, plan: base.StagePlan, params, batch: dict, key) -> tuple[dict, dict[str, float]]:
-        del params, key
+    def update_batch(
+        self, rt, plan: base.StagePlan, params, batch: dict, key, draw: base.Draw
+    ) -> tuple[dict, dict[str, float]]:
+        del params, key, draw
         return base.microbatches(rt, pipeline.sft_batch(batch), plan.leading, base.row_pixels(batch)), {}
 
 
