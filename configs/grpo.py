@@ -24,6 +24,24 @@ Variants (`--config configs/grpo.py:<variant>`):
               --config.stages.grpo.data.sources[0].path=/data/train.jsonl --config.eval.sources[0].path=/data/test.jsonl
   "tiny" gym tasks with the tiny random-weight model, on a CPU:
             python -m jaxvlm.main --config configs/grpo.py:tiny --workdir /tmp/grpo
+  "dapo", "cispo", "sapo", "gspo": the same stage with a peer algorithm's settings (below; docs/methods.md §6.1), at
+        full size like "", and "<name>_tiny" (e.g. "dapo_tiny") the same settings on the gym with the tiny model.
+
+Algorithm variants (what changes from ""; every one drops the KL term, beta 0, as its source does):
+  dapo   DAPO (Yu et al. 2025; verl's DAPO recipe): clip-higher eps_low 0.2 / eps_high 0.28, token-level loss
+         (aggregation "dapo"), dynamic sampling (groups whose rewards all agree are dropped and the batch refilled, at
+         most 10 sampling rounds: verl's max_num_gen_batches), DAPO's soft overlong punishment with
+         L_cache = L_max / 5 (the paper's 4096 of 20480) and accuracy weighted 2 (the paper's +-1 reward, up to the
+         constant the group mean removes), no format reward; G 16; AdamW weight decay 0.1, lr 1e-6 constant after a
+         warmup of 20 rollout steps. Ours: 32 prompts a step in 4 updates (the paper: 512 prompts in 16).
+  cispo  CISPO (MiniMax-M1, 2025), as TRL 1.16's loss_type "cispo": the stop-gradient weight min(r, 5) (TRL's docs'
+         epsilon_high 5.0, from ScaleRL) on A log pi, global token mean (aggregation "dapo").
+  sapo   SAPO (Gao et al. 2025, Qwen), as TRL's loss_type "sapo": the soft gate with tau_pos 1.0 / tau_neg 1.05 (the
+         paper's and TRL's), sequence mean of token means (aggregation "grpo").
+  gspo   GSPO (Zheng et al. 2025, Qwen), TRL's paper-index recipe: sequence-level ratio (importance "sequence"),
+         clip 3e-4 / 4e-4, aggregation "grpo", each rollout batch in 4 mini-batches (steps_per_generation 4).
+  cispo, sapo: 4 mini-batches a rollout batch as gspo (ours: at K = mu = 1 the ratio is 1 and every surrogate is the
+  plain policy gradient; off-policy updates are where they differ).
 """
 
 from __future__ import annotations
@@ -32,7 +50,8 @@ import ml_collections
 
 from jaxvlm.configuration import base_config, check_variant, gym_source, stage, use_tiny_model
 
-VARIANTS = ("", "tiny")
+ALGORITHMS = ("dapo", "cispo", "sapo", "gspo")
+VARIANTS = ("", "tiny", *ALGORITHMS, *(f"{name}_tiny" for name in ALGORITHMS))
 TINY_TASKS = ("exists", "count_choice", "count")
 
 # Format (think/answer tags, each exactly once: stricter than R1-V's lazy regex) + accuracy (by answer_type).
@@ -103,7 +122,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.sampling.max_new_tokens = 512
     c.train.update(save_every=200, eval_every=0)
 
-    if variant == "tiny":
+    algorithm = variant.removesuffix("_tiny").removesuffix("tiny")
+    if algorithm:
+        use_algorithm(c.stages.grpo, algorithm)
+    if variant.endswith("tiny"):
         use_tiny_model(c, TINY_TASKS, max_new_tokens=32)
         s = c.stages.grpo
         s.steps, s.epochs = 4, 0
@@ -114,6 +136,44 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             on_error="skip",  # a too-long record is dropped and counted instead of stopping the run
         )
         s.sampling.update(num_generations=4, max_new_tokens=48)
-        s.batch.micro_batches = 2  # 2 prompts x G 4 = 8 rows in 2 micro-batches
-        s.optimizer.learning_rate = 1e-3  # tiny: a random-weight toy model; 1e-6 would not move it
+        s.batch.update(micro_batches=2 if s.batch.mini_batches == 1 else 1)  # 2 prompts x G 4 = 8 rows
+        s.optimizer.update(
+            learning_rate=1e-3, warmup_steps=0
+        )  # tiny: a random-weight toy model; 1e-6 would not move it
+        if algorithm == "dapo":
+            s.dynamic_sampling.max_rounds = 3
+            s.rewards = dapo_rewards(s.sampling.max_new_tokens)
     return c
+
+
+def dapo_rewards(max_new_tokens: int) -> list:
+    """DAPO's reward: accuracy as +-1 (weight 2 on jaxvlm's 0/1: the same advantages) plus the soft overlong
+    punishment over the last fifth of the completion budget (the paper's L_cache 4096 of L_max 20480)."""
+    return [
+        {"name": "accuracy", "weight": 2.0},
+        {"name": "soft_overlong", "kwargs": {"soft_punish_cache": max_new_tokens // 5}},
+    ]
+
+
+def use_algorithm(s: ml_collections.ConfigDict, name: str) -> None:
+    """Stage `s` with the settings of `name` (the module docstring says where each comes from)."""
+    s.loss.update(beta=0.0)
+    if name == "dapo":
+        s.loss.update(eps_low=0.2, eps_high=0.28, aggregation="dapo")
+        s.dynamic_sampling.update(enabled=True, max_rounds=10)
+        s.data.batch_size = 32
+        s.sampling.num_generations = 16
+        s.rewards = dapo_rewards(s.sampling.max_new_tokens)
+        s.batch.update(mini_batches=4, micro_batches=16)  # 512 rows: 4 updates of 128, micro-batches of 8
+        s.optimizer.update(schedule="constant", warmup_steps=20 * 4, weight_decay=0.1)  # 20 rollout steps x 4
+    elif name == "cispo":
+        s.loss.update(surrogate="cispo", cispo_eps_max=5.0, aggregation="dapo")
+        s.batch.update(mini_batches=4, micro_batches=4)  # 128 rows: 4 updates of 32, micro-batches of 8
+    elif name == "sapo":
+        s.loss.update(surrogate="sapo", sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, aggregation="grpo")
+        s.batch.update(mini_batches=4, micro_batches=4)
+    elif name == "gspo":
+        s.loss.update(importance="sequence", eps_low=3e-4, eps_high=4e-4, aggregation="grpo")
+        s.batch.update(mini_batches=4, micro_batches=4)
+    else:
+        raise ValueError(f"configs/grpo.py: unknown algorithm {name!r}; one of {ALGORITHMS}")
