@@ -1,15 +1,20 @@
-"""configs/grpo.py's algorithm variants (dapo, cispo, sapo, gspo): each full-size variant carries its source's
-settings, and each `<name>_tiny` variant trains on the gym through the trainer, with the trainer's log-probs as pi_old
-and one of the four sampler corrections switched on (one run, one stage per variant, to compile and evaluate the
-tiny model once per variant only)."""
+"""configs/grpo.py and its algorithm variants (dapo, cispo, sapo, gspo): each full-size variant carries its source's
+settings, and `:tiny` and each `<name>_tiny` variant train on the gym through the trainer in one run, a stage each:
+the plain GRPO stage first, two steps, stopped after the first (a checkpoint is written) and resumed with the same
+command (test_recipes.py's check, for this recipe), then one step of every variant with the trainer's log-probs as
+pi_old and one of the four sampler corrections switched on."""
 
 from __future__ import annotations
+
+import json
+import os
 
 import pytest
 
 from jaxvlm import configuration, rewards, trainer
 from jaxvlm.metrics import read_metrics
-from test_recipes import load_config
+from test_recipes import load_config, reduced
+from test_trainer import StopAfter
 
 ALGORITHMS = ("dapo", "cispo", "sapo", "gspo")
 # The correction each variant's stage runs with here (the variants themselves leave it off, as TRL does without vLLM).
@@ -57,8 +62,9 @@ if SIGNAL not in rewards.REWARDS:
 
 
 def variants_run_config():
-    """The tiny variants as the stages of one run, one step each, pi_old recomputed, a correction each."""
-    config = load_config("grpo", "tiny")
+    """configs/grpo.py:tiny (two steps, as test_recipes.py runs every recipe), then the tiny variants as further
+    stages of the same run, one step each, pi_old recomputed, a correction each."""
+    config = reduced(load_config("grpo", "tiny"))
     for name in ALGORITHMS:
         s = load_config("grpo", f"{name}_tiny").stages.grpo
         s.steps, s.epochs = 1, 0
@@ -66,20 +72,31 @@ def variants_run_config():
         s.rewards = [*s.rewards, SIGNAL]
         s.loss.update(old_logp="recompute", sampler_correction=CORRECTIONS[name])
         config.stages[name] = s
-    del config.stages["grpo"]
-    config.stage_order = ALGORITHMS
-    config.eval.num_examples = config.eval.batch_size = 4
-    config.eval.sampling.max_new_tokens = 8
-    config.train.update(save_every=1, progress=False)
+    config.stage_order = ("grpo", *ALGORITHMS)
     return config
 
 
-def test_tiny_variants_train_with_the_trainer(tmp_path):
+def test_tiny_recipe_and_variants_run_stop_resume_and_train(tmp_path):
     config = variants_run_config()
     configuration.resolve(config)
-    assert trainer.run(config, str(tmp_path))["finished"]
-    rows = {r["train/stage"]: r for r in read_metrics(str(tmp_path)) if "train/loss" in r}
-    assert set(rows) == set(ALGORITHMS)
+    workdir = str(tmp_path)
+    assert not trainer.run(config, workdir, stop=StopAfter(1))["finished"]
+    assert os.listdir(os.path.join(workdir, "checkpoints", "grpo")) == ["1"]
+    assert trainer.run(config, workdir)["finished"]
+    with open(os.path.join(workdir, "progress.json")) as f:
+        assert json.load(f)["completed"] == {"grpo": 2, **{name: 1 for name in ALGORITHMS}}
+    train = [r for r in read_metrics(workdir) if "train/loss" in r]
+    # Step 1 ran before the stop; the resumed run continued at step 2 (nothing repeated).
+    steps = [("grpo", 1), ("grpo", 2), *((name, 1) for name in ALGORITHMS)]
+    assert [(r["train/stage"], r["train/stage_step"]) for r in train] == steps
+    assert [r["eval/stage"] for r in read_metrics(workdir) if "eval/accuracy" in r] == list(config.stage_order)
+    assert os.path.isfile(os.path.join(workdir, "final_model", "config.json"))
+    # The plain stage: pi_old is the sampler's, measured at the first update; no correction.
+    plain = train[1]
+    assert plain["train/mismatch/tokens"] > 0 and plain["train/mismatch/logp_abs_max"] < 1e-4
+    assert not any(k.startswith("train/sampler_correction/") for k in plain)
+
+    rows = {r["train/stage"]: r for r in train[2:]}
     for name, row in rows.items():
         assert row["train/update_skipped"] == 0, name
         assert row["train/updates"] == 4, name  # 4 mini-batches of one rollout batch
