@@ -248,6 +248,10 @@ def test_mapping_of_cispo_and_sapo():
             lambda c: c.stages.grpo.loss.update(old_logp="recompute", sampler_correction="token_truncate"),
             "config.stages.grpo.loss.sampler_correction",
         ),
+        (
+            lambda c: c.stages.grpo.dynamic_sampling.update(enabled=True),
+            "config.stages.grpo.dynamic_sampling.enabled",
+        ),
     ],
     ids=[
         "kl_k2",
@@ -260,6 +264,7 @@ def test_mapping_of_cispo_and_sapo():
         "cispo_grpo",
         "sapo_dapo",
         "sampler_correction",
+        "dynamic_sampling",
     ],
 )
 def test_refuses_what_trl_cannot_express(change, key):

@@ -42,6 +42,7 @@ naming the key):
                                                    or K > 1) and is on policy otherwise; jaxvlm's "sampler" differs
                                                    from that by the sampler / trainer mismatch (~1e-7 in float32)
   loss.sampler_correction                        refused unless "none" (TRL corrects only vLLM's log-probs)
+  dynamic_sampling.enabled                       refused (TRL 1.16 has no dynamic sampling)
   loss.aggregation / advantage_scale             loss_type / scale_rewards
   rewards (weights)                              reward_funcs (jaxvlm's functions) / reward_weights
   optimizer.learning_rate, warmup_steps          learning_rate, warmup_steps
@@ -197,6 +198,11 @@ def grpo_config_from_jaxvlm(cfg) -> dict[str, Any]:
                 f"as aggregation={aggregation!r} only",
             )
         epsilon_high = loss.cispo_eps_max if loss.surrogate == "cispo" else loss.eps_high
+    if stage.dynamic_sampling.enabled:
+        raise config_error(
+            f"{key}.dynamic_sampling.enabled",
+            "True: TRL's GRPOTrainer has no dynamic sampling (its docs say so); the two runs would differ",
+        )
     if loss.sampler_correction != "none":
         raise config_error(
             f"{key}.loss.sampler_correction",
