@@ -104,6 +104,11 @@ def test_mismatch_sums_and_summary_match_numpy():
     for k, v in want.items():
         np.testing.assert_allclose(float(got[k]), v, rtol=2e-6, err_msg=k)
     assert 0 < want["mismatch/ratio_outside_fraction"] < 1  # the data straddles the band
+    # A float32-sized mismatch: k3 ~ d^2 / 2, positive, where exp(d) - d - 1 in float32 cancels to rounding.
+    tiny = np.float32(3e-6) * np.arange(1, 7, dtype=np.float32)[None]
+    got = losses.mismatch_summary(losses.sampler_mismatch(tiny, np.zeros_like(tiny), np.ones_like(tiny)))
+    x = tiny.astype(np.float64)
+    np.testing.assert_allclose(float(got["mismatch/k3"]), np.mean(np.expm1(x) - x), rtol=1e-5)
     empty = losses.mismatch_summary(losses.sampler_mismatch(trainer, sampler, np.zeros_like(mask)))
     assert all(float(v) == 0 for v in empty.values())
 
