@@ -29,8 +29,9 @@ Variants (`--config configs/grpo.py:<variant>`):
 
 Algorithm variants (what changes from ""; every one drops the KL term, beta 0, as its source does):
   dapo   DAPO (Yu et al. 2025; verl's DAPO recipe): clip-higher eps_low 0.2 / eps_high 0.28, token-level loss
-         (aggregation "dapo"), dynamic sampling (groups whose rewards all agree are dropped and the batch refilled, at
-         most 10 sampling rounds: verl's max_num_gen_batches), DAPO's soft overlong punishment with
+         (aggregation "dapo"), dynamic sampling (groups whose accuracies all agree, DAPO's 0 or 1, are dropped and
+         the batch refilled, at most 10 sampling rounds: verl's metric=acc and max_num_gen_batches), DAPO's soft
+         overlong punishment with
          L_cache = L_max / 5 (the paper's 4096 of 20480) and accuracy weighted 2 (the paper's +-1 reward, up to the
          constant the group mean removes), no format reward; G 16; AdamW weight decay 0.1, lr 1e-6 constant after a
          warmup of 20 rollout steps. Ours: 32 prompts a step in 4 updates (the paper: 512 prompts in 16).
@@ -160,7 +161,7 @@ def use_algorithm(s: ml_collections.ConfigDict, name: str) -> None:
     s.loss.update(beta=0.0)
     if name == "dapo":
         s.loss.update(eps_low=0.2, eps_high=0.28, aggregation="dapo")
-        s.dynamic_sampling.update(enabled=True, max_rounds=10)
+        s.dynamic_sampling.update(enabled=True, max_rounds=10, filter="accuracy")
         s.data.batch_size = 32
         s.sampling.num_generations = 16
         s.rewards = dapo_rewards(s.sampling.max_new_tokens)

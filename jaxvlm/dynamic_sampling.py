@@ -15,9 +15,11 @@ behaviour). The batch keeps the sampling order of its groups; each row keeps its
 
 Peers: verl's `algorithm.filter_groups` (`enable`, `metric`, `max_num_gen_batches`: 0 = unbounded by default, 10 in
 the DAPO recipe's scripts, which filter on `acc`), EasyR1's `algorithm.online_filtering` (a group's mean score
-outside [0.01, 0.99], `max_try_make_batch`); TRL 1.16 has none. jaxvlm filters on the total reward, the same test as
-`losses.group_reward_stats`' zero_std_fraction, and draws batches of the stage's `batch_size` (verl's
-`gen_batch_size` may be larger).
+outside [0.01, 0.99], `max_try_make_batch`); TRL 1.16 has none. `filter` chooses what must differ within a group:
+"reward" (the default), the total reward, the same test as `losses.group_reward_stats`' zero_std_fraction; or
+"accuracy", the stage's accuracy reward: DAPO's rule (drop the prompts whose accuracy is 0 or 1) and verl's
+`metric=acc`, which matters when a shaping reward (`soft_overlong`) makes almost every group's totals differ. Batches
+are drawn at the stage's `batch_size` (verl's `gen_batch_size` may be larger).
 
 The selection is pure host-side numpy (`signal_groups`, `select_groups`, `concat_rollouts`, `take_rows`); the
 sampling loop (`sample_rounds`) takes the sampler and the data as callables, and `jaxvlm.stages.grpo` wires them.
@@ -37,6 +39,7 @@ from jaxvlm.configuration import check_section
 from jaxvlm.rollouts import Rollouts
 
 ON_SHORT = ("fill", "error")
+FILTERS = ("reward", "accuracy")
 PREFIX = "dynamic_sampling/"
 
 
@@ -51,9 +54,15 @@ class DynamicSampling:
     enabled: bool = False
     max_rounds: int = 10  # sampled batches per step in all, the step's own included (verl's max_num_gen_batches)
     on_short: str = "fill"  # fill: complete the batch with zero-signal groups (advantage 0); error: stop
+    filter: str = "reward"  # what must differ within a group to keep it: the total reward, or the accuracy reward
 
 
-RULES = {"enabled": checks.boolean, "max_rounds": checks.integer(1), "on_short": checks.one_of(*ON_SHORT)}
+RULES = {
+    "enabled": checks.boolean,
+    "max_rounds": checks.integer(1),
+    "on_short": checks.one_of(*ON_SHORT),
+    "filter": checks.one_of(*FILTERS),
+}
 
 
 def section() -> ml_collections.ConfigDict:
@@ -65,7 +74,10 @@ def resolve(values: ml_collections.ConfigDict, key: str) -> DynamicSampling:
     """The section, checked (ConfigError naming `config.<key>.<field>`); every key is checked, enabled or not."""
     check_section(values, RULES, key)
     return DynamicSampling(
-        enabled=bool(values.enabled), max_rounds=int(values.max_rounds), on_short=str(values.on_short)
+        enabled=bool(values.enabled),
+        max_rounds=int(values.max_rounds),
+        on_short=str(values.on_short),
+        filter=str(values.filter),
     )
 
 
@@ -245,14 +257,19 @@ def sample_rounds(
     batch_size: int,
     group_size: int,
     max_rounds: int,
+    filter: str = "reward",
 ) -> tuple[list[Round], bool]:
     """Sample `batch` (round 0: `sample(batch, 0)`), then while fewer than `batch_size` groups have a signal and
-    fewer than `max_rounds` batches were sampled, `draw()` the next batch and sample it (`sample(next, r)`).
+    fewer than `max_rounds` batches were sampled, `draw()` the next batch and sample it (`sample(next, r)`). A
+    group's signal: its total rewards differ (`filter="reward"`), or its accuracy rewards do ("accuracy").
     Returns the rounds and whether the data ran out (`draw()` gave None)."""
+    if filter not in FILTERS:
+        raise ValueError(f"filter must be one of {FILTERS}, got {filter!r}")
     rounds: list[Round] = []
     while True:
         out, metrics = sample(batch, len(rounds))
-        rounds.append(Round(batch, out, signal_groups(out.scores.total, group_size), metrics))
+        values = out.accuracy if filter == "accuracy" else out.scores.total
+        rounds.append(Round(batch, out, signal_groups(values, group_size), metrics))
         if sum(int(r.signal.sum()) for r in rounds) >= batch_size or len(rounds) >= max_rounds:
             return rounds, False
         batch = draw()
@@ -269,18 +286,21 @@ def check_short(selection: Selection, cfg: DynamicSampling, key: str, batch_size
         if exhausted
         else f"after config.{key}.max_rounds = {cfg.max_rounds} sampled batches"
     )
+    equal = {"reward": "rewards", "accuracy": "accuracies"}[cfg.filter]
     if cfg.on_short == "error":
         raise ShortBatchError(
-            f"config.{key}: {why}, only {selection.kept} of batch_size = {batch_size} groups had rewards that differ "
-            f"({selection.dropped} of {selection.sampled} groups sampled had equal rewards); raise "
+            f"config.{key}: {why}, only {selection.kept} of batch_size = {batch_size} groups had {equal} that differ "
+            f"({selection.dropped} of {selection.sampled} groups sampled had equal {equal}); raise "
             f"config.{key}.max_rounds or set config.{key}.on_short='fill'"
         )
     logging.warning(
-        "config.%s: %s, only %d of %d groups had rewards that differ; the batch is filled with %d groups of equal "
-        "rewards (advantage 0: no policy gradient)",
+        "config.%s: %s, only %d of %d groups had %s that differ; the batch is filled with %d groups of equal %s%s",
         key,
         why,
         selection.kept,
         batch_size,
+        equal,
         selection.filled,
+        equal,
+        " (advantage 0: no policy gradient)" if cfg.filter == "reward" else "",
     )

@@ -104,7 +104,7 @@ def test_check_short_fills_with_a_warning_or_stops_naming_the_key(caplog):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def fake_rollouts(totals, width: int = 4, g: int = 2) -> Rollouts:
+def fake_rollouts(totals, width: int = 4, g: int = 2, accuracy=None) -> Rollouts:
     r = len(totals)
     rows = {
         "prompt_ids": np.full((r, width), 7, np.int32),
@@ -116,7 +116,8 @@ def fake_rollouts(totals, width: int = 4, g: int = 2) -> Rollouts:
     }
     totals = np.asarray(totals, np.float32)
     scores = rewards.RewardResult(totals[:, None], totals, ("r",), {"r": 1}, {"r": 0})
-    return Rollouts([""] * r, [{}] * r, scores, totals, rows, np.full(r, 3), np.zeros(r, bool))
+    accuracy = totals if accuracy is None else np.asarray(accuracy, np.float32)
+    return Rollouts([""] * r, [{}] * r, scores, accuracy, rows, np.full(r, 3), np.zeros(r, bool))
 
 
 def test_sample_rounds_draws_until_full_or_bounded_or_out_of_data():
@@ -145,6 +146,25 @@ def test_sample_rounds_draws_until_full_or_bounded_or_out_of_data():
         {"n": 0}, lambda: None, sample, batch_size=2, group_size=2, max_rounds=3
     )
     assert len(rounds) == 1 and exhausted
+
+
+def test_the_accuracy_filter_keeps_groups_whose_accuracies_differ():
+    """DAPO's rule (verl's metric=acc): a shaping reward makes the totals of every group differ, but only the groups
+    whose accuracies differ are kept."""
+    totals = [0.1, 0.3, 0.2, 0.5, 1.0, 0.9]  # all three groups differ in total reward
+    accuracy = [0, 0, 0, 1, 1, 1]  # only group 1 (rows 2, 3) differs in accuracy
+
+    def sample(batch, r):
+        return fake_rollouts(totals, accuracy=accuracy), {"time/rollout_s": 1.0}
+
+    by_reward, _ = dynamic_sampling.sample_rounds({}, lambda: None, sample, batch_size=3, group_size=2, max_rounds=1)
+    assert by_reward[0].signal.tolist() == [True, True, True]
+    by_accuracy, _ = dynamic_sampling.sample_rounds(
+        {}, lambda: None, sample, batch_size=3, group_size=2, max_rounds=1, filter="accuracy"
+    )
+    assert by_accuracy[0].signal.tolist() == [False, True, False]
+    with pytest.raises(ValueError, match="filter must be one of"):
+        dynamic_sampling.sample_rounds({}, lambda: None, sample, batch_size=3, group_size=2, max_rounds=1, filter="x")
 
 
 def test_concat_rollouts_left_pads_prompts_to_the_widest_batch():
@@ -254,9 +274,15 @@ def test_config_keys_are_checked_by_path():
         (dict(max_rounds=0), r"config.stages.grpo.dynamic_sampling.max_rounds: must be >= 1, got 0"),
         (dict(on_short="drop"), r"config.stages.grpo.dynamic_sampling.on_short: .*'fill', 'error'.*'drop'"),
         (dict(max_rounds=2**31), r"config.stages.grpo.dynamic_sampling.max_rounds: must be <= 2147483647"),
+        (dict(filter="std"), r"config.stages.grpo.dynamic_sampling.filter: .*'reward', 'accuracy'.*'std'"),
     ]:
         with pytest.raises(configuration.ConfigError, match=match):
             configuration.resolve(ds_config(**values))
+    assert configuration.resolve(ds_config(filter="accuracy")).stages[0].dynamic_sampling.filter == "accuracy"
+    no_accuracy = ds_config(enabled=True, filter="accuracy")
+    no_accuracy.stages.grpo.accuracy_reward = ""
+    with pytest.raises(configuration.ConfigError, match=r"config.stages.grpo.dynamic_sampling.filter: 'accuracy' "):
+        configuration.resolve(no_accuracy)
 
 
 def test_a_dyme_stage_has_no_dynamic_sampling():

@@ -35,6 +35,7 @@ def test_full_size_variant_has_its_sources_settings(name):
     if name == "dapo":
         assert (loss.surrogate, loss.eps_low, loss.eps_high, loss.aggregation) == ("clip", 0.2, 0.28, "dapo")
         assert s.dynamic_sampling.enabled and s.dynamic_sampling.max_rounds == 10
+        assert s.dynamic_sampling.filter == "accuracy"  # DAPO drops the prompts solved 0 or G times
         assert s.sampling.num_generations == 16
         rewards = {r["name"]: r for r in s.rewards}
         assert set(rewards) == {"accuracy", "soft_overlong"}

@@ -128,7 +128,14 @@ class Grpo(base.StageMode):
 
     def resolve(self, section, name: str, seed: int) -> StageSpec:
         spec = resolve_rl(self.name, section, name, seed)
-        ds = dynamic_sampling.resolve(section.dynamic_sampling, f"stages.{name}.dynamic_sampling")
+        key = f"stages.{name}.dynamic_sampling"
+        ds = dynamic_sampling.resolve(section.dynamic_sampling, key)
+        if ds.filter == "accuracy" and not spec.accuracy_reward:
+            raise config_error(
+                f"{key}.filter",
+                f"'accuracy' keeps the groups whose accuracy rewards differ, and config.stages.{name}.accuracy_reward "
+                "is '' (none); name the accuracy reward or filter on 'reward'",
+            )
         return dataclasses.replace(spec, dynamic_sampling=ds)
 
     def leading(self, spec: StageSpec) -> tuple[int, ...]:
@@ -165,17 +172,18 @@ class Grpo(base.StageMode):
 
 def dynamic_rollouts(rt, spec: StageSpec, params, batch: dict, key, draw: base.Draw):
     """DAPO's dynamic sampling for one step (`jaxvlm.dynamic_sampling`): sample `batch`, then batches from `draw`,
-    until `batch_size` groups have rewards that differ or `max_rounds` batches were sampled. Round r > 0 samples with
-    `fold_in(key, r)` (round 0 with `key`, as without dynamic sampling). Returns the chosen groups' update rows [R,
-    ...], total rewards [R] and row pixels, and the metrics: the rollout metrics over every sampled rollout, the
-    `dynamic_sampling/` counts, and `dynamic_sampling/batch_reward` (mean total reward of the update batch)."""
+    until `batch_size` groups have rewards (or accuracies: `filter`) that differ or `max_rounds` batches were
+    sampled. Round r > 0 samples with `fold_in(key, r)` (round 0 with `key`, as without dynamic sampling). Returns the
+    chosen groups' update rows [R, ...], total rewards [R] and row pixels, and the metrics: the rollout metrics over
+    every sampled rollout, the `dynamic_sampling/` counts, and `dynamic_sampling/batch_reward` (mean total reward of
+    the update batch)."""
     ds, g, size = spec.dynamic_sampling, spec.sampling.num_generations, spec.data.batch_size
 
     def sample(data: dict, r: int):
         return rollouts.rollout(rt, spec, params, data, key if r == 0 else jax.random.fold_in(key, r))
 
     rounds, exhausted = dynamic_sampling.sample_rounds(
-        batch, draw, sample, batch_size=size, group_size=g, max_rounds=ds.max_rounds
+        batch, draw, sample, batch_size=size, group_size=g, max_rounds=ds.max_rounds, filter=ds.filter
     )
     selection = dynamic_sampling.select_groups(np.concatenate([r.signal for r in rounds]), size, len(rounds))
     dynamic_sampling.check_short(selection, ds, f"{spec.key}.dynamic_sampling", size, exhausted)
