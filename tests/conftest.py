@@ -29,6 +29,40 @@ import pytest  # noqa: E402
 # Parity tests compare float32 numbers at 1e-4: keep matmuls in full precision on every backend.
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# The longest test files first (by their measured durations, longest first). CI runs `-n 2 --dist loadfile`: each
+# file goes whole to whichever worker is free, in collection order, so a long file collected last (alphabetically,
+# test_trainer*.py) would run alone at the end while the other worker idles. Longest-first keeps both busy to the
+# end. Files not listed keep their order after these; a stale list costs time, never correctness.
+LONGEST_FIRST = (
+    "test_recipes.py",
+    "test_train_steps.py",
+    "test_trainer.py",
+    "test_bench_memory.py",
+    "test_sampling.py",
+    "test_bench.py",
+    "test_distributed.py",
+    "test_model_options.py",
+    "test_model_parity.py",
+    "test_reproducibility.py",
+    "test_trainer_multiprocess.py",
+    "test_grpo_variants.py",
+    "test_demo.py",
+    "test_smollm2_math.py",
+    "test_train_checkpoint.py",
+    "test_attention.py",
+    "test_trl_grpo.py",
+    "test_workdir_damage.py",
+    "test_dynamic_sampling.py",
+    "test_checkpoint.py",
+    "test_evaluate.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+
+
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 290, 291, 292, 293
 TEXT_VOCAB = 280  # ordinary text ids are drawn below this
 

@@ -175,3 +175,11 @@ def test_no_file_cites_the_outside_design_notes():
             if outside.search(line):
                 problems.append(f"{path}:{lineno}: {line.strip()[:100]}")
     assert not problems, "\n".join(problems)
+
+
+def test_the_longest_first_test_order_names_existing_files():
+    """conftest.LONGEST_FIRST orders the test files for CI's two workers; a renamed file would silently drop out."""
+    from conftest import LONGEST_FIRST
+
+    missing = [name for name in LONGEST_FIRST if not (ROOT / "tests" / name).is_file()]
+    assert not missing and len(set(LONGEST_FIRST)) == len(LONGEST_FIRST), missing
