@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The test programs are tiny and compiled once or twice each: XLA's backend (LLVM) optimisation costs more CPU than it
+# saves. Off for the tests (HLO passes, sharding and numerics are unchanged; child processes inherit it); measured on
+# two test files, 45 instead of 80 CPU seconds.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # Eight simulated CPU devices, so sharding tests can build meshes; unsharded work stays on device 0.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
