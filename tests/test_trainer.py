@@ -164,7 +164,11 @@ def test_kl_reference_is_re_anchored_at_the_stage_start(trained):
     grpo = [r for r in read_metrics(workdir) if r.get("train/stage") == "grpo"]
     # The GRPO stage starts from the SFT stage's params and so does its reference: the first update sees KL 0.
     assert abs(grpo[0]["train/kl"]) < 1e-5
-    assert grpo[1]["train/kl"] > 1e-6
+    if grpo[0]["train/advantage_abs_max"] > 0:  # the first update moved the params away from the reference
+        assert grpo[1]["train/kl"] > 1e-6
+    else:  # every group's rewards agreed (the sampled tokens vary with XLA's code generation): no gradient, no
+        # weight decay, so the params still are the reference
+        assert grpo[1]["train/kl"] == 0
 
 
 @pytest.mark.slow  # trains (the fast tier keeps the config and evaluation checks)
