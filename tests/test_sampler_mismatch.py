@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 
 from jaxvlm import checks, configuration, losses, models, sampling, train_steps
-from jaxvlm.configuration import ConfigError, base_config, gym_source, stage
+from jaxvlm.configuration import ConfigError
 from jaxvlm.models.qwen2_5_vl import Qwen25VL
+from test_losses_cispo_sapo import rl_config  # a one-stage RL config on the gym with the tiny model
 
 CLAMP = 20.0
 MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
@@ -185,22 +186,6 @@ def test_weighted_policy_loss_values_and_gradients(mode, aggregation):
 # ----------------------------------------------------------------------------------------------------------
 # config keys
 # ----------------------------------------------------------------------------------------------------------
-
-
-def rl_config(mode="grpo", **loss):
-    c = base_config()
-    c.model.update(preset="tiny", path="")
-    c.mesh.shape = (1, 1, 1)
-    c.stage_order = (mode,)
-    c.stages[mode] = stage(
-        mode,
-        steps=1,
-        data=dict(sources=[gym_source("train", 8, tasks=("word_arithmetic",))], batch_size=2, prompt_style="plain"),
-        rewards=[{"name": "accuracy", "kwargs": {"extract": "raw"}}],
-        loss=loss,
-        sampling=dict(num_generations=2, max_new_tokens=8),
-    )
-    return c
 
 
 def test_config_keys_resolve_for_grpo_and_dyme():
