@@ -401,6 +401,22 @@ def step_problem():
     return batch, model, params, logp
 
 
+def grpo_step_on(model, params, cfg: train_steps.LossConfig):
+    """(a fresh train state, the jitted grpo_step) for `model` with `cfg` (validated): AdamW at lr 1e-3, no weight
+    decay, no warmup."""
+    cfg.validate()
+    opt_cfg = train_steps.OptimizerConfig(learning_rate=1e-3, warmup_steps=0, total_steps=10, weight_decay=0.0)
+    optimizer = train_steps.make_optimizer(opt_cfg, params)
+    step = functools.partial(
+        train_steps.grpo_step,
+        model=model,
+        optimizer=optimizer,
+        schedule=train_steps.learning_rate_schedule(opt_cfg),
+        cfg=cfg,
+    )
+    return train_steps.create_train_state(params, optimizer, 0), jax.jit(step)
+
+
 @pytest.mark.parametrize(
     "loss, metric",
     [
@@ -416,19 +432,8 @@ def test_grpo_step_trains_with_each_surrogate(loss, metric):
     micro = jax.tree.map(lambda x: x[0, 0], batch)
     old = logp + np.random.default_rng(1).normal(0.0, 0.5, logp.shape).astype(np.float32)  # ratios around 1
     batch = {**batch, "old_logp": old[None, None]}
-    opt_cfg = train_steps.OptimizerConfig(learning_rate=1e-3, warmup_steps=0, total_steps=10, weight_decay=0.0)
-    optimizer = train_steps.make_optimizer(opt_cfg, params)
-    state = train_steps.create_train_state(params, optimizer, 0)
-    cfg = train_steps.LossConfig(**loss)
-    cfg.validate()
-    step = functools.partial(
-        train_steps.grpo_step,
-        model=model,
-        optimizer=optimizer,
-        schedule=train_steps.learning_rate_schedule(opt_cfg),
-        cfg=cfg,
-    )
-    new, metrics = jax.jit(step)(state, batch)
+    state, step = grpo_step_on(model, params, train_steps.LossConfig(**loss))
+    new, metrics = step(state, batch)
     assert int(new.step) == 1 and float(metrics["update_skipped"]) == 0 and float(metrics["grad_norm"]) > 0
     kernel_fn = jax.jit(functools.partial(losses.policy_loss, **loss))
     loss_sum, norm, want = kernel_fn(logp, old, micro["advantages"], micro["completion_mask"])

@@ -23,7 +23,7 @@ import pytest
 from jaxvlm import checks, configuration, losses, models, sampling, train_steps
 from jaxvlm.configuration import ConfigError
 from jaxvlm.models.qwen2_5_vl import Qwen25VL
-from test_losses_cispo_sapo import rl_config  # a one-stage RL config on the gym with the tiny model
+from test_losses_cispo_sapo import grpo_step_on, rl_config  # one-stage RL config; the jitted GRPO step
 
 CLAMP = 20.0
 MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
@@ -272,19 +272,8 @@ def test_sampler_and_trainer_agree_in_float32():
 
 
 def grpo_run(batch, model, params, **loss):
-    opt_cfg = train_steps.OptimizerConfig(learning_rate=1e-3, warmup_steps=0, total_steps=10, weight_decay=0.0)
-    optimizer = train_steps.make_optimizer(opt_cfg, params)
-    state = train_steps.create_train_state(params, optimizer, 0)
-    cfg = train_steps.LossConfig(temperature=0.9, **loss)
-    cfg.validate()
-    step = functools.partial(
-        train_steps.grpo_step,
-        model=model,
-        optimizer=optimizer,
-        schedule=train_steps.learning_rate_schedule(opt_cfg),
-        cfg=cfg,
-    )
-    _, metrics = jax.jit(step)(state, batch)
+    state, step = grpo_step_on(model, params, train_steps.LossConfig(temperature=0.9, **loss))
+    _, metrics = step(state, batch)
     return {k: float(v) for k, v in metrics.items()}
 
 
