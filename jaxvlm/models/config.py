@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 from typing import Any
 
 import numpy as np
 
-SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2", "llama")
-TEXT_ONLY_MODEL_TYPES = ("qwen2", "llama")  # decoders without a vision tower
+SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen2", "qwen3", "llama")
+TEXT_ONLY_MODEL_TYPES = ("qwen2", "qwen3", "llama")  # decoders without a vision tower
+QWEN3_MODEL_TYPES = ("qwen3_vl", "qwen3")  # the Qwen3 decoder: q/k RMSNorm, no biases
 ROPE_SCALING_TYPES = ("linear", "llama3")  # besides "default" (and "mrope", Qwen2.5-VL's)
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: debugging parity (needs jax_enable_x64)
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
@@ -81,6 +83,54 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Qwen3VisionConfig:
+    """Qwen3-VL vision tower: ViT with learned absolute position embeddings (a square table bilinearly interpolated to
+    each image's grid) plus 2-D RoPE, full attention within each image, LayerNorm, a gelu-tanh MLP, the 2x2 patch
+    merger, and DeepStack: the outputs of the `deepstack_visual_indexes` blocks, each through its own merger, are
+    added to the decoder's hidden states at the image tokens after its first layers.
+
+    It shares the slot layout of the Qwen2.5-VL tower (`jaxvlm.processing.vision`) with windows of one merge unit,
+    so every block attends within each image (`window_merged` = 1, every block a full-attention block)."""
+
+    depth: int = 27
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    out_hidden_size: int = 3584
+    num_position_embeddings: int = 2304
+    deepstack_visual_indexes: tuple[int, ...] = (8, 16, 24)
+    rope_theta: float = 10000.0
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6  # transformers hard-codes 1e-6 for the vision LayerNorms
+
+    head_dim = VisionConfig.head_dim
+    patch_dim = VisionConfig.patch_dim
+    merge_unit = VisionConfig.merge_unit
+
+    @property
+    def num_grid_per_side(self) -> int:
+        """Side of the square position-embedding table (48 for 2304 entries)."""
+        return math.isqrt(self.num_position_embeddings)
+
+    @property
+    def window_merged(self) -> int:
+        return 1
+
+    @property
+    def window_patches(self) -> int:
+        """One merge unit: the slot layout then pads nothing inside a frame, and attention is per frame."""
+        return self.merge_unit
+
+    @property
+    def fullatt_block_indexes(self) -> tuple[int, ...]:
+        return tuple(range(self.depth))
+
+
+@dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """A RoPE frequency scaling of the Llama family, as transformers computes it (`modeling_rope_utils`):
 
@@ -119,6 +169,10 @@ class TextConfig:
     o_bias: bool = False  # bias on o_proj (Llama: attention_bias)
     mlp_bias: bool = False  # biases on gate_proj, up_proj, down_proj (Llama: mlp_bias)
     rope_scaling: RopeScaling | None = None  # None: plain 1 / theta^(2i/d) frequencies
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
+    # M-RoPE frequency j reads axis h when j % 3 == 1 and j < 3 * section[1], w when j % 3 == 2 and j < 3 * section[2],
+    # else t (Qwen3-VL); False: contiguous chunks t | h | w (Qwen2.5-VL).
+    mrope_interleaved: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -138,7 +192,7 @@ class ModelConfig:
     """
 
     text: TextConfig = TextConfig()
-    vision: VisionConfig | None = VisionConfig()
+    vision: VisionConfig | Qwen3VisionConfig | None = VisionConfig()
     model_type: str = "qwen2_5_vl"
     image_token_id: int = 151655
     video_token_id: int = 151656
@@ -199,11 +253,18 @@ def num_params(cfg: ModelConfig) -> int:
     layer += (
         (q + 2 * kv) * t.qkv_bias + t.hidden_size * t.o_bias + (2 * t.intermediate_size + t.hidden_size) * t.mlp_bias
     )
+    layer += 2 * hd * t.qk_norm
     text = t.num_hidden_layers * (layer + 2 * t.hidden_size) + t.hidden_size + t.vocab_size * t.hidden_size
     text += 0 if cfg.tie_word_embeddings else t.vocab_size * t.hidden_size
     if v is None:
         return text
     h, i, width = v.hidden_size, v.intermediate_size, v.hidden_size * v.merge_unit
+    if isinstance(v, Qwen3VisionConfig):
+        block = 4 * h * h + 4 * h + 2 * h * i + i + h + 4 * h  # qkv + proj, fc1 + fc2, two LayerNorms
+        merger = width * width + width + width * v.out_hidden_size + v.out_hidden_size  # fc1, fc2
+        merged = 2 * h + merger + len(v.deepstack_visual_indexes) * (2 * width + merger)  # + norms
+        embed = v.patch_dim * h + h + v.num_position_embeddings * h
+        return text + embed + v.depth * block + merged
     block = 3 * h * h + 3 * h + h * h + h + 3 * h * i + 2 * i + h + 2 * h
     merger = h + width * width + width + width * v.out_hidden_size + v.out_hidden_size
     return text + v.patch_dim * h + v.depth * block + merger
@@ -238,6 +299,18 @@ _POSITIVE_SIZES = {
         "out_hidden_size",
         "tokens_per_second",
     ),
+    "qwen3_vision": (
+        "depth",
+        "hidden_size",
+        "intermediate_size",
+        "num_heads",
+        "in_channels",
+        "patch_size",
+        "temporal_patch_size",
+        "spatial_merge_size",
+        "out_hidden_size",
+        "num_position_embeddings",
+    ),
 }
 
 
@@ -245,7 +318,8 @@ def _check_positive_sizes(cfg: ModelConfig) -> None:
     """Every size of the text and vision configs is a positive integer (head_dim: 0 = derived)."""
     sizes = [("text", cfg.text, name) for name in _POSITIVE_SIZES["text"]]
     if cfg.vision is not None:
-        sizes += [("vision", cfg.vision, name) for name in _POSITIVE_SIZES["vision"]]
+        kind = "qwen3_vision" if isinstance(cfg.vision, Qwen3VisionConfig) else "vision"
+        sizes += [("vision", cfg.vision, name) for name in _POSITIVE_SIZES[kind]]
     for where, section, name in sizes:
         value = getattr(section, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -307,18 +381,50 @@ def validate(cfg: ModelConfig) -> None:
     if t.rope_scaling is not None:
         _check_rope_scaling(t.rope_scaling)
     # What each architecture's config.json can say about biases (to_hf_dict writes exactly that).
-    if cfg.model_type == "llama" and t.qkv_bias != t.o_bias:
+    qwen3 = cfg.model_type in QWEN3_MODEL_TYPES
+    if cfg.model_type in ("llama", *QWEN3_MODEL_TYPES) and t.qkv_bias != t.o_bias:
         raise ValueError(
-            f"text.qkv_bias={t.qkv_bias} and text.o_bias={t.o_bias}: a llama model has both or neither (attention_bias)"
+            f"text.qkv_bias={t.qkv_bias} and text.o_bias={t.o_bias}: a {cfg.model_type} model has both or neither "
+            "(attention_bias)"
         )
-    if cfg.model_type != "llama" and (not t.qkv_bias or t.o_bias or t.mlp_bias or t.rope_scaling is not None):
+    if cfg.model_type in ("qwen2_5_vl", "qwen2") and (
+        not t.qkv_bias or t.o_bias or t.mlp_bias or t.rope_scaling is not None
+    ):
         raise ValueError(
             f"model_type={cfg.model_type!r} is the Qwen2 decoder: q/k/v biases only (qkv_bias=True, o_bias=False, "
             "mlp_bias=False) and no rope_scaling"
         )
-    if cfg.model_type == "qwen2_5_vl" and v is None:
-        raise ValueError("model_type='qwen2_5_vl' needs a vision config")
-    if v is not None:
+    if qwen3 and (t.mlp_bias or t.rope_scaling is not None):
+        raise ValueError(f"model_type={cfg.model_type!r} is the Qwen3 decoder: no MLP biases and no rope_scaling")
+    if t.qk_norm != qwen3:
+        raise ValueError(
+            f"text.qk_norm={t.qk_norm}: the {cfg.model_type} decoder has {'' if qwen3 else 'no '}q/k norms"
+        )
+    if t.mrope_interleaved and (cfg.model_type != "qwen3_vl" or t.mrope_section is None):
+        raise ValueError(f"text.mrope_interleaved=True: only Qwen3-VL's M-RoPE is interleaved ({cfg.model_type})")
+    wanted = {"qwen2_5_vl": VisionConfig, "qwen3_vl": Qwen3VisionConfig}.get(cfg.model_type)
+    if wanted is not None and not isinstance(v, wanted):
+        raise ValueError(
+            f"model_type={cfg.model_type!r} needs a {wanted.__name__} vision config, got {type(v).__name__}"
+        )
+    if isinstance(v, Qwen3VisionConfig):
+        if v.hidden_size % v.num_heads or v.head_dim % 4:
+            raise ValueError(
+                f"vision.hidden_size={v.hidden_size} / num_heads={v.num_heads} must give a head_dim divisible by 4"
+            )
+        if v.num_grid_per_side**2 != v.num_position_embeddings:
+            raise ValueError(f"vision.num_position_embeddings={v.num_position_embeddings} must be a square")
+        bad = [i for i in v.deepstack_visual_indexes if not 0 <= i < v.depth]
+        if bad:
+            raise ValueError(f"vision.deepstack_visual_indexes {bad} out of range for depth={v.depth}")
+        if len(v.deepstack_visual_indexes) > t.num_hidden_layers:
+            raise ValueError(
+                f"vision.deepstack_visual_indexes: {len(v.deepstack_visual_indexes)} DeepStack features but only "
+                f"{t.num_hidden_layers} decoder layers to add them to"
+            )
+        if v.out_hidden_size != t.hidden_size:
+            raise ValueError(f"vision.out_hidden_size={v.out_hidden_size} must equal text.hidden_size={t.hidden_size}")
+    elif v is not None:
         if v.hidden_size % v.num_heads or v.head_dim % 4:
             raise ValueError(
                 f"vision.hidden_size={v.hidden_size} / num_heads={v.num_heads} must give a head_dim divisible by 4"
@@ -877,6 +983,129 @@ PRESETS: dict[str, ModelConfig] = {
         vision_end_token_id=8003,
     ),
 }
+
+
+def _qwen3_vl_text(**fields) -> TextConfig:
+    """The Qwen3-VL decoder: Qwen3 layers (q/k norms, no biases), interleaved M-RoPE, theta 5e6."""
+    defaults = dict(
+        vocab_size=151936,
+        head_dim=128,
+        rope_theta=5000000.0,
+        mrope_section=(24, 20, 20),
+        mrope_interleaved=True,
+        max_position_embeddings=262144,
+        qkv_bias=False,
+        qk_norm=True,
+    )
+    return TextConfig(**{**defaults, **fields})
+
+
+PRESETS.update(
+    {
+        # Qwen3-VL-2B-Instruct / -Thinking shapes (their config.json): 28 layers of width 2048, tied embeddings, the
+        # 24-block ViT of width 1024 with DeepStack features from blocks 5, 11 and 17.
+        "qwen3_vl_2b": ModelConfig(
+            text=_qwen3_vl_text(
+                hidden_size=2048,
+                intermediate_size=6144,
+                num_hidden_layers=28,
+                num_attention_heads=16,
+                num_key_value_heads=8,
+            ),
+            vision=Qwen3VisionConfig(
+                depth=24,
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_heads=16,
+                out_hidden_size=2048,
+                deepstack_visual_indexes=(5, 11, 17),
+            ),
+            model_type="qwen3_vl",
+            tie_word_embeddings=True,
+        ),
+        # Qwen3-VL-4B-Instruct / -Thinking: 36 layers of width 2560, tied embeddings, the 2B's ViT projecting to 2560.
+        "qwen3_vl_4b": ModelConfig(
+            text=_qwen3_vl_text(
+                hidden_size=2560,
+                intermediate_size=9728,
+                num_hidden_layers=36,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+            ),
+            vision=Qwen3VisionConfig(
+                depth=24,
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_heads=16,
+                out_hidden_size=2560,
+                deepstack_visual_indexes=(5, 11, 17),
+            ),
+            model_type="qwen3_vl",
+            tie_word_embeddings=True,
+        ),
+        # A tiny Qwen3-VL for CPU demos and tests (the `tiny` preset's sizes): 3 vision blocks (DeepStack from blocks
+        # 0 and 1), 3 decoder layers, an 8 x 8 position-embedding table.
+        "qwen3_vl_tiny": ModelConfig(
+            text=_qwen3_vl_text(
+                vocab_size=1024,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                rope_theta=10000.0,
+                mrope_section=(2, 3, 3),
+                max_position_embeddings=4096,
+            ),
+            vision=Qwen3VisionConfig(
+                depth=3,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=2,
+                out_hidden_size=64,
+                num_position_embeddings=64,
+                deepstack_visual_indexes=(0, 1),
+            ),
+            model_type="qwen3_vl",
+            tie_word_embeddings=True,
+            image_token_id=1000,
+            video_token_id=1001,
+            vision_start_token_id=1002,
+            vision_end_token_id=1003,
+        ),
+        # ~110M parameters, the `100m` preset's decoder and ViT widths in the Qwen3-VL architecture (benchmarks).
+        "qwen3_vl_100m": ModelConfig(
+            text=_qwen3_vl_text(
+                vocab_size=32000,
+                hidden_size=768,
+                intermediate_size=2048,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                num_key_value_heads=4,
+                head_dim=64,
+                rope_theta=1000000.0,
+                mrope_section=(12, 10, 10),
+                max_position_embeddings=32768,
+            ),
+            vision=Qwen3VisionConfig(
+                depth=8,
+                hidden_size=384,
+                intermediate_size=1536,
+                num_heads=6,
+                out_hidden_size=768,
+                num_position_embeddings=576,
+                deepstack_visual_indexes=(1, 3, 5),
+            ),
+            model_type="qwen3_vl",
+            tie_word_embeddings=True,
+            image_token_id=31655,
+            video_token_id=31656,
+            vision_start_token_id=31652,
+            vision_end_token_id=31653,
+        ),
+    }
+)
 
 
 def preset(name: str, **overrides) -> ModelConfig:
