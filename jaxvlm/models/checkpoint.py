@@ -32,7 +32,8 @@ import ml_dtypes
 import numpy as np
 
 from jaxvlm.models import config as config_lib
-from jaxvlm.models.qwen2_5_vl import Qwen25VL, abstract_params
+from jaxvlm.models.builder import abstract_params, build_model
+from jaxvlm.models.qwen2_5_vl import Qwen25VL
 
 DTypeLike = Any  # a dtype name, alias or numpy / JAX dtype: see config.canonical_dtype
 
@@ -531,7 +532,8 @@ def load_pretrained(path: str, dtype: DTypeLike = "float32", param_dtype: DTypeL
         dtype="bfloat16" for fp32 master weights.
       **config_overrides: other ModelConfig fields, e.g. remat="full".
     Returns:
-      (model, params): a `Qwen25VL` linen module and its params (nested dict of jax arrays).
+      (model, params): the linen module of its model_type (`builder.build_model`) and its params (nested dict of
+      jax arrays).
     Raises:
       CheckpointError (a ValueError) naming the file and the field or tensor when config.json, a .safetensors file or
       the shard index is malformed (see `config.from_hf_dict`, `SafetensorsFile`, `CheckpointTensors`);
@@ -583,7 +585,7 @@ def load_pretrained(path: str, dtype: DTypeLike = "float32", param_dtype: DTypeL
         if unexpected:
             lines.append(f"  unexpected tensors ({len(unexpected)}): {', '.join(sorted(unexpected)[:20])}")
         raise CheckpointMismatchError("\n".join(lines))
-    return Qwen25VL(cfg), params
+    return build_model(cfg), params
 
 
 @functools.lru_cache(maxsize=8)

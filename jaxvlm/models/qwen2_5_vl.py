@@ -156,25 +156,44 @@ def scaled_inv_freq(dim: int, theta: float, scaling: RopeScaling | None) -> np.n
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
+def mrope_axes(half: int, mrope_section, interleaved: bool = False) -> np.ndarray:
+    """Which position axis (0 = t, 1 = h, 2 = w) each of the head_dim/2 rotary frequencies reads: int32 [half].
+
+    Contiguous (Qwen2.5-VL): chunk i of `mrope_section` reads axis i % 3. Interleaved (Qwen3-VL, transformers'
+    `Qwen3VLTextRotaryEmbedding.recomposition_frequencies`): frequency j reads h when j % 3 == 1 and
+    j < 3 * section[1], w when j % 3 == 2 and j < 3 * section[2], else t. None: every frequency reads axis 0."""
+    if mrope_section is None:
+        return np.zeros(half, np.int32)
+    if not interleaved:
+        return np.concatenate([np.full(s, i % 3, np.int32) for i, s in enumerate(mrope_section)])
+    axes = np.zeros(half, np.int32)
+    for axis in (1, 2):
+        axes[axis : 3 * mrope_section[axis] : 3] = axis
+    return axes
+
+
 def mrope_cos_sin(
-    position_ids: Array, head_dim: int, theta: float, mrope_section, scaling: RopeScaling | None = None
+    position_ids: Array,
+    head_dim: int,
+    theta: float,
+    mrope_section,
+    scaling: RopeScaling | None = None,
+    interleaved: bool = False,
 ) -> tuple[Array, Array]:
     """Multimodal RoPE tables.
 
     Args:
       position_ids: int [3, B, T] (t, h, w positions) or [B, T] (text only: same position on every axis).
-      mrope_section: how the head_dim/2 frequencies are split between the t, h and w axes (chunk i reads axis
-        i % 3, as transformers does), or None for plain 1-D RoPE.
+      mrope_section: how the head_dim/2 frequencies are split between the t, h and w axes (`mrope_axes`), or None
+        for plain 1-D RoPE.
       scaling: the Llama family's frequency scaling (`scaled_inv_freq`), or None.
+      interleaved: Qwen3-VL's interleaved layout of the sections (`mrope_axes`).
     Returns cos, sin: float32 [B, T, head_dim].
     """
     if position_ids.ndim == 2:
         position_ids = jnp.broadcast_to(position_ids[None], (3, *position_ids.shape))
     half = head_dim // 2
-    if mrope_section is None:
-        axis_of_freq = np.zeros(half, np.int32)
-    else:
-        axis_of_freq = np.concatenate([np.full(s, i % 3, np.int32) for i, s in enumerate(mrope_section)])
+    axis_of_freq = mrope_axes(half, mrope_section, interleaved)
     pos = position_ids.astype(jnp.float32)[axis_of_freq]  # [half, B, T]
     freqs = jnp.moveaxis(pos, 0, -1) * scaled_inv_freq(head_dim, theta, scaling)  # [B, T, half]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
@@ -188,6 +207,13 @@ def vision_cos_sin(rotary_pos: Array, head_dim: int, theta: float) -> tuple[Arra
     freqs = freqs.reshape(*freqs.shape[:-2], -1)  # h frequencies then w frequencies
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
+
+
+def _text_cos_sin(position_ids: Array, c: TextConfig) -> tuple[Array, Array]:
+    """The decoder's RoPE tables for `position_ids` ([3, B, T] or [B, T]): float32 [B, T, head_dim] each."""
+    return mrope_cos_sin(
+        position_ids, c.resolved_head_dim, c.rope_theta, c.mrope_section, c.rope_scaling, c.mrope_interleaved
+    )
 
 
 # Names of the activations a remat policy may keep (`jax.ad_checkpoint.checkpoint_name`).
@@ -308,7 +334,8 @@ class VisionTower(nn.Module):
     def __call__(self, pixel_values: Array, vision_inputs: dict[str, Array]) -> Array:
         """pixel_values [S, L, C*T*p*p] in the slot layout of `jaxvlm.processing.vision_layout` -> merged image
         features [S * L / merge_unit, out_hidden_size] in processor order (image after image; the first
-        `num_merged` rows are the images' tokens, the rest padding), ready to be spliced at the image tokens."""
+        `num_merged` rows are the images' tokens, the rest padding), ready to be spliced at the image tokens, and None
+        (this tower has no DeepStack features)."""
         c = self.config
         # The Conv3d patch embedding (kernel = stride = (T, p, p), no bias) is a matmul over the flattened patch.
         x = constrain(pixel_values.astype(self.dtype), BATCH, None, None)
@@ -325,7 +352,7 @@ class VisionTower(nn.Module):
         x, _ = blocks(x, cos, sin, vision_inputs["segment_ids"], is_full)
         merged = PatchMerger(c, self.dtype, self.param_dtype, name="merger")(x)  # [S, L / unit, D_out]
         merged = merged.reshape(-1, merged.shape[-1])
-        return merged[vision_inputs["merge_inverse"].reshape(-1)]  # back to processor order
+        return merged[vision_inputs["merge_inverse"].reshape(-1)], None  # back to processor order; no DeepStack
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -391,6 +418,9 @@ class TextAttention(nn.Module):
         q = dense(c.num_attention_heads * hd, c.qkv_bias, name="q_proj")(x).reshape(b, t, c.num_attention_heads, hd)
         k = dense(c.num_key_value_heads * hd, c.qkv_bias, name="k_proj")(x).reshape(b, t, c.num_key_value_heads, hd)
         v = dense(c.num_key_value_heads * hd, c.qkv_bias, name="v_proj")(x).reshape(b, t, c.num_key_value_heads, hd)
+        if c.qk_norm:  # Qwen3: RMSNorm over each head's [Dh] before the rotation
+            q = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="q_norm")(q)
+            k = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="k_norm")(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (constrain(t, BATCH, None, "tensor", None) for t in (q, k, v))
         if cache is None:
@@ -407,6 +437,22 @@ class TextAttention(nn.Module):
             )[:, None]
             new = (gen_k, gen_v)
         return dense(c.hidden_size, c.o_bias, name="o_proj")(out.reshape(b, t, -1)), new
+
+
+def add_deepstack(x: Array, layer: Array, deepstack: dict) -> Array:
+    """Qwen3-VL's DeepStack: after decoder layer i < k, add the i-th DeepStack image features at the image tokens.
+
+    x [B, T, D]; layer: this layer's index (int32 scalar, traced in the layer scan); deepstack: `features`
+    [k, Q, D] (processor order), `index` int32 [B, T] (the feature row of each image token, clipped), `mask` bool
+    [B, T] (image tokens). Layers >= k skip the gather (`lax.cond`)."""
+    features = deepstack["features"]
+    k = features.shape[0]
+
+    def add(x):
+        rows = features[jnp.minimum(layer, k - 1)][deepstack["index"]].astype(x.dtype)  # [B, T, D]
+        return x + jnp.where(deepstack["mask"][..., None], rows, jnp.zeros((), x.dtype))
+
+    return jax.lax.cond(layer < k, add, lambda x: x, x)
 
 
 class DecoderLayer(nn.Module):
@@ -429,6 +475,8 @@ class DecoderLayer(nn.Module):
         )
         x = constrain(x + mlp(norm(name="post_attention_layernorm")(x)), BATCH, None, None)
         if cache is None:
+            if "deepstack" in ctx:
+                x = add_deepstack(x, layer, ctx["deepstack"])
             return (x, None), new  # per-layer (k, v), stacked by the scan into [L, B, T, K, Dh]
         return (x, new), None
 
@@ -461,16 +509,28 @@ class TextModel(nn.Module):
         """Tied LM head: hidden [..., D] @ embedding.T -> [..., V]."""
         return self.embed_tokens.attend(hidden)
 
-    def __call__(self, inputs_embeds: Array, position_ids: Array, attention_mask: Array, *, return_kv: bool = False):
+    def __call__(
+        self,
+        inputs_embeds: Array,
+        position_ids: Array,
+        attention_mask: Array,
+        *,
+        return_kv: bool = False,
+        deepstack: dict | None = None,
+    ):
         """inputs_embeds [B, T, D], position_ids int [3, B, T] or [B, T], attention_mask [B, T] -> hidden [B, T, D]
         (and, with `return_kv`, the keys and values of every layer, [L, B, T, K, Dh] each: a prefill cache).
-        When the cache is not returned, jit drops it (dead code), so training does not pay for it."""
+        When the cache is not returned, jit drops it (dead code), so training does not pay for it.
+        deepstack: Qwen3-VL's DeepStack image features (`add_deepstack`), or None."""
         c = self.config
-        cos, sin = mrope_cos_sin(position_ids, c.resolved_head_dim, c.rope_theta, c.mrope_section, c.rope_scaling)
+        cos, sin = _text_cos_sin(position_ids, c)
         cos, sin = (constrain(t, BATCH, None, None) for t in (cos, sin))
         x = constrain(inputs_embeds.astype(self.dtype), BATCH, None, None)
         ctx = {"segment_ids": constrain(attention_mask.astype(jnp.int32), BATCH, None)}
-        (x, _), kv = self.layers((x, None), cos, sin, ctx, None)
+        if deepstack is not None:
+            ctx["deepstack"] = deepstack
+        layer = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
+        (x, _), kv = self.layers((x, None), cos, sin, ctx, layer)
         x = self.norm(x)
         return (x, kv) if return_kv else x
 
@@ -485,7 +545,7 @@ class TextModel(nn.Module):
         Returns (hidden [B*G, 1, D], cache with `gen_k`/`gen_v` updated at `step`).
         """
         c = self.config
-        cos, sin = mrope_cos_sin(position_ids, c.resolved_head_dim, c.rope_theta, c.mrope_section, c.rope_scaling)
+        cos, sin = _text_cos_sin(position_ids, c)
         n = cache["gen_k"].shape[2]
         ctx = {"prompt_mask": cache["prompt_mask"], "step": cache["step"], "gen_mask": jnp.arange(n) <= cache["step"]}
         layer = (jnp.arange(c.num_hidden_layers), cache["prompt_k"], cache["prompt_v"])
@@ -509,13 +569,21 @@ def splice_image_features(
     (rows' images one after the other, as a processor lays them out); a batch whose rows share images (a prompt's
     G rollouts) passes each row the offset of its images' features instead.
     """
+    index, is_image = image_feature_index(input_ids, image_token_id, features.shape[0], image_offset)
+    return jnp.where(is_image[..., None], features[index].astype(embeds.dtype), embeds)
+
+
+def image_feature_index(
+    input_ids: Array, image_token_id: int, num_features: int, image_offset: Array | None = None
+) -> tuple[Array, Array]:
+    """(index int32 [B, T], is_image bool [B, T]): the feature row each image token takes (clipped into
+    [0, num_features)), as `splice_image_features` describes."""
     is_image = input_ids == image_token_id
     if image_offset is None:
         counts = jnp.sum(is_image, axis=-1)
         image_offset = jnp.cumsum(counts) - counts
     index = image_offset.reshape(-1, 1) + jnp.cumsum(is_image, axis=-1) - 1
-    gathered = features[jnp.clip(index, 0, features.shape[0] - 1)]
-    return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
+    return jnp.clip(index, 0, num_features - 1).astype(jnp.int32), is_image
 
 
 def _concrete(x, name: str, hint: str) -> np.ndarray:
@@ -533,12 +601,15 @@ class Qwen25VL(nn.Module):
     """
 
     config: ModelConfig
+    # The vision tower: pixel_values [S, L, patch_dim] + vision_inputs -> (merged features [Q, D], DeepStack
+    # features [k, Q, D] or None). Qwen3-VL's subclass (`qwen3_vl.Qwen3VL`) replaces it.
+    vision_tower_class = VisionTower
 
     def setup(self):
         cfg = self.config
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         if cfg.vision is not None:
-            self.visual = VisionTower(
+            self.visual = self.vision_tower_class(
                 cfg.vision,
                 dtype,
                 param_dtype,
@@ -592,8 +663,14 @@ class Qwen25VL(nn.Module):
         pixel_values: [S, L, patch_dim] in the slot layout with its `vision_inputs` (what the data pipeline, the
         sampler and the steps feed), or a processor's [N, patch_dim] with a concrete `image_grid_thw` (laid out
         here, on the host)."""
+        return self.vision_outputs(pixel_values, image_grid_thw, vision_inputs=vision_inputs)[0]
+
+    def vision_outputs(self, pixel_values: Array, image_grid_thw=None, *, vision_inputs=None):
+        """(merged image features [Q, D_text], DeepStack features [k, Q, D_text] or None); see `image_features`."""
         if self.config.vision is None:
-            raise ValueError("this is a text-only model (model_type='qwen2'): it cannot take pixel_values")
+            raise ValueError(
+                f"this is a text-only model (model_type={self.config.model_type!r}): it cannot take pixel_values"
+            )
         if vision_inputs is None:
             if image_grid_thw is None:
                 raise ValueError("pixel_values needs image_grid_thw (or the slot layout's vision_inputs)")
@@ -642,10 +719,10 @@ class Qwen25VL(nn.Module):
             matter only when decoding with a cache; image positions are read off input_ids).
         """
         del rope_deltas, mm_token_type_ids
-        embeds, position_ids, attention_mask = self._embed_inputs(
+        embeds, position_ids, attention_mask, deepstack = self._embed_inputs(
             input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_inputs, image_offset
         )
-        return self.language_model(embeds, position_ids, attention_mask)
+        return self.language_model(embeds, position_ids, attention_mask, deepstack=deepstack)
 
     def prefill(
         self,
@@ -663,10 +740,10 @@ class Qwen25VL(nn.Module):
         Prompts must be left-padded so every row's last column is a real token. Arguments as for `encode`.
         Returns (logits of the last position [B, V], (keys, values) [L, B, T, K, Dh] each).
         """
-        embeds, position_ids, attention_mask = self._embed_inputs(
+        embeds, position_ids, attention_mask, deepstack = self._embed_inputs(
             input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_inputs, image_offset
         )
-        hidden, kv = self.language_model(embeds, position_ids, attention_mask, return_kv=True)
+        hidden, kv = self.language_model(embeds, position_ids, attention_mask, return_kv=True, deepstack=deepstack)
         return self.lm_logits(hidden[:, -1]), kv
 
     def decode_step(self, token_ids: Array, position_ids: Array, cache: dict) -> tuple[Array, dict]:
@@ -680,19 +757,28 @@ class Qwen25VL(nn.Module):
     def _embed_inputs(
         self, input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_inputs, image_offset
     ):
-        """Token embeddings with image features spliced in, plus positions and mask (defaults filled in)."""
+        """Token embeddings with image features spliced in, plus positions, mask (defaults filled in) and the
+        DeepStack features for the decoder (`add_deepstack`; None without images or without DeepStack)."""
         cfg = self.config
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         embeds = self.language_model.embed(input_ids)
+        deepstack = None
         if pixel_values is not None:
-            features = self.image_features(pixel_values, image_grid_thw, vision_inputs=vision_inputs)
+            features, deepstack_features = self.vision_outputs(
+                pixel_values, image_grid_thw, vision_inputs=vision_inputs
+            )
             if image_grid_thw is not None and not isinstance(input_ids, jax.core.Tracer):
                 _check_image_token_count(np.asarray(input_ids), np.asarray(image_grid_thw), cfg)
             embeds = splice_image_features(embeds, input_ids, features, cfg.image_token_id, image_offset)
+            if deepstack_features is not None:
+                index, mask = image_feature_index(
+                    input_ids, cfg.image_token_id, deepstack_features.shape[1], image_offset
+                )
+                deepstack = {"features": deepstack_features, "index": index, "mask": mask}
         if position_ids is None:
             position_ids = self._default_position_ids(input_ids, attention_mask, image_grid_thw)
-        return embeds, position_ids, attention_mask
+        return embeds, position_ids, attention_mask, deepstack
 
     def _default_position_ids(self, input_ids, attention_mask, image_grid_thw):
         if image_grid_thw is None:
@@ -758,18 +844,3 @@ def _init_inputs(cfg: ModelConfig) -> dict:
         position_ids=np.zeros((3, 1, 3), np.int32),
         vision_inputs=vision_inputs,
     )
-
-
-def init_params(config: ModelConfig, rng: Array | int = 0) -> dict:
-    """Random parameters (normal(0.02) weights, zero biases, unit norms) as a nested dict."""
-    model = Qwen25VL(config)
-    rng = jax.random.key(rng) if isinstance(rng, int) else rng
-    inputs = _init_inputs(config)
-    return jax.jit(lambda r: model.init(r, **inputs)["params"])(rng)
-
-
-def abstract_params(config: ModelConfig) -> dict:
-    """Shapes and dtypes of the parameters (jax.ShapeDtypeStruct leaves), without allocating them."""
-    model = Qwen25VL(config)
-    inputs = _init_inputs(config)
-    return jax.eval_shape(lambda r: model.init(r, **inputs)["params"], jax.random.key(0))

@@ -27,7 +27,7 @@ import dataclasses
 
 import numpy as np
 
-VISION_INPUT_KEYS = ("rotary_pos", "segment_ids", "merge_inverse")
+VISION_INPUT_KEYS = ("rotary_pos", "patch_grid", "segment_ids", "merge_inverse")
 
 
 def _as_grid(image_grid_thw) -> np.ndarray:
@@ -170,6 +170,8 @@ class VisionLayout:
 
     patch_index [S, L]: processor-order patch at each slot position, -1 = padding;
     rotary_pos [S, L, 2]: its (h, w) for the 2-D RoPE (0 on padding);
+    patch_grid [S, L, 2]: the (h, w) patch grid of its image (0 on padding): Qwen3-VL interpolates its learned
+      position embeddings from rotary_pos / patch_grid;
     segment_ids [S, L]: 1, 2, ... for the frames of a slot, 0 on padding (full-attention blocks attend within a
       frame; window blocks within each W-patch window, which never mixes frames);
     merge_inverse [S, L / merge_unit]: flattened, processor-order merged token j sits at flat slot position
@@ -179,6 +181,7 @@ class VisionLayout:
 
     patch_index: np.ndarray
     rotary_pos: np.ndarray
+    patch_grid: np.ndarray
     segment_ids: np.ndarray
     merge_inverse: np.ndarray
     num_merged: int  # merged tokens of the images (the meaningful prefix of merge_inverse)
@@ -228,6 +231,9 @@ def vision_layout(
     patch = np.where(merged[..., None] >= 0, merged[..., None] * unit + np.arange(unit), -1).reshape(num_slots, -1)
     rotary = vision_rotary_positions(image_grid_thw, spatial_merge_size=vc.spatial_merge_size)
     rotary = np.concatenate([rotary, np.zeros((1, 2), np.int64)])[np.where(patch >= 0, patch, len(rotary))]
+    grid = _as_grid(image_grid_thw)
+    sizes = np.repeat(grid[:, 1:], grid.prod(-1), axis=0)  # [N, 2]: each patch's image grid (h, w)
+    sizes = np.concatenate([sizes, np.zeros((1, 2), np.int64)])[np.where(patch >= 0, patch, len(sizes))]
     flat = merged.reshape(-1)
     used = flat >= 0
     inverse = np.empty(flat.size, np.int64)
@@ -236,6 +242,7 @@ def vision_layout(
     return VisionLayout(
         patch_index=patch,
         rotary_pos=rotary,
+        patch_grid=sizes,
         segment_ids=np.repeat(segment, unit, axis=1),
         merge_inverse=inverse.reshape(num_slots, lm),
         num_merged=frames.num_merged,
