@@ -53,11 +53,11 @@ def build_model(spec: ModelSpec, seed: int, tokenizer=None, *, abstract: bool = 
     `abstract=True`: shapes and dtypes only (nothing is read or allocated)."""
     if abstract:
         cfg = model_config(spec, tokenizer)
-        return models.Qwen25VL(cfg), models.abstract_params(cfg)
+        return models.build_model(cfg), models.abstract_params(cfg)
     if spec.path:
         return models.load_pretrained(spec.path, **spec.overrides)
     cfg = model_config(spec, tokenizer)
-    return models.Qwen25VL(cfg), models.init_params(cfg, seed)
+    return models.build_model(cfg), models.init_params(cfg, seed)
 
 
 def check_frozen_patterns(spec: RunSpec) -> None:

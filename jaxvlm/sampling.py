@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxvlm import checks
+from jaxvlm.models.builder import build_model
 from jaxvlm.models.config import ModelConfig
 from jaxvlm.models.qwen2_5_vl import Qwen25VL, compute_dtype_params
 from jaxvlm.sharding import traced_on
@@ -211,7 +212,7 @@ def generate_from_inputs(
     Returns a `Rollout` with B*G rows and N = sp.max_new_tokens columns.
     """
     sp = sp.resolve(config)  # idempotent; a caller may pass unresolved settings
-    model = Qwen25VL(config)
+    model = build_model(config)
     # Cast once per call: the decode loop then reads the weights in the compute dtype at every step (2 bytes a
     # parameter in bf16), where the layers' own cast would convert the float32 weights again at every token.
     variables = {"params": compute_dtype_params(config, params)}
@@ -228,7 +229,7 @@ def generate_from_inputs(
         None,
         inputs["position_ids"],
         vision_inputs=inputs.get("vision_inputs"),
-        method=Qwen25VL.prefill,
+        method="prefill",
     )
     num_layers, _, _, kv_heads, head_dim = prompt_k.shape
     gen_shape = (num_layers, rows, n, kv_heads, head_dim)
@@ -272,7 +273,7 @@ def generate_from_inputs(
         # Feed column i-1 (written to cache slot i-1), then choose column i.
         cache = {**cache, "step": i - 1}
         position = jnp.broadcast_to(start + i - 1, (3, rows))
-        logits, cache = model.apply(variables, tokens[:, i - 1], position, cache, method=Qwen25VL.decode_step)
+        logits, cache = model.apply(variables, tokens[:, i - 1], position, cache, method="decode_step")
         tokens, logprobs, live, done = emit(i, logits.astype(jnp.float32), tokens, logprobs, live, done)
         return i + 1, cache, tokens, logprobs, live, done
 
@@ -452,7 +453,8 @@ def generate(
     """Sample `sp.num_generations` completions for every prompt of `batch` (see the module docstring).
 
     Args:
-      model: the `Qwen25VL` module (or its `ModelConfig`); params: its parameters (float32 or bfloat16).
+      model: the model's module (`models.build_model`; or its `ModelConfig`); params: its parameters (float32 or
+        bfloat16).
       batch: prompt batch, e.g. `Processor(...)(texts, images)` (left-padded).
       key: a `jax.random` key; the result is a deterministic function of it.
       sp: the sampling settings (`SamplingParams`; resolved here against the model's EOS, pad and placeholder ids:

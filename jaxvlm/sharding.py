@@ -7,11 +7,11 @@ The mesh has three axes, `("data", "fsdp", "tensor")`:
   width and vocabulary (Megatron-style tensor parallelism);
 * everything else is replicated (a parameter only by an explicit rule, see below).
 
-Every parameter of `Qwen25VL` has a rule (`PARAM_RULES`, first regex match wins, matched against the "/"-joined
-param path), replicated ones included: a parameter that matches no rule is an error (`ShardingRuleError`, raised
-when the shardings are computed, i.e. when a stage starts: `train_steps.state_shardings`), so a renamed or new
-submodule cannot be replicated silently. A dimension is only split when the mesh axis divides it, so odd sizes fall
-back to replication instead of failing. One device is a (1, 1, 1) mesh: nothing is special-cased.
+Every parameter of every model family (`jaxvlm.models.builder`) has a rule (`PARAM_RULES`, first regex match wins,
+matched against the "/"-joined param path), replicated ones included: a parameter that matches no rule is an error
+(`ShardingRuleError`, raised when the shardings are computed, i.e. when a stage starts: `train_steps.state_shardings`),
+so a renamed or new submodule cannot be replicated silently. A dimension is only split when the mesh axis divides it,
+so odd sizes fall back to replication instead of failing. One device is a (1, 1, 1) mesh: nothing is special-cased.
 
 The optimizer state is placed by the parameters it mirrors (`opt_state_shardings`: optax's mu/nu leaves end in a
 parameter's path and get that parameter's rule); its scalar bookkeeping (step counts) is replicated without
@@ -57,6 +57,13 @@ PARAM_RULES: tuple[tuple[str, tuple], ...] = (
     (r"merger/fc1/kernel$", ("fsdp", "tensor")),  # [4 Dv, 4 Dv]
     (r"merger/fc1/bias$", ("tensor",)),
     (r"merger/fc2/kernel$", ("tensor", "fsdp")),  # [4 Dv, D]
+    # Qwen3-VL's vision tower (plain MLP, biased patch embedding, DeepStack mergers stacked on a leading axis)
+    (r"blocks/mlp/linear_fc1/kernel$", ("fsdp", "tensor")),  # [depth, Dv, Iv]
+    (r"blocks/mlp/linear_fc1/bias$", ("tensor",)),
+    (r"blocks/mlp/linear_fc2/kernel$", ("tensor", "fsdp")),  # [depth, Iv, Dv]
+    (r"(merger|deepstack_merger_list)/linear_fc1/kernel$", ("fsdp", "tensor")),  # [(k,) 4 Dv, 4 Dv]
+    (r"(merger|deepstack_merger_list)/linear_fc1/bias$", ("tensor",)),
+    (r"(merger|deepstack_merger_list)/linear_fc2/kernel$", ("tensor", "fsdp")),  # [(k,) 4 Dv, D]
     # Replicated, each with its reason. There is no catch-all: a parameter that matches none of these rules is a
     # `ShardingRuleError`, not silently replicated.
     # Norm scales: one vector of the model width per norm (tiny), applied elementwise to activations that are
@@ -65,6 +72,14 @@ PARAM_RULES: tuple[tuple[str, tuple], ...] = (
     (r"language_model/norm/scale$", ()),  # [D]
     (r"blocks/(norm1|norm2)/scale$", ()),  # [depth, Dv]
     (r"merger/ln_q/scale$", ()),  # [Dv]
+    (r"self_attn/(q_norm|k_norm)/scale$", ()),  # [L, Dh] (Qwen3)
+    (r"blocks/(norm1|norm2)/bias$", ()),  # [depth, Dv] (Qwen3-VL's LayerNorms)
+    (r"(merger|deepstack_merger_list)/norm/(scale|bias)$", ()),  # [Dv] / [k, 4 Dv] (Qwen3-VL)
+    # Qwen3-VL's learned position table [num_position_embeddings, Dv] (2.4M values at 2B/4B): each patch gathers
+    # 4 rows of it; split along Dv it would need an all-gather per use for a table smaller than one block's qkv.
+    (r"visual/pos_embed/embedding$", ()),
+    # The patch embedding's bias [Dv] (Qwen3-VL): added to the full-width patch rows.
+    (r"visual/patch_embed/bias$", ()),
     # Biases of the projections back to the residual width (their kernels split their input over `tensor`):
     # the output is a full-width row, not split over `tensor`, so its bias is not either (D floats per layer).
     (r"attn/proj/bias$", ()),  # [depth, Dv]
@@ -72,6 +87,8 @@ PARAM_RULES: tuple[tuple[str, tuple], ...] = (
     (r"layers/mlp/down_proj/bias$", ()),  # [L, D] (Llama with mlp_bias)
     (r"blocks/mlp/down_proj/bias$", ()),  # [depth, Dv]
     (r"merger/fc2/bias$", ()),  # [D]
+    (r"blocks/mlp/linear_fc2/bias$", ()),  # [depth, Dv] (Qwen3-VL)
+    (r"(merger|deepstack_merger_list)/linear_fc2/bias$", ()),  # [(k,) D] (Qwen3-VL)
 )
 
 

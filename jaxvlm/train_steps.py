@@ -281,7 +281,7 @@ def completion_logprobs(model: Qwen25VL, params, batch: dict, temperature: float
         batch["position_ids"],
         vision_inputs=batch.get("vision_inputs"),
         image_offset=batch.get("image_offset"),
-        method=Qwen25VL.encode,
+        method="encode",
     )
     scored = hidden[:, prompt_len - 1 : prompt_len + n - 1]
     logp, entropy = lm_head_logprobs(model, params, scored, batch["completion_ids"], temperature)
@@ -308,7 +308,7 @@ def lm_head_logprobs(model: Qwen25VL, params, hidden: Array, targets: Array, tem
 
     def one(h, t):  # h [b, c, D], t [b, c]
         if pieces == 1:
-            logits = constrain(model.apply({"params": params}, h, method=Qwen25VL.lm_logits), BATCH, None, "tensor")
+            logits = constrain(model.apply({"params": params}, h, method="lm_logits"), BATCH, None, "tensor")
             return losses.logprobs_from_logits(logits, t, temperature), losses.entropy_from_logits(logits, temperature)
         return _vocab_chunked_logprobs(h.astype(model.config.dtype), weight, t, temperature, pieces)
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -38,19 +39,23 @@ PREVIOUS_RULES = (
     (r".*", ()),
 )
 
-# Every preset as a VL model, plus its decoder alone as a text-only (qwen2) model with a tied and an untied LM head
-# (an untied head adds lm_head/kernel). PRESETS itself holds no text-only model.
+
+def text_only(cfg, tied: bool):
+    """A preset's decoder alone: a qwen2 model (qwen3 for the Qwen3-VL presets, whose decoder has q/k norms)."""
+    family = "qwen3" if cfg.model_type == "qwen3_vl" else "qwen2"
+    text = dataclasses.replace(cfg.text, mrope_interleaved=False)
+    return cfg.replace(model_type=family, vision=None, tie_word_embeddings=tied, text=text)
+
+
+# Every preset as a VL model, plus its decoder alone as a text-only (qwen2 / qwen3) model with a tied and an untied LM
+# head (an untied head adds lm_head/kernel). PRESETS itself holds no text-only model.
 MODEL_CONFIGS = {
     **{name: cfg for name, cfg in PRESETS.items()},
-    **{
-        f"{name}:text_only_tied": cfg.replace(model_type="qwen2", vision=None, tie_word_embeddings=True)
-        for name, cfg in PRESETS.items()
-    },
-    **{
-        f"{name}:text_only_untied": cfg.replace(model_type="qwen2", vision=None, tie_word_embeddings=False)
-        for name, cfg in PRESETS.items()
-    },
+    **{f"{name}:text_only_tied": text_only(cfg, True) for name, cfg in PRESETS.items()},
+    **{f"{name}:text_only_untied": text_only(cfg, False) for name, cfg in PRESETS.items()},
 }
+# Models whose parameters all existed when the catch-all rule was removed (the "as before" check applies to them).
+PREVIOUS_MODELS = sorted(name for name in MODEL_CONFIGS if MODEL_CONFIGS[name].model_type not in ("qwen3_vl", "qwen3"))
 MESH_SHAPES = ((1, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8), (2, 4, 1))
 
 
@@ -97,7 +102,7 @@ def test_every_parameter_of_every_model_matches_an_explicit_rule(name):
     sharding.tree_shardings(abstract_params(name), mesh((2, 2, 2)))  # and so no error
 
 
-@pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
+@pytest.mark.parametrize("name", PREVIOUS_MODELS)
 def test_rules_place_every_parameter_and_its_optimizer_state_as_before(name):
     params = abstract_params(name)
     state = abstract_state(params)
@@ -106,6 +111,39 @@ def test_rules_place_every_parameter_and_its_optimizer_state_as_before(name):
         assert specs(sharding.tree_shardings(params, m)) == previous_specs(params, m), (name, shape)
         state_specs = specs(train_steps.state_shardings(state, m))
         assert state_specs == previous_specs(state, m), (name, shape)
+
+
+def test_qwen3_vl_parameters_are_split_like_their_qwen2_5_vl_counterparts():
+    """Qwen3-VL's new parameters: MLP / merger matmuls split as the Qwen2.5-VL ones (input over fsdp, output over
+    tensor, and back), norms, q/k norms, the position table and the output biases replicated."""
+    params = abstract_params("qwen3_vl_2b")
+    got = specs(sharding.tree_shardings(params, mesh((2, 2, 2))))
+    expected = {
+        "visual/blocks/mlp/linear_fc1/kernel": P(None, "fsdp", "tensor"),
+        "visual/blocks/mlp/linear_fc1/bias": P(None, "tensor"),
+        "visual/blocks/mlp/linear_fc2/kernel": P(None, "tensor", "fsdp"),
+        "visual/blocks/mlp/linear_fc2/bias": P(),
+        "visual/merger/linear_fc1/kernel": P("fsdp", "tensor"),
+        "visual/merger/linear_fc2/kernel": P("tensor", "fsdp"),
+        "visual/deepstack_merger_list/linear_fc1/kernel": P(None, "fsdp", "tensor"),
+        "visual/deepstack_merger_list/linear_fc1/bias": P(None, "tensor"),
+        "visual/deepstack_merger_list/linear_fc2/kernel": P(None, "tensor", "fsdp"),
+        "visual/deepstack_merger_list/norm/scale": P(),
+        "visual/merger/norm/bias": P(),
+        "visual/blocks/norm1/bias": P(),
+        "visual/pos_embed/embedding": P(),
+        "visual/patch_embed/bias": P(),
+        "language_model/layers/self_attn/q_norm/scale": P(),
+        "language_model/layers/self_attn/q_proj/kernel": P(None, "fsdp", "tensor"),
+    }
+
+    def trimmed(spec: P) -> tuple:  # P(None, None) and P() both replicate
+        axes = tuple(spec)
+        while axes and axes[-1] is None:
+            axes = axes[:-1]
+        return axes
+
+    assert {path: trimmed(got[path]) for path in expected} == {path: trimmed(s) for path, s in expected.items()}
 
 
 def test_frozen_tower_optimizer_state_is_placed_as_before():

@@ -26,7 +26,6 @@ import numpy as np
 from absl import app, flags
 
 from jaxvlm import models, sampling
-from jaxvlm.models.qwen2_5_vl import Qwen25VL
 
 FLAGS = flags.FLAGS
 
@@ -85,7 +84,7 @@ class JaxGenerate:
                 None,
                 None,
                 x["position_ids"],
-                method=Qwen25VL.prefill,
+                method="prefill",
             )
         )
 
@@ -182,7 +181,7 @@ def bench_torch(path: str, batch: dict, new_tokens: int, repeats: int, dtype: st
 def main(argv) -> None:
     del argv
     cfg = models.preset(FLAGS.preset)
-    model = Qwen25VL(cfg)
+    model = models.build_model(cfg)
     params = models.init_params(cfg, 0)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     results = dict(

@@ -90,7 +90,7 @@ def _prefill_fn(model: Qwen25VL):
             None,
             x["position_ids"],
             vision_inputs=x.get("vision_inputs"),
-            method=Qwen25VL.prefill,
+            method="prefill",
         )
 
     return jax.jit(prefill)
