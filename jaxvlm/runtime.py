@@ -25,7 +25,7 @@ from absl import logging
 from jaxvlm import models, reproducibility, sharding
 from jaxvlm.configuration import ConfigError, ModelSpec, RunSpec
 from jaxvlm.metrics import MetricsWriter
-from jaxvlm.processing.image import ImageProcessor
+from jaxvlm.processing.image import ImageProcessor, image_processor_for_model
 
 PROGRESS_FILE = "progress.json"
 LOCK_FILE = "train.lock"
@@ -92,22 +92,15 @@ def build_tokenizer(spec: ModelSpec, workdir: str):
 
 
 def build_image_processor(spec: ModelSpec, model_config: models.ModelConfig) -> ImageProcessor | None:
-    """The checkpoint's image processor (or one matching the preset's vision tower) with the config's pixel bounds;
-    None for a text-only model."""
-    vc = model_config.vision
-    if vc is None:
+    """The checkpoint's image processor (or the family's default for the model's vision tower, see
+    `image_processor_for_model`) with the config's pixel bounds; None for a text-only model."""
+    if model_config.vision is None:
         return None
     if spec.path and os.path.isfile(os.path.join(spec.path, "preprocessor_config.json")):
         return dataclasses.replace(
             ImageProcessor.from_pretrained(spec.path), min_pixels=spec.min_pixels, max_pixels=spec.max_pixels
         )
-    return ImageProcessor(
-        min_pixels=spec.min_pixels,
-        max_pixels=spec.max_pixels,
-        patch_size=vc.patch_size,
-        temporal_patch_size=vc.temporal_patch_size,
-        merge_size=vc.spatial_merge_size,
-    )
+    return image_processor_for_model(model_config, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
 
 
 def build_mesh(shape) -> jax.sharding.Mesh:

@@ -1,14 +1,16 @@
-"""Qwen2-VL / Qwen2.5-VL image preprocessing in numpy + PIL.
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL image preprocessing in numpy + PIL.
 
 An exact port of the math of transformers' `Qwen2VLImageProcessorPil`
-(`image_processing_pil_qwen2_vl.py` with the `PilBackend` helpers):
+(`image_processing_pil_qwen2_vl.py` with the `PilBackend` helpers), the image processor of all three families
+(transformers 5 maps `qwen3_vl` to it too; Qwen3-VL's preprocessor_config.json only changes its settings:
+patch_size 16, so a resize factor of 32, and mean = std = 0.5):
 
 1. convert to RGB (transparent pixels are composited onto white; 16-bit greyscale, which transformers clips to
    white, is scaled to 8 bits instead, see `pil_to_rgb`),
 2. resize with PIL bicubic to `smart_resize(h, w)` so both sides are
    multiples of `patch_size * merge_size`,
 3. rescale (`uint8 -> float64 * rescale_factor -> float32`),
-4. normalise with the CLIP mean / std,
+4. normalise with the mean / std (CLIP's for Qwen2-VL / Qwen2.5-VL, 0.5 for Qwen3-VL),
 5. cut into `patch_size x patch_size` patches, repeat each still image over
    `temporal_patch_size` frames and flatten so the `merge_size x merge_size`
    patches that the vision tower merges into one LLM token are contiguous.
@@ -30,6 +32,13 @@ from PIL import Image
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+QWEN3_VL_IMAGE_MEAN = (0.5, 0.5, 0.5)  # Qwen3-VL's preprocessor_config.json: image_mean = image_std = 0.5
+QWEN3_VL_IMAGE_STD = (0.5, 0.5, 0.5)
+# (image_mean, image_std) of each vision family's image processor, by model_type.
+FAMILY_NORMALIZATION = {
+    "qwen2_5_vl": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+    "qwen3_vl": (QWEN3_VL_IMAGE_MEAN, QWEN3_VL_IMAGE_STD),
+}
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 IMAGE_PROCESSOR_TYPE = "Qwen2VLImageProcessor"
 PIL_BICUBIC = 3
@@ -410,3 +419,32 @@ class ImageProcessor:
             "pixel_values": np.concatenate(patches_per_image, axis=0),
             "image_grid_thw": np.array(grids, dtype=np.int64),
         }
+
+
+def image_processor_for_model(model_config: Any, *, min_pixels: int, max_pixels: int) -> ImageProcessor | None:
+    """The default image processor of a model's family, for a preset or a checkpoint without preprocessor_config.json.
+
+    `model_config.model_type` picks the normalisation (FAMILY_NORMALIZATION: CLIP's mean / std for "qwen2_5_vl",
+    0.5 / 0.5 for "qwen3_vl"); the patch, temporal patch and merge sizes come from `model_config.vision`
+    (`patch_size`, `temporal_patch_size`, `spatial_merge_size`), so Qwen3-VL's 16-px patches give a resize factor
+    of 32. A text-only model (`vision` None) gets None; a vision model of another family is a ValueError.
+    """
+    vision = model_config.vision
+    if vision is None:
+        return None
+    model_type = model_config.model_type
+    if model_type not in FAMILY_NORMALIZATION:
+        raise ValueError(
+            f"model_type={model_type!r} has a vision config but no default image processor (known: "
+            f"{sorted(FAMILY_NORMALIZATION)}); give the checkpoint a {PREPROCESSOR_CONFIG_NAME}"
+        )
+    image_mean, image_std = FAMILY_NORMALIZATION[model_type]
+    return ImageProcessor(
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        patch_size=vision.patch_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        merge_size=vision.spatial_merge_size,
+        image_mean=image_mean,
+        image_std=image_std,
+    )
