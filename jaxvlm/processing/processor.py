@@ -1,12 +1,16 @@
-"""Torch-free Qwen2.5-VL processor: chat text + images -> padded numpy model batch.
+"""Torch-free Qwen2.5-VL / Qwen3-VL processor: chat text + images -> padded numpy model batch.
 
-Mirrors `transformers.Qwen2_5_VLProcessor` for images: every `<|image_pad|>`
+Mirrors `transformers.Qwen2_5_VLProcessor` and `transformers.Qwen3VLProcessor` for images (the two expand images
+alike; the families differ only in the image processor's settings and the chat template): every `<|image_pad|>`
 placeholder in a text is expanded to `t * h * w // merge_size**2` copies (one
 per LLM token the vision tower produces for that image), the texts are
 tokenized without extra special tokens and padded, and the M-RoPE position ids
 are computed on the host with `get_rope_index`. Like transformers' processor it
 also returns `mm_token_type_ids`, from which transformers' model builds the
 M-RoPE positions (without it, that model silently uses 1-D positions).
+
+Videos are not supported: a text with a video placeholder (`<|video_pad|>`) is a ValueError, as it is in
+transformers' processors called without videos, rather than being tokenized as text.
 """
 
 from __future__ import annotations
@@ -114,12 +118,20 @@ def _round_up(value: int, multiple: int | None) -> int:
 
 
 class Processor:
-    """Tokenizer + `ImageProcessor` -> numpy batches for the JAX Qwen2.5-VL model."""
+    """Tokenizer + `ImageProcessor` -> numpy batches for the JAX Qwen2.5-VL / Qwen3-VL models."""
 
-    def __init__(self, tokenizer, image_processor: ImageProcessor, *, image_token: str = "<|image_pad|>"):
+    def __init__(
+        self,
+        tokenizer,
+        image_processor: ImageProcessor,
+        *,
+        image_token: str = "<|image_pad|>",
+        video_token: str = "<|video_pad|>",
+    ):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.image_token = image_token
+        self.video_token = video_token  # refused in texts: this processor takes no videos
         token_ids = tokenizer.encode(image_token, add_special_tokens=False)
         if len(token_ids) != 1:
             raise ValueError(
@@ -191,7 +203,7 @@ class Processor:
     ) -> dict[str, np.ndarray]:
         """Tokenize texts with image placeholders into a padded model batch.
 
-        texts: one string or B strings, each with one `<|image_pad|>` per image.
+        texts: one string or B strings, each with one `<|image_pad|>` per image (and no `<|video_pad|>`).
         images: None, or per sample a list of images (PIL or uint8 numpy);
         with a single string, a list of that sample's images.
         max_length: samples longer than this raise (`on_overflow="error"`) or,
@@ -219,6 +231,11 @@ class Processor:
         per_sample_images = _images_per_sample(images, len(texts), single_text)
 
         for index, (text, sample_images) in enumerate(zip(texts, per_sample_images)):
+            if self.video_token and self.video_token in text:
+                raise ValueError(
+                    f"sample {index}: text has {text.count(self.video_token)} {self.video_token!r} video "
+                    "placeholders; videos are not supported (images only): remove the video from the prompt"
+                )
             num_placeholders = text.count(self.image_token)
             if num_placeholders != len(sample_images):
                 raise ValueError(

@@ -1,4 +1,4 @@
-"""Host-side (numpy) multimodal RoPE position ids for Qwen2.5-VL.
+"""Host-side (numpy) multimodal RoPE position ids for Qwen2.5-VL and Qwen3-VL.
 
 Qwen2.5-VL rotates queries/keys with three position streams (temporal,
 height, width).  Text tokens use the same running position on all three
@@ -7,6 +7,16 @@ positions that starts at the running position, after which the running
 position advances by `max(h, w) // merge`.  This is a numpy port of
 `Qwen2_5_VLModel.get_rope_index` (transformers 5.x, images only), computed once
 per batch on the host so the jitted model receives ready-made position ids.
+
+`Qwen3VLModel.get_rope_index` gives the same positions and deltas for images:
+the two differ only for videos (Qwen3-VL splits a video into one t = 1 grid per
+frame, timestamps in the text between them, where Qwen2.5-VL spaces frames by
+`tokens_per_second`); a still image has t = 1, where the rules agree.  How the
+model rotates by these positions (Qwen3-VL interleaves the t/h/w frequencies of
+`mrope_section`) is the model's business, not this module's.  One departure
+from both: transformers cuts image tokens into images at non-image tokens only,
+so it fails on back-to-back images with nothing between them (a size-mismatch
+error); here a run of image tokens is split by the grid sizes.
 """
 
 from __future__ import annotations
