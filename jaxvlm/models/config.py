@@ -569,22 +569,63 @@ class _Fields:
         return _Fields(value, self.file, self.name(key))
 
 
-def _rope(f: _Fields, scaling_allowed: bool = False) -> tuple[float, tuple[int, ...] | None, str, RopeScaling | None]:
+@dataclasses.dataclass(frozen=True)
+class _Decoder:
+    """How one model_type's config.json describes its decoder: what it may hold, and the value of each field it leaves
+    out."""
+
+    rope_types: tuple[str, ...] = ("default", "mrope")  # the rope_type values the config may name
+    rope_theta: float = 1000000.0
+    head_dim: int | None = None  # None: an absent or null head_dim means hidden_size // num_attention_heads
+    max_position_embeddings: int = 32768
+    multimodal: bool = True  # False: 1-D RoPE only, an mrope_section is an error
+    mrope_section: tuple[int, ...] | None = None  # the section when the config names none (None: 1-D RoPE)
+    attention_bias: bool = False  # q/k/v/o biases from attention_bias (Llama, Qwen3); else Qwen2's q/k/v biases
+    mlp_bias: bool = False  # MLP biases from mlp_bias (Llama)
+    qwen3: bool = False  # q/k RMSNorm, and an M-RoPE is interleaved
+
+
+_DECODERS = {
+    "qwen2_5_vl": _Decoder(mrope_section=(16, 24, 24)),
+    "qwen2": _Decoder(),
+    "llama": _Decoder(
+        rope_types=("default", "mrope", *ROPE_SCALING_TYPES), multimodal=False, attention_bias=True, mlp_bias=True
+    ),
+    # Qwen3Config and Qwen3VLTextConfig: head_dim 128 unless given (never derived; null is refused), default_theta 1e4
+    # and 5e5. transformers' Qwen3VLTextRotaryEmbedding interleaves whatever rope_parameters.mrope_interleaved says,
+    # with the section [24, 20, 20] where none is named; only the "default" rope_type builds.
+    "qwen3": _Decoder(
+        rope_types=("default",), rope_theta=10000.0, head_dim=128, multimodal=False, attention_bias=True, qwen3=True
+    ),
+    "qwen3_vl": _Decoder(
+        rope_types=("default",),
+        rope_theta=500000.0,
+        head_dim=128,
+        max_position_embeddings=128000,
+        mrope_section=(24, 20, 20),
+        attention_bias=True,
+        qwen3=True,
+    ),
+}
+
+
+def _rope(f: _Fields, decoder: _Decoder) -> tuple[float, tuple[int, ...] | None, str, RopeScaling | None]:
     """(rope_theta, mrope_section, the section's field path, the frequency scaling) from `rope_parameters` (5.x) or
-    `rope_theta` + `rope_scaling` (4.x). A scaling ("linear", "llama3") is read where `scaling_allowed` (Llama)."""
+    `rope_theta` + `rope_scaling` (4.x). A scaling ("linear", "llama3") is read where the decoder allows it (Llama)."""
     params, scaling = f.section("rope_parameters"), f.section("rope_scaling")
     if params is not None and "rope_theta" in params.d:
         theta = params.number("rope_theta")
     else:
-        theta = f.number("rope_theta", 1000000.0)
-    supported = ("default", "mrope", *(ROPE_SCALING_TYPES if scaling_allowed else ()))
+        theta = f.number("rope_theta", decoder.rope_theta)
     rope_scaling = None
     for source in (s for s in (params, scaling) if s is not None):
         key = "rope_type" if source.d.get("rope_type") is not None else "type"
         rope_type = source.optional_string(key)
         if rope_type is not None:
-            if rope_type not in supported:
-                raise source.error(key, f"{_json_text(rope_type)} is not supported (supported: {', '.join(supported)})")
+            if rope_type not in decoder.rope_types:
+                raise source.error(
+                    key, f"{_json_text(rope_type)} is not supported (supported: {', '.join(decoder.rope_types)})"
+                )
             if rope_type in ROPE_SCALING_TYPES:
                 rope_scaling = _rope_scaling(source, rope_type, f.integer("max_position_embeddings", 32768))
             break
@@ -616,13 +657,18 @@ def _rope_scaling(source: _Fields, rope_type: str, max_positions: int) -> RopeSc
     )
 
 
-def _text_from_hf(f: _Fields, default_mrope: bool, llama: bool = False) -> TextConfig:
-    """The decoder's fields of `f` (a 5.x text_config, or the root of a 4.x, qwen2 or llama config.json)."""
+def _text_from_hf(f: _Fields, model_type: str) -> TextConfig:
+    """The decoder's fields of `f` (a 5.x text_config, or the root of a 4.x, qwen2, qwen3 or llama config.json), read
+    as `model_type`'s config says them (`_DECODERS`)."""
+    decoder = _DECODERS[model_type]
     if f.flag("use_sliding_window", False):
         raise f.error("use_sliding_window", "true is not supported (jaxvlm attends over the whole sequence)")
     hidden, heads = f.integer("hidden_size"), f.integer("num_attention_heads")
     kv_heads = f.optional_integer("num_key_value_heads", minimum=1) or heads  # null: one per head (transformers)
-    head_dim = f.optional_integer("head_dim", minimum=1)  # null: hidden_size // num_attention_heads
+    if decoder.head_dim is None:
+        head_dim = f.optional_integer("head_dim", minimum=1)  # null: hidden_size // num_attention_heads
+    else:
+        head_dim = f.integer("head_dim", decoder.head_dim)
     if head_dim is None and hidden % heads:
         raise f.error(
             "hidden_size",
@@ -632,20 +678,21 @@ def _text_from_hf(f: _Fields, default_mrope: bool, llama: bool = False) -> TextC
         raise f.error("num_key_value_heads", f"{kv_heads} does not divide {f.name('num_attention_heads')}={heads}")
     resolved = head_dim or hidden // heads
     if head_dim:
-        head_dim_text = f"{f.name('head_dim')} = {head_dim}"
+        default = "" if "head_dim" in f.d else f", {model_type}'s default"
+        head_dim_text = f"{f.name('head_dim')} = {head_dim}{default}"
     else:
         head_dim_text = f"{f.name('hidden_size')} / {f.name('num_attention_heads')} = {hidden} / {heads} = {resolved}"
     if resolved % 2:
         raise f.error(
             "head_dim" if head_dim else "hidden_size", f"the head dimension ({head_dim_text}) must be even for RoPE"
         )
-    theta, section, section_field, rope_scaling = _rope(f, scaling_allowed=llama)
-    if llama and section is not None:
+    theta, section, section_field, rope_scaling = _rope(f, decoder)
+    if section is not None and not decoder.multimodal:
         raise CheckpointError(
-            f"{f.file}: {section_field}: model_type llama has no multimodal RoPE (1-D positions only)"
+            f"{f.file}: {section_field}: model_type {model_type} has no multimodal RoPE (1-D positions only)"
         )
-    if section is None and default_mrope:
-        section = (16, 24, 24)  # transformers' default for qwen2_5_vl when the config names none
+    if section is None and decoder.mrope_section is not None:
+        section = decoder.mrope_section  # transformers' default for the model type when the config names none
         if sum(section) != resolved // 2:
             raise CheckpointError(
                 f"{f.file}: {section_field}: missing, and the default {list(section)} sums to {sum(section)}, not to "
@@ -656,6 +703,7 @@ def _text_from_hf(f: _Fields, default_mrope: bool, llama: bool = False) -> TextC
             f"{f.file}: {section_field}: {list(section)} sums to {sum(section)}, but must sum to half the head "
             f"dimension ({head_dim_text}), {resolved // 2}"
         )
+    attention_bias = f.flag("attention_bias", False) if decoder.attention_bias else None
     return TextConfig(
         vocab_size=f.integer("vocab_size"),
         hidden_size=hidden,
@@ -667,31 +715,60 @@ def _text_from_hf(f: _Fields, default_mrope: bool, llama: bool = False) -> TextC
         rms_norm_eps=f.number("rms_norm_eps", 1e-6),
         rope_theta=theta,
         mrope_section=section,
-        max_position_embeddings=f.integer("max_position_embeddings", 32768),
+        max_position_embeddings=f.integer("max_position_embeddings", decoder.max_position_embeddings),
         hidden_act=f.choice("hidden_act", "silu", SUPPORTED_ACTIVATIONS),
-        qkv_bias=f.flag("attention_bias", False) if llama else True,
-        o_bias=f.flag("attention_bias", False) if llama else False,
-        mlp_bias=f.flag("mlp_bias", False) if llama else False,
+        qkv_bias=True if attention_bias is None else attention_bias,  # None: Qwen2's q/k/v biases
+        o_bias=bool(attention_bias),
+        mlp_bias=f.flag("mlp_bias", False) if decoder.mlp_bias else False,
         rope_scaling=rope_scaling,
+        qk_norm=decoder.qwen3,
+        mrope_interleaved=decoder.qwen3 and section is not None,
         bos_token_id=f.token_ids("bos_token_id"),
         eos_token_id=f.token_ids("eos_token_id"),
         pad_token_id=f.token_ids("pad_token_id"),
     )
 
 
-def _vision_from_hf(f: _Fields, text_hidden: int, text_hidden_field: str) -> VisionConfig:
-    """The vision tower's fields of `f` (vision_config); absent fields take Qwen2.5-VL-3B's values."""
-    defaults = VisionConfig()
-    depth, hidden = f.integer("depth", defaults.depth), f.integer("hidden_size", defaults.hidden_size)
-    heads = f.integer("num_heads", defaults.num_heads)
+def _vision_fields(f: _Fields, defaults: VisionConfig | Qwen3VisionConfig, text: TextConfig, text_fields: _Fields):
+    """The fields both vision towers share, checked; absent fields take `defaults`' values (transformers' defaults).
+    Returns them as ModelConfig keyword arguments."""
+    hidden, heads = f.integer("hidden_size", defaults.hidden_size), f.integer("num_heads", defaults.num_heads)
     if hidden % heads or (hidden // heads) % 4:
         raise f.error(
             "hidden_size", f"{hidden} / {f.name('num_heads')}={heads} must give a head dimension divisible by 4"
         )
-    patch, merge = (
-        f.integer("patch_size", defaults.patch_size),
-        f.integer("spatial_merge_size", defaults.spatial_merge_size),
+    out_hidden = f.integer("out_hidden_size", defaults.out_hidden_size)
+    if out_hidden != text.hidden_size:
+        raise f.error(
+            "out_hidden_size",
+            f"{out_hidden} must equal {text_fields.name('hidden_size')}={text.hidden_size} (the merger projects into "
+            "the text embedding)",
+        )
+    rope = f.section("rope_parameters")
+    rope_type = rope.optional_string("rope_type") if rope is not None else None
+    if rope_type not in (None, "axial", "default"):  # transformers reads "default" as "axial", refuses the others
+        raise rope.error("rope_type", f"{_json_text(rope_type)} is not supported (supported: axial, default)")
+    channels_key = "in_channels" if "in_channels" in f.d else "in_chans"  # in_chans: older hub configs
+    return dict(
+        depth=f.integer("depth", defaults.depth),
+        hidden_size=hidden,
+        intermediate_size=f.integer("intermediate_size", defaults.intermediate_size),
+        num_heads=heads,
+        in_channels=f.integer(channels_key, defaults.in_channels),
+        patch_size=f.integer("patch_size", defaults.patch_size),
+        temporal_patch_size=f.integer("temporal_patch_size", defaults.temporal_patch_size),
+        spatial_merge_size=f.integer("spatial_merge_size", defaults.spatial_merge_size),
+        out_hidden_size=out_hidden,
+        rope_theta=rope.number("rope_theta", defaults.rope_theta) if rope is not None else defaults.rope_theta,
+        hidden_act=f.choice("hidden_act", defaults.hidden_act, SUPPORTED_ACTIVATIONS),
     )
+
+
+def _vision_from_hf(f: _Fields, text: TextConfig, text_fields: _Fields) -> VisionConfig:
+    """The Qwen2.5-VL vision tower's fields of `f` (vision_config); absent fields take Qwen2.5-VL-3B's values."""
+    defaults = VisionConfig()
+    shared = _vision_fields(f, defaults, text, text_fields)
+    depth, patch, merge = shared["depth"], shared["patch_size"], shared["spatial_merge_size"]
     window, unit = f.integer("window_size", defaults.window_size), patch * merge
     if window % unit:
         raise f.error(
@@ -708,30 +785,47 @@ def _vision_from_hf(f: _Fields, text_hidden: int, text_hidden_field: str) -> Vis
     for i, index in enumerate(fullatt):
         if index >= depth:
             raise f.error(f"fullatt_block_indexes[{i}]", f"{index} is out of range for {f.name('depth')}={depth}")
-    out_hidden = f.integer("out_hidden_size", defaults.out_hidden_size)
-    if out_hidden != text_hidden:
-        raise f.error(
-            "out_hidden_size",
-            f"{out_hidden} must equal {text_hidden_field}={text_hidden} (the merger projects into the text embedding)",
-        )
-    channels_key = "in_channels" if "in_channels" in f.d else "in_chans"  # in_chans: older hub configs
-    rope = f.section("rope_parameters")
     return VisionConfig(
-        depth=depth,
-        hidden_size=hidden,
-        intermediate_size=f.integer("intermediate_size", defaults.intermediate_size),
-        num_heads=heads,
-        in_channels=f.integer(channels_key, defaults.in_channels),
-        patch_size=patch,
-        temporal_patch_size=f.integer("temporal_patch_size", defaults.temporal_patch_size),
-        spatial_merge_size=merge,
+        **shared,
         window_size=window,
         fullatt_block_indexes=fullatt,
-        out_hidden_size=out_hidden,
         tokens_per_second=f.integer("tokens_per_second", defaults.tokens_per_second),
-        rope_theta=rope.number("rope_theta", 10000.0) if rope is not None else 10000.0,
-        hidden_act=f.choice("hidden_act", defaults.hidden_act, SUPPORTED_ACTIVATIONS),
     )
+
+
+def _qwen3_vision_from_hf(f: _Fields, text: TextConfig, text_fields: _Fields) -> Qwen3VisionConfig:
+    """The Qwen3-VL vision tower's fields of `f` (vision_config); absent fields take transformers' defaults
+    (Qwen3VLVisionConfig's, which are `Qwen3VisionConfig`'s)."""
+    defaults = Qwen3VisionConfig()
+    shared = _vision_fields(f, defaults, text, text_fields)
+    depth, merge = shared["depth"], shared["spatial_merge_size"]
+    if merge**2 > MAX_WINDOW_PATCHES:  # the tower's slots are merge units (Qwen3VisionConfig.window_patches)
+        raise f.error(
+            "spatial_merge_size", f"{merge} gives merge units of {merge**2} patches (at most {MAX_WINDOW_PATCHES})"
+        )
+    positions = f.integer("num_position_embeddings", defaults.num_position_embeddings)
+    if math.isqrt(positions) ** 2 != positions:
+        raise f.error(
+            "num_position_embeddings", f"{positions} is not a square (the table is a square grid of positions)"
+        )
+    indexes = f.integers("deepstack_visual_indexes", list(defaults.deepstack_visual_indexes))
+    for i, index in enumerate(indexes):
+        if index >= depth:
+            raise f.error(f"deepstack_visual_indexes[{i}]", f"{index} is out of range for {f.name('depth')}={depth}")
+        # transformers adds the features in block order, each through the merger at its index's position: the two
+        # orders agree only for increasing indexes (and a repeated index leaves a merger without a feature).
+        if i and index <= indexes[i - 1]:
+            raise f.error(
+                f"deepstack_visual_indexes[{i}]",
+                f"{index} does not follow {indexes[i - 1]}: the indexes must be strictly increasing",
+            )
+    if len(indexes) > text.num_hidden_layers:
+        raise f.error(
+            "deepstack_visual_indexes",
+            f"{len(indexes)} DeepStack features, but {text_fields.name('num_hidden_layers')}="
+            f"{text.num_hidden_layers} decoder layers to add them to",
+        )
+    return Qwen3VisionConfig(**shared, num_position_embeddings=positions, deepstack_visual_indexes=indexes)
 
 
 def from_hf_dict(d: Any, where: str = "config.json", **overrides) -> ModelConfig:
@@ -746,32 +840,33 @@ def from_hf_dict(d: Any, where: str = "config.json", **overrides) -> ModelConfig
     model_type = d.get("model_type")
     if model_type in TEXT_ONLY_MODEL_TYPES:
         return ModelConfig(
-            text=_text_from_hf(root, default_mrope=False, llama=model_type == "llama"),
+            text=_text_from_hf(root, model_type),
             vision=None,
             model_type=model_type,
             tie_word_embeddings=root.flag("tie_word_embeddings", False),
             **overrides,
         )
-    if model_type != "qwen2_5_vl":
+    if model_type not in ("qwen2_5_vl", "qwen3_vl"):
         raise CheckpointError(
             f"{where}: model_type: {_json_text(model_type)} is not supported (jaxvlm loads "
             + ", ".join(f'"{m}"' for m in SUPPORTED_MODEL_TYPES)
             + " checkpoints)"
         )
-    text_section = root.section("text_config")
-    nested = text_section is not None and any(k in text_section.d for k in _TEXT_REQUIRED)
+    qwen3 = model_type == "qwen3_vl"  # transformers 5 only: the text fields are always in text_config
+    text_section = root.section("text_config", required=qwen3)
+    nested = text_section is not None and (qwen3 or any(k in text_section.d for k in _TEXT_REQUIRED))
     text_fields = text_section if nested else root
-    text = _text_from_hf(text_fields, default_mrope=True)
-    vision = _vision_from_hf(
-        root.section("vision_config", required=True), text.hidden_size, text_fields.name("hidden_size")
-    )
+    text = _text_from_hf(text_fields, model_type)
+    vision_from_hf = _qwen3_vision_from_hf if qwen3 else _vision_from_hf
+    vision = vision_from_hf(root.section("vision_config", required=True), text, text_fields)
+    # Qwen3VLForConditionalGeneration ties by the root's flag alone (default false); Qwen2.5-VL reads either.
     tie = root.flag("tie_word_embeddings", False)
-    if text_section is not None:
+    if text_section is not None and not qwen3:
         tie = text_section.flag("tie_word_embeddings", False) or tie
     return ModelConfig(
         text=text,
         vision=vision,
-        model_type="qwen2_5_vl",
+        model_type=model_type,
         tie_word_embeddings=tie,
         **{k: root.integer(k, minimum=0) for k in TOKEN_ID_FIELDS if k in d},
         **overrides,
@@ -828,6 +923,8 @@ def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
         if t.rope_scaling.rope_type == "linear":
             for name in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
                 del rope[name]
+    if t.mrope_interleaved:
+        rope["mrope_interleaved"] = True
     if cfg.model_type == "llama":
         return {
             "architectures": ["LlamaForCausalLM"],
@@ -839,6 +936,10 @@ def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
             "head_dim": t.resolved_head_dim,
             "rope_parameters": rope,
         }
+    # Qwen3: head_dim always written (transformers' default is 128, not hidden_size // heads).
+    qwen3_text = {**text, "head_dim": t.resolved_head_dim, "attention_bias": t.qkv_bias, "rope_parameters": rope}
+    if cfg.model_type == "qwen3":
+        return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "dtype": hf_dtype, **qwen3_text}
     if cfg.model_type == "qwen2":
         return {
             "architectures": ["Qwen2ForCausalLM"],
@@ -849,7 +950,6 @@ def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
         }
     v = cfg.vision
     vision = {
-        "model_type": "qwen2_5_vl_vision",
         "depth": v.depth,
         "hidden_size": v.hidden_size,
         "intermediate_size": v.intermediate_size,
@@ -858,24 +958,49 @@ def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
         "patch_size": v.patch_size,
         "temporal_patch_size": v.temporal_patch_size,
         "spatial_merge_size": v.spatial_merge_size,
-        "window_size": v.window_size,
-        "fullatt_block_indexes": list(v.fullatt_block_indexes),
         "out_hidden_size": v.out_hidden_size,
-        "tokens_per_second": v.tokens_per_second,
         "hidden_act": v.hidden_act,
         "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
     }
-    return {
-        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
-        "model_type": "qwen2_5_vl",
-        "dtype": hf_dtype,
+    tokens = {
         "image_token_id": cfg.image_token_id,
         "video_token_id": cfg.video_token_id,
         "vision_start_token_id": cfg.vision_start_token_id,
         "vision_end_token_id": cfg.vision_end_token_id,
         "tie_word_embeddings": cfg.tie_word_embeddings,
+    }
+    if cfg.model_type == "qwen3_vl":
+        # Qwen3VLTextConfig has no sliding window, and Qwen3VLForConditionalGeneration reads the root's tie flag only.
+        skip = ("use_sliding_window", "tie_word_embeddings")
+        return {
+            "architectures": ["Qwen3VLForConditionalGeneration"],
+            "model_type": "qwen3_vl",
+            "dtype": hf_dtype,
+            **tokens,
+            "text_config": {
+                "model_type": "qwen3_vl_text",
+                **{k: value for k, value in qwen3_text.items() if k not in skip},
+            },
+            "vision_config": {
+                "model_type": "qwen3_vl_vision",
+                **vision,
+                "num_position_embeddings": v.num_position_embeddings,
+                "deepstack_visual_indexes": list(v.deepstack_visual_indexes),
+            },
+        }
+    return {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        "dtype": hf_dtype,
+        **tokens,
         "text_config": {"model_type": "qwen2_5_vl_text", **text, "rope_parameters": rope},
-        "vision_config": vision,
+        "vision_config": {
+            "model_type": "qwen2_5_vl_vision",
+            **vision,
+            "window_size": v.window_size,
+            "fullatt_block_indexes": list(v.fullatt_block_indexes),
+            "tokens_per_second": v.tokens_per_second,
+        },
     }
 
 
