@@ -349,6 +349,25 @@ def test_chat_template_comes_from_the_checkpoint(checkpoint):
     )
 
 
+def test_chat_template_from_a_legacy_chat_template_json(checkpoint, tmp_path):
+    """A checkpoint whose template is only in the processor-level chat_template.json (older hub layout)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path).chat_template is None
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(SMALL_PREPROCESSOR_CONFIG))
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": QWEN3_VL_CHAT_TEMPLATE}))
+    chats, _ = conversations()
+    assert Processor.from_pretrained(tmp_path).apply_chat_template(chats[1]) == Processor.from_pretrained(
+        checkpoint
+    ).apply_chat_template(chats[1])
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": ["not", "a", "string"]}))
+    with pytest.raises(ValueError, match=r"chat_template.json: field 'chat_template' must be a string"):
+        Processor.from_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize("padding_side", PADDING_SIDES)
 def test_processor_equals_transformers_qwen3_vl_processor(
     checkpoint, reference_processor, reference_model, token_ids, padding_side

@@ -15,6 +15,7 @@ transformers' processors called without videos, rather than being tokenized as t
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +31,9 @@ PADDING_SIDES = ("left", "right")
 # transformers' `mm_token_type_ids` values (ProcessorMixin.create_mm_token_type_ids; video is 2, audio 3, and
 # transformers' processor rejects their placeholders without videos / audio, which this processor never takes).
 TEXT_TOKEN_TYPE, IMAGE_TOKEN_TYPE = 0, 1
+# The processor-level chat template file of older checkpoints (Qwen2.5-VL's, Qwen3-VL's on the hub), which
+# transformers' processors read and its tokenizers do not.
+LEGACY_CHAT_TEMPLATE_NAME = "chat_template.json"
 
 
 def _is_single_image(value: Any) -> bool:
@@ -145,12 +149,21 @@ class Processor:
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> Processor:
         """Load the tokenizer (`AutoTokenizer`) and image processor from a checkpoint directory.
 
+        The chat template is the tokenizer's (`chat_template.jinja` or `tokenizer_config.json`); a tokenizer
+        without one takes the checkpoint's `chat_template.json` (the processor-level file of older checkpoints).
         `AutoTokenizer` is imported here rather than at module level because
         transformers' auto classes import torch when it is installed.
         """
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(os.fspath(path))
+        legacy_template = os.path.join(os.fspath(path), LEGACY_CHAT_TEMPLATE_NAME)
+        if tokenizer.chat_template is None and os.path.isfile(legacy_template):
+            with open(legacy_template, encoding="utf-8") as f:
+                template = json.load(f).get("chat_template")
+            if not isinstance(template, str):
+                raise ValueError(f"{legacy_template}: field 'chat_template' must be a string, got {template!r}")
+            tokenizer.chat_template = template
         return cls(tokenizer, ImageProcessor.from_pretrained(path), **kwargs)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
