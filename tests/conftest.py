@@ -276,11 +276,12 @@ def hf_processor(tokenizer, image_processor, **kwargs):
     return ImageOnlyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
 
 
-def image_batch(images_per_row, grids, text_len=5, seed=0, pad_to=None):
+def image_batch(images_per_row, grids, text_len=5, seed=0, pad_to=None, patch_dim=1176):
     """A left-padded batch whose row i holds images_per_row[i] images (grids consumed in order).
 
     Each image is wrapped as <vision_start> <image_pad>*n <vision_end> between random text tokens.
-    Returns dict(input_ids, attention_mask, pixel_values, image_grid_thw) as numpy (pixel_values absent when no image).
+    Returns dict(input_ids, attention_mask, pixel_values, image_grid_thw) as numpy (pixel_values absent when no image;
+    patch_dim: 1176 for Qwen2.5-VL's 14-px patches, 1536 for Qwen3-VL's 16-px ones).
     """
     rng = np.random.default_rng(seed)
     grids = np.asarray(grids, np.int64).reshape(-1, 3)
@@ -300,7 +301,7 @@ def image_batch(images_per_row, grids, text_len=5, seed=0, pad_to=None):
         ids[i, t - len(row) :], mask[i, t - len(row) :] = row, 1
     batch = dict(input_ids=ids, attention_mask=mask)
     if len(grids):
-        batch["pixel_values"] = rng.standard_normal((int(grids.prod(-1).sum()), 1176)).astype(np.float32)
+        batch["pixel_values"] = rng.standard_normal((int(grids.prod(-1).sum()), patch_dim)).astype(np.float32)
         batch["image_grid_thw"] = grids
     return batch
 
