@@ -799,7 +799,8 @@ CONFIG_ERRORS = [
     (
         "model_type",
         "qwen2_vl",
-        'model_type: "qwen2_vl" is not supported (jaxvlm loads "qwen2_5_vl", "qwen2", "llama" checkpoints)',
+        'model_type: "qwen2_vl" is not supported (jaxvlm loads "qwen2_5_vl", "qwen3_vl", "qwen2", "qwen3", "llama" '
+        "checkpoints)",
     ),
 ]
 

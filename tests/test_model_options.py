@@ -178,13 +178,27 @@ def test_3b_preset_has_qwen2_5_vl_3b_parameter_counts():
     assert "lm_head" not in shapes  # tied
 
 
+@pytest.mark.parametrize(
+    "name, published",
+    [("qwen3_vl_2b", 2_127_532_032), ("qwen3_vl_4b", 4_437_815_808)],
+)
+def test_qwen3_vl_presets_have_the_published_parameter_counts(name, published):
+    """Shapes only (eval_shape): the total of Qwen3-VL-2B / 4B-Instruct's safetensors (tied heads), and the parts."""
+    shapes = models.abstract_params(models.preset(name))
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731
+    assert count(shapes) == published
+    assert "lm_head" not in shapes and "deepstack_merger_list" in shapes["visual"]
+    assert shapes["visual"]["deepstack_merger_list"]["linear_fc1"]["kernel"].shape == (3, 4096, 4096)
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_parameter_count_and_the_auto_remat_default(name):
     from jaxvlm.models.config import num_params
 
     cfg = models.preset(name)
     assert num_params(cfg) == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(models.abstract_params(cfg)))
-    expected = "none" if name in ("tiny", "small", "100m") else "full"  # the documented default per preset
+    small = ("tiny", "small", "100m", "qwen3_vl_tiny", "qwen3_vl_100m")
+    expected = "none" if name in small else "full"  # the documented default per preset
     assert models.preset(name, remat="auto").remat == expected
 
 
