@@ -577,6 +577,7 @@ class _Decoder:
     rope_types: tuple[str, ...] = ("default", "mrope")  # the rope_type values the config may name
     rope_theta: float = 1000000.0
     head_dim: int | None = None  # None: an absent or null head_dim means hidden_size // num_attention_heads
+    num_key_value_heads: int | None = None  # None: absent means one per query head (null always does)
     max_position_embeddings: int = 32768
     multimodal: bool = True  # False: 1-D RoPE only, an mrope_section is an error
     mrope_section: tuple[int, ...] | None = None  # the section when the config names none (None: 1-D RoPE)
@@ -591,16 +592,24 @@ _DECODERS = {
     "llama": _Decoder(
         rope_types=("default", "mrope", *ROPE_SCALING_TYPES), multimodal=False, attention_bias=True, mlp_bias=True
     ),
-    # Qwen3Config and Qwen3VLTextConfig: head_dim 128 unless given (never derived; null is refused), default_theta 1e4
-    # and 5e5. transformers' Qwen3VLTextRotaryEmbedding interleaves whatever rope_parameters.mrope_interleaved says,
-    # with the section [24, 20, 20] where none is named; only the "default" rope_type builds.
+    # Qwen3Config and Qwen3VLTextConfig: head_dim 128 unless given (never derived; null is refused), 32 KV heads unless
+    # given, default_theta 1e4 and 5e5. transformers' Qwen3VLTextRotaryEmbedding interleaves whatever
+    # rope_parameters.mrope_interleaved says, with the section [24, 20, 20] where none is named; only the "default"
+    # rope_type builds.
     "qwen3": _Decoder(
-        rope_types=("default",), rope_theta=10000.0, head_dim=128, multimodal=False, attention_bias=True, qwen3=True
+        rope_types=("default",),
+        rope_theta=10000.0,
+        head_dim=128,
+        num_key_value_heads=32,
+        multimodal=False,
+        attention_bias=True,
+        qwen3=True,
     ),
     "qwen3_vl": _Decoder(
         rope_types=("default",),
         rope_theta=500000.0,
         head_dim=128,
+        num_key_value_heads=32,
         max_position_embeddings=128000,
         mrope_section=(24, 20, 20),
         attention_bias=True,
@@ -664,7 +673,10 @@ def _text_from_hf(f: _Fields, model_type: str) -> TextConfig:
     if f.flag("use_sliding_window", False):
         raise f.error("use_sliding_window", "true is not supported (jaxvlm attends over the whole sequence)")
     hidden, heads = f.integer("hidden_size"), f.integer("num_attention_heads")
-    kv_heads = f.optional_integer("num_key_value_heads", minimum=1) or heads  # null: one per head (transformers)
+    if decoder.num_key_value_heads is None or f.d.get("num_key_value_heads", 0) is None:
+        kv_heads = f.optional_integer("num_key_value_heads", minimum=1) or heads  # null: one per head (transformers)
+    else:
+        kv_heads = f.integer("num_key_value_heads", decoder.num_key_value_heads)
     if decoder.head_dim is None:
         head_dim = f.optional_integer("head_dim", minimum=1)  # null: hidden_size // num_attention_heads
     else:
@@ -970,17 +982,20 @@ def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
         "tie_word_embeddings": cfg.tie_word_embeddings,
     }
     if cfg.model_type == "qwen3_vl":
-        # Qwen3VLTextConfig has no sliding window, and Qwen3VLForConditionalGeneration reads the root's tie flag only.
-        skip = ("use_sliding_window", "tie_word_embeddings")
+        # Qwen3VLTextConfig has no sliding window, Qwen3VLForConditionalGeneration reads the root's tie flag only, and
+        # bos / eos are no Qwen3VLTextConfig fields: written where set, as in the published config.json files.
+        text_config = {
+            k: value for k, value in qwen3_text.items() if k not in ("use_sliding_window", "tie_word_embeddings")
+        }
+        for key in ("bos_token_id", "eos_token_id"):
+            if text_config[key] is None:
+                del text_config[key]
         return {
             "architectures": ["Qwen3VLForConditionalGeneration"],
             "model_type": "qwen3_vl",
             "dtype": hf_dtype,
             **tokens,
-            "text_config": {
-                "model_type": "qwen3_vl_text",
-                **{k: value for k, value in qwen3_text.items() if k not in skip},
-            },
+            "text_config": {"model_type": "qwen3_vl_text", **text_config},
             "vision_config": {
                 "model_type": "qwen3_vl_vision",
                 **vision,
