@@ -1,6 +1,7 @@
 """Hugging Face checkpoint I/O without torch: safetensors in, safetensors out.
 
-Parameter paths mirror the transformers module names, so the mapping is a few renames:
+Parameter paths mirror the transformers module names, so the mapping is a few renames. Qwen2.5-VL and the text-only
+decoders (Qwen2, Qwen3, Llama):
 
   ours                                         Hugging Face (on-disk names, as `save_pretrained` writes them)
   language_model/embed_tokens/embedding        model.embed_tokens.weight
@@ -12,6 +13,18 @@ Parameter paths mirror the transformers module names, so the mapping is a few re
   lm_head/kernel                               lm_head.weight                         (absent when tied)
 
 transformers 5 in-memory names (`model.language_model.*`, `model.visual.*`) are accepted on load as well.
+
+Qwen3-VL: transformers 5 writes its in-memory names, `model.language_model.*` for `language_model/*` (as above) and
+`model.visual.*` for `visual/*`:
+
+  visual/patch_embed/kernel, bias                model.visual.patch_embed.proj.weight, .bias  (Conv3d)
+  visual/pos_embed/embedding                     model.visual.pos_embed.weight
+  visual/blocks/<sub>/...               [L,..]   model.visual.blocks.{i}.<sub>....            (LayerNorm scale: weight)
+  visual/merger/<sub>/...                        model.visual.merger.<sub>....                (norm, linear_fc1, _fc2)
+  visual/deepstack_merger_list/<sub>/.. [k,..]   model.visual.deepstack_merger_list.{j}.<sub>....
+  lm_head/kernel                                 lm_head.weight                               (absent when tied)
+
+and the Qwen2.5-VL-style names (`model.layers.*`, `visual.*`) are accepted on load as well.
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -33,7 +47,6 @@ import numpy as np
 
 from jaxvlm.models import config as config_lib
 from jaxvlm.models.builder import abstract_params, build_model
-from jaxvlm.models.qwen2_5_vl import Qwen25VL
 
 DTypeLike = Any  # a dtype name, alias or numpy / JAX dtype: see config.canonical_dtype
 
@@ -429,43 +442,90 @@ def _read_weight_map(index: str) -> dict[str, str]:
 # Name mapping
 # ----------------------------------------------------------------------------------------------------------
 
-_STACKED = {("language_model", "layers"): "model.layers", ("visual", "blocks"): "visual.blocks"}
-_RENAMES = {
-    ("language_model", "embed_tokens"): "model.embed_tokens",
-    ("language_model", "norm"): "model.norm",
-    ("visual", "patch_embed"): "visual.patch_embed.proj",
-    ("visual", "merger", "fc1"): "visual.merger.mlp.0",
-    ("visual", "merger", "fc2"): "visual.merger.mlp.2",
+# Parameter path prefixes whose leaves are stacked over layers (a leading [L] axis), and how many there are.
+_STACKED = {
+    ("language_model", "layers"): lambda cfg: cfg.text.num_hidden_layers,
+    ("visual", "blocks"): lambda cfg: cfg.vision.depth,
+    ("visual", "deepstack_merger_list"): lambda cfg: len(cfg.vision.deepstack_visual_indexes),  # Qwen3-VL
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Names:
+    """How one family's tensors are named on disk: `stacked` maps a stacked path prefix (see `_STACKED`) to the HF
+    prefix of its layer list, `renames` a path prefix to an HF prefix (the longest matching prefix wins); any other
+    path is its names joined by dots."""
+
+    stacked: dict[tuple[str, ...], str]
+    renames: dict[tuple[str, ...], str]
+
+
+_QWEN2_NAMES = _Names(  # Qwen2.5-VL's on-disk names (transformers 5 saves them so), and the text-only decoders'
+    stacked={("language_model", "layers"): "model.layers", ("visual", "blocks"): "visual.blocks"},
+    renames={
+        ("language_model", "embed_tokens"): "model.embed_tokens",
+        ("language_model", "norm"): "model.norm",
+        ("visual", "patch_embed"): "visual.patch_embed.proj",
+        ("visual", "merger", "fc1"): "visual.merger.mlp.0",
+        ("visual", "merger", "fc2"): "visual.merger.mlp.2",
+    },
+)
+_QWEN3_VL_NAMES = _Names(  # Qwen3-VL's: transformers 5's module names, on disk as in memory
+    stacked={
+        ("language_model", "layers"): "model.language_model.layers",
+        ("visual", "blocks"): "model.visual.blocks",
+        ("visual", "deepstack_merger_list"): "model.visual.deepstack_merger_list",
+    },
+    renames={
+        ("language_model",): "model.language_model",
+        ("visual",): "model.visual",
+        ("visual", "patch_embed"): "model.visual.patch_embed.proj",
+    },
+)
 _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
 
-def canonical_hf_name(name: str) -> str:
-    """transformers-5 in-memory names -> on-disk names (the form `save_pretrained` writes)."""
+def _names(model_type: str) -> _Names:
+    return _QWEN3_VL_NAMES if model_type == "qwen3_vl" else _QWEN2_NAMES
+
+
+def canonical_hf_name(name: str, model_type: str = "qwen2_5_vl") -> str:
+    """A tensor name in either form transformers has used -> the form `save_pretrained` writes for `model_type`.
+
+    Qwen2.5-VL and the text-only types: on-disk names (`model.layers.*`, `visual.*`) from transformers 5's in-memory
+    names (`model.language_model.*`, `model.visual.*`). Qwen3-VL the other way round: transformers 5 writes its
+    in-memory names, and the Qwen2.5-VL-style names are read as those."""
+    if model_type == "qwen3_vl":
+        if name.startswith("visual."):
+            return "model." + name
+        if name.startswith("model.") and not name.startswith(("model.language_model.", "model.visual.")):
+            return "model.language_model." + name[len("model.") :]
+        return name
     for new, old in (("model.visual.", "visual."), ("model.language_model.", "model.")):
         if name.startswith(new):
             return old + name[len(new) :]
     return name
 
 
-def _hf_base(path: tuple[str, ...]) -> tuple[str, tuple[str, ...] | None, int]:
+def _hf_base(path: tuple[str, ...], names: _Names) -> tuple[str, tuple[str, ...] | None, int]:
     """(HF dotted prefix, remaining sub-path or None, stacked?) for a parameter path without its leaf name."""
-    for prefix, hf in _STACKED.items():
+    for prefix, hf in names.stacked.items():
         if path[: len(prefix)] == prefix:
             return hf, path[len(prefix) :], 1
-    for prefix, hf in _RENAMES.items():  # no prefix of _RENAMES is a prefix of another
-        if path[: len(prefix)] == prefix:
-            return ".".join((hf, *path[len(prefix) :])), None, 0
+    matches = [prefix for prefix in names.renames if path[: len(prefix)] == prefix]
+    if matches:
+        prefix = max(matches, key=len)
+        return ".".join((names.renames[prefix], *path[len(prefix) :])), None, 0
     return ".".join(path), None, 0
 
 
-def hf_names(path: tuple[str, ...], num_layers: int | None) -> list[str]:
-    """HF tensor name(s) of one parameter leaf; stacked leaves give one name per layer."""
+def hf_names(path: tuple[str, ...], cfg: config_lib.ModelConfig) -> list[str]:
+    """HF tensor name(s) of one parameter leaf of `cfg`'s model; stacked leaves give one name per layer."""
     *module, leaf = path
-    base, sub, stacked = _hf_base(tuple(module))
+    base, sub, stacked = _hf_base(tuple(module), _names(cfg.model_type))
     suffix = _LEAF[leaf]
     if stacked:
-        return [".".join((base, str(i), *sub, suffix)) for i in range(num_layers)]
+        return [".".join((base, str(i), *sub, suffix)) for i in range(_num_layers(path, cfg))]
     return [f"{base}.{suffix}"]
 
 
@@ -499,11 +559,9 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
 
 
 def _num_layers(path: tuple[str, ...], cfg: config_lib.ModelConfig) -> int | None:
-    if path[:2] == ("language_model", "layers"):
-        return cfg.text.num_hidden_layers
-    if path[:2] == ("visual", "blocks"):
-        return cfg.vision.depth
-    return None
+    """The length of a stacked parameter's leading axis, None for a parameter that is not stacked."""
+    count = _STACKED.get(path[:2])
+    return None if count is None else count(cfg)
 
 
 def _expected_hf_shape(path, leaf_shape, stacked: bool, cfg) -> tuple[int, ...]:
@@ -522,7 +580,7 @@ def _expected_hf_shape(path, leaf_shape, stacked: bool, cfg) -> tuple[int, ...]:
 
 
 def load_pretrained(path: str, dtype: DTypeLike = "float32", param_dtype: DTypeLike | None = None, **config_overrides):
-    """Load a Qwen2.5-VL or text-only Qwen2 / Qwen2.5 checkpoint directory.
+    """Load a Qwen2.5-VL, Qwen3-VL or text-only Qwen2 / Qwen2.5 / Qwen3 / Llama checkpoint directory.
 
     Args:
       path: directory with config.json and model.safetensors (or a sharded model.safetensors.index.json).
@@ -544,13 +602,13 @@ def load_pretrained(path: str, dtype: DTypeLike = "float32", param_dtype: DTypeL
     param_dtype = dtype if param_dtype is None else param_dtype
     cfg = config_lib.load_hf_config(path, dtype=dtype, param_dtype=param_dtype, **config_overrides)
     tensors = CheckpointTensors(path)
-    available = _canonical_names(path, tensors)
+    available = _canonical_names(path, tensors, cfg.model_type)
     _check_size(path, cfg, tensors)
     target = np.dtype(jnp.dtype(cfg.param_dtype))
     missing, misshaped, mistyped, used, params = [], [], [], set(), {}
     for p, leaf in _leaves(_model_shapes(cfg)):
         layers = _num_layers(p, cfg)
-        names = hf_names(p, layers)
+        names = hf_names(p, cfg)
         want = _expected_hf_shape(p, leaf.shape, layers is not None, cfg)
         parts = []
         for name in names:
@@ -566,7 +624,9 @@ def load_pretrained(path: str, dtype: DTypeLike = "float32", param_dtype: DTypeL
                 mistyped.append(f"{name}: {stored_dtype} in {tensors.file(stored)}")
             else:
                 parts.append(_from_hf(p, tensors.get(stored)).astype(target))
-        if len(parts) == len(names):
+        if not names:  # a stack of no layers (Qwen3-VL without DeepStack features)
+            _set(params, p, jnp.zeros(leaf.shape, target))
+        elif len(parts) == len(names):
             _set(params, p, jnp.asarray(np.stack(parts) if layers is not None else parts[0]))
     unexpected = [n for n in available if n not in used and not _ignorable(n, cfg)]
     if missing or misshaped or mistyped or unexpected:
@@ -594,12 +654,12 @@ def _model_shapes(cfg: config_lib.ModelConfig) -> dict:
     return abstract_params(cfg)
 
 
-def _canonical_names(path: str, tensors: CheckpointTensors) -> dict[str, str]:
+def _canonical_names(path: str, tensors: CheckpointTensors, model_type: str) -> dict[str, str]:
     """On-disk name (see canonical_hf_name) -> the name stored in the checkpoint; one tensor stored under both its
     transformers-5 and its on-disk name is an error (which copy would load?)."""
     available = {}
     for stored in tensors.names():
-        name = canonical_hf_name(stored)
+        name = canonical_hf_name(stored, model_type)
         if name in available:
             raise CheckpointError(
                 f"checkpoint {path} holds {name!r} twice: as {available[name]!r} ({tensors.file(available[name])}) "
@@ -628,7 +688,7 @@ def _ignorable(name: str, cfg) -> bool:
 
 
 def save_pretrained(
-    model: Qwen25VL,
+    model: nn.Module,
     params: dict,
     path: str,
     *,
@@ -651,7 +711,7 @@ def save_pretrained(
     tensors = {}
     for p, leaf in _leaves(jax.device_get(params)):
         layers = _num_layers(p, cfg)
-        names = hf_names(p, layers)
+        names = hf_names(p, cfg)
         values = list(np.asarray(leaf)) if layers is not None else [np.asarray(leaf)]
         for name, v in zip(names, values):
             tensors[name] = _to_hf(p, v, _expected_hf_shape(p, v.shape, False, cfg)).astype(target)
