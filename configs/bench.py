@@ -7,6 +7,14 @@ Variants (random weights, no downloads):
   100m   the `100m` preset (118M params, 18M of them vision), float32: the CPU comparison (BENCHMARKS.md)
   0.5b   `qwen2_5_vl_0_5b` (Qwen2.5-0.5B decoder + the family's ViT, 1.16B params), bfloat16: GPU
   3b     `qwen2_5_vl_3b` (Qwen2.5-VL-3B shapes, 3.75B params), bfloat16, sequence 2048: GPU (the MFU target)
+  qwen3_vl_tiny  the `qwen3_vl_tiny` preset (0.3M params), float32: the Qwen3-VL smoke run
+  qwen3_vl_100m  `qwen3_vl_100m` (the `100m` widths in the Qwen3-VL architecture, 129M params, 29M of them vision),
+                 float32: the Qwen3-VL CPU comparison, at the `100m` variant's sizes
+  qwen3_vl_2b    `qwen3_vl_2b` (Qwen3-VL-2B shapes, 2.13B params), bfloat16, the `3b` variant's shapes: GPU
+  qwen3_vl_4b    `qwen3_vl_4b` (Qwen3-VL-4B shapes, 4.44B params), bfloat16, the `3b` variant's shapes: GPU
+Qwen3-VL's patches are 16 px (a 2 x 2 merge unit: image sides a multiple of 32 px), Qwen2.5-VL's 14 px (28 px). The
+Qwen3-VL variants take the images whose patch grid equals their Qwen2.5-VL counterpart's (64 / 128 / 256 / 512 px
+for 56 / 112 / 224 / 448 px), so both families' rows hold the same image patches and placeholder tokens.
 Every field can be overridden, e.g. `--config.sections=sft,decode --config.torch.compile=False`.
 
 `sft.steps`, `grpo.steps` and `decode.repeats` count each side's timed repeats. They run after every side's
@@ -20,11 +28,20 @@ import ml_collections
 
 from jaxvlm.configuration import check_variant
 
-VARIANTS = ("tiny", "100m", "0.5b", "3b")
+VARIANTS = ("tiny", "100m", "0.5b", "3b", "qwen3_vl_tiny", "qwen3_vl_100m", "qwen3_vl_2b", "qwen3_vl_4b")
+# The Qwen3-VL variants: their Qwen2.5-VL counterpart (whose sizes they take) and remat.
+QWEN3_VL = {
+    "qwen3_vl_tiny": ("tiny", "none"),
+    "qwen3_vl_100m": ("100m", "none"),
+    "qwen3_vl_2b": ("3b", "dots"),
+    "qwen3_vl_4b": ("3b", "full"),
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = check_variant(arg or "tiny", VARIANTS, "configs/bench.py")
+    if variant in QWEN3_VL:
+        return _qwen3_vl(variant)
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.sections = ("sft", "grpo", "decode")
@@ -81,4 +98,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             steps=5,
         )
         c.decode.update(prompt_len=512, new_tokens=128, repeats=5)
+    return c
+
+
+def _qwen3_image(hw) -> tuple[int, int]:
+    """The Qwen3-VL image (16 px patches) with the patch grid of a Qwen2.5-VL image (14 px patches)."""
+    return tuple(side // 14 * 16 for side in hw)
+
+
+def _qwen3_vl(variant: str) -> ml_collections.ConfigDict:
+    """A Qwen3-VL variant: its Qwen2.5-VL counterpart's config with the Qwen3-VL preset, dtype and remat, and the
+    images of the same patch grid."""
+    counterpart, remat = QWEN3_VL[variant]
+    c = get_config(counterpart)
+    c.model.update(preset=variant, remat=remat)
+    c.sft.image_hw = _qwen3_image(c.sft.image_hw)
+    c.grpo.image_hw = _qwen3_image(c.grpo.image_hw)
     return c
