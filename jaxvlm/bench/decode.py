@@ -108,12 +108,14 @@ class JaxGenerate:
 
 
 def load_torch(path: str, dtype: str = "float32"):
-    """transformers' model of the checkpoint at `path`, weights held in `dtype`, on CUDA when available."""
+    """transformers' model of the checkpoint at `path` (its family's class, `torch_side.load_model`), weights held in
+    `dtype`, on CUDA when available."""
     import torch
-    from transformers import AutoModelForImageTextToText
+
+    from jaxvlm.bench.torch_side import load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+    return load_model(path, dtype).to(device).eval()
 
 
 class TorchGenerate:

@@ -1,4 +1,7 @@
-"""The PyTorch baseline: transformers' `Qwen2_5_VLForConditionalGeneration` on the same checkpoint and batch.
+"""The PyTorch baseline: transformers' model of the checkpoint's family on the same checkpoint and batch.
+
+The family is config.json's `model_type`, through one mapping (`MODEL_CLASSES`): "qwen2_5_vl" ->
+`Qwen2_5_VLForConditionalGeneration`, "qwen3_vl" -> `Qwen3VLForConditionalGeneration`.
 
 What a TRL user runs, written out so both sides do the same work:
 * SFT step: completion-only token-mean NLL (TRL's `SFTTrainer` with `completion_only_loss`), gradient accumulation
@@ -16,11 +19,19 @@ needs torch).
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import time
 
 import numpy as np
 
 from jaxvlm.bench import workload
+
+# config.json's model_type -> transformers' conditional-generation class of that family.
+MODEL_CLASSES = {
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+}
 
 
 def _torch():
@@ -29,14 +40,34 @@ def _torch():
     return torch
 
 
+def model_class(checkpoint: str):
+    """transformers' class for the checkpoint at `checkpoint` (a directory), by its config.json's model_type."""
+    path = os.path.join(checkpoint, "config.json")
+    try:
+        with open(path) as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the checkpoint's config ({type(e).__name__}: {e})") from e
+    if model_type not in MODEL_CLASSES:
+        raise ValueError(
+            f"{path}: model_type {model_type!r} has no PyTorch baseline; known: {', '.join(sorted(MODEL_CLASSES))}"
+        )
+    import transformers
+
+    return getattr(transformers, MODEL_CLASSES[model_type])
+
+
+def load_model(checkpoint: str, dtype: str = "float32"):
+    """transformers' model of the checkpoint at `checkpoint` (`model_class`), weights held in `dtype`, on the CPU."""
+    return model_class(checkpoint).from_pretrained(checkpoint, dtype=getattr(_torch(), dtype))
+
+
 class TorchBaseline:
     def __init__(self, checkpoint: str, dtype: str, opt, device: str | None = None):
         torch = _torch()
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+        self.model = load_model(checkpoint, "float32")  # float32 master weights; `_autocast` for bfloat16
         self.model.to(self.device).train()
         self.opt_cfg = opt
         self.optimizer = torch.optim.AdamW(
