@@ -2,8 +2,10 @@
 
 Every row is one image followed by text: `<vision_start> <image_pad> x n <vision_end> prompt... completion...`,
 with no padding (all rows the same length), so the JAX side and transformers agree on positions by construction.
-Token ids are drawn below the model's special ids; pixels are standard-normal patch rows (the processor's output
-space), `patch_dim` wide.
+Token ids are drawn below the model's special ids; the pixels are random RGB images of `image_hw` through the model
+family's image processor (`processing.image.image_processor_for_model`: Qwen2.5-VL's 14 px patches and CLIP
+normalisation, Qwen3-VL's 16 px patches and mean = std = 0.5), so each family gets its own patch layout and value
+range.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 
 from jaxvlm import batching
 from jaxvlm.models.config import ModelConfig
+from jaxvlm.processing.image import image_processor_for_model
 from jaxvlm.processing.rope import get_rope_index
 
 
@@ -56,7 +59,8 @@ def repeated_pixels(rows: Rows, times: int) -> tuple[np.ndarray | None, np.ndarr
 
 
 def image_tokens(cfg: ModelConfig, image_hw: tuple[int, int]) -> tuple[np.ndarray, int]:
-    """(grid [t, h, w] in patches, placeholder tokens) of one image of `image_hw` pixels (multiples of 28)."""
+    """(grid [t, h, w] in patches, placeholder tokens) of one image of `image_hw` pixels (multiples of patch_size x
+    merge_size: 28 for Qwen2.5-VL, 32 for Qwen3-VL)."""
     v = cfg.vision
     unit = v.patch_size * v.spatial_merge_size
     height, width = image_hw
@@ -64,6 +68,23 @@ def image_tokens(cfg: ModelConfig, image_hw: tuple[int, int]) -> tuple[np.ndarra
         raise ValueError(f"image size {image_hw} must be positive multiples of patch_size x merge_size = {unit}")
     grid = np.asarray([1, height // v.patch_size, width // v.patch_size], np.int64)
     return grid, int(grid.prod()) // v.merge_unit
+
+
+def image_pixels(cfg: ModelConfig, image_hw: tuple[int, int], count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` random RGB images of `image_hw` pixels through the model family's image processor, which keeps their
+    size (a multiple of its resize factor): float32 [count * h * w patches, patch_dim], images in order."""
+    height, width = image_hw
+    processor = image_processor_for_model(cfg, min_pixels=height * width, max_pixels=height * width)
+    images = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(count)]
+    out = processor(images)
+    grid, _ = image_tokens(cfg, image_hw)
+    if not (out["image_grid_thw"] == grid).all() or out["pixel_values"].shape[-1] != cfg.vision.patch_dim:
+        raise ValueError(
+            f"the {cfg.model_type} image processor made grids {out['image_grid_thw'][0].tolist()} x "
+            f"{out['pixel_values'].shape[-1]} of a {image_hw} image; the model expects {grid.tolist()} x "
+            f"{cfg.vision.patch_dim}"
+        )
+    return out["pixel_values"].astype(np.float32)
 
 
 def make_rows(
@@ -98,7 +119,7 @@ def make_rows(
     pixel_values = grids = None
     if grid is not None:
         grids = np.broadcast_to(grid, (rows, 3)).copy()
-        pixel_values = rng.standard_normal((rows * int(grid.prod()), cfg.vision.patch_dim)).astype(np.float32)
+        pixel_values = image_pixels(cfg, image_hw, rows, rng)
         position_ids, _ = get_rope_index(
             ids, mask, grids, image_token_id=cfg.image_token_id, spatial_merge_size=cfg.vision.spatial_merge_size
         )
