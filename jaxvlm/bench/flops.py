@@ -1,14 +1,17 @@
-"""Model FLOPs of a Qwen2.5-VL training step, and the decode bandwidth roofline, from the config alone.
+"""Model FLOPs of a Qwen2.5-VL / Qwen3-VL training step, and the decode bandwidth roofline, from the config alone.
 
 Two counts, both for one forward + backward over a batch (training = 3 x the forward's matmul FLOPs):
 
 * `train_flops`: what the step computes — the decoder's matmuls (attention projections, SwiGLU MLP, LM head on the
   scored positions), attention scores and values over the full S x S square (verl's convention; the causal half is
   not subtracted), and the vision tower when the batch has images (patch embedding, blocks with their window / full
-  attention, patch merger). Embedding lookups and elementwise work are not counted (PaLM's MFU convention).
+  attention, patch merger; Qwen3-VL: a two-matrix MLP, full attention in every block, and one more merger per
+  DeepStack layer). Embedding lookups (Qwen3-VL's interpolated position table too) and elementwise work are not
+  counted (PaLM's MFU convention).
 * `verl_lm_flops`: verl's / EasyR1's `FlopsCounter` for Qwen2 (`_estimate_qwen2_flops`), language model only:
   6 x (per-layer matmul params x layers + 2 x vocab x hidden) x tokens + 12 x sum(S^2) x head_dim x heads x layers.
-  It counts the embedding as a matmul and ignores the vision tower; this is what their "MFU" divides.
+  It counts the embedding as a matmul and ignores the vision tower; this is what their "MFU" divides. Their
+  Qwen3-VL count (`_estimate_qwen3_vl_flops`) is the same formula for the language model.
 
 `decode_roofline` is the memory-bandwidth ceiling of one decode step: every step reads the decoder
 weights once and each row's KV cache; tokens/s <= B x bandwidth / bytes.
@@ -21,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxvlm.models.config import ModelConfig, TextConfig, VisionConfig
+from jaxvlm.models.config import ModelConfig, Qwen3VisionConfig, TextConfig, VisionConfig
 
 
 def _layer_matmul_params(text: TextConfig) -> int:
@@ -56,14 +59,16 @@ def _vision_segments(grid: Sequence[int], vision: VisionConfig) -> tuple[list[in
     return windows, [h * w] * t
 
 
-def vision_forward_flops(vision: VisionConfig, grids: np.ndarray) -> float:
+def vision_forward_flops(vision: VisionConfig | Qwen3VisionConfig, grids: np.ndarray) -> float:
     """Forward FLOPs of the vision tower over images `grids` [n, 3] (t, h, w in patches)."""
     grids = np.asarray(grids, np.int64).reshape(-1, 3)
     if not len(grids):
         return 0.0
     patches = int(np.prod(grids, axis=1).sum())
     h, i, hd = vision.hidden_size, vision.intermediate_size, vision.head_dim
-    per_block = 2 * patches * (4 * h * h + 3 * h * i)  # qkv + proj, SwiGLU MLP
+    qwen3 = isinstance(vision, Qwen3VisionConfig)
+    mlp_matrices = 2 if qwen3 else 3  # Qwen3-VL: linear_fc2(gelu(linear_fc1 x)); Qwen2.5-VL: SwiGLU
+    per_block = 2 * patches * (4 * h * h + mlp_matrices * h * i)  # qkv + proj, MLP
     windows, frames = [], []
     for g in grids:
         w, f = _vision_segments(g, vision)
@@ -77,7 +82,8 @@ def vision_forward_flops(vision: VisionConfig, grids: np.ndarray) -> float:
     embed = 2 * patches * vision.patch_dim * h
     merged = patches // vision.merge_unit
     merger = 2 * merged * (vision.merge_unit * h) * (vision.merge_unit * h + vision.out_hidden_size)
-    return float(vision.depth * per_block + attention + embed + merger)
+    mergers = 1 + (len(vision.deepstack_visual_indexes) if qwen3 else 0)  # the main one + one per DeepStack layer
+    return float(vision.depth * per_block + attention + embed + mergers * merger)
 
 
 def train_flops(
