@@ -11,6 +11,7 @@ finite). Useful to check that a checkpoint loads and runs on a machine before tr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -31,16 +32,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/forward.py", "Path 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where forward.json is written.")
 
 
-def synthetic_batch(model_cfg: models.ModelConfig, demo, seed: int) -> dict:
-    """A left-padded batch: sample i carries i % 3 random images between random text tokens."""
+def synthetic_batch(model_cfg: models.ModelConfig, processor: ImageProcessor, demo, seed: int) -> dict:
+    """A left-padded batch: sample i carries i % 3 random images between random text tokens, through `processor`
+    (the model family's image processor: its patch size, resize factor and normalisation)."""
     rng = np.random.default_rng(seed)
     vocab = min(model_cfg.text.vocab_size, model_cfg.image_token_id)
-    processor = ImageProcessor(
-        patch_size=model_cfg.vision.patch_size,
-        merge_size=model_cfg.vision.spatial_merge_size,
-        temporal_patch_size=model_cfg.vision.temporal_patch_size,
-        max_pixels=demo.max_pixels,
-    )
     rows, images, k = [], [], 0
     for i in range(demo.batch_size):
         row = list(rng.integers(0, vocab, demo.text_tokens // 2))
@@ -71,10 +67,17 @@ def synthetic_batch(model_cfg: models.ModelConfig, demo, seed: int) -> dict:
 
 
 def run_forward(cfg, workdir: str | None) -> dict:
-    model, params = runtime.build_model(configuration.resolve_model(cfg.model), cfg.seed)
+    spec = configuration.resolve_model(cfg.model)
+    model, params = runtime.build_model(spec, cfg.seed)
     if model.config.vision is None:
-        raise ValueError("the forward check's batch has images: use a Qwen2.5-VL model (config.model.path / preset)")
-    batch = synthetic_batch(model.config, cfg.demo, cfg.seed)
+        raise ValueError(
+            "the forward check's batch has images: use a vision-language model, Qwen2.5-VL or Qwen3-VL "
+            "(config.model.path / preset)"
+        )
+    # The checkpoint's preprocessor_config.json, else the family's default processor; the demo's pixel bounds.
+    bounds = dataclasses.replace(spec, min_pixels=min(56 * 56, cfg.demo.max_pixels), max_pixels=cfg.demo.max_pixels)
+    processor = runtime.build_image_processor(bounds, model.config)
+    batch = synthetic_batch(model.config, processor, cfg.demo, cfg.seed)
     forward = jax.jit(lambda p, b: model.apply({"params": p}, **b))
     t0 = time.perf_counter()
     compiled = forward.lower(params, batch).compile()
