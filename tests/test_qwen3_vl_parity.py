@@ -44,6 +44,13 @@ CONFIGS = {
         tie=True,
     ),
 }
+# A tower without DeepStack (transformers allows an empty list): no DeepStack mergers, nothing added to the decoder.
+NO_DEEPSTACK = dict(
+    text=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=8),
+    mrope_section=[2, 1, 1],
+    vision=dict(depth=2, hidden_size=32, num_heads=2, num_position_embeddings=36, deepstack_visual_indexes=[]),
+    tie=False,
+)
 # (images per row, grids): grids of different shapes so the position table is interpolated to each.
 CASES = {
     "text_only": ([0, 0], []),
@@ -53,12 +60,13 @@ CASES = {
 }
 
 
-def hf_qwen3_vl(name: str):
-    """A random tiny `Qwen3VLForConditionalGeneration` of CONFIGS[name], weights at a scale where logits are O(1)."""
+def hf_qwen3_vl(name: str, spec: dict | None = None):
+    """A random tiny `Qwen3VLForConditionalGeneration` of CONFIGS[name] (or `spec`), weights at a scale where logits
+    are O(1)."""
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    spec = CONFIGS[name]
+    spec = spec or CONFIGS[name]
     t, v = spec["text"], spec["vision"]
     config = Qwen3VLConfig(
         text_config=dict(
@@ -170,6 +178,28 @@ def test_vision_tower_and_deepstack_features_equal_transformers(loaded):
     np.testing.assert_allclose(np.asarray(deep)[:, :n], ref_deep, atol=ATOL)
     # DeepStack features are not the merged features again: the decoder gets something it would otherwise miss.
     assert np.abs(ref_deep[-1] - ref_main).max() > 0.1
+
+
+def test_tower_without_deepstack_matches_transformers(tmp_path):
+    torch_model = hf_qwen3_vl("no_deepstack", NO_DEEPSTACK)
+    torch_model.save_pretrained(tmp_path)
+    model, params = models.load_pretrained(str(tmp_path))
+    assert "deepstack_merger_list" not in params["visual"]
+    batch = batch_of("two_images_different_sizes", seed=4)
+    ref = hf_logits(torch_model, batch)
+    ours = model.apply({"params": params}, **{k: jnp.asarray(v) for k, v in batch.items()})
+    assert max_diff_on_valid(ours, ref, batch["attention_mask"]) < ATOL and np.abs(ref).max() > 1.0
+
+
+def test_deepstack_blocks_must_be_strictly_increasing():
+    """transformers pairs the k-th DeepStack merger with the k-th listed block but collects features in depth order,
+    so an unordered list would silently compute something else: refused."""
+    import dataclasses
+
+    cfg = models.preset("qwen3_vl_tiny")
+    for indexes in ((1, 0), (1, 1)):
+        with pytest.raises(ValueError, match="deepstack_visual_indexes .* must be strictly increasing"):
+            cfg.replace(vision=dataclasses.replace(cfg.vision, deepstack_visual_indexes=indexes))
 
 
 def hf_generate(torch_model, batch, max_new_tokens):

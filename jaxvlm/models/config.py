@@ -1,17 +1,20 @@
-"""Model configuration for the Qwen2.5-VL family (and text-only Qwen2 / Qwen2.5).
+"""Model configuration for the Qwen2.5-VL and Qwen3-VL families (and text-only Qwen2 / Qwen2.5 / Qwen3, Llama).
 
 `ModelConfig` is a frozen dataclass so a linen module can hold it as an attribute. It is read from and written
-to a Hugging Face `config.json`; both layouts found in the wild are accepted:
+to a Hugging Face `config.json`; the layouts found in the wild are accepted:
 
 * transformers 5.x: text fields nested under `text_config`, RoPE under `rope_parameters`;
 * older hub checkpoints (transformers 4.4x): text fields at the root, `rope_theta` + `rope_scaling`
   (`{"type": "mrope", "mrope_section": [...]}`), `vision_config` nested;
-* text-only `qwen2` checkpoints (Qwen2 / Qwen2.5 LMs): flat, 1-D RoPE;
+* `qwen3_vl` checkpoints (Qwen3-VL 2B / 4B / 8B, Instruct and Thinking): `text_config` + `vision_config`
+  (`Qwen3VisionConfig`: learned position table, DeepStack blocks), interleaved M-RoPE;
+* text-only `qwen2` checkpoints (Qwen2 / Qwen2.5 LMs) and `qwen3` ones (Qwen3 LMs): flat, 1-D RoPE;
 * text-only `llama` checkpoints (Llama 2 / 3.x, SmolLM2): flat, 1-D RoPE with the checkpoint's scaling (none,
   "linear" or "llama3"), biases as `attention_bias` / `mlp_bias` say (none in every released Llama).
 
-The Qwen2 and Llama decoders are one module: they differ only in which projections carry biases (Qwen2: q/k/v;
-Llama: q/k/v/o when `attention_bias`, gate/up/down when `mlp_bias`) and in the RoPE frequency scaling.
+The Qwen2, Qwen3 and Llama decoders are one module: they differ in which projections carry biases (Qwen2: q/k/v;
+Llama and Qwen3: q/k/v/o when `attention_bias`, Llama's gate/up/down when `mlp_bias`), in Qwen3's q/k RMSNorm
+(`qk_norm`), in the M-RoPE layout (`mrope_interleaved`) and in the RoPE frequency scaling.
 """
 
 from __future__ import annotations
@@ -417,6 +420,11 @@ def validate(cfg: ModelConfig) -> None:
         bad = [i for i in v.deepstack_visual_indexes if not 0 <= i < v.depth]
         if bad:
             raise ValueError(f"vision.deepstack_visual_indexes {bad} out of range for depth={v.depth}")
+        if list(v.deepstack_visual_indexes) != sorted(set(v.deepstack_visual_indexes)):
+            # transformers pairs the k-th merger with the k-th block in depth order; other orders would differ.
+            raise ValueError(
+                f"vision.deepstack_visual_indexes {list(v.deepstack_visual_indexes)} must be strictly increasing"
+            )
         if len(v.deepstack_visual_indexes) > t.num_hidden_layers:
             raise ValueError(
                 f"vision.deepstack_visual_indexes: {len(v.deepstack_visual_indexes)} DeepStack features but only "

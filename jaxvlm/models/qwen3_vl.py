@@ -196,8 +196,8 @@ class Qwen3VisionTower(nn.Module):
     @nn.compact
     def __call__(self, pixel_values: Array, vision_inputs: dict[str, Array]) -> tuple[Array, Array]:
         """pixel_values [S, L, C*T*p*p] in the slot layout (`jaxvlm.processing.vision_layout`) -> (merged image
-        features [Q, D], DeepStack features [k, Q, D]), Q = S * L / merge_unit rows in processor order (the images'
-        merged tokens first, then padding), k = len(deepstack_visual_indexes)."""
+        features [Q, D], DeepStack features [k, Q, D] or None when k = 0), Q = S * L / merge_unit rows in processor
+        order (the images' merged tokens first, then padding), k = len(deepstack_visual_indexes)."""
         c = self.config
         # The Conv3d patch embedding (kernel = stride = (T, p, p), with bias) is a matmul over the flattened patch.
         x = constrain(pixel_values.astype(self.dtype), BATCH, None, None)
@@ -219,6 +219,8 @@ class Qwen3VisionTower(nn.Module):
         inverse = vision_inputs["merge_inverse"].reshape(-1)  # back to processor order
         merged = Qwen3PatchMerger(c, self.dtype, self.param_dtype, name="merger")(x)  # [S, L / unit, D]
         merged = merged.reshape(-1, merged.shape[-1])[inverse]
+        if not c.deepstack_visual_indexes:
+            return merged, None  # a tower without DeepStack (transformers allows an empty list)
         deepstack = outputs[np.asarray(c.deepstack_visual_indexes, np.int32)]  # [k, S, L, Dv]
         mergers = nn.vmap(
             Qwen3PatchMerger,
