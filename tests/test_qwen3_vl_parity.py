@@ -158,6 +158,42 @@ def test_jit_path_with_host_layout_matches_transformers(loaded):
     assert max_diff_on_valid(ours, ref, batch["attention_mask"]) < ATOL
 
 
+def test_sharded_forward_and_gradient_equal_one_device(loaded):
+    """Every Qwen3-VL parameter placed by the sharding rules on a (2, 2, 2) mesh (data x fsdp x tensor), rows and image
+    slots split over data x fsdp: the logits and the parameter gradient of a jitted loss equal one device's."""
+    from jaxvlm import sharding
+
+    _, model, params = loaded["deepstack02_gqa2_untied"]
+    batch = image_batch([1, 0, 2, 1], [[1, 6, 6], [1, 10, 4], [1, 2, 4], [1, 4, 4]], seed=6, patch_dim=PATCH_DIM)
+    grid = batch.pop("image_grid_thw")
+    position_ids, _ = get_rope_index(
+        batch["input_ids"], batch["attention_mask"], grid, image_token_id=IMAGE_TOKEN, spatial_merge_size=2
+    )
+    pixels, vision_inputs = layout_images(batch["pixel_values"], grid, model.config.vision, slot_multiple=4)
+    inputs = dict(batch, position_ids=position_ids, pixel_values=pixels, vision_inputs=vision_inputs)
+
+    def loss(p, b):
+        logits = model.apply({"params": p}, **b)
+        return jnp.sum(jnp.where(b["attention_mask"][..., None] > 0, jnp.tanh(logits), 0.0)), logits
+
+    run = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (_, ref_logits), ref_grads = run(params, inputs)
+    mesh = sharding.make_mesh((2, 2, 2), jax.devices()[:8])
+    sharded_params = jax.device_put(params, sharding.tree_shardings(params, mesh))
+    rows = jax.sharding.NamedSharding(mesh, jax.P(sharding.BATCH_AXES))
+    position_sharding = jax.sharding.NamedSharding(mesh, jax.P(None, sharding.BATCH_AXES))
+    sharded = jax.tree.map(lambda x: jax.device_put(x, rows), {k: v for k, v in inputs.items() if k != "position_ids"})
+    sharded["position_ids"] = jax.device_put(inputs["position_ids"], position_sharding)
+    (_, logits), grads = run(sharded_params, sharded)
+    for tree in (sharded_params, grads):  # the DeepStack mergers and the vision MLP are really split
+        assert not tree["visual"]["deepstack_merger_list"]["linear_fc1"]["kernel"].sharding.is_fully_replicated
+        assert not tree["visual"]["blocks"]["mlp"]["linear_fc1"]["kernel"].sharding.is_fully_replicated
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ref_grads))
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * scale)
+
+
 def test_vision_tower_and_deepstack_features_equal_transformers(loaded):
     import torch
 
