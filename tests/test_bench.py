@@ -1,6 +1,6 @@
 """The benchmark harness (`python -m jaxvlm.bench`): FLOP counts, the hardware table, the interleaving of the
-sides' timed repeats, and a smoke run of every section on the tiny config in which the JAX side and the PyTorch
-baseline must do the same work."""
+sides' timed repeats, and a smoke run of every section on the tiny config of each family (Qwen2.5-VL, Qwen3-VL) in
+which the JAX side and the PyTorch baseline must do the same work."""
 
 import importlib.util
 import json
@@ -26,12 +26,22 @@ _spec.loader.exec_module(bench_config)
 # ------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset,image_hw,rows", [("tiny", (56, 56), 1), ("small", (112, 112), 1), ("small", None, 3)])
+@pytest.mark.parametrize(
+    "preset,image_hw,rows",
+    [
+        ("tiny", (56, 56), 1),
+        ("small", (112, 112), 1),
+        ("small", None, 3),
+        ("qwen3_vl_tiny", (64, 64), 1),
+        ("qwen3_vl_tiny", (128, 96), 1),
+    ],
+)
 def test_analytic_forward_flops_match_the_traced_matmuls(preset, image_hw, rows):
     """The analytic count equals the matmuls the model's jaxpr executes (layer scans unrolled by the counter), where
-    the implementation's attention is exactly the model's (one image, no window smaller than it)."""
+    the implementation's attention is exactly the model's (one image, no window smaller than it). Qwen3-VL: the
+    two-matrix vision MLP, every block full attention, the DeepStack mergers."""
     cfg = models.preset(preset)
-    model = models.Qwen25VL(cfg)
+    model = models.build_model(cfg)
     batch = workload.make_rows(cfg, rows, 96, 16, image_hw)
     mb = jax.tree.map(lambda x: x[0], workload.sft_microbatches(cfg, batch, 1))
     traced = flops.traced_matmul_flops(
@@ -94,15 +104,43 @@ def test_rows_reject_what_does_not_fit():
         workload.make_rows(cfg, 2, 64, 8, (50, 56))
     with pytest.raises(ValueError, match="completion_len"):
         workload.make_rows(cfg, 2, 16, 12, (56, 56))
+    with pytest.raises(ValueError, match="= 32"):  # Qwen3-VL: 16 px patches, 2 x 2 merged
+        workload.make_rows(models.preset("qwen3_vl_tiny"), 2, 64, 8, (56, 56))
+
+
+@pytest.mark.parametrize(
+    "preset,image_hw,patch_dim,low,high",
+    [("tiny", (56, 84), 1176, -1.80, 2.15), ("qwen3_vl_tiny", (64, 96), 1536, -1.0, 1.0)],
+)
+def test_rows_pixels_come_from_the_familys_image_processor(preset, image_hw, patch_dim, low, high):
+    """Each family's patch length, grid and normalisation (Qwen2.5-VL: CLIP's mean / std, about [-1.79, 2.15];
+    Qwen3-VL: mean = std = 0.5, [-1, 1]); the same seed, the same rows."""
+    cfg = models.preset(preset)
+    rows = workload.make_rows(cfg, 3, 64, 8, image_hw, seed=1)
+    grid = [1, image_hw[0] // cfg.vision.patch_size, image_hw[1] // cfg.vision.patch_size]
+    assert rows.image_grid_thw.tolist() == [grid] * 3
+    assert rows.pixel_values.shape == (3 * grid[1] * grid[2], patch_dim) and rows.pixel_values.dtype == np.float32
+    assert low <= rows.pixel_values.min() < low + 0.1 and high - 0.1 < rows.pixel_values.max() <= high
+    assert (rows.input_ids == cfg.image_token_id).sum() == 3 * grid[1] * grid[2] // cfg.vision.merge_unit
+    again = workload.make_rows(cfg, 3, 64, 8, image_hw, seed=1)
+    np.testing.assert_array_equal(again.pixel_values, rows.pixel_values)
 
 
 def test_bench_config_variants():
     for variant in bench_config.VARIANTS:
         c = bench_config.get_config(variant)
-        models.preset(c.model.preset)
+        cfg = models.preset(c.model.preset)
         assert set(c.sections) <= set(run.SECTIONS)
+        for section in (c.sft, c.grpo):  # every variant's images fit its family's patches
+            workload.image_tokens(cfg, tuple(section.image_hw))
     with pytest.raises(ValueError, match="unknown variant"):
         bench_config.get_config("7b")
+    # A Qwen3-VL variant is its Qwen2.5-VL counterpart with the images of the same patch grid.
+    for qwen3, counterpart in (("qwen3_vl_100m", "100m"), ("qwen3_vl_4b", "3b")):
+        a, b = bench_config.get_config(qwen3), bench_config.get_config(counterpart)
+        assert a.model.preset == qwen3 and (a.sft.seq_len, a.grpo.prompts) == (b.sft.seq_len, b.grpo.prompts)
+        for x, y in ((a.sft.image_hw, b.sft.image_hw), (a.grpo.image_hw, b.grpo.image_hw)):
+            assert [side // 16 for side in x] == [side // 14 for side in y]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -240,12 +278,16 @@ def test_the_run_reads_the_load_at_start_and_end_and_warns(tmp_path, monkeypatch
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _smoke_config():
-    c = bench_config.get_config("tiny")
-    # 112 px images: 4 x 4 merged tokens, so M-RoPE's 3-D positions differ from 1-D ones (a baseline placing the
-    # image on the wrong positions fails the parity checks).
-    c.sft.update(steps=2, batch_size=4, seq_len=64, completion_len=16, image_hw=(112, 112))
-    c.grpo.update(steps=2, prompts=2, num_generations=4, prompt_len=32, max_new_tokens=8, image_hw=(112, 112))
+SMOKE_IMAGE = {"tiny": (112, 112), "qwen3_vl_tiny": (128, 128)}
+
+
+def _smoke_config(variant: str = "tiny"):
+    c = bench_config.get_config(variant)
+    # 112 px (Qwen3-VL: 128 px) images: 4 x 4 merged tokens, so M-RoPE's 3-D positions differ from 1-D ones (a
+    # baseline placing the image on the wrong positions fails the parity checks).
+    image = SMOKE_IMAGE[variant]
+    c.sft.update(steps=2, batch_size=4, seq_len=64, completion_len=16, image_hw=image)
+    c.grpo.update(steps=2, prompts=2, num_generations=4, prompt_len=32, max_new_tokens=8, image_hw=image)
     c.decode.update(batches=(1, 4), prompt_len=16, new_tokens=8, repeats=2)
     c.torch.compile = False  # inductor's compile takes minutes on 2 cores; BENCHMARKS.md reports it
     c.peak.matmul_size = 256
@@ -253,10 +295,12 @@ def _smoke_config():
     return c
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+@pytest.fixture(scope="module", params=sorted(SMOKE_IMAGE))
+def smoke(request, tmp_path_factory):
+    """The smoke run of one family's tiny variant (transformers' Qwen2_5_VL / Qwen3VL ForConditionalGeneration on
+    the torch side)."""
     workdir = tmp_path_factory.mktemp("bench")
-    return run.run(_smoke_config(), str(workdir)), workdir
+    return run.run(_smoke_config(request.param), str(workdir)), workdir
 
 
 @pytest.mark.slow
@@ -286,6 +330,10 @@ def test_the_report_has_every_section_and_is_written(smoke):
     results, workdir = smoke
     on_disk = json.load(open(workdir / "bench.json"))
     assert on_disk["sft"]["parity"] == results["sft"]["parity"]
+    assert (
+        results["model"]["preset"] in SMOKE_IMAGE
+        and results["sft"]["image_hw"] == SMOKE_IMAGE[results["model"]["preset"]]
+    )
     for side in ("jax", "torch"):
         assert results["sft"][side]["tokens_per_s"] > 0 and results["sft"][side]["step_s"] > 0
         assert 0 < results["sft"][side]["mfu"] < 1
@@ -363,7 +411,7 @@ def test_the_parity_check_has_teeth(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["0.5b", "3b"])
+@pytest.mark.parametrize("variant", ["0.5b", "3b", "qwen3_vl_2b", "qwen3_vl_4b"])
 def test_gpu_variants_trace_their_sft_step(variant):
     """The GPU sizes cannot run here; their SFT step must still build (shapes only: jax.eval_shape, no memory)."""
     import functools
@@ -372,7 +420,7 @@ def test_gpu_variants_trace_their_sft_step(variant):
 
     c = bench_config.get_config(variant)
     cfg = models.preset(c.model.preset, dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
-    model = models.Qwen25VL(cfg)
+    model = models.build_model(cfg)
     rows = workload.make_rows(cfg, c.sft.batch_size, c.sft.seq_len, c.sft.completion_len, tuple(c.sft.image_hw))
     mb = workload.sft_microbatches(cfg, rows, c.sft.micro_batches)
     ocfg = jax_side._optimizer_config(c.optimizer)
