@@ -4,6 +4,9 @@ Each is a "side" as `jaxvlm.bench.run.interleave` runs it: `prepare()` compiles 
 compile / warm-up figure), `repeat()` runs one timed repeat and returns its seconds per phase ({"step_s": ...}).
 A side keeps its own state from repeat to repeat (the params it updates, the losses it saw), so the harness can
 interleave its repeats with the PyTorch side's and still compare the two sequences of steps.
+
+The model is what `models.build_model` returns for the config: `Qwen25VL` or its subclass `Qwen3VL` (the same
+methods), so the annotations name the base class.
 """
 
 from __future__ import annotations
