@@ -194,6 +194,58 @@ def test_sharded_forward_and_gradient_equal_one_device(loaded):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * scale)
 
 
+def test_rows_sharing_an_image_encoding_equal_rows_with_copies(loaded):
+    """A prompt's G rollout rows point at one encoding of its images (`image_offset`, what the GRPO / DyME steps
+    feed): the main and the DeepStack features both follow the offset, so the logits equal those of rows that each
+    carry a copy of the image."""
+    _, model, params = loaded["deepstack02_gqa2_untied"]
+    one = image_batch([1], [[1, 6, 4]], seed=8, patch_dim=PATCH_DIM)
+    ids = np.concatenate([one["input_ids"]] * 3)
+    mask = np.ones_like(ids)
+    grid = np.asarray([[1, 6, 4]])
+    position_ids, _ = get_rope_index(ids, mask, np.repeat(grid, 3, 0), image_token_id=IMAGE_TOKEN, spatial_merge_size=2)
+    forward = jax.jit(lambda p, b: model.apply({"params": p}, **b))
+    shared_pixels, shared_inputs = layout_images(one["pixel_values"], grid, model.config.vision)
+    shared = forward(
+        params,
+        dict(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=shared_pixels,
+            position_ids=position_ids,
+            vision_inputs=shared_inputs,
+            image_offset=np.zeros(3, np.int32),
+        ),
+    )
+    copy_pixels, copy_inputs = layout_images(
+        np.concatenate([one["pixel_values"]] * 3), np.repeat(grid, 3, 0), model.config.vision
+    )
+    copies = forward(
+        params,
+        dict(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=copy_pixels,
+            position_ids=position_ids,
+            vision_inputs=copy_inputs,
+        ),
+    )
+    np.testing.assert_allclose(np.asarray(shared), np.asarray(copies), atol=1e-5)
+    # The offset matters: pointing the rows past the image at padding features changes the logits.
+    wrong = forward(
+        params,
+        dict(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=shared_pixels,
+            position_ids=position_ids,
+            vision_inputs=shared_inputs,
+            image_offset=np.full(3, 6, np.int32),
+        ),
+    )
+    assert np.abs(np.asarray(wrong) - np.asarray(copies)).max() > 1e-2
+
+
 def test_vision_tower_and_deepstack_features_equal_transformers(loaded):
     import torch
 
