@@ -1,5 +1,9 @@
 """The training loop: stages in order with re-anchored KL, metrics, evaluation, checkpoints and resume,
-rejection sampling, signal handling (a child process gets SIGTERM) and the non-finite stop."""
+rejection sampling, signal handling (a child process gets SIGTERM) and the non-finite stop.
+
+The mechanics run (`trained`: four stages, a stop and a resume, evaluation, rejection sampling, the final model) runs
+once per model family, on its tiny preset (FAMILIES); the resume-equals-uninterrupted, subprocess, signal and NaN
+tests run on the Qwen2.5-VL one only (the trainer has no family branch: the model comes from models.build_model)."""
 
 from __future__ import annotations
 
@@ -11,10 +15,11 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
-from jaxvlm import configuration, evaluation, models, rollouts, runtime, trainer
+from jaxvlm import configuration, evaluation, models, rollouts, runtime, sampling, trainer
 from jaxvlm.configuration import gym_source, stage
 from jaxvlm.data.jsonl import JsonlSource
 from jaxvlm.metrics import read_metrics, read_tensorboard_scalars
@@ -23,11 +28,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_TASKS = ("exists", "count")
 DATA = dict(batch_size=2, max_prompt_length=256, on_error="skip", prefetch=0, num_threads=1)  # + targets: SFT_DATA
 SFT_DATA = dict(DATA, max_target_length=160)
+# Each family's tiny preset -> (config.json's model_type, our module, the transformers class that loads its export).
+FAMILIES = {
+    "tiny": ("qwen2_5_vl", models.Qwen25VL, "Qwen2_5_VLForConditionalGeneration"),
+    "qwen3_vl_tiny": ("qwen3_vl", models.Qwen3VL, "Qwen3VLForConditionalGeneration"),
+}
 
 
-def mechanics_config():
-    """sft -> grpo (beta > 0) -> dyme -> rejection_sft, two steps each, on the gym with the tiny model."""
+def mechanics_config(preset: str = "tiny"):
+    """sft -> grpo (beta > 0) -> dyme -> rejection_sft, two steps each, on the gym with a tiny model preset."""
     c = configuration.base_config()
+    c.model.preset = preset
     c.mesh.shape = (1, 1, 1)
     c.train.update(save_every=1, progress=False)
     c.eval.update(sources=[gym_source("validation", 8, tasks=TRAIN_TASKS)], num_examples=2, batch_size=2)
@@ -77,10 +88,33 @@ def mechanics_config():
     return c
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("run"))
-    config = mechanics_config()
+class StopAfter:
+    """A stop request after n steps (what SIGTERM does, without a signal)."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def requested(self):
+        self.calls += 1
+        return self.calls >= self.n
+
+
+@pytest.fixture(scope="module", params=tuple(FAMILIES))
+def trained(request, tmp_path_factory):
+    """One mechanics run per family, stopped after GRPO's first step (its checkpoint holds the KL reference) and
+    resumed with the same config to the end: the tests below see one run, with nothing repeated or missing."""
+    workdir = str(tmp_path_factory.mktemp(f"run-{request.param}"))
+    config = mechanics_config(request.param)
+    assert not trainer.run(config, workdir, stop=StopAfter(3))["finished"]  # sft 1, 2, grpo 1
+    with open(os.path.join(workdir, "progress.json")) as f:
+        assert json.load(f)["completed"] == {"sft": 2}
+    assert os.listdir(os.path.join(workdir, "checkpoints", "grpo")) == ["1"]
     result = trainer.run(config, workdir)
     return config, workdir, result
 
@@ -164,6 +198,8 @@ def test_kl_reference_is_re_anchored_at_the_stage_start(trained):
     grpo = [r for r in read_metrics(workdir) if r.get("train/stage") == "grpo"]
     # The GRPO stage starts from the SFT stage's params and so does its reference: the first update sees KL 0.
     assert abs(grpo[0]["train/kl"]) < 1e-5
+    # Step 2 runs after the resume (see `trained`): the reference comes back from step 1's checkpoint, not from the
+    # resumed params (which would give KL 0 again).
     if grpo[0]["train/advantage_abs_max"] > 0:  # the first update moved the params away from the reference
         assert grpo[1]["train/kl"] > 1e-6
     else:  # every group's rewards agreed (the sampled tokens vary with XLA's code generation): no gradient, no
@@ -187,13 +223,51 @@ def test_rejection_sampling_writes_the_kept_set(trained):
 
 @pytest.mark.slow  # trains (the fast tier keeps the config and evaluation checks)
 def test_final_model_is_a_hugging_face_checkpoint(trained):
-    from transformers import AutoTokenizer
+    """workdir/final_model is the family's transformers checkpoint: our load_pretrained and transformers'
+    AutoModelForImageTextToText read it (no missing, unexpected or mis-shaped tensor) as the family's model, its
+    preprocessor_config.json gives transformers' image processor our pixels, and the two models' logits agree on a
+    batch made from the exported files (text-only and image rows, left-padded)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    _, workdir, _ = trained
-    model, params = models.load_pretrained(os.path.join(workdir, "final_model"))
-    assert model.config.vision is not None
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(workdir, "final_model"))
+    from jaxvlm.processing import Processor
+
+    config, workdir, _ = trained
+    model_type, module, hf_class = FAMILIES[config.model.preset]
+    path = os.path.join(workdir, "final_model")
+    model, params = models.load_pretrained(path)
+    assert type(model) is module and model.config.model_type == model_type and model.config.vision is not None
+    with open(os.path.join(path, "config.json")) as f:
+        assert json.load(f)["model_type"] == model_type
+    tokenizer = AutoTokenizer.from_pretrained(path)
     assert tokenizer.convert_tokens_to_ids("<|image_pad|>") == model.config.image_token_id
+
+    hf_model, info = AutoModelForImageTextToText.from_pretrained(path, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}
+    assert type(hf_model).__name__ == hf_class and hf_model.config.model_type == model_type
+
+    processor = Processor.from_pretrained(path)
+    image = np.random.default_rng(0).integers(0, 256, (56, 56, 3), dtype=np.uint8)
+    chats = [
+        [{"role": "user", "content": "How many shapes?"}],
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a red circle?"}]}],
+    ]
+    batch = processor([processor.apply_chat_template(chat) for chat in chats], [[], [image]])
+    hf_pixels = Qwen2VLImageProcessorPil.from_pretrained(path)([image], return_tensors="np")
+    np.testing.assert_array_equal(batch["pixel_values"], hf_pixels["pixel_values"])
+    np.testing.assert_array_equal(batch["image_grid_thw"], hf_pixels["image_grid_thw"])
+
+    hf_inputs = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    # transformers' processors return int64 ids (its rope index writes them into an int64 tensor)
+    hf_batch = {k: torch.as_tensor(batch[k].astype(np.int64 if k != "pixel_values" else np.float32)) for k in hf_inputs}
+    with torch.no_grad():
+        expected = hf_model(**hf_batch).logits.numpy()  # [B, T, V]
+    inputs = sampling.prepare_prompts(model.config, batch)  # the images laid out on the host, as for the trainer
+    ours = np.asarray(jax.jit(lambda p, b: model.apply({"params": p}, **b))(params, inputs))  # [B, T, V]
+    valid = batch["attention_mask"].astype(bool)
+    assert np.abs(ours[valid] - expected[valid]).max() < 1e-4
+    assert np.abs(expected[valid]).max() > 0.1  # not two near-zero tensors
 
 
 @pytest.mark.slow  # trains (the fast tier keeps the config and evaluation checks)
@@ -203,23 +277,6 @@ def test_rerun_of_a_finished_workdir_trains_nothing(trained):
     result = trainer.run(config, workdir)
     assert result["finished"]
     assert len(read_metrics(workdir)) == before
-
-
-class StopAfter:
-    """A stop request after n steps (what SIGTERM does, without a signal)."""
-
-    def __init__(self, n):
-        self.n, self.calls = n, 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
-
-    def requested(self):
-        self.calls += 1
-        return self.calls >= self.n
 
 
 def sft_grpo_config(steps=2):
@@ -254,8 +311,6 @@ def test_stop_mid_stage_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 def _leaves(tree):
-    import jax
-
     return jax.tree.leaves(tree)
 
 
