@@ -1,11 +1,14 @@
 """Every recipe end to end on the tiny model (the reduced CI form of the recipes' tiny variants): two steps per
 stage, stopped after the first step (a checkpoint is written), resumed with the same command to the end; the
-rejection-sampling JSONL is written where the recipe has that stage."""
+rejection-sampling JSONL is written where the recipe has that stage. Every recipe's tiny variant (configs/grpo.py's
+too) also trains the tiny Qwen3-VL (`--config.model.preset=qwen3_vl_tiny`): one step per stage and a short eval,
+without the stop (resuming does not depend on the family: test_trainer.py stops and resumes both)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 
 import pytest
@@ -27,14 +30,14 @@ def load_config(name: str, arg: str = "tiny"):
     return module.get_config(arg)
 
 
-def reduced(config):
-    """Two steps per stage, a short eval, a checkpoint every step."""
+def reduced(config, steps: int = 2, eval_examples: int = 4):
+    """`steps` steps per stage, a short eval, a checkpoint every step."""
     for name in config.stage_order:
         stage = config.stages[name]
-        stage.steps, stage.epochs = 2, 0
+        stage.steps, stage.epochs = steps, 0
         if stage.mode == "rejection_sft":
             stage.rejection.num_prompts = stage.rejection.batch_size
-    config.eval.num_examples = config.eval.batch_size = 4
+    config.eval.num_examples = config.eval.batch_size = eval_examples
     config.eval.sampling.max_new_tokens = 8
     config.train.update(save_every=1, progress=False)
     return config
@@ -67,3 +70,27 @@ def test_recipe_runs_stops_and_resumes(recipe, tmp_path):
             with open(os.path.join(workdir, "rejection", name, "summary.json")) as f:
                 assert json.load(f)["kept"] == len(kept)
     assert os.path.isfile(os.path.join(workdir, "final_model", "config.json"))
+
+
+@pytest.mark.slow  # every recipe's stages end to end
+@pytest.mark.parametrize("recipe", (*RECIPES, "grpo"))
+def test_recipe_trains_qwen3_vl(recipe, tmp_path):
+    config = reduced(load_config(recipe), steps=1, eval_examples=2)
+    config.model.preset = "qwen3_vl_tiny"
+    workdir = str(tmp_path)
+    assert trainer.run(config, workdir)["finished"]
+
+    with open(os.path.join(workdir, "progress.json")) as f:
+        assert json.load(f)["completed"] == {name: 1 for name in config.stage_order}
+    records = read_metrics(workdir)
+    train = [r for r in records if "train/loss" in r]
+    assert [r["train/stage"] for r in train] == list(config.stage_order)
+    assert all(math.isfinite(r["train/loss"]) for r in train)
+    assert [r["eval/stage"] for r in records if "eval/accuracy" in r] == list(config.stage_order)
+    for name in config.stage_order:
+        if config.stages[name].mode == "rejection_sft":
+            kept = JsonlSource(os.path.join(workdir, "rejection", name, "kept.jsonl"))
+            with open(os.path.join(workdir, "rejection", name, "summary.json")) as f:
+                assert json.load(f)["kept"] == len(kept)
+    with open(os.path.join(workdir, "final_model", "config.json")) as f:
+        assert json.load(f)["model_type"] == "qwen3_vl"
