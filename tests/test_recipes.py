@@ -1,8 +1,8 @@
 """Every recipe end to end on the tiny model (the reduced CI form of the recipes' tiny variants): two steps per
 stage, stopped after the first step (a checkpoint is written), resumed with the same command to the end; the
 rejection-sampling JSONL is written where the recipe has that stage. Every recipe's tiny variant (configs/grpo.py's
-too) also trains the tiny Qwen3-VL (`--config.model.preset=qwen3_vl_tiny`): one step per stage and a short eval,
-without the stop (resuming does not depend on the family: test_trainer.py stops and resumes both)."""
+too) also trains the tiny Qwen3-VL (`--config.model.preset=qwen3_vl_tiny`, 64-px images): one step per stage and a
+short eval, without the stop (resuming does not depend on the family: test_trainer.py stops and resumes both)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from jaxvlm import trainer
 from jaxvlm.data.jsonl import JsonlSource
 from jaxvlm.metrics import read_metrics
-from test_trainer import StopAfter
+from test_trainer import IMAGE_PIXELS, StopAfter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # configs/grpo.py:tiny gets the same check in tests/test_grpo_variants.py, in one run with its algorithm variants.
@@ -76,7 +76,8 @@ def test_recipe_runs_stops_and_resumes(recipe, tmp_path):
 @pytest.mark.parametrize("recipe", (*RECIPES, "grpo"))
 def test_recipe_trains_qwen3_vl(recipe, tmp_path):
     config = reduced(load_config(recipe), steps=1, eval_examples=2)
-    config.model.preset = "qwen3_vl_tiny"
+    pixels = IMAGE_PIXELS["qwen3_vl_tiny"]  # 2 x 2 image tokens, as the tiny Qwen2.5-VL's 56 px give
+    config.model.update(preset="qwen3_vl_tiny", min_pixels=pixels, max_pixels=pixels)
     workdir = str(tmp_path)
     assert trainer.run(config, workdir)["finished"]
 

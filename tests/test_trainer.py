@@ -33,12 +33,16 @@ FAMILIES = {
     "tiny": ("qwen2_5_vl", models.Qwen25VL, "Qwen2_5_VLForConditionalGeneration"),
     "qwen3_vl_tiny": ("qwen3_vl", models.Qwen3VL, "Qwen3VLForConditionalGeneration"),
 }
+# Image pixel bounds (min = max) giving every gym image 2 x 2 merged image tokens in both families: 14-px patches at
+# 56 px, 16-px ones at 64 px (at 56 px, Qwen3-VL's resize factor 32 makes a 32-px image of one token, whose M-RoPE
+# positions are those of a text token).
+IMAGE_PIXELS = {"tiny": 56 * 56, "qwen3_vl_tiny": 64 * 64}
 
 
 def mechanics_config(preset: str = "tiny"):
     """sft -> grpo (beta > 0) -> dyme -> rejection_sft, two steps each, on the gym with a tiny model preset."""
     c = configuration.base_config()
-    c.model.preset = preset
+    c.model.update(preset=preset, min_pixels=IMAGE_PIXELS[preset], max_pixels=IMAGE_PIXELS[preset])
     c.mesh.shape = (1, 1, 1)
     c.train.update(save_every=1, progress=False)
     c.eval.update(sources=[gym_source("validation", 8, tasks=TRAIN_TASKS)], num_examples=2, batch_size=2)
@@ -254,6 +258,7 @@ def test_final_model_is_a_hugging_face_checkpoint(trained):
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a red circle?"}]}],
     ]
     batch = processor([processor.apply_chat_template(chat) for chat in chats], [[], [image]])
+    assert (batch["input_ids"] == model.config.image_token_id).sum() == 4  # 2 x 2 (IMAGE_PIXELS)
     hf_pixels = Qwen2VLImageProcessorPil.from_pretrained(path)([image], return_tensors="np")
     np.testing.assert_array_equal(batch["pixel_values"], hf_pixels["pixel_values"])
     np.testing.assert_array_equal(batch["image_grid_thw"], hf_pixels["image_grid_thw"])
