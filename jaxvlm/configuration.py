@@ -555,10 +555,12 @@ def check_variant(arg: str | None, variants: tuple[str, ...], config_file: str) 
 def use_tiny_model(
     c: ml_collections.ConfigDict, eval_tasks, *, max_new_tokens: int = 32, eval_examples: int = 16
 ) -> None:
-    """The `:tiny` runtime: the tiny random-weight preset with the built-in tokenizer, 56 px images, one device,
-    a short greedy eval on the gym's validation split of `eval_tasks`, frequent checkpoints."""
+    """The `:tiny` runtime: the tiny random-weight preset with the built-in tokenizer, one device, a short greedy
+    eval on the gym's validation split of `eval_tasks`, frequent checkpoints. The pixel bounds (56 x 56 to 64 x 64)
+    give the gym's 56 px images 2 x 2 image tokens in both families: Qwen2.5-VL (resize factor 28) keeps 56 px,
+    Qwen3-VL (factor 32, `--config.model.preset=qwen3_vl_tiny`) resizes them to 64 px."""
     c.model.update(
-        preset="tiny", path="", dtype="float32", param_dtype="float32", min_pixels=56 * 56, max_pixels=56 * 56
+        preset="tiny", path="", dtype="float32", param_dtype="float32", min_pixels=56 * 56, max_pixels=64 * 64
     )
     c.mesh.shape = (1, 1, 1)
     c.train.update(save_every=2, keep_checkpoints=1)

@@ -385,7 +385,9 @@ def prepare_prompts(config: ModelConfig, batch: dict[str, Any], *, slot_multiple
     pixel_values = batch.get("pixel_values")
     grid = batch.get("image_grid_thw")
     if pixel_values is not None and config.vision is None:
-        raise ValueError("this is a text-only model (model_type='qwen2'): prompts cannot carry pixel_values")
+        raise ValueError(
+            f"this is a text-only model (model_type={config.model_type!r}): prompts cannot carry pixel_values"
+        )
     if pixel_values is not None and grid is None and batch.get("vision_inputs") is None:
         raise ValueError("pixel_values needs image_grid_thw (or precomputed vision_inputs)")
     position_ids, rope_deltas = batch.get("position_ids"), batch.get("rope_deltas")

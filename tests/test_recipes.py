@@ -13,10 +13,11 @@ import os
 
 import pytest
 
-from jaxvlm import trainer
+from jaxvlm import models, trainer
 from jaxvlm.data.jsonl import JsonlSource
 from jaxvlm.metrics import read_metrics
-from test_trainer import IMAGE_PIXELS, StopAfter
+from jaxvlm.processing.image import image_processor_for_model
+from test_trainer import StopAfter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # configs/grpo.py:tiny gets the same check in tests/test_grpo_variants.py, in one run with its algorithm variants.
@@ -76,8 +77,12 @@ def test_recipe_runs_stops_and_resumes(recipe, tmp_path):
 @pytest.mark.parametrize("recipe", (*RECIPES, "grpo"))
 def test_recipe_trains_qwen3_vl(recipe, tmp_path):
     config = reduced(load_config(recipe), steps=1, eval_examples=2)
-    pixels = IMAGE_PIXELS["qwen3_vl_tiny"]  # 2 x 2 image tokens, as the tiny Qwen2.5-VL's 56 px give
-    config.model.update(preset="qwen3_vl_tiny", min_pixels=pixels, max_pixels=pixels)
+    config.model.preset = "qwen3_vl_tiny"  # the only change a user makes
+    # The :tiny pixel bounds give the gym's 56 px images 2 x 2 image tokens in both families.
+    for preset in ("tiny", "qwen3_vl_tiny"):
+        bounds = dict(min_pixels=config.model.min_pixels, max_pixels=config.model.max_pixels)
+        grid = image_processor_for_model(models.preset(preset), **bounds).grid_thw(56, 56)
+        assert grid[1] * grid[2] // 4 == 4, (preset, grid)
     workdir = str(tmp_path)
     assert trainer.run(config, workdir)["finished"]
 
