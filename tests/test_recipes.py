@@ -73,8 +73,13 @@ def test_recipe_runs_stops_and_resumes(recipe, tmp_path):
     assert os.path.isfile(os.path.join(workdir, "final_model", "config.json"))
 
 
+# CI: the recipes whose stage kinds the Qwen3-VL trainer-mechanics run (test_trainer) does not already cover at their
+# sizes; JAXVLM_FULL_TESTS=1 adds curr_reft and clgrpo (each ran in full by hand with qwen3_vl_tiny, issue 21).
+QWEN3_VL_RECIPES = (*RECIPES, "grpo") if os.environ.get("JAXVLM_FULL_TESTS") else ("sft", "dyme", "infi_mmr", "grpo")
+
+
 @pytest.mark.slow  # every recipe's stages end to end
-@pytest.mark.parametrize("recipe", (*RECIPES, "grpo"))
+@pytest.mark.parametrize("recipe", QWEN3_VL_RECIPES)
 def test_recipe_trains_qwen3_vl(recipe, tmp_path):
     config = reduced(load_config(recipe), steps=1, eval_examples=2)
     config.model.preset = "qwen3_vl_tiny"  # the only change a user makes

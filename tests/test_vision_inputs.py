@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
-from jaxvlm.models import VisionConfig
+from jaxvlm.models import Qwen3VisionConfig, VisionConfig
 from jaxvlm.processing.vision import (
     bucket,
     layout_images,
@@ -98,12 +98,18 @@ def test_pixels_and_index_arrays():
     valid = layout.patch_index >= 0
     np.testing.assert_array_equal(slotted[valid], pixels[layout.patch_index[valid]])
     assert (slotted[~valid] == 0).all() and valid.sum() == n
-    assert set(inputs) == {"rotary_pos", "patch_grid", "segment_ids", "merge_inverse"}
+    assert set(inputs) == {"rotary_pos", "segment_ids", "merge_inverse"}  # Qwen2.5-VL reads no patch_grid
     assert all(v.dtype == np.int32 for v in inputs.values())
-    # Each patch's image grid (h, w): patches 0..23 are the 4x6 image's, 24..27 the 2x2 one's; padding 0.
-    image_of = np.where(layout.patch_index >= 24, 1, 0)
-    expected = np.where(valid[..., None], np.asarray([[4, 6], [2, 2]])[image_of], 0)
-    np.testing.assert_array_equal(inputs["patch_grid"], expected)
+    # Qwen3-VL's tower also takes each patch's image grid (h, w): patches 0..23 are the 4x6 image's, 24..27 the 2x2
+    # one's; padding 0.
+    q3 = Qwen3VisionConfig()
+    _, q3_inputs = layout_images(pixels, grid, q3, slot_multiple=4)
+    q3_layout = vision_layout(grid, q3, slot_multiple=4)
+    assert set(q3_inputs) == {"rotary_pos", "patch_grid", "segment_ids", "merge_inverse"}
+    q3_valid = q3_layout.patch_index >= 0
+    image_of = np.where(q3_layout.patch_index >= 24, 1, 0)
+    expected = np.where(q3_valid[..., None], np.asarray([[4, 6], [2, 2]])[image_of], 0)
+    np.testing.assert_array_equal(q3_inputs["patch_grid"], expected)
     with pytest.raises(ValueError, match="pixel_values has 27 patches but image_grid_thw gives 28"):
         layout_images(pixels[:27], grid, cfg)
 

@@ -171,7 +171,8 @@ class VisionLayout:
     patch_index [S, L]: processor-order patch at each slot position, -1 = padding;
     rotary_pos [S, L, 2]: its (h, w) for the 2-D RoPE (0 on padding);
     patch_grid [S, L, 2]: the (h, w) patch grid of its image (0 on padding): Qwen3-VL interpolates its learned
-      position embeddings from rotary_pos / patch_grid;
+      position embeddings from rotary_pos / patch_grid; None for a tower without such a table (Qwen2.5-VL), so no
+      unused array is shipped;
     segment_ids [S, L]: 1, 2, ... for the frames of a slot, 0 on padding (full-attention blocks attend within a
       frame; window blocks within each W-patch window, which never mixes frames);
     merge_inverse [S, L / merge_unit]: flattened, processor-order merged token j sits at flat slot position
@@ -181,14 +182,15 @@ class VisionLayout:
 
     patch_index: np.ndarray
     rotary_pos: np.ndarray
-    patch_grid: np.ndarray
+    patch_grid: np.ndarray | None
     segment_ids: np.ndarray
     merge_inverse: np.ndarray
     num_merged: int  # merged tokens of the images (the meaningful prefix of merge_inverse)
 
     def inputs(self) -> dict[str, np.ndarray]:
-        """The arrays the vision tower takes (`VISION_INPUT_KEYS`), int32."""
-        return {k: np.ascontiguousarray(getattr(self, k), dtype=np.int32) for k in VISION_INPUT_KEYS}
+        """The arrays the vision tower takes (`VISION_INPUT_KEYS`; patch_grid only for a tower that reads it), int32."""
+        keys = [k for k in VISION_INPUT_KEYS if getattr(self, k) is not None]
+        return {k: np.ascontiguousarray(getattr(self, k), dtype=np.int32) for k in keys}
 
     def pixels(self, pixel_values) -> np.ndarray:
         """Processor-order pixel_values [N, patch_dim] -> float32 [S, L, patch_dim] (zeros at padding)."""
@@ -242,7 +244,7 @@ def vision_layout(
     return VisionLayout(
         patch_index=patch,
         rotary_pos=rotary,
-        patch_grid=sizes,
+        patch_grid=sizes if hasattr(vc, "num_position_embeddings") else None,
         segment_ids=np.repeat(segment, unit, axis=1),
         merge_inverse=inverse.reshape(num_slots, lm),
         num_merged=frames.num_merged,
