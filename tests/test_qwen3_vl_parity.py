@@ -24,6 +24,7 @@ from conftest import (
 from jaxvlm import models, sampling
 from jaxvlm.processing.rope import get_rope_index
 from jaxvlm.processing.vision import layout_images
+from test_sampling import _repeat_images
 
 ATOL = 1e-4
 PATCH_DIM = 3 * 2 * 16 * 16  # Qwen3-VL's 16-px patches, 2 frames
@@ -336,16 +337,8 @@ def test_sampled_logprobs_equal_teacher_forced_forward(loaded):
     )
     inputs = sampling.prepare_prompts(model.config, batch)
     seq = sampling.rollout_sequences(inputs, rollout, g)
-    # Each prompt's images, once per rollout (rows are prompt-major).
-    ends = np.cumsum(np.prod(grids, -1))
-    starts = ends - np.prod(grids, -1)
-    first = np.concatenate([[0], np.cumsum(images_per_row)])
-    pixels, rep = [], []
-    for b in range(len(images_per_row)):
-        for _ in range(g):
-            pixels += [batch["pixel_values"][starts[i] : ends[i]] for i in range(first[b], first[b + 1])]
-            rep += [grids[i] for i in range(first[b], first[b + 1])]
-    pixels, vision_inputs = layout_images(np.concatenate(pixels), np.asarray(rep), model.config.vision)
+    pixels, rep = _repeat_images(batch, images_per_row, g)  # each prompt's images once per rollout
+    pixels, vision_inputs = layout_images(pixels, rep, model.config.vision)
     logits = model.apply(
         {"params": params},
         seq["input_ids"],
