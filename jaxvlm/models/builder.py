@@ -11,9 +11,12 @@ models only through here, so none of them branches on the family.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 
+from jaxvlm.models import lora
 from jaxvlm.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from jaxvlm.models.qwen2_5_vl import Qwen25VL, _init_inputs
 from jaxvlm.models.qwen3_vl import Qwen3VL
@@ -34,15 +37,23 @@ def build_model(config: ModelConfig) -> nn.Module:
 
 
 def init_params(config: ModelConfig, rng: jax.Array | int = 0) -> dict:
-    """Random parameters (normal(0.02) weights, zero biases, unit norms) as a nested dict."""
-    model = build_model(config)
+    """Random parameters (normal(0.02) weights, zero biases, unit norms) as a nested dict; with `config.lora`, fresh
+    adapters on the targeted layers too (`lora.add_adapters`, from a key folded off `rng`)."""
     rng = jax.random.key(rng) if isinstance(rng, int) else rng
-    inputs = _init_inputs(config)
-    return jax.jit(lambda r: model.init(r, **inputs)["params"])(rng)
+    return jax.jit(functools.partial(_init, config))(rng)
 
 
 def abstract_params(config: ModelConfig) -> dict:
     """Shapes and dtypes of the parameters (jax.ShapeDtypeStruct leaves), without allocating them."""
-    model = build_model(config)
-    inputs = _init_inputs(config)
-    return jax.eval_shape(lambda r: model.init(r, **inputs)["params"], jax.random.key(0))
+    return jax.eval_shape(functools.partial(_init, config), jax.random.key(0))
+
+
+def _init(config: ModelConfig, rng: jax.Array) -> dict:
+    base = build_model(config.replace(lora=None)).init(rng, **_init_inputs(config))["params"]
+    if config.lora is None:
+        return base
+    return lora.add_adapters(base, config.lora, jax.random.fold_in(rng, ADAPTER_SEED))
+
+
+# Folded into the init key for the adapters' A matrices (the base weights draw from the key itself).
+ADAPTER_SEED = 0x10A

@@ -46,6 +46,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxvlm.models import config as config_lib
+from jaxvlm.models import lora
 from jaxvlm.models.builder import abstract_params, build_model
 
 DTypeLike = Any  # a dtype name, alias or numpy / JAX dtype: see config.canonical_dtype
@@ -606,7 +607,7 @@ def load_pretrained(path: str, dtype: DTypeLike = "float32", param_dtype: DTypeL
     _check_size(path, cfg, tensors)
     target = np.dtype(jnp.dtype(cfg.param_dtype))
     missing, misshaped, mistyped, used, params = [], [], [], set(), {}
-    for p, leaf in _leaves(_model_shapes(cfg)):
+    for p, leaf in _leaves(_model_shapes(cfg.replace(lora=None))):  # the base weights; adapters come separately
         layers = _num_layers(p, cfg)
         names = hf_names(p, cfg)
         want = _expected_hf_shape(p, leaf.shape, layers is not None, cfg)
@@ -705,6 +706,8 @@ def save_pretrained(
       tokenizer_dir: also copy tokenizer / processor files from this directory (e.g. the original checkpoint).
     """
     cfg = model.config
+    if lora.has_adapters(params):  # the Hugging Face format has no place for them: fold them into the kernels
+        params = lora.merged(params, cfg.lora)
     dtype = cfg.param_dtype if dtype is None else config_lib.canonical_dtype(dtype, "dtype")
     target = np.dtype(jnp.dtype(dtype))
     os.makedirs(path, exist_ok=True)

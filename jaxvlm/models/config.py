@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 from typing import Any
 
@@ -185,6 +186,45 @@ class TextConfig:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
 
+# The decoder's linear layers (attention projections and MLP), PEFT's usual LoRA targets for a causal LM.
+DEFAULT_LORA_TARGETS = (
+    r"^language_model/layers/(self_attn/(q_proj|k_proj|v_proj|o_proj)|mlp/(gate_proj|up_proj|down_proj))$",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (`jaxvlm.models.lora`): y = x W + b + (dropout(x) A) B * alpha / rank on every linear layer
+    whose path (its kernel's path without "/kernel", e.g. "language_model/layers/self_attn/q_proj") matches one of
+    `targets` (regexes, `re.search`). A [.., in, rank] starts uniform(+-1/sqrt(in)) and B [.., rank, out] at zero
+    (PEFT's init), so the adapted model starts as the base model."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if not (isinstance(self.rank, int) and self.rank >= 1):
+            raise ValueError(f"lora rank={self.rank!r}: must be an integer >= 1")
+        if not self.alpha > 0:
+            raise ValueError(f"lora alpha={self.alpha!r}: must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora dropout={self.dropout!r}: must be in [0, 1)")
+        if not self.targets:
+            raise ValueError("lora targets: give at least one regex over linear-layer paths")
+        for pattern in self.targets:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"lora targets: {pattern!r} is not a regular expression: {error}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to build the model; `dtype` is the compute dtype, `param_dtype` the storage dtype.
@@ -209,6 +249,7 @@ class ModelConfig:
     attention: str = "auto"  # "auto" | "xla" | "cudnn" | "splash": the attention kernel (jaxvlm.models.attention)
     logits_chunk: int = 512  # completion tokens per LM-head chunk when scoring (train_steps.lm_head_logprobs)
     vocab_chunk: int = 32768  # vocabulary entries per LM-head chunk when scoring (151,936 -> 5 chunks)
+    lora: LoraConfig | None = None  # low-rank adapters on the targeted linear layers (`jaxvlm.models.lora`)
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype, "dtype"))

@@ -16,6 +16,7 @@ Numerics follow transformers: RMSNorm and softmax in float32, vision RoPE in flo
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -25,7 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxvlm.models import fused
 from jaxvlm.models.attention import attention, resolve_implementation
-from jaxvlm.models.config import ModelConfig, RopeScaling, TextConfig, VisionConfig
+from jaxvlm.models.config import LoraConfig, ModelConfig, RopeScaling, TextConfig, VisionConfig
 from jaxvlm.sharding import BATCH, constrain
 
 Array = jax.Array
@@ -66,8 +67,44 @@ def _linear_params(module: nn.Module, in_features: int, features: int, use_bias:
     return kernel, bias
 
 
+def _settings(module: nn.Module, lora: LoraConfig | None) -> LoraConfig:
+    if lora is None:
+        raise ValueError(
+            f"parameters hold LoRA adapters at {'/'.join(module.scope.path)} but the model's config has no lora "
+            "settings: build the model with ModelConfig(lora=LoraConfig(...)), or drop the adapters "
+            "(jaxvlm.models.lora.without_adapters / merged)"
+        )
+    return lora
+
+
+class Adapter(NamedTuple):
+    """A linear layer's low-rank adapter: a [in, r], b [r, out] (see `jaxvlm.models.lora`)."""
+
+    a: Array
+    b: Array
+
+
+def _adapter(module: nn.Module) -> Adapter | None:
+    """The layer's adapter when its params hold one (`lora.add_adapters` puts lora_a / lora_b next to kernel)."""
+    if not module.has_variable("params", "lora_a"):
+        return None
+    return Adapter(module.get_variable("params", "lora_a"), module.get_variable("params", "lora_b"))
+
+
+def _adapter_delta(module: nn.Module, x: Array, adapter: Adapter, dtype, lora: LoraConfig | None) -> Array:
+    """(dropout(x) @ a) @ b * alpha / rank in the compute dtype (PEFT's LoRA branch). Dropout runs only when the
+    caller passes a "dropout" rng (training steps with lora.dropout > 0); scoring and sampling are deterministic."""
+    lora = _settings(module, lora)
+    if lora.dropout > 0 and module.has_rng("dropout"):
+        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - lora.dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - lora.dropout), jnp.zeros((), x.dtype)).astype(x.dtype)
+    low = x @ fused.cast(adapter.a, dtype)
+    return (low @ fused.cast(adapter.b, dtype)) * jnp.asarray(lora.scale, dtype)
+
+
 class LinearParams(nn.Module):
-    """A linear layer's parameters alone, for layers that apply several at once (`GatedMLP`)."""
+    """A linear layer's parameters alone, for layers that apply several at once (`GatedMLP`): (kernel, bias,
+    adapter or None)."""
 
     features: int
     use_bias: bool
@@ -75,25 +112,31 @@ class LinearParams(nn.Module):
 
     @nn.compact
     def __call__(self, in_features: int):
-        return _linear_params(self, in_features, self.features, self.use_bias, self.param_dtype)
+        kernel, bias = _linear_params(self, in_features, self.features, self.use_bias, self.param_dtype)
+        return kernel, bias, _adapter(self)
 
 
 class Dense(nn.Module):
-    """x @ kernel + bias in the compute dtype, with `fused.dense`'s backward; params as flax's nn.Dense."""
+    """x @ kernel + bias in the compute dtype, with `fused.dense`'s backward; params as flax's nn.Dense. A LoRA
+    adapter in the params (lora_a, lora_b) adds its low-rank branch."""
 
     features: int
     use_bias: bool
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    lora: LoraConfig | None = None  # adapter settings (ModelConfig.lora); None: a model without adapters
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel, bias = _linear_params(self, x.shape[-1], self.features, self.use_bias, self.param_dtype)
-        return fused.dense(x.astype(self.dtype), fused.cast(kernel, self.dtype), fused.cast(bias, self.dtype))
+        x = x.astype(self.dtype)
+        y = fused.dense(x, fused.cast(kernel, self.dtype), fused.cast(bias, self.dtype))
+        adapter = _adapter(self)
+        return y if adapter is None else y + _adapter_delta(self, x, adapter, self.dtype, self.lora)
 
 
-def _dense(features: int, use_bias: bool, dtype, param_dtype, name: str) -> Dense:
-    return Dense(features, use_bias, dtype, param_dtype, name=name)
+def _dense(features: int, use_bias: bool, dtype, param_dtype, name: str, lora: LoraConfig | None = None) -> Dense:
+    return Dense(features, use_bias, dtype, param_dtype, lora, name=name)
 
 
 class GatedMLP(nn.Module):
@@ -106,16 +149,28 @@ class GatedMLP(nn.Module):
     act: str
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    lora: LoraConfig | None = None  # adapter settings (ModelConfig.lora); None: a model without adapters
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         d, i = x.shape[-1], self.intermediate_size
-        params = [
-            LinearParams(n, self.use_bias, self.param_dtype, name=name)(k)
-            for name, k, n in (("gate_proj", d, i), ("up_proj", d, i), ("down_proj", i, self.hidden_size))
+        layers = [
+            LinearParams(n, self.use_bias, self.param_dtype, name=name)
+            for name, n in (("gate_proj", i), ("up_proj", i), ("down_proj", self.hidden_size))
         ]
-        cast = [fused.cast(p, self.dtype) for pair in params for p in pair]
-        return fused.gated_mlp(_ACTIVATIONS[self.act], x.astype(self.dtype), *cast)
+        params = [layer(k) for layer, k in zip(layers, (d, d, i))]
+        x = x.astype(self.dtype)
+        act = _ACTIVATIONS[self.act]
+        if all(adapter is None for _, _, adapter in params):
+            return fused.gated_mlp(act, x, *(fused.cast(p, self.dtype) for k, b, _ in params for p in (k, b)))
+
+        # With LoRA adapters: the three projections one by one, each with its low-rank branch (autodiff backward).
+        def linear(h, kernel, bias, adapter):
+            y = fused.dense(h, fused.cast(kernel, self.dtype), fused.cast(bias, self.dtype))
+            return y if adapter is None else y + _adapter_delta(self, h, adapter, self.dtype, self.lora)
+
+        gate, up, down = params
+        return linear(act(linear(x, *gate)) * linear(x, *up), *down)
 
 
 def rotate_half(x: Array) -> Array:
@@ -257,6 +312,7 @@ class VisionAttention(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     implementation: str
+    lora: LoraConfig | None = None  # adapter settings (ModelConfig.lora); None: a model without adapters
 
     @nn.compact
     def __call__(self, x: Array, cos: Array, sin: Array, segment_ids: Array, is_full_attention: Array) -> Array:
@@ -267,7 +323,7 @@ class VisionAttention(nn.Module):
         both shapes are compiled and `lax.cond` runs the block's own."""
         c = self.config
         s, length = x.shape[:2]
-        qkv = _dense(3 * c.hidden_size, True, self.dtype, self.param_dtype, "qkv")(x)
+        qkv = _dense(3 * c.hidden_size, True, self.dtype, self.param_dtype, "qkv", self.lora)(x)
         q, k, v = jnp.moveaxis(qkv.reshape(s, length, 3, c.num_heads, c.head_dim), 2, 0)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (constrain(t, BATCH, None, "tensor", None) for t in (q, k, v))
@@ -282,7 +338,7 @@ class VisionAttention(nn.Module):
             return out.reshape(q.shape)
 
         out = jax.lax.cond(is_full_attention, full, windows, q, k, v)
-        return _dense(c.hidden_size, True, self.dtype, self.param_dtype, "proj")(out.reshape(x.shape))
+        return _dense(c.hidden_size, True, self.dtype, self.param_dtype, "proj", self.lora)(out.reshape(x.shape))
 
 
 class VisionBlock(nn.Module):
@@ -292,14 +348,17 @@ class VisionBlock(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     implementation: str
+    lora: LoraConfig | None = None  # adapter settings (ModelConfig.lora); None: a model without adapters
 
     @nn.compact
     def __call__(self, x, cos, sin, segment_ids, is_full_attention):
         c = self.config
         norm = functools.partial(RMSNorm, c.rms_norm_eps, self.dtype, self.param_dtype)
-        attn = VisionAttention(c, self.dtype, self.param_dtype, self.implementation, name="attn")
+        attn = VisionAttention(c, self.dtype, self.param_dtype, self.implementation, self.lora, name="attn")
         x = x + attn(norm(name="norm1")(x), cos, sin, segment_ids, is_full_attention)
-        mlp = GatedMLP(c.hidden_size, c.intermediate_size, True, c.hidden_act, self.dtype, self.param_dtype, name="mlp")
+        mlp = GatedMLP(
+            c.hidden_size, c.intermediate_size, True, c.hidden_act, self.dtype, self.param_dtype, self.lora, name="mlp"
+        )
         x = x + mlp(norm(name="norm2")(x))
         return constrain(x, BATCH, None, None), None
 
@@ -311,6 +370,7 @@ class PatchMerger(nn.Module):
     config: VisionConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    lora: LoraConfig | None = None  # adapter settings (ModelConfig.lora); None: a model without adapters
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -318,9 +378,9 @@ class PatchMerger(nn.Module):
         width = c.hidden_size * c.merge_unit
         x = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="ln_q")(x)
         x = x.reshape(*x.shape[:-2], x.shape[-2] // c.merge_unit, width)  # merge units are contiguous
-        x = _dense(width, True, self.dtype, self.param_dtype, "fc1")(x)
+        x = _dense(width, True, self.dtype, self.param_dtype, "fc1", self.lora)(x)
         x = jax.nn.gelu(x, approximate=False)
-        return _dense(c.out_hidden_size, True, self.dtype, self.param_dtype, "fc2")(x)
+        return _dense(c.out_hidden_size, True, self.dtype, self.param_dtype, "fc2", self.lora)(x)
 
 
 class VisionTower(nn.Module):
@@ -329,6 +389,7 @@ class VisionTower(nn.Module):
     param_dtype: jnp.dtype
     remat: str = "none"
     implementation: str = "xla"
+    lora: LoraConfig | None = None  # adapter settings (ModelConfig.lora); None: a model without adapters
 
     @nn.compact
     def __call__(self, pixel_values: Array, vision_inputs: dict[str, Array]) -> Array:
@@ -345,12 +406,12 @@ class VisionTower(nn.Module):
         blocks = nn.scan(
             _maybe_remat(VisionBlock, self.remat),
             variable_axes={"params": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=c.depth,
-        )(c, self.dtype, self.param_dtype, self.implementation, name="blocks")
+        )(c, self.dtype, self.param_dtype, self.implementation, self.lora, name="blocks")
         x, _ = blocks(x, cos, sin, vision_inputs["segment_ids"], is_full)
-        merged = PatchMerger(c, self.dtype, self.param_dtype, name="merger")(x)  # [S, L / unit, D_out]
+        merged = PatchMerger(c, self.dtype, self.param_dtype, self.lora, name="merger")(x)  # [S, L / unit, D_out]
         merged = merged.reshape(-1, merged.shape[-1])
         return merged[vision_inputs["merge_inverse"].reshape(-1)], None  # back to processor order; no DeepStack
 
@@ -399,6 +460,7 @@ class TextAttention(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     implementation: str
+    lora: LoraConfig | None = None  # adapter settings (ModelConfig.lora); None: a model without adapters
 
     @nn.compact
     def __call__(self, x: Array, cos: Array, sin: Array, ctx: dict, layer, cache):
@@ -414,7 +476,7 @@ class TextAttention(nn.Module):
         """
         c = self.config
         hd, b, t = c.resolved_head_dim, x.shape[0], x.shape[1]
-        dense = functools.partial(_dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = functools.partial(_dense, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
         q = dense(c.num_attention_heads * hd, c.qkv_bias, name="q_proj")(x).reshape(b, t, c.num_attention_heads, hd)
         k = dense(c.num_key_value_heads * hd, c.qkv_bias, name="k_proj")(x).reshape(b, t, c.num_key_value_heads, hd)
         v = dense(c.num_key_value_heads * hd, c.qkv_bias, name="v_proj")(x).reshape(b, t, c.num_key_value_heads, hd)
@@ -460,6 +522,7 @@ class DecoderLayer(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     implementation: str
+    lora: LoraConfig | None = None  # adapter settings (ModelConfig.lora); None: a model without adapters
 
     @nn.compact
     def __call__(self, carry, cos, sin, ctx, layer):
@@ -467,11 +530,18 @@ class DecoderLayer(nn.Module):
         x, cache = carry
         c = self.config
         norm = functools.partial(RMSNorm, c.rms_norm_eps, self.dtype, self.param_dtype)
-        attn = TextAttention(c, self.dtype, self.param_dtype, self.implementation, name="self_attn")
+        attn = TextAttention(c, self.dtype, self.param_dtype, self.implementation, self.lora, name="self_attn")
         out, new = attn(norm(name="input_layernorm")(x), cos, sin, ctx, layer, cache)
         x = x + out
         mlp = GatedMLP(
-            c.hidden_size, c.intermediate_size, c.mlp_bias, c.hidden_act, self.dtype, self.param_dtype, name="mlp"
+            c.hidden_size,
+            c.intermediate_size,
+            c.mlp_bias,
+            c.hidden_act,
+            self.dtype,
+            self.param_dtype,
+            self.lora,
+            name="mlp",
         )
         x = constrain(x + mlp(norm(name="post_attention_layernorm")(x)), BATCH, None, None)
         if cache is None:
@@ -487,6 +557,7 @@ class TextModel(nn.Module):
     param_dtype: jnp.dtype
     remat: str = "none"
     implementation: str = "xla"
+    lora: LoraConfig | None = None  # adapter settings (ModelConfig.lora); None: a model without adapters
 
     def setup(self):
         c = self.config
@@ -496,10 +567,10 @@ class TextModel(nn.Module):
         self.layers = nn.scan(
             _maybe_remat(DecoderLayer, self.remat),
             variable_axes={"params": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=c.num_hidden_layers,
-        )(c, self.dtype, self.param_dtype, self.implementation)
+        )(c, self.dtype, self.param_dtype, self.implementation, self.lora)
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
 
     def embed(self, input_ids: Array) -> Array:
@@ -615,6 +686,7 @@ class Qwen25VL(nn.Module):
                 param_dtype,
                 cfg.remat,
                 resolve_implementation(cfg.attention, dtype=dtype, head_dim=cfg.vision.head_dim),
+                cfg.lora,
             )
         self.language_model = TextModel(
             cfg.text,
@@ -622,6 +694,7 @@ class Qwen25VL(nn.Module):
             param_dtype,
             cfg.remat,
             resolve_implementation(cfg.attention, dtype=dtype, head_dim=cfg.text.resolved_head_dim),
+            cfg.lora,
         )
         if not cfg.tie_word_embeddings:
             self.lm_head = _dense(cfg.text.vocab_size, False, dtype, param_dtype, "lm_head")

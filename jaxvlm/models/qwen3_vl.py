@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvlm.models.config import Qwen3VisionConfig
+from jaxvlm.models.config import LoraConfig, Qwen3VisionConfig
 from jaxvlm.models.qwen2_5_vl import (
     _ACTIVATIONS,
     Qwen25VL,
@@ -101,17 +101,18 @@ class VisionSelfAttention(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     implementation: str
+    lora: LoraConfig | None = None  # adapter settings (ModelConfig.lora); None: a model without adapters
 
     @nn.compact
     def __call__(self, x: Array, cos: Array, sin: Array, segment_ids: Array) -> Array:
         c = self.config
         s, length = x.shape[:2]
-        qkv = _dense(3 * c.hidden_size, True, self.dtype, self.param_dtype, "qkv")(x)
+        qkv = _dense(3 * c.hidden_size, True, self.dtype, self.param_dtype, "qkv", self.lora)(x)
         q, k, v = jnp.moveaxis(qkv.reshape(s, length, 3, c.num_heads, c.head_dim), 2, 0)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (constrain(t, BATCH, None, "tensor", None) for t in (q, k, v))
         out = _attend(q, k, v, segment_ids, causal=False, implementation=self.implementation)
-        return _dense(c.hidden_size, True, self.dtype, self.param_dtype, "proj")(out.reshape(x.shape))
+        return _dense(c.hidden_size, True, self.dtype, self.param_dtype, "proj", self.lora)(out.reshape(x.shape))
 
 
 class VisionMLP(nn.Module):
@@ -120,12 +121,15 @@ class VisionMLP(nn.Module):
     config: Qwen3VisionConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    lora: LoraConfig | None = None  # adapter settings (ModelConfig.lora); None: a model without adapters
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = self.config
-        h = _dense(c.intermediate_size, True, self.dtype, self.param_dtype, "linear_fc1")(x)
-        return _dense(c.hidden_size, True, self.dtype, self.param_dtype, "linear_fc2")(_ACTIVATIONS[c.hidden_act](h))
+        h = _dense(c.intermediate_size, True, self.dtype, self.param_dtype, "linear_fc1", self.lora)(x)
+        return _dense(c.hidden_size, True, self.dtype, self.param_dtype, "linear_fc2", self.lora)(
+            _ACTIVATIONS[c.hidden_act](h)
+        )
 
 
 class Qwen3VisionBlock(nn.Module):
@@ -135,6 +139,7 @@ class Qwen3VisionBlock(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     implementation: str
+    lora: LoraConfig | None = None  # adapter settings (ModelConfig.lora); None: a model without adapters
 
     @nn.compact
     def __call__(self, x: Array, cos: Array, sin: Array, segment_ids: Array):
@@ -142,9 +147,9 @@ class Qwen3VisionBlock(nn.Module):
         [depth, S, L, Dv], from which the tower reads the DeepStack blocks' features)."""
         c = self.config
         norm = functools.partial(LayerNorm, c.layer_norm_eps, self.dtype, self.param_dtype)
-        attn = VisionSelfAttention(c, self.dtype, self.param_dtype, self.implementation, name="attn")
+        attn = VisionSelfAttention(c, self.dtype, self.param_dtype, self.implementation, self.lora, name="attn")
         x = x + attn(norm(name="norm1")(x), cos, sin, segment_ids)
-        x = x + VisionMLP(c, self.dtype, self.param_dtype, name="mlp")(norm(name="norm2")(x))
+        x = x + VisionMLP(c, self.dtype, self.param_dtype, self.lora, name="mlp")(norm(name="norm2")(x))
         x = constrain(x, BATCH, None, None)
         return x, x
 
@@ -158,6 +163,7 @@ class Qwen3PatchMerger(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     postshuffle_norm: bool = False
+    lora: LoraConfig | None = None  # adapter settings (ModelConfig.lora); None: a model without adapters
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -169,9 +175,9 @@ class Qwen3PatchMerger(nn.Module):
         x = x.reshape(*x.shape[:-2], x.shape[-2] // c.merge_unit, width)  # merge units are contiguous
         if self.postshuffle_norm:
             x = norm(x)
-        x = _dense(width, True, self.dtype, self.param_dtype, "linear_fc1")(x)
+        x = _dense(width, True, self.dtype, self.param_dtype, "linear_fc1", self.lora)(x)
         x = jax.nn.gelu(x, approximate=False)
-        return _dense(c.out_hidden_size, True, self.dtype, self.param_dtype, "linear_fc2")(x)
+        return _dense(c.out_hidden_size, True, self.dtype, self.param_dtype, "linear_fc2", self.lora)(x)
 
 
 class PositionTable(nn.Module):
@@ -192,6 +198,7 @@ class Qwen3VisionTower(nn.Module):
     param_dtype: jnp.dtype
     remat: str = "none"
     implementation: str = "xla"
+    lora: LoraConfig | None = None  # adapter settings (ModelConfig.lora); None: a model without adapters
 
     @nn.compact
     def __call__(self, pixel_values: Array, vision_inputs: dict[str, Array]) -> tuple[Array, Array]:
@@ -211,13 +218,13 @@ class Qwen3VisionTower(nn.Module):
         blocks = nn.scan(
             _maybe_remat(Qwen3VisionBlock, self.remat),
             variable_axes={"params": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.depth,
-        )(c, self.dtype, self.param_dtype, self.implementation, name="blocks")
+        )(c, self.dtype, self.param_dtype, self.implementation, self.lora, name="blocks")
         x, outputs = blocks(x, cos, sin, vision_inputs["segment_ids"])  # outputs [depth, S, L, Dv]
         inverse = vision_inputs["merge_inverse"].reshape(-1)  # back to processor order
-        merged = Qwen3PatchMerger(c, self.dtype, self.param_dtype, name="merger")(x)  # [S, L / unit, D]
+        merged = Qwen3PatchMerger(c, self.dtype, self.param_dtype, lora=self.lora, name="merger")(x)  # [S, L / unit, D]
         merged = merged.reshape(-1, merged.shape[-1])[inverse]
         if not c.deepstack_visual_indexes:
             return merged, None  # a tower without DeepStack (transformers allows an empty list)
@@ -225,10 +232,10 @@ class Qwen3VisionTower(nn.Module):
         mergers = nn.vmap(
             Qwen3PatchMerger,
             variable_axes={"params": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "dropout": True},
             in_axes=0,
             out_axes=0,
-        )(c, self.dtype, self.param_dtype, True, name="deepstack_merger_list")
+        )(c, self.dtype, self.param_dtype, True, self.lora, name="deepstack_merger_list")
         deepstack = mergers(deepstack)  # [k, S, L / unit, D]
         deepstack = deepstack.reshape(deepstack.shape[0], -1, deepstack.shape[-1])[:, inverse]
         return merged, deepstack
