@@ -3,7 +3,7 @@
 A recipe config (big_vision style: `configs/<recipe>.py` with `get_config(arg)`) is::
 
     seed                       int
-    model.{preset | path, tokenizer, dtype, param_dtype, remat, attention, logits_chunk, vocab_chunk, min_pixels,
+    model.{preset | path, tokenizer, dtype, param_dtype, remat, attention, logits_chunk, vocab_chunk, lora, min_pixels,
            max_pixels}
     mesh.shape                 (data, fsdp, tensor); -1 = the remaining devices
     train.{log_every, eval_every, save_every, keep_checkpoints, max_consecutive_skips, progress, tensorboard}
@@ -85,6 +85,12 @@ def evaluation_config() -> ml_collections.ConfigDict:
     return c
 
 
+def lora_section() -> ml_collections.ConfigDict:
+    from jaxvlm.models.config import DEFAULT_LORA_TARGETS
+
+    return ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets=DEFAULT_LORA_TARGETS, path=""))
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Everything but the stages, at defaults that run on a CPU with the built-in tiny model."""
     c = ml_collections.ConfigDict()
@@ -103,6 +109,10 @@ def base_config() -> ml_collections.ConfigDict:
             vocab_chunk=32768,  # vocabulary entries per LM-head chunk when scoring
             min_pixels=56 * 56,
             max_pixels=56 * 56,  # image processor bounds (Curr-ReFT: max 401408)
+            # LoRA (jaxvlm.models.lora): rank 0 trains every weight; rank > 0 trains low-rank adapters on the linear
+            # layers whose paths match `targets` (regexes; default the decoder's attention and MLP projections), the
+            # base frozen. y = x W + (dropout(x) A) B * alpha / rank. `path`: start from a PEFT adapter directory.
+            lora=lora_section(),
         )
     )
     c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1, 1)))
@@ -176,9 +186,10 @@ class ModelSpec:
     preset: str
     path: str
     tokenizer: str
-    options: tuple[tuple[str, Any], ...]  # (ModelConfig field, value) for MODEL_OPTIONS
+    options: tuple[tuple[str, Any], ...]  # (ModelConfig field, value) for MODEL_OPTIONS, and "lora" with LoRA on
     min_pixels: int
     max_pixels: int
+    lora_path: str = ""  # a PEFT adapter directory to start the adapters from
 
     @property
     def overrides(self) -> dict[str, Any]:
@@ -387,6 +398,9 @@ def resolve_model(m: ml_collections.ConfigDict) -> ModelSpec:
             options[k] = canonical_dtype(options[k], k)
         except ValueError as error:
             raise config_error(f"model.{k}", str(error)) from None
+    lora = resolve_lora(m.get("lora"))
+    if lora is not None:
+        options["lora"] = lora
     return ModelSpec(
         preset=m.preset,
         path=m.path,
@@ -394,7 +408,45 @@ def resolve_model(m: ml_collections.ConfigDict) -> ModelSpec:
         options=tuple(options.items()),
         min_pixels=min_pixels,
         max_pixels=max_pixels,
+        lora_path=m.lora.path if "lora" in m else "",
     )
+
+
+LORA_RULES = {
+    "rank": checks.integer(0),
+    "alpha": checks.number(0, lo_open=True),
+    "dropout": checks.number(0, 1, hi_open=True),
+    "targets": checks.sequence_of(checks.text),
+    "path": checks.text,
+}
+
+
+def resolve_lora(section):
+    """`config.model.lora` -> a LoraConfig, or None at rank 0 (LoRA off; then every other key must stay at its
+    default, or it would be read by nothing)."""
+    if section is None:
+        return None
+    check_section(section, LORA_RULES, "model.lora")
+    from jaxvlm.models.config import LoraConfig
+
+    if section.rank == 0:
+        defaults = lora_section()
+        for key in LORA_RULES:
+            if key != "rank" and section[key] != defaults[key]:
+                raise config_error(
+                    f"model.lora.{key}",
+                    f"{section[key]!r} is read only with LoRA on; set model.lora.rank > 0 (e.g. 16)",
+                )
+        return None
+    try:
+        return LoraConfig(
+            rank=int(section.rank),
+            alpha=float(section.alpha),
+            dropout=float(section.dropout),
+            targets=tuple(section.targets),
+        )
+    except ValueError as error:
+        raise config_error("model.lora.targets", str(error)) from None
 
 
 def check_files(spec: RunSpec) -> None:
@@ -404,6 +456,7 @@ def check_files(spec: RunSpec) -> None:
 
     check_local_directory(spec.model.path, "model.path", "config.json")
     check_local_directory(spec.model.tokenizer, "model.tokenizer", "tokenizer_config.json")
+    check_local_directory(spec.model.lora_path, "model.lora.path", "adapter_config.json")
     named = [] if spec.eval is None else [("eval.sources", spec.eval.sources)]
     for s in spec.stages:
         named.append((f"{s.key}.data.sources", s.sources))

@@ -25,6 +25,7 @@ from absl import logging
 from jaxvlm import models, reproducibility, sharding
 from jaxvlm.configuration import ConfigError, ModelSpec, RunSpec
 from jaxvlm.metrics import MetricsWriter
+from jaxvlm.models import builder, lora
 from jaxvlm.processing.image import ImageProcessor, image_processor_for_model
 
 PROGRESS_FILE = "progress.json"
@@ -55,9 +56,33 @@ def build_model(spec: ModelSpec, seed: int, tokenizer=None, *, abstract: bool = 
         cfg = model_config(spec, tokenizer)
         return models.build_model(cfg), models.abstract_params(cfg)
     if spec.path:
-        return models.load_pretrained(spec.path, **spec.overrides)
-    cfg = model_config(spec, tokenizer)
-    return models.build_model(cfg), models.init_params(cfg, seed)
+        model, params = models.load_pretrained(spec.path, **spec.overrides)  # the base weights
+        if model.config.lora is not None:
+            key = jax.random.fold_in(jax.random.key(seed), builder.ADAPTER_SEED)
+            params = lora.add_adapters(params, model.config.lora, key)
+    else:
+        cfg = model_config(spec, tokenizer)
+        model, params = models.build_model(cfg), models.init_params(cfg, seed)  # adapters included
+    if spec.lora_path:
+        try:
+            params = lora.load_peft_adapter(spec.lora_path, model.config, params)
+        except lora.LoraError as error:
+            raise ConfigError(f"config.model.lora.path: {error}") from None
+    return model, params
+
+
+def check_lora(spec: RunSpec) -> None:
+    """`config.model.lora.targets` select linear layers that can carry adapters, and a `lora.path` adapter fits them:
+    checked on abstract shapes (nothing loaded), ConfigError naming the key."""
+    settings = spec.model.overrides.get("lora")
+    if settings is None:
+        return
+    cfg = model_config(spec.model)
+    base = models.abstract_params(cfg.replace(lora=None))
+    try:
+        lora.targeted_layers(base, settings)
+    except lora.LoraError as error:
+        raise ConfigError(f"config.model.lora.targets: {error}") from None
 
 
 def check_frozen_patterns(spec: RunSpec) -> None:

@@ -12,6 +12,8 @@ matched against the "/"-joined param path), replicated ones included: a paramete
 (`ShardingRuleError`, raised when the shardings are computed, i.e. when a stage starts: `train_steps.state_shardings`),
 so a renamed or new submodule cannot be replicated silently. A dimension is only split when the mesh axis divides it,
 so odd sizes fall back to replication instead of failing. One device is a (1, 1, 1) mesh: nothing is special-cased.
+LoRA adapters (`jaxvlm.models.lora`) follow their kernel's rule: A [.., in, r] is split along `in` as the kernel is,
+B [.., r, out] along `out`; the rank dimension is never split.
 
 The optimizer state is placed by the parameters it mirrors (`opt_state_shardings`: optax's mu/nu leaves end in a
 parameter's path and get that parameter's rule); its scalar bookkeeping (step counts) is replicated without
@@ -125,7 +127,18 @@ def _axis_size(mesh: Mesh, axis) -> int:
 def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules=PARAM_RULES) -> P:
     """PartitionSpec of one parameter from the first rule matching `path`; axes that do not divide the dim are
     dropped. Raises `ShardingRuleError` when no rule matches."""
-    trailing = next((tuple(spec) for pattern, spec in rules if re.search(pattern, path)), None)
+    adapter = re.search(r"/lora_(a|b)$", path)
+    if adapter:  # a LoRA adapter: A [.., in, r] splits `in` as its kernel does, B [.., r, out] splits `out`
+        kernel = next(
+            (tuple(spec) for pattern, spec in rules if re.search(pattern, path[: adapter.start()] + "/kernel")), None
+        )
+        if kernel is not None:
+            kernel = (*(None,) * (2 - len(kernel)), *kernel)[-2:]
+            trailing = (kernel[0], None) if adapter.group(1) == "a" else (None, kernel[1])
+        else:
+            trailing = None
+    else:
+        trailing = next((tuple(spec) for pattern, spec in rules if re.search(pattern, path)), None)
     if trailing is None:
         raise ShardingRuleError(
             f"parameter {path!r} with shape {tuple(shape)} matches no sharding rule; add a (regex, spec) rule for "

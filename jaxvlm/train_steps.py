@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxvlm import checks, losses
+from jaxvlm.models import lora
 from jaxvlm.models.qwen2_5_vl import Qwen25VL, head_weight
 from jaxvlm.sharding import BATCH, constrain, path_str, traced_on
 
@@ -128,17 +129,20 @@ def trainable_mask(params, frozen: tuple[str, ...]):
 
 
 def make_optimizer(cfg: OptimizerConfig, params) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW on the warmup + cosine schedule; frozen subtrees get zero updates and no
-    optimizer state. `params` (or their abstract shapes) give the tree structure for the masks."""
-    frozen = _path_labels(params, cfg.frozen)
-    if cfg.frozen and not any(jax.tree.leaves(frozen)):
+    """Global-norm clipping, then AdamW on the warmup + cosine schedule, over the trainable params
+    (`lora.split_trainable`: the adapters of a tree that holds LoRA adapters, else every parameter); frozen subtrees
+    get zero updates and no optimizer state. `params` (or their abstract shapes) give the tree structure for the
+    masks: the full tree, whose `frozen` patterns must match some parameter."""
+    if cfg.frozen and not any(jax.tree.leaves(_path_labels(params, cfg.frozen))):
         raise ValueError(f"optimizer.frozen patterns {cfg.frozen} match no parameter")
+    params, _ = lora.split_trainable(params)
+    frozen = _path_labels(params, cfg.frozen)
     decay = jax.tree.map(lambda nd: not nd, _path_labels(params, cfg.no_decay))
     adamw = optax.adamw(
         learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay
     )
     train = adamw if cfg.max_grad_norm is None else optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
-    if not cfg.frozen:
+    if not any(jax.tree.leaves(frozen)):
         return train
     labels = jax.tree.map(lambda f: "frozen" if f else "train", frozen)
     # Clipping sees only the trained gradients (the frozen ones are dropped by multi_transform first).
@@ -147,7 +151,8 @@ def make_optimizer(cfg: OptimizerConfig, params) -> optax.GradientTransformation
 
 def create_train_state(params, optimizer: optax.GradientTransformation, seed: int | Array = 0) -> TrainState:
     rng = jax.random.key(seed) if isinstance(seed, int) else seed
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=rng)
+    opt_state = optimizer.init(lora.split_trainable(params)[0])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=rng)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -282,6 +287,7 @@ def completion_logprobs(model: Qwen25VL, params, batch: dict, temperature: float
         vision_inputs=batch.get("vision_inputs"),
         image_offset=batch.get("image_offset"),
         method="encode",
+        rngs={"dropout": batch["dropout_rng"]} if "dropout_rng" in batch else None,
     )
     scored = hidden[:, prompt_len - 1 : prompt_len + n - 1]
     logp, entropy = lm_head_logprobs(model, params, scored, batch["completion_ids"], temperature)
@@ -381,38 +387,58 @@ def reduce_metrics(stacked: dict[str, Array]) -> dict[str, Array]:
     return {name: one(name, x) for name, x in stacked.items()}
 
 
-def accumulate_gradients(loss_fn, params, microbatches: dict):
+def accumulate_gradients(loss_fn, params, microbatches: dict, dropout_rng: Array | None = None):
     """Sum `loss_fn(params, mb) -> (loss_sum, (normaliser, metrics))` and its gradient over the leading axis.
 
-    Returns (grads, loss, metrics): grads = Σ ∇loss_sum / Σ normaliser, loss = Σ loss_sum / Σ normaliser,
-    metrics over micro-batches by `reduce_metrics` (averaged, unless named *_sum / *_max / *_min). Gradients
-    accumulate in float32.
+    Returns (grads, loss, metrics): grads = Σ ∇loss_sum / Σ normaliser over the trainable params only
+    (`lora.split_trainable`: the adapters of a tree with LoRA adapters, whose frozen base gets no gradient at all),
+    loss = Σ loss_sum / Σ normaliser, metrics over micro-batches by `reduce_metrics` (averaged, unless named *_sum /
+    *_max / *_min). Gradients accumulate in float32. `dropout_rng`: one key per micro-batch is split from it and
+    passed to the model (`dropout_rng` in the micro-batch: LoRA dropout); None runs the model deterministically.
     """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    trainable, frozen = lora.split_trainable(params)
+    grad_fn = jax.value_and_grad(lambda t, mb: loss_fn(lora.join(t, frozen), mb), has_aux=True)
+    if dropout_rng is not None:
+        count = jax.tree.leaves(microbatches)[0].shape[0]
+        microbatches = {**microbatches, "dropout_rng": jax.random.split(dropout_rng, count)}
 
     def micro(carry, mb):
         grads, total, norm = carry
-        (loss_sum, (normaliser, m)), g = grad_fn(params, mb)
+        (loss_sum, (normaliser, m)), g = grad_fn(trainable, mb)
         grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
         return (grads, total + loss_sum, norm + normaliser), m
 
-    init = (_tree_zeros(params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    init = (_tree_zeros(trainable), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
     (grads, total, norm), metrics = jax.lax.scan(micro, init, microbatches)
     safe = jnp.maximum(norm, 1.0)  # as losses.py: loss = sum / max(normaliser, 1)
     grads = jax.tree.map(lambda g: g / safe, grads)
     return grads, total / safe, reduce_metrics(metrics)
 
 
+def dropout_rng(state: TrainState, model, update: Array | int = 0) -> Array | None:
+    """The key of one update's LoRA dropout (a fresh one per optimizer step and update), or None when the model
+    has no dropout to draw (no LoRA, or lora.dropout = 0)."""
+    settings = model.config.lora
+    if settings is None or settings.dropout == 0:
+        return None
+    return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(state.rng, DROPOUT_STREAM), state.step), update)
+
+
+DROPOUT_STREAM = 0xD0  # folded into the state's key for dropout (the sampler draws from the key itself)
+
+
 def apply_gradients(state: TrainState, grads, loss: Array, optimizer, schedule) -> tuple[TrainState, dict]:
-    """One optimizer update, skipped (state unchanged except nothing) when the loss or gradients are not finite."""
+    """One optimizer update of the trainable params (`grads` holds theirs alone), skipped (state unchanged) when
+    the loss or gradients are not finite."""
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    trainable, frozen = lora.split_trainable(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+    new_trainable = optax.apply_updates(trainable, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     new_state = state.replace(
         step=state.step + finite.astype(jnp.int32),
-        params=keep(params, state.params),
+        params=lora.join(keep(new_trainable, trainable), frozen),
         opt_state=keep(opt_state, state.opt_state),
     )
     metrics = {
@@ -441,7 +467,7 @@ def sft_loss_fn(params, mb, *, model: Qwen25VL, cfg: LossConfig):
 def sft_step(state: TrainState, batch: dict, *, model, optimizer, schedule, cfg: LossConfig):
     """One optimizer update on `batch` [M, b, ...] (M accumulated micro-batches)."""
     loss_fn = functools.partial(sft_loss_fn, model=model, cfg=cfg)
-    grads, loss, metrics = accumulate_gradients(loss_fn, state.params, batch)
+    grads, loss, metrics = accumulate_gradients(loss_fn, state.params, batch, dropout_rng(state, model))
     state, update_metrics = apply_gradients(state, grads, loss, optimizer, schedule)
     return state, {**metrics, **update_metrics}
 
@@ -551,7 +577,7 @@ def _policy_updates(state: TrainState, batch: dict, loss_fn, optimizer, schedule
 
     def update(state, i):
         minibatch = jax.tree.map(lambda x: x[i % k], batch)
-        grads, loss, metrics = accumulate_gradients(loss_fn, state.params, minibatch)
+        grads, loss, metrics = accumulate_gradients(loss_fn, state.params, minibatch, dropout_rng(state, model, i))
         state, update_metrics = apply_gradients(state, grads, loss, optimizer, schedule)
         return state, {**metrics, **update_metrics}
 
@@ -675,7 +701,7 @@ def state_shardings(state: TrainState, mesh) -> TrainState:
     return TrainState(
         step=replicated(mesh),
         params=tree_shardings(state.params, mesh),
-        opt_state=opt_state_shardings(state.opt_state, state.params, mesh),
+        opt_state=opt_state_shardings(state.opt_state, lora.split_trainable(state.params)[0], mesh),
         rng=replicated(mesh),
     )
 

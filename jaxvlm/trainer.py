@@ -42,6 +42,7 @@ from jaxvlm.checkpoint import CheckpointError, TrainCheckpointer, abstract_like
 from jaxvlm.configuration import StageSpec
 from jaxvlm.data import pipeline, sources
 from jaxvlm.metrics import ProgressBar, StepTimer
+from jaxvlm.models import lora
 from jaxvlm.runtime import Runtime, StopSignal
 
 __all__ = ["StopSignal", "TrainingDiverged", "run", "run_stage"]
@@ -60,6 +61,7 @@ def run(config, workdir: str, stop: StopSignal | None = None) -> dict:
     spec = configuration.resolve(config)
     configuration.check_files(spec)
     configuration.check_devices(spec, jax.device_count())
+    runtime.check_lora(spec)
     runtime.check_frozen_patterns(spec)
     with runtime.workdir_lock(workdir):
         progress = runtime.load_progress(workdir)
@@ -109,7 +111,11 @@ def export_final_model(rt: Runtime, params) -> None:
     host_params = jax.tree.map(distributed.host_value, params)  # a collective under multi-process
     if rt.is_main:
         export_dir = os.path.join(rt.workdir, "final_model")
-        models.save_pretrained(rt.model, host_params, export_dir)
+        models.save_pretrained(rt.model, host_params, export_dir)  # LoRA adapters merged into the weights
+        if lora.has_adapters(host_params):
+            lora.save_peft_adapter(
+                rt.model.config, host_params, os.path.join(rt.workdir, "final_adapter"), rt.model_source
+            )
         rt.tokenizer.save_pretrained(export_dir)
         if rt.image_processor is not None:
             rt.image_processor.save_pretrained(export_dir)
@@ -135,7 +141,23 @@ def fresh_state(rt: Runtime, optimizer_cfg: train_steps.OptimizerConfig, params)
 
 
 def checkpoint_tree(state, ref_params):
+    """What a stage checkpoint holds: the train state and the KL reference's `reference_tree`. With LoRA adapters
+    the state's params are the adapters alone: the frozen base is the run's `model.path` (or preset) weights, read
+    again on resume, and the optimizer state covers the adapters only."""
+    if lora.has_adapters(state.params):
+        state = state.replace(params=lora.adapters_of(state.params))
     return {"state": state} if ref_params is None else {"state": state, "ref_params": ref_params}
+
+
+def reference_tree(params):
+    """What a stage keeps of its starting params as the KL reference: all of them, or with LoRA only the adapters
+    (the base they sit on is frozen, so the state's own base arrays serve the reference: no second copy)."""
+    return lora.adapters_of(params) if lora.has_adapters(params) else params
+
+
+def with_base(adapters, params):
+    """`adapters` on the base weights of `params` (a LoRA checkpoint's params are its adapters alone)."""
+    return lora.join(adapters, lora.without_adapters(params)) if lora.has_adapters(params) else adapters
 
 
 def stage_checkpointer(rt: Runtime, spec: StageSpec, save_every: int = 1, keep: int | None = None):
@@ -148,9 +170,9 @@ def stage_final_params(rt: Runtime, spec: StageSpec, params_template):
     optimizer = train_steps.make_optimizer(spec.optimizer, params_template)
     state = jax.eval_shape(lambda p: train_steps.create_train_state(p, optimizer, jax.random.key(0)), params_template)
     shardings = train_steps.state_shardings(state, rt.mesh)
-    ref = state.params if spec.loss.beta > 0 else None
+    ref = reference_tree(state.params) if spec.loss.beta > 0 else None
     tree = checkpoint_tree(state, ref)
-    tree_sh = checkpoint_tree(shardings, None if ref is None else shardings.params)
+    tree_sh = checkpoint_tree(shardings, None if ref is None else reference_tree(shardings.params))
     with stage_checkpointer(rt, spec) as ckpt:
         restored, _, _ = ckpt.restore(abstract_like(tree, tree_sh))
         if ckpt.set_aside:
@@ -158,7 +180,7 @@ def stage_final_params(rt: Runtime, spec: StageSpec, params_template):
             progress["completed"].pop(spec.name, None)
             runtime.save_progress(rt, progress)
             raise final_checkpoint_damaged(spec, ckpt)
-    return restored["state"].params
+    return with_base(restored["state"].params, params_template)
 
 
 def completed_steps(rt: Runtime, spec: StageSpec) -> int:
@@ -201,8 +223,10 @@ class StageRun:
         self.optimizer, self.state, self.state_sh = fresh_state(rt, plan.optimizer, params)
         self.schedule = train_steps.learning_rate_schedule(plan.optimizer)
         # The KL reference is re-anchored to the stage's start; a copy, because the step donates the state's buffers.
+        # With LoRA only the adapters are copied (`reference_params`).
         beta = self.spec.loss.beta > 0
-        self.ref_params = jax.tree.map(jnp.copy, self.state.params) if beta else None
+        self.ref_params = jax.tree.map(jnp.copy, reference_tree(self.state.params)) if beta else None
+        self.ref_is_base = None  # the reference adapters are all zero: `reference_params`
         self.ref_logprobs = (
             rollouts.reference_logprobs_fn(rt.model, len(plan.leading), self.spec.loss.temperature) if beta else None
         )
@@ -229,12 +253,14 @@ class StageRun:
     def _restore(self) -> None:
         if self.ckpt.latest_step() is None:
             return
-        tree_sh = checkpoint_tree(self.state_sh, None if self.ref_params is None else self.state_sh.params)
+        ref_sh = None if self.ref_params is None else reference_tree(self.state_sh.params)
         restored, data_state, _ = self.ckpt.restore(
-            abstract_like(checkpoint_tree(self.state, self.ref_params), tree_sh),
+            abstract_like(checkpoint_tree(self.state, self.ref_params), checkpoint_tree(self.state_sh, ref_sh)),
             required_items={"data_state": ("iterator", "stage_step", "skipped")},
         )
-        self.state, self.ref_params = restored["state"], restored.get("ref_params")
+        state = restored["state"]
+        self.state = state.replace(params=with_base(state.params, self.state.params))
+        self.ref_params = restored.get("ref_params")
         self.iterator.set_state(data_state["iterator"])
         self.start, self.skipped_totals = int(data_state["stage_step"]), data_state["skipped"]
         logging.info("stage %s: resumed at step %d", self.spec.name, self.start)
@@ -308,7 +334,7 @@ class StageRun:
         device_mb = distributed.feed_global_batch(mb, self.batch_sh)
         if self.ref_logprobs is not None:
             device_mb["ref_logp"] = jax.device_put(
-                self.ref_logprobs(self.ref_params, device_mb), self.batch_sh["ref_logp"]
+                self.ref_logprobs(self.reference_params(), device_mb), self.batch_sh["ref_logp"]
             )
         start = time.perf_counter()
         self.state, metrics = self.compiled(self.state, device_mb)
@@ -320,6 +346,17 @@ class StageRun:
         metrics.update(pipeline.skip_metrics(self.skipped_totals))
         self.check_finite(metrics, step)
         return metrics
+
+    def reference_params(self):
+        """The KL reference's params: the stage's starting params, or with LoRA the stage's starting adapters on
+        the state's own (frozen) base arrays. Adapters that start at zero (a first stage: B = 0) are dropped, so
+        the reference is the base model itself and its forward pays nothing for them."""
+        if not lora.has_adapters(self.state.params):
+            return self.ref_params
+        base = lora.without_adapters(self.state.params)
+        if self.ref_is_base is None:
+            self.ref_is_base = lora.adapters_are_zero(self.ref_params)
+        return base if self.ref_is_base else lora.join(self.ref_params, base)
 
     def draw(self) -> dict | None:
         """The stage's next data batch for a mode that samples more than one per step (grpo's dynamic sampling),

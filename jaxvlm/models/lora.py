@@ -138,17 +138,24 @@ def without_adapters(params) -> dict:
 
 def merged(params, lora: LoraConfig) -> dict:
     """The base model with every adapter folded into its kernel, W + A B * alpha / r (in float32, stored in the
-    kernel's dtype); no adapter leaves left."""
+    kernel's dtype); no adapter leaves left. Host (numpy) params are merged on the host, device arrays on device."""
+    every = _flat(params)
     flat = dict(_flat(without_adapters(params)))
-    for path, a in _flat(params).items():
+    for path, a in every.items():
         if path[-1] != "lora_a":
             continue
         layer = path[:-1]
-        b = _flat(params)[(*layer, "lora_b")]
-        kernel = flat[(*layer, "kernel")]
-        delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32)) * lora.scale
-        flat[(*layer, "kernel")] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+        b, kernel = every[(*layer, "lora_b")], flat[(*layer, "kernel")]
+        xp = np if isinstance(kernel, np.ndarray) else jnp
+        delta = xp.einsum("...ir,...ro->...io", a.astype(np.float32), b.astype(np.float32)) * np.float32(lora.scale)
+        flat[(*layer, "kernel")] = (kernel.astype(np.float32) + delta).astype(kernel.dtype)
     return traverse_util.unflatten_dict(flat)
+
+
+def adapters_are_zero(params) -> bool:
+    """Every adapter's B is zero (fresh adapters: the adapted model is the base model)."""
+    b = [v for path, v in _flat(params).items() if path[-1] == "lora_b"]
+    return bool(jax.jit(lambda bs: jnp.all(jnp.stack([jnp.all(x == 0) for x in bs])))(b)) if b else True
 
 
 def num_adapter_params(params) -> int:
