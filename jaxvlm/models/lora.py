@@ -166,6 +166,20 @@ def num_adapter_params(params) -> int:
 # PEFT adapter directories
 # ----------------------------------------------------------------------------------------------------------
 
+#
+# What peft (0.21, on transformers 5) writes and reads, and so what these functions do:
+#
+#   adapter_config.json        peft's LoraConfig fields. `target_modules` is a list (a module is adapted when its name
+#                              equals an entry or ends with "." + entry) or a string: a regex `re.fullmatch`ed against
+#                              every module name. We write a regex naming exactly the adapted modules.
+#   adapter_model.safetensors  base_model.model.<module>.lora_A.weight [r, in] and .lora_B.weight [out, r] (torch's
+#                              [out, in] of x -> x A and of -> B), one pair per layer of a stack, without the adapter
+#                              name (peft inserts ".default" on load and drops it on save). <module> is transformers 5's
+#                              in-memory module name: "model.language_model.layers.0.self_attn.q_proj" and
+#                              "model.visual.blocks.0.attn.qkv" for both VL families (Qwen2.5-VL's model files say
+#                              "model.layers.*" / "visual.*", its modules do not), "model.layers.0.mlp.up_proj" for
+#                              the text-only ones. peft applies no transformers weight conversion to these model types.
+
 
 def peft_module_names(layer: tuple[str, ...], cfg: ModelConfig) -> list[str]:
     """The transformers module name(s) of one of our linear layers (one per layer of a stack), as PEFT names them:
@@ -177,8 +191,9 @@ def peft_module_names(layer: tuple[str, ...], cfg: ModelConfig) -> list[str]:
 
 
 def _in_memory_name(name: str, model_type: str) -> str:
-    """transformers 5's module name from the on-disk name `save_pretrained` writes (they differ for Qwen2.5-VL)."""
-    if model_type == "qwen2_5_vl":
+    """transformers 5's module name from the on-disk name `save_pretrained` writes (they differ for Qwen2.5-VL); a
+    name already in memory form is returned as it is."""
+    if model_type == "qwen2_5_vl" and not name.startswith(("model.language_model.", "model.visual.")):
         if name.startswith("visual."):
             return "model." + name
         if name.startswith("model."):
@@ -186,30 +201,54 @@ def _in_memory_name(name: str, model_type: str) -> str:
     return name
 
 
+_PEFT_PREFIX = "base_model.model."
+_PEFT_LEAF = {"lora_a": "lora_A", "lora_b": "lora_B"}
+_PEFT_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<leaf>lora_[AB])(\.default)?\.weight")
+
+
+def _peft_key(module: str, leaf: str) -> str:
+    return f"{_PEFT_PREFIX}{module}.{_PEFT_LEAF[leaf]}.weight"
+
+
+def _canonical_peft_key(key: str, model_type: str) -> str:
+    """A tensor name of an adapter file in the form `_peft_key` gives: without an adapter name (".default", as in a
+    raw state dict), and for Qwen2.5-VL with the in-memory module name also where the file has the model files' names
+    (adapters trained with transformers 4 before its 4.52 renaming). Other names come back unchanged."""
+    match = _PEFT_KEY.fullmatch(key)
+    if match is None:
+        return key
+    return f"{_PEFT_PREFIX}{_in_memory_name(match['module'], model_type)}.{match['leaf']}.weight"
+
+
 def save_peft_adapter(cfg: ModelConfig, params, path: str, base_model: str = "") -> None:
-    """Write a PEFT LoRA adapter directory (`adapter_config.json`, `adapter_model.safetensors`) of the adapters in
-    `params`, loadable by `peft.PeftModel.from_pretrained(<transformers model of cfg>, path)`."""
+    """Write a PEFT LoRA adapter directory (`adapter_config.json`, `adapter_model.safetensors`, float32) of the
+    adapters in `params`, loadable by `peft.PeftModel.from_pretrained(<transformers model of cfg>, path)`; every
+    tensor of the file lands on its module, and `target_modules` wraps exactly the adapted modules."""
     lora = cfg.lora
     if lora is None or not has_adapters(params):
         raise LoraError("save_peft_adapter needs a model config with lora settings and params holding adapters")
     from jaxvlm.models import checkpoint as ckpt
 
-    os.makedirs(path, exist_ok=True)
     flat = _flat(jax.device_get(adapters_of(params)))
-    tensors, modules = {}, []
-    for path_ in sorted(flat):
-        layer, leaf = path_[:-1], path_[-1]
-        names = peft_module_names(layer, cfg)
-        value = np.asarray(flat[path_], np.float32)
-        values = list(value) if len(names) > 1 or value.ndim == 3 else [value]
-        if len(values) != len(names):
-            raise LoraError(f"{layer_path(path_)}: {len(values)} stacked adapters for {len(names)} layers")
-        for name, v in zip(names, values):
-            tensors[f"base_model.model.{name}.{'lora_A' if leaf == 'lora_a' else 'lora_B'}.weight"] = (
-                np.ascontiguousarray(v.T)
+    tensors, stacks = {}, []
+    for layer in sorted({path_[:-1] for path_ in flat}):
+        a, b = flat.get((*layer, "lora_a")), flat.get((*layer, "lora_b"))
+        if a is None or b is None:
+            raise LoraError(f"{layer_path(layer)}: an adapter needs both lora_a and lora_b")
+        if a.shape[-1] != lora.rank or b.shape[-2] != lora.rank:
+            raise LoraError(
+                f"{layer_path(layer)}: lora_a {list(a.shape)} / lora_b {list(b.shape)} are not of rank "
+                f"config.model.lora.rank={lora.rank}"
             )
-            if leaf == "lora_a":
-                modules.append(name)
+        names = peft_module_names(layer, cfg)
+        stacked = a.ndim == 3
+        pairs = list(zip(a, b)) if stacked else [(a, b)]
+        if len(pairs) != len(names):
+            raise LoraError(f"{layer_path(layer)}: {len(pairs)} stacked adapters for {len(names)} layers")
+        for name, (a_i, b_i) in zip(names, pairs):
+            tensors[_peft_key(name, "lora_a")] = np.ascontiguousarray(np.asarray(a_i, np.float32).T)
+            tensors[_peft_key(name, "lora_b")] = np.ascontiguousarray(np.asarray(b_i, np.float32).T)
+        stacks.append(names)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -217,44 +256,106 @@ def save_peft_adapter(cfg: ModelConfig, params, path: str, base_model: str = "")
         "r": lora.rank,
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
-        "target_modules": _module_regex(modules),
+        "target_modules": _module_regex(stacks),
+        "exclude_modules": None,
         "bias": "none",
+        "lora_bias": False,
         "fan_in_fan_out": False,
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
         "modules_to_save": None,
         "inference_mode": True,
     }
+    os.makedirs(path, exist_ok=True)
     ckpt.save_safetensors(tensors, os.path.join(path, PEFT_WEIGHTS), metadata={"format": "pt"})
     with open(os.path.join(path, PEFT_CONFIG), "w") as f:
         json.dump(config, f, indent=2)
 
 
-def _module_regex(module_names: list[str]) -> str:
-    """A regex PEFT full-matches (`re.fullmatch`) against module names: exactly the adapted modules, with each
-    stack's layer index generalised (every layer of a stack is adapted, or none)."""
-    generalised = sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(name)) for name in module_names})
-    return "(" + "|".join(generalised) + ")"
+def _module_regex(stacks: list[list[str]]) -> str:
+    """A regex that PEFT `re.fullmatch`es against module names and that matches exactly the adapted modules: one
+    alternative per stack of layers (its names differ only in the layer index, written as \\d+: we adapt every layer
+    of a stack or none), or per single layer."""
+    alternatives = set()
+    for names in stacks:
+        parts = [name.split(".") for name in names]
+        varying = {i for other in parts[1:] for i, (x, y) in enumerate(zip(parts[0], other)) if x != y}
+        if len(varying) > 1 or any(len(other) != len(parts[0]) for other in parts):  # not one index: list them
+            alternatives.update(re.escape(name) for name in names)
+            continue
+        alternatives.add(r"\.".join(r"\d+" if i in varying else re.escape(s) for i, s in enumerate(parts[0])))
+    return "(" + "|".join(sorted(alternatives)) + ")"
 
 
-# The adapter_config.json fields whose other values this reader cannot honour, and the values it can.
+# adapter_config.json fields with the values this reader honours (an absent field reads as the first): the adapter
+# must compute y = x W + (x A) B * alpha / r on the unchanged base weights.
 _PEFT_FIXED = {
     "peft_type": ("LORA",),
-    "bias": ("none",),
-    "fan_in_fan_out": (False, None),
-    "use_rslora": (False, None),
-    "use_dora": (False, None),
-    "modules_to_save": (None, []),
+    "bias": ("none",),  # "all" / "lora_only" train (and save) the base model's biases too
+    # pissa / olora / corda / loftq / lora_ga change the base weights at the start (an adapter saved without peft's
+    # path_initial_model_for_weight_conversion applies to those, not to the base model); mica is a LoRA variant.
+    "init_lora_weights": (True, False, "gaussian", "eva", "orthogonal"),
 }
+# Fields that must be off (absent, false, null or empty): each changes what the adapter computes, gives layers their
+# own rank or alpha, or puts other tensors in the file.
+_PEFT_OFF = (
+    "use_dora",  # magnitude vectors: DoRA
+    "use_rslora",  # scale alpha / sqrt(r)
+    "fan_in_fan_out",  # GPT-2 Conv1D weights (transposed)
+    "lora_bias",  # a bias on lora_B
+    "use_qalora",  # pooled inputs
+    "modules_to_save",  # whole modules trained and saved
+    "trainable_token_indices",  # trained embedding rows
+    "rank_pattern",  # per-module ranks
+    "alpha_pattern",  # per-module alphas
+    "layer_replication",  # a deeper model from repeated layers
+    "target_parameters",  # adapters on bare parameters (MoE experts)
+    "alora_invocation_tokens",  # activated LoRA: the adapter acts from an invocation sequence on
+    "use_bdlora",  # block-diagonal factors
+    "velora_config",  # LoRA variants
+    "monteclora_config",
+    "arrow_config",
+    "kasa_config",
+    "megatron_config",  # Megatron parallel layers
+)
+
+
+def _check_peft_config(config_file: str, lora: LoraConfig) -> None:
+    try:
+        with open(config_file) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as error:
+        raise LoraError(f"{config_file}: not readable JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise LoraError(f"{config_file}: must hold a JSON object, got {type(config).__name__}")
+    for field, allowed in _PEFT_FIXED.items():
+        value = config.get(field, allowed[0])
+        if not any(type(value) is type(ok) and value == ok for ok in allowed):
+            raise LoraError(f"{config_file}: {field}={value!r} is not supported (only {', '.join(map(repr, allowed))})")
+    for field in _PEFT_OFF:
+        if config.get(field):
+            raise LoraError(f"{config_file}: {field}={config[field]!r} is not supported (only off / empty)")
+    for field, ours, key in (("r", lora.rank, "rank"), ("lora_alpha", lora.alpha, "alpha")):
+        if field not in config:
+            raise LoraError(f"{config_file}: no {field!r} field")
+        value = config[field]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != ours:
+            raise LoraError(
+                f"{config_file}: {field}={value!r}, but config.model.lora.{key}={ours!r}: set it to the adapter's"
+            )
 
 
 def load_peft_adapter(path: str, cfg: ModelConfig, params) -> dict:
-    """`params` (the base model, with or without adapters) with the adapters of the PEFT directory `path`.
+    """`params` (the base model, with or without adapters) with the adapters of the PEFT directory `path`, e.g. one
+    peft's `save_pretrained` wrote, in the kernels' dtype.
 
-    The directory's rank and alpha must equal `cfg.lora`'s, and its adapted modules the layers `cfg.lora.targets`
-    select; LoraError names the file and field or tensor otherwise (a mis-shaped, missing or extra tensor
-    included)."""
+    The directory's rank and alpha must equal `cfg.lora`'s, and its tensors must be exactly lora_A and lora_B of the
+    layers `cfg.lora.targets` select (every layer of a stack); LoraError names the file and the field or tensor
+    otherwise (a config field we cannot honour, a missing, extra or mis-shaped tensor), and when the file adapts other
+    layers, the targets that would select them."""
     from jaxvlm.models import checkpoint as ckpt
 
     lora = cfg.lora
@@ -264,56 +365,77 @@ def load_peft_adapter(path: str, cfg: ModelConfig, params) -> dict:
     for file in (config_file, weights_file):
         if not os.path.isfile(file):
             raise LoraError(f"{file}: no such file (a PEFT adapter directory holds {PEFT_CONFIG} and {PEFT_WEIGHTS})")
-    try:
-        with open(config_file) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as error:
-        raise LoraError(f"{config_file}: not readable JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise LoraError(f"{config_file}: must hold a JSON object, got {type(config).__name__}")
-    for field, allowed in _PEFT_FIXED.items():
-        if config.get(field, allowed[0]) not in allowed:
-            raise LoraError(f"{config_file}: {field}={config.get(field)!r} is not supported (only {allowed[0]!r})")
-    for field, ours in (("r", lora.rank), ("lora_alpha", lora.alpha)):
-        if field not in config:
-            raise LoraError(f"{config_file}: no {field!r} field")
-        if config[field] != ours:
-            key = "rank" if field == "r" else "alpha"
-            raise LoraError(
-                f"{config_file}: {field}={config[field]!r}, but config.model.lora.{key}={ours!r}: set it to the "
-                "adapter's"
-            )
+    _check_peft_config(config_file, lora)
     base = without_adapters(params)
     flat_base = _flat(base)
-    expected: dict[str, tuple[tuple[str, ...], int, str]] = {}  # file key -> (our path, layer index, leaf)
+    expected: dict[str, tuple[tuple[str, ...], int, str]] = {}  # file key -> (our layer, layer index, leaf)
     for layer in targeted_layers(base, lora):
         for i, name in enumerate(peft_module_names(layer, cfg)):
-            for leaf, peft_leaf in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
-                expected[f"base_model.model.{name}.{peft_leaf}.weight"] = (layer, i, leaf)
+            for leaf in ADAPTER_LEAVES:
+                expected[_peft_key(name, leaf)] = (layer, i, leaf)
     weights = ckpt.SafetensorsFile(weights_file)
-    stored = {name.replace(".default.weight", ".weight"): name for name in weights.keys()}
+    stored: dict[str, str] = {}  # canonical key -> the file's key
+    for key in weights.keys():
+        canonical = _canonical_peft_key(key, cfg.model_type)
+        if canonical in stored:
+            raise LoraError(f"{weights_file}: {stored[canonical]!r} and {key!r} are the same tensor")
+        stored[canonical] = key
     missing = sorted(set(expected) - set(stored))
-    extra = sorted(set(stored) - set(expected))
+    extra = sorted(stored[key] for key in set(stored) - set(expected))
     if missing or extra:
-        lines = [f"{weights_file} does not hold the adapters config.model.lora.targets select:"]
-        if missing:
-            lines.append(f"  missing ({len(missing)}): {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
-        if extra:
-            lines.append(f"  not selected ({len(extra)}): {', '.join(extra[:8])}" + (" ..." if len(extra) > 8 else ""))
-        raise LoraError("\n".join(lines))
+        raise LoraError(_selection_error(weights_file, missing, extra, stored, base, cfg))
     parts: dict[tuple[str, ...], dict[int, np.ndarray]] = {}
     for key, (layer, i, leaf) in expected.items():
-        kernel = flat_base[(*layer, "kernel")]
-        fan_in, fan_out = kernel.shape[-2:]
+        fan_in, fan_out = flat_base[(*layer, "kernel")].shape[-2:]
         want = (lora.rank, fan_in) if leaf == "lora_a" else (fan_out, lora.rank)
-        got = weights.shape(stored[key])
-        if tuple(got) != want:
-            raise LoraError(f"{weights_file}: {key} has shape {list(got)}, the model needs {list(want)}")
-        parts.setdefault((*layer, leaf), {})[i] = np.asarray(weights.get(stored[key]), np.float32).T
+        name = stored[key]
+        shape = list(weights.shape(name))
+        if shape != list(want):
+            raise LoraError(f"{weights_file}: {name} has shape {shape}, the model needs {list(want)}")
+        if weights.dtype(name) not in ckpt.WEIGHT_DTYPES:
+            raise LoraError(f"{weights_file}: {name} has dtype {weights.dtype(name)}, not a weight's")
+        parts.setdefault((*layer, leaf), {})[i] = np.asarray(weights.get(name), np.float32).T
     flat = dict(flat_base)
     for path_, by_layer in parts.items():
         kernel = flat_base[(*path_[:-1], "kernel")]
-        stacked = kernel.ndim == 3
-        value = np.stack([by_layer[i] for i in range(len(by_layer))]) if stacked else by_layer[0]
+        value = np.stack([by_layer[i] for i in range(len(by_layer))]) if kernel.ndim == 3 else by_layer[0]
         flat[path_] = jnp.asarray(value, kernel.dtype)
     return traverse_util.unflatten_dict(flat)
+
+
+def _selection_error(weights_file: str, missing: list[str], extra: list[str], stored: dict, base, cfg) -> str:
+    """The message for a file whose tensors are not lora_A / lora_B of exactly the selected layers, with the targets
+    that select the file's layers when it adapts whole linear layers (stacks) of this model."""
+    lines = [f"{weights_file} does not hold exactly the adapters config.model.lora.targets select:"]
+    for what, keys in (("missing", missing), ("extra", extra)):
+        if keys:
+            lines.append(f"  {what} ({len(keys)}): {', '.join(keys[:8])}" + (" ..." if len(keys) > 8 else ""))
+    modules = {
+        name: (layer, i) for layer in linear_layers(base) for i, name in enumerate(peft_module_names(layer, cfg))
+    }
+    adapted: dict[tuple[str, ...], set[tuple[int, str]]] = {}
+    for key in stored:
+        match = _PEFT_KEY.fullmatch(key)
+        if match is None or match["module"] not in modules:
+            return "\n".join(lines)  # not an adapter of one of our linear layers: nothing more to say
+        layer, i = modules[match["module"]]
+        adapted.setdefault(layer, set()).add((i, match["leaf"]))
+    for layer, have in adapted.items():
+        n = len(peft_module_names(layer, cfg))
+        whole = sorted(i for i in range(n) if {(i, "lora_A"), (i, "lora_B")} <= have)
+        if len(have) != 2 * len(whole):  # a lora_A without its lora_B or the other way round: listed above
+            return "\n".join(lines)
+        if len(whole) != n:
+            lines.append(
+                f"  the file adapts layers {whole} of the stack {layer_path(layer)} only; jaxvlm adapts every layer of "
+                "a stack or none"
+            )
+            return "\n".join(lines)
+    unadaptable = [layer for layer in adapted if any(re.search(bad, layer_path(layer)) for bad in UNADAPTABLE)]
+    if unadaptable:
+        lines.append(f"  the file adapts {', '.join(map(layer_path, unadaptable))}, which jaxvlm cannot")
+        return "\n".join(lines)
+    layers = [layer for layer in linear_layers(base) if layer in adapted]
+    pattern = "^(" + "|".join(re.escape(layer_path(layer)) for layer in layers) + ")$"
+    lines.append(f"  the file adapts {', '.join(map(layer_path, layers))}: config.model.lora.targets={[pattern]!r}")
+    return "\n".join(lines)
