@@ -43,9 +43,9 @@ setup(
         # check calls GRPOTrainer internals (_compute_loss, _get_per_token_logps_and_entropies) read in 1.16.0. Not in
         # the test extra: its one end-to-end test skips without trl, and trl + datasets add 26 s and 270 MB (pyarrow)
         # to an install that has the test extra (measured: pip, no cache, this 2-core machine).
-        "bench": ["torch==2.13.0", "trl==1.16.0", "accelerate>=1.15.0", "datasets>=5.2.0"],
+        "bench": ["torch==2.13.0", "trl==1.16.0", "accelerate>=1.15.0", "datasets>=5.2.0", "peft>=0.21.2"],
         # torch is the parity oracle of the tests (and the PyTorch baseline of the benchmarks); gguf and accelerate
-        # are there for the converter test.
+        # are there for the converter test; peft for the LoRA adapters' parity (and the baseline's LoRA).
         # ruff: lint and format (ruff.toml; CI runs `ruff check .` and `ruff format --check .`).
         "test": [
             "pytest>=8",
@@ -54,6 +54,7 @@ setup(
             "torch==2.13.0",
             "gguf>=0.19.0",
             "accelerate>=1.15.0",
+            "peft>=0.21.2",  # the LoRA parity oracle: our PEFT adapter directories load into transformers + peft
             "libtpu==0.0.42.*; sys_platform == 'linux' and platform_machine == 'x86_64'",
             "ruff>=0.17",
         ],

@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxvlm import checks
+from jaxvlm.models import lora
 from jaxvlm.models.builder import build_model
 from jaxvlm.models.config import ModelConfig
 from jaxvlm.models.qwen2_5_vl import Qwen25VL, compute_dtype_params
@@ -213,6 +214,10 @@ def generate_from_inputs(
     """
     sp = sp.resolve(config)  # idempotent; a caller may pass unresolved settings
     model = build_model(config)
+    # LoRA adapters are folded into their kernels once per call (measured faster than the low-rank branch at every
+    # decode step, docs/lora.md); in bfloat16 this costs no memory beyond the cast below, which copies every weight.
+    if lora.has_adapters(params):
+        params = lora.merged(params, config.lora)
     # Cast once per call: the decode loop then reads the weights in the compute dtype at every step (2 bytes a
     # parameter in bf16), where the layers' own cast would convert the float32 weights again at every token.
     variables = {"params": compute_dtype_params(config, params)}
