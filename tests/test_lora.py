@@ -16,7 +16,7 @@ from jaxvlm.checkpoint import TrainCheckpointer, abstract_like
 from jaxvlm.models import lora
 from jaxvlm.models.config import LoraConfig
 from test_train_checkpoint import assert_trees_equal
-from test_train_steps import policy_batch
+from test_train_steps import dyme_batch, policy_batch
 
 CFG = models.preset("tiny")
 LORA = LoraConfig(rank=4, alpha=8.0)
@@ -111,7 +111,7 @@ def test_one_sft_step_changes_only_the_adapters_whose_optimizer_state_is_all_the
     assert adapter_values < 0.05 * sum(x.size for x in jax.tree.leaves(before))
 
 
-def test_grpo_steps_train_the_adapters_and_a_frozen_pattern_still_applies():
+def test_grpo_and_dyme_steps_train_the_adapters_and_a_frozen_pattern_still_applies():
     state, optimizer, schedule = make_state(lora_params(random_b=True))
     fn = functools.partial(
         train_steps.grpo_step,
@@ -126,6 +126,19 @@ def test_grpo_steps_train_the_adapters_and_a_frozen_pattern_still_applies():
     changed = {path for path in before if not np.array_equal(before[path], after[path])}
     assert changed and all(lora.is_adapter(path) for path in changed)
     assert any(path[-1] == "lora_a" for path in changed)  # B is not zero here: A learns from the first update
+    # DyME (memorisation rows spliced in, one group explored): the adapters alone move here too.
+    dyme = functools.partial(
+        train_steps.dyme_step,
+        model=MODEL,
+        optimizer=optimizer,
+        schedule=schedule,
+        cfg=train_steps.LossConfig(group_size=2),
+    )
+    new, metrics = jax.jit(dyme)(state, dyme_batch([0, 0, 1, 0]))
+    assert float(metrics["dyme/memorize_fraction"]) == 0.5 and float(metrics["dyme/explore_fraction"]) == 0.5
+    after = lora.traverse_util.flatten_dict(new.params)
+    changed = {path for path in before if not np.array_equal(before[path], after[path])}
+    assert changed and all(lora.is_adapter(path) for path in changed)
     # optimizer.frozen matches adapters too: the MLP's adapters stay put, the attention's move.
     opt = train_steps.OptimizerConfig(learning_rate=1e-3, warmup_steps=0, total_steps=10, frozen=("mlp/",))
     state, optimizer, schedule = make_state(lora_params(random_b=True), opt)
