@@ -57,6 +57,7 @@ naming the key):
   model.dtype / param_dtype                      float32 / float32 -> fp32; bfloat16 / float32 -> bf16 autocast;
                                                    others refused
   model.remat                                    gradient_checkpointing (speed only; "auto" as jaxvlm resolves it)
+  model.lora                                     refused (full weights on both sides; LoRA vs peft: jaxvlm.bench)
 and pinned so a TRL default cannot drift in: use_bias_correction_kl False (TRL's default True multiplies the KL
 term by the ratio, whose gradient adds KL x grad log-prob: not jaxvlm's loss), mask_truncated_completions False,
 multi_objective_aggregation sum_then_normalize, top_entropy_quantile 1, entropy_coef 0, repetition_penalty 1,
@@ -223,6 +224,12 @@ def grpo_config_from_jaxvlm(cfg) -> dict[str, Any]:
         raise config_error(
             f"{key}.optimizer.warmup_steps",
             f"{opt.warmup_steps} >= the stage's {max_steps} updates: the HF schedules and optax's differ there",
+        )
+    if "lora" in spec.model.overrides:
+        raise config_error(
+            "model.lora.rank",
+            "this comparison trains every weight on both sides (TRL without a peft_config); LoRA runs are compared "
+            "with transformers + peft by python -m jaxvlm.bench (its sft and grpo sections)",
         )
     dtypes = (spec.model.overrides["dtype"], spec.model.overrides["param_dtype"])
     precision = {("float32", "float32"): (False, False), ("bfloat16", "float32"): (True, False)}
