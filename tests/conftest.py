@@ -41,6 +41,8 @@ LONGEST_FIRST = (
     "test_recipes.py",
     "test_train_steps.py",
     "test_trainer.py",
+    "test_lora.py",
+    "test_lora_peft.py",
     "test_bench_memory.py",
     "test_sampling.py",
     "test_bench.py",

@@ -346,6 +346,18 @@ def test_a_lora_run_resumes_exactly_anchors_its_kl_and_exports_adapter_and_merge
         atol=2e-5,
         rtol=1e-5,
     )
+    # transformers + peft: the trained adapter directory on transformers' model of the same base gives our logits.
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    models.save_pretrained(models.build_model(model.config), start, str(tmp_path / "base"))
+    hf = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "base"), dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(hf, str(whole / "final_adapter")).eval()
+    with torch.no_grad():
+        theirs = peft_model(input_ids=torch.tensor(np.array(x), dtype=torch.long)).logits.numpy()
+    ours = np.asarray(models.build_model(adapted_cfg).apply({"params": rebuilt}, x))
+    assert np.abs(ours - theirs).max() < 1e-4
     # The stage checkpoints hold the adapters and their optimizer state, not the base weights.
     ckpt_dir = whole / "checkpoints" / "grpo"
     assert sum(f.stat().st_size for f in ckpt_dir.rglob("*") if f.is_file()) < 0.5 * sum(
