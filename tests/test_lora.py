@@ -111,6 +111,21 @@ def test_one_sft_step_changes_only_the_adapters_whose_optimizer_state_is_all_the
     assert adapter_values < 0.05 * sum(x.size for x in jax.tree.leaves(before))
 
 
+def test_a_bfloat16_base_trains_float32_adapters():
+    """param_dtype=bfloat16 halves the frozen base; the adapters stay float32 master weights and train."""
+    cfg = CFG.replace(dtype="bfloat16", param_dtype="bfloat16", lora=LORA)
+    params = models.init_params(cfg, 0)
+    dtypes = {path[-1]: v.dtype for path, v in lora.traverse_util.flatten_dict(params).items()}
+    assert dtypes["kernel"] == jnp.bfloat16 and dtypes["lora_a"] == dtypes["lora_b"] == jnp.float32
+    state, optimizer, schedule = make_state(params)
+    new, metrics = sft(models.build_model(cfg), state, optimizer, schedule, policy_batch((1,), 4, seed=8))
+    assert metrics["update_skipped"] == 0 and np.isfinite(float(metrics["loss"]))
+    assert_trees_equal(lora.without_adapters(new.params), lora.without_adapters(state.params))
+    adapters = lora.adapters_of(new.params)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(adapters))
+    assert not lora.adapters_are_zero(adapters)
+
+
 def test_grpo_and_dyme_steps_train_the_adapters_and_a_frozen_pattern_still_applies():
     state, optimizer, schedule = make_state(lora_params(random_b=True))
     fn = functools.partial(

@@ -92,8 +92,9 @@ def targeted_layers(params, lora: LoraConfig) -> list[tuple[str, ...]]:
 
 
 def add_adapters(params, lora: LoraConfig, rng: jax.Array) -> dict:
-    """`params` with a fresh adapter on every targeted layer (A uniform(+-1/sqrt(in)), B zero), in the kernel's
-    dtype. Works under `jax.eval_shape` (abstract params in, abstract params out)."""
+    """`params` with a fresh adapter on every targeted layer (A uniform(+-1/sqrt(in)), B zero). Adapters are float32
+    master weights whatever the base's dtype, so a bfloat16 base (`param_dtype="bfloat16"`: half the memory of the
+    frozen weights) still trains its adapters in float32. Works under `jax.eval_shape`."""
     if has_adapters(params):
         raise LoraError("these params already hold adapters")
     flat = dict(_flat(params))
@@ -103,8 +104,8 @@ def add_adapters(params, lora: LoraConfig, rng: jax.Array) -> dict:
         bound = 1.0 / np.sqrt(fan_in)
         key = jax.random.fold_in(rng, i)
         a = jax.random.uniform(key, (*lead, fan_in, lora.rank), jnp.float32, -bound, bound)
-        flat[(*layer, "lora_a")] = a.astype(kernel.dtype)
-        flat[(*layer, "lora_b")] = jnp.zeros((*lead, lora.rank, fan_out), kernel.dtype)
+        flat[(*layer, "lora_a")] = a
+        flat[(*layer, "lora_b")] = jnp.zeros((*lead, lora.rank, fan_out), jnp.float32)
     return traverse_util.unflatten_dict(flat)
 
 
@@ -399,7 +400,7 @@ def load_peft_adapter(path: str, cfg: ModelConfig, params) -> dict:
     for path_, by_layer in parts.items():
         kernel = flat_base[(*path_[:-1], "kernel")]
         value = np.stack([by_layer[i] for i in range(len(by_layer))]) if kernel.ndim == 3 else by_layer[0]
-        flat[path_] = jnp.asarray(value, kernel.dtype)
+        flat[path_] = jnp.asarray(value, jnp.float32)
     return traverse_util.unflatten_dict(flat)
 
 
