@@ -16,6 +16,8 @@ Qwen3-VL's patches are 16 px (a 2 x 2 merge unit: image sides a multiple of 32 p
 Qwen3-VL variants take the images whose patch grid equals their Qwen2.5-VL counterpart's (64 / 128 / 256 / 512 px
 for 56 / 112 / 224 / 448 px), so both families' rows hold the same image patches and placeholder tokens.
 Every field can be overridden, e.g. `--config.sections=sft,decode --config.torch.compile=False`.
+`--config.model.lora.rank=16` (alpha, dropout, targets as `config.model.lora` of a training config) runs the SFT and
+GRPO sections with LoRA adapters: jaxvlm trains its adapters, the PyTorch side the same adapters through peft.
 
 `sft.steps`, `grpo.steps` and `decode.repeats` count each side's timed repeats. They run after every side's
 compile / warm-up, interleaved round by round with the other sides' repeats, and the table reports their median
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxvlm.configuration import check_variant
+from jaxvlm.configuration import check_variant, lora_section
 
 VARIANTS = ("tiny", "100m", "0.5b", "3b", "qwen3_vl_tiny", "qwen3_vl_100m", "qwen3_vl_2b", "qwen3_vl_4b")
 # The Qwen3-VL variants: their Qwen2.5-VL counterpart (whose sizes they take) and remat.
@@ -55,6 +57,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             attention="auto",
             logits_chunk=512,
             vocab_chunk=32768,
+            # LoRA (rank 0 = off): e.g. --config.model.lora.rank=16 trains adapters on the decoder's projections
+            # (configuration.lora_section's targets) on both sides: jaxvlm's adapters, and the same adapters through
+            # peft on the PyTorch side.
+            lora=lora_section(),
         )
     )
     c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1, 1)))  # (data, fsdp, tensor); -1 = the other devices

@@ -6,13 +6,16 @@ import importlib.util
 import json
 import math
 import os
+import re
 
 import jax
 import numpy as np
 import pytest
 
-from jaxvlm import models, train_steps
+from jaxvlm import configuration, models, runtime, train_steps
 from jaxvlm.bench import flops, hardware, run, workload
+from jaxvlm.models import lora
+from jaxvlm.models.config import DEFAULT_LORA_TARGETS, LoraConfig
 
 _spec = importlib.util.spec_from_file_location(
     "bench_config", os.path.join(os.path.dirname(__file__), "..", "configs", "bench.py")
@@ -52,6 +55,53 @@ def test_analytic_forward_flops_match_the_traced_matmuls(preset, image_hw, rows)
         analytic += flops.vision_forward_flops(cfg.vision, batch.image_grid_thw)
     assert analytic == pytest.approx(traced, rel=1e-9)
     assert flops.train_flops(cfg, [96] * rows, 16 * rows, batch.image_grid_thw)["total"] == pytest.approx(3 * traced)
+
+
+@pytest.mark.parametrize(
+    "preset,image_hw,targets",
+    [
+        ("tiny", (56, 56), DEFAULT_LORA_TARGETS),
+        ("qwen3_vl_tiny", (64, 64), DEFAULT_LORA_TARGETS),
+        ("tiny", (56, 56), (r"self_attn/(q_proj|v_proj)$",)),  # PEFT's classic pair: the backward still spans it all
+    ],
+)
+def test_lora_flops_match_the_traced_adapter_gradient(preset, image_hw, targets):
+    """A LoRA step forms no weight gradient of the frozen base: the analytic count (2 x the decoder's projections,
+    MLPs and LM head, 3 x attention and the adapters, the vision tower's forward alone) equals the matmuls of the
+    adapters' gradient as XLA keeps them (dead code dropped: the fused layers' custom VJPs also form the kernels'
+    gradients, which nothing reads), less the QK^T that the attention's backward recomputes (half its forward)."""
+    cfg = models.preset(preset, lora=LoraConfig(rank=4, targets=targets))
+    model = models.build_model(cfg)
+    rows = workload.make_rows(cfg, 2, 96, 16, image_hw)
+    mb = jax.tree.map(lambda x: x[0], workload.sft_microbatches(cfg, rows, 1))
+    params = models.abstract_params(cfg)
+    seq_lens, scored = [96] * 2, 2 * 16
+    count = flops.lora_train_flops(cfg, params, seq_lens, scored, rows.image_grid_thw)
+    traced = flops.traced_matmul_flops(lambda p, b: run._adapter_gradient(model, p, b), params, mb, dead_code=False)
+    attention = flops._lm_forward_parts(cfg.text, seq_lens, scored)[2]
+    assert count["total"] + attention / 2 == pytest.approx(traced, rel=1e-9)
+    # The adapters' own matmuls, by hand: tokens x 2 r (in + out) per adapted layer, 3 x for the backward.
+    text, r = cfg.text, 4
+    hd = text.resolved_head_dim
+    q, kv = text.num_attention_heads * hd, text.num_key_value_heads * hd
+    h, i = text.hidden_size, text.intermediate_size
+    shapes = {
+        "self_attn/q_proj": (h, q),
+        "self_attn/k_proj": (h, kv),
+        "self_attn/v_proj": (h, kv),
+        "self_attn/o_proj": (q, h),
+        "mlp/gate_proj": (h, i),
+        "mlp/up_proj": (h, i),
+        "mlp/down_proj": (i, h),
+    }
+    adapted = [x for name, x in shapes.items() if any(re.search(t, "language_model/layers/" + name) for t in targets)]
+    assert len(adapted) == (2 if len(targets[0]) < 30 else 7)
+    assert count["adapters"] == 3 * 192 * 2 * r * sum(a + b for a, b in adapted) * text.num_hidden_layers
+    assert count["vision"] == flops.vision_forward_flops(cfg.vision, rows.image_grid_thw)  # forward only
+    full = flops.train_flops(cfg, seq_lens, scored, rows.image_grid_thw)
+    assert count["total"] < 0.8 * full["total"]
+    # Without dead-code elimination the jaxpr holds the base kernels' gradients as well.
+    assert flops.traced_matmul_flops(lambda p, b: run._adapter_gradient(model, p, b), params, mb) > traced
 
 
 def test_window_attention_counts_windows_not_the_whole_image():
@@ -141,6 +191,20 @@ def test_bench_config_variants():
         assert a.model.preset == qwen3 and (a.sft.seq_len, a.grpo.prompts) == (b.sft.seq_len, b.grpo.prompts)
         for x, y in ((a.sft.image_hw, b.sft.image_hw), (a.grpo.image_hw, b.grpo.image_hw)):
             assert [side // 16 for side in x] == [side // 14 for side in y]
+
+
+def test_bench_configs_take_lora_settings():
+    """Every variant has `model.lora` (rank 0: off, the model without adapters); a rank on the command line gives
+    the JAX side base + adapters, and `--config.sections=sft,grpo` reads as two sections."""
+    for variant in bench_config.VARIANTS:
+        c = bench_config.get_config(variant)
+        assert c.model.lora.rank == 0 and configuration.resolve_model(c.model).overrides.get("lora") is None
+    c = bench_config.get_config("100m")
+    c.model.lora.rank = 16
+    model, params = runtime.build_model(configuration.resolve_model(c.model), c.seed, abstract=True)
+    assert model.config.lora == LoraConfig(rank=16, alpha=16.0)
+    assert lora.num_adapter_params(params) > 0 and lora.has_adapters(params)
+    assert run.section_names(("sft,grpo",)) == ("sft", "grpo") == run.section_names(("sft", "grpo"))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -390,6 +454,55 @@ def test_figures_are_medians_with_their_spread(smoke):
     )
     text = run.table(results)
     assert "min–max" in text and "medians" in text and f"{c.sft.steps} repeats per side" in text
+
+
+@pytest.fixture(scope="module")
+def lora_smoke(tmp_path_factory):
+    """The tiny variant with LoRA (rank 4, alpha 12: scale 3, so a side applying another scale shows) on both sides,
+    one timed repeat per section; decode on one batch size (the merged model)."""
+    c = _smoke_config("tiny")
+    c.model.lora.update(rank=4, alpha=12.0)
+    c.sft.steps = c.grpo.steps = c.decode.repeats = 1
+    c.decode.update(batches=(1,), new_tokens=4)
+    workdir = tmp_path_factory.mktemp("bench_lora")
+    return run.run(c, str(workdir)), workdir
+
+
+@pytest.mark.slow
+def test_lora_runs_on_both_sides_with_the_same_adapters(lora_smoke):
+    """jaxvlm's adapters and peft's (the same ones, written by lora.save_peft_adapter) train alike: SFT losses step by
+    step and the first gradient norm, and the GRPO loss and gradient norm on the JAX sampler's rollouts, agree; both
+    optimizers hold the adapters alone; bench.json and the table say LoRA."""
+    results, workdir = lora_smoke
+    m = results["model"]
+    adapters = lora.num_adapter_params(models.abstract_params(models.preset("tiny", lora=LoraConfig(rank=4))))
+    assert m["lora"] == {
+        "rank": 4,
+        "alpha": 12.0,
+        "dropout": 0.0,
+        "targets": list(DEFAULT_LORA_TARGETS),
+        "adapted_layers": 7,
+    }
+    assert m["adapter_params"] == m["trainable_params"] == adapters > 0
+    assert m["params"] == sum(x.size for x in jax.tree.leaves(models.abstract_params(models.preset("tiny"))))
+    sft, grpo = results["sft"], results["grpo"]
+    for section in (sft, grpo):
+        assert section["trainable_params"] == {"jax": adapters, "torch": adapters}
+        assert section["flops"]["adapters"] > 0  # flops.lora_train_flops (checked against the trace on its own)
+    assert len(sft["jax"]["losses"]) == len(sft["torch"]["losses"]) == 2
+    assert sft["jax"]["losses"][1] < sft["jax"]["losses"][0]  # the adapters moved the loss
+    assert max(sft["parity"]["loss_rel_diff"]) < 1e-4 and sft["parity"]["grad_norm_rel_diff"] < 1e-3
+    parity = grpo["parity"]
+    assert parity["jax_grad_norm"] > 0 and parity["grad_norm_rel_diff"] < 1e-3
+    assert parity["logp_max_abs_diff"] < 1e-4 and parity["loss_abs_diff"] < 1e-4
+    assert results["decode"]["weights"].startswith("LoRA merged") and "B = 0" in results["decode"]["weights"]
+    assert results["decode"]["rows"][0]["torch"]["decode_tok_s"] > 0
+    assert "weights: LoRA merged into the base" in run.table(results)
+    on_disk = json.load(open(workdir / "bench.json"))
+    assert on_disk["model"] == m and on_disk["grpo"]["parity"] == parity
+    text = run.table(results)
+    assert "LoRA rank 4 alpha 12 dropout 0 on 7 linear layers" in text and "through peft" in text
+    assert text.count(f"trained params jax {adapters / 1e6:,.2f}M, torch {adapters / 1e6:,.2f}M") == 2
 
 
 @pytest.mark.slow

@@ -211,6 +211,60 @@ def test_a_program_that_does_not_fit_is_a_section_error(tmp_path):
     ), proc.stdout
 
 
+def _state_bytes(rank: int) -> tuple[dict, dict]:
+    """(`memory.state_bytes`, `memory.model_summary`) of the tiny bench config's abstract train state on one device,
+    LoRA of `rank` (0 = off); nothing compiled or allocated."""
+    from jaxvlm.bench import jax_side
+
+    c = bench_config.get_config("tiny")
+    c.model.lora.rank = rank
+    model, state, *_ = memory.model_and_state(c, jax_side.default_mesh((1, 1, 1)))
+    return memory.state_bytes(state), memory.model_summary(c, state.params, model.config.lora)
+
+
+def test_lora_optimizer_state_is_the_adapters_two_moments():
+    """Per device, from the abstract state's shardings: with LoRA the optimizer state is AdamW's mu and nu of the
+    adapters (plus its step counters) and the trainable params the adapters; without, both cover every weight."""
+    full, full_model = _state_bytes(0)
+    with_lora, model = _state_bytes(4)
+    adapter_bytes = 4 * model["adapter_params"]  # float32
+    assert model["adapter_params"] == model["trainable_params"] > 0 and model["params"] == full_model["params"]
+    assert with_lora["adapter_bytes"] == with_lora["trainable_bytes"] == adapter_bytes
+    assert with_lora["params_bytes"] == full["params_bytes"] + adapter_bytes == 4 * model["params"] + adapter_bytes
+    assert 2 * adapter_bytes <= with_lora["optimizer_state_bytes"] <= 2 * adapter_bytes + 64
+    assert full["adapter_bytes"] == 0 and full["trainable_bytes"] == full["params_bytes"]
+    assert 2 * full["params_bytes"] <= full["optimizer_state_bytes"] <= 2 * full["params_bytes"] + 64
+    assert with_lora["optimizer_state_bytes"] < full["optimizer_state_bytes"] / 10
+    assert full_model["lora"] is None and model["lora"]["rank"] == 4 and model["lora"]["adapted_layers"] == 7
+
+
+@pytest.mark.slow
+def test_lora_report_on_one_device(tmp_path):
+    """`--config.model.lora.rank=4` on cpu:1 (the SFT section; the sampler with adapters runs in test_bench's LoRA
+    run): the state rows show the adapters' optimizer state, and XLA's argument bytes are the state's and the
+    batch's."""
+    proc = _memory(
+        tmp_path, "--topology", "cpu:1", "--mesh", "1,1,1", "--sections", "sft", "--config.model.lora.rank=4"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "memory.json") as f:
+        result = json.load(f)
+    full, _ = _state_bytes(0)
+    with_lora, model = _state_bytes(4)
+    assert result["model"] == json.loads(json.dumps(model))
+    sft = result["sections"]["sft"]
+    assert sft["state"] == with_lora
+    assert sft["memory"]["argument_bytes"] == sft["expected_argument_bytes"]
+    batch_bytes = sft["expected_argument_bytes"] - with_lora["params_bytes"] - with_lora["optimizer_state_bytes"]
+    assert 0 < batch_bytes < sft["expected_argument_bytes"] / 2  # the rest: step, key and the SFT batch
+    out = proc.stdout
+    assert "LoRA rank 4 alpha 16 dropout 0 on 7 linear layers" in out
+    opt = re.search(r"optimizer state \(AdamW\)\s+(\S+ \S+)\n", out)
+    assert opt and opt.group(1) == memory._size(with_lora["optimizer_state_bytes"]), out
+    assert re.search(r"trainable params \(adapters\)\s+" + re.escape(memory._size(4 * model["adapter_params"])), out)
+    assert full["optimizer_state_bytes"] > 10 * with_lora["optimizer_state_bytes"]
+
+
 def _per_device_bytes(tree, shardings) -> int:
     def itemsize(dtype):  # a PRNG key's dtype has its data's size; int64 batch fields travel as int32
         return (

@@ -8,6 +8,8 @@ Two counts, both for one forward + backward over a batch (training = 3 x the for
   attention, patch merger; Qwen3-VL: a two-matrix MLP, full attention in every block, and one more merger per
   DeepStack layer). Embedding lookups (Qwen3-VL's interpolated position table too) and elementwise work are not
   counted (PaLM's MFU convention).
+* `lora_train_flops`: the same with LoRA adapters on a frozen base: no weight gradients of the base's matmuls, the
+  adapters' own matmuls counted, the vision tower's forward alone when it holds no adapter.
 * `verl_lm_flops`: verl's / EasyR1's `FlopsCounter` for Qwen2 (`_estimate_qwen2_flops`), language model only:
   6 x (per-layer matmul params x layers + 2 x vocab x hidden) x tokens + 12 x sum(S^2) x head_dim x heads x layers.
   It counts the embedding as a matmul and ignores the vision tower; this is what their "MFU" divides. Their
@@ -34,15 +36,20 @@ def _layer_matmul_params(text: TextConfig) -> int:
     return text.hidden_size * (q + 2 * kv) + q * text.hidden_size + 3 * text.hidden_size * text.intermediate_size
 
 
-def lm_forward_flops(text: TextConfig, seq_lens: Sequence[int], scored_tokens: int) -> float:
-    """Forward FLOPs of the decoder over rows of `seq_lens` tokens, with the LM head on `scored_tokens` positions."""
+def _lm_forward_parts(text: TextConfig, seq_lens: Sequence[int], scored_tokens: int) -> tuple[float, float, float]:
+    """Forward FLOPs of the decoder: (the layers' projections and MLPs, the LM head, attention's QK^T and AV)."""
     tokens = int(np.sum(seq_lens))
     hd = text.resolved_head_dim
     dense = 2 * _layer_matmul_params(text) * text.num_hidden_layers * tokens
     head = 2 * text.hidden_size * text.vocab_size * scored_tokens
     square = float(np.sum(np.square(np.asarray(seq_lens, np.float64))))
     attention = 4 * square * hd * text.num_attention_heads * text.num_hidden_layers  # QK^T and AV
-    return float(dense + head + attention)
+    return float(dense), float(head), float(attention)
+
+
+def lm_forward_flops(text: TextConfig, seq_lens: Sequence[int], scored_tokens: int) -> float:
+    """Forward FLOPs of the decoder over rows of `seq_lens` tokens, with the LM head on `scored_tokens` positions."""
+    return float(sum(_lm_forward_parts(text, seq_lens, scored_tokens)))
 
 
 def _vision_segments(grid: Sequence[int], vision: VisionConfig) -> tuple[list[int], list[int]]:
@@ -106,6 +113,47 @@ def train_flops(
     return {"total": lm + vision, "lm": lm, "vision": vision}
 
 
+def lora_train_flops(
+    cfg: ModelConfig, params, seq_lens: Sequence[int], scored_tokens: int, grids: np.ndarray | None = None
+) -> dict[str, float]:
+    """FLOPs of one LoRA training step (forward + backward, the base frozen) over a batch: {"total", "lm", "vision",
+    "adapters"}, where `params` (arrays or abstract) hold the adapters (`jaxvlm.models.lora`).
+
+    No weight gradient of a frozen matmul is formed, so the decoder's projections, MLPs and LM head cost their forward
+    and the input gradient (2 x forward; every layer's, as the gradient reaches the lowest adapted layer through the
+    layer scan), attention's QK^T / AV 3 x (its backward is two matmuls per forward one, as in full training), and
+    each adapter x A B 3 x its forward (both factors' gradients and its input's). The vision tower costs its forward
+    alone when it holds no adapter (no gradient flows into it); with adapters there it is counted as fully trained
+    (3 x, its adapters' own matmuls not counted: an estimate). Rematerialisation is not counted (model FLOPs)."""
+    from jaxvlm.models import lora
+
+    dense, head, attention = _lm_forward_parts(cfg.text, seq_lens, scored_tokens)
+    tokens = int(np.sum(seq_lens))
+    adapters, vision_adapted = 0.0, False
+    flat = _flat(lora.adapters_of(params))
+    for path, a in flat.items():
+        if path[-1] != "lora_a":
+            continue
+        if path[0] != "language_model":
+            vision_adapted = True
+            continue
+        b = flat[(*path[:-1], "lora_b")]
+        layers = math.prod(a.shape[:-2])
+        fan_in, rank, fan_out = a.shape[-2], a.shape[-1], b.shape[-1]
+        adapters += 2.0 * tokens * rank * (fan_in + fan_out) * layers
+    lm = 2 * (dense + head) + 3 * attention + 3 * adapters
+    vision = 0.0
+    if grids is not None and cfg.vision is not None:
+        vision = (3 if vision_adapted else 1) * vision_forward_flops(cfg.vision, grids)
+    return {"total": lm + vision, "lm": lm, "vision": vision, "adapters": 3 * adapters}
+
+
+def _flat(tree) -> dict:
+    from flax import traverse_util
+
+    return traverse_util.flatten_dict(tree) if tree else {}
+
+
 def verl_lm_flops(text: TextConfig, seq_lens: Sequence[int]) -> float:
     """verl's / EasyR1's Qwen2 FLOPs estimate for a training step over rows of `seq_lens` tokens (LM only).
 
@@ -157,12 +205,16 @@ class DynamicLoopError(ValueError):
     """A while loop whose trip count is data-dependent: its matmuls cannot be counted from the jaxpr."""
 
 
-def traced_matmul_flops(fn, *args, **kwargs) -> float:
+def traced_matmul_flops(fn, *args, dead_code: bool = True, **kwargs) -> float:
     """2 x multiply-adds of every `dot_general` that `fn(*args)` executes, read from its jaxpr (scan bodies counted
     `length` times, nested calls and remat followed). An independent check of the analytic counts above, and a way
     to count a model variant they do not describe. Loops with a data-dependent trip count (while) are refused; a
     `cond` counts its costliest branch (an upper bound: the vision tower chooses window or full attention per
-    block with one)."""
+    block with one).
+
+    `dead_code=False` first drops what no output reads, as XLA does when it compiles: a gradient's jaxpr holds the
+    custom VJPs' whole backward (the fused layers' kernel gradients too, which a LoRA step discards: XLA never
+    computes them). Uses JAX's internal `dce_jaxpr`."""
     import jax
     from jax.extend import core as jax_core
 
@@ -186,5 +238,9 @@ def traced_matmul_flops(fn, *args, **kwargs) -> float:
                 total += factor * count(sub)
         return total
 
-    closed = jax.make_jaxpr(fn)(*args, **kwargs)
-    return count(closed.jaxpr)
+    jaxpr = jax.make_jaxpr(fn)(*args, **kwargs).jaxpr
+    if not dead_code:
+        from jax._src.interpreters import partial_eval as pe
+
+        jaxpr, _ = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
+    return count(jaxpr)

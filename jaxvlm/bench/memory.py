@@ -21,8 +21,11 @@ state are `jax.eval_shape`s, so even the 3B model is never allocated.
 
 Per section (per device): argument / output / aliased / temporary / generated-code bytes from
 `compiled.memory_analysis()`, and the peak estimate argument + output - alias + temp (MaxText's formula;
-generated code apart); FLOPs and bytes accessed from `compiled.cost_analysis()` (XLA counts a while loop's body
-once: the layer scan, the micro-batch and update scans run more often); lower and compile times; the 10 largest
+generated code apart); the train state's share of the arguments from its shapes and shardings (`state_bytes`:
+params, trainable params, AdamW's state; the sampler takes the params alone), so that with LoRA
+(`--config.model.lora.rank=16`: adapters trained, the base frozen) the optimizer state is the adapters' two
+moments; FLOPs and bytes accessed from `compiled.cost_analysis()` (XLA counts a while loop's body once: the layer
+scan, the micro-batch and update scans run more often); lower and compile times; the 10 largest
 buffers of XLA's buffer assignment (dumped by this compile alone: `xla_dump_to` as a compile option), with the
 buffers live at the peak of the heap simulation, and, if no dump is found, the largest instruction results of the
 optimized HLO instead (the report says which); the collectives of the optimized HLO with their static count, their
@@ -54,6 +57,7 @@ from jax.sharding import PartitionSpec as P
 from jaxvlm.bench import hlo
 
 SECTIONS = ("sft", "grpo", "sampler")
+TRAINING_SECTIONS = ("sft", "grpo")  # the sections that take the whole train state (params + optimizer state)
 PEAK_FORMULA = "argument + output - alias + temp (MaxText's estimate; generated code not included)"
 GiB = 1024**3
 
@@ -425,16 +429,69 @@ def build(c, mesh, sections: Sequence[str], prepared: tuple | None = None) -> di
     return out
 
 
-def model_summary(c, params) -> dict:
-    """Parameter counts (of the abstract `params`) and the model settings."""
+def model_summary(c, params, lora_config=None) -> dict:
+    """Parameter counts of `params` (arrays or abstract) and the model settings: `params` / `vision_params` count the
+    base model (adapters apart, so a run with LoRA names the same model as one without), `adapter_params` the LoRA
+    adapters, `trainable_params` what the optimizer updates (the adapters with LoRA on, else every parameter);
+    `lora`: the adapter settings (`lora_config`, the model config's `LoraConfig`) or None."""
+    from jaxvlm.models import lora
+
     count = lambda tree: int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))  # noqa: E731
+    base = lora.without_adapters(params)
+    adapters = lora.num_adapter_params(params)
+    settings = None
+    if lora_config is not None:
+        settings = {
+            "rank": lora_config.rank,
+            "alpha": lora_config.alpha,
+            "dropout": lora_config.dropout,
+            "targets": list(lora_config.targets),
+            "adapted_layers": len({path[:-1] for path in _flat_paths(lora.adapters_of(params))}),
+        }
     return {
         "preset": c.model.preset,
-        "params": count(params),
-        "vision_params": count(params.get("visual", {})),
+        "params": count(base),
+        "vision_params": count(base.get("visual", {})),
+        "adapter_params": adapters,
+        "trainable_params": adapters if adapters else count(base),
+        "lora": settings,
         "dtype": c.model.dtype,
         "param_dtype": c.model.param_dtype,
         "remat": c.model.remat,
+    }
+
+
+def _flat_paths(tree) -> list[tuple[str, ...]]:
+    from flax import traverse_util
+
+    return list(traverse_util.flatten_dict(tree)) if tree else []
+
+
+def lora_label(m: dict) -> str:
+    """The model's LoRA settings in a table header ("" without LoRA)."""
+    settings = m.get("lora")
+    if not settings:
+        return ""
+    return (
+        f"LoRA rank {settings['rank']} alpha {settings['alpha']:g} dropout {settings['dropout']:g} on "
+        f"{settings['adapted_layers']} linear layers (stacks): {m['adapter_params'] / 1e6:,.2f}M adapter params "
+        "trained, base frozen"
+    )
+
+
+def state_bytes(state) -> dict:
+    """Per-device bytes of an abstract train state (ShapeDtypeStructs carrying their shardings): `params_bytes` (the
+    whole tree: base + adapters), `trainable_bytes` (what the optimizer updates: `lora.split_trainable`),
+    `adapter_bytes` (0 without LoRA), `optimizer_state_bytes` (AdamW's two moments of the trainable params, plus its
+    step counters)."""
+    from jaxvlm.models import lora
+
+    trainable, _ = lora.split_trainable(state.params)
+    return {
+        "params_bytes": shard_bytes(state.params),
+        "trainable_bytes": shard_bytes(trainable),
+        "adapter_bytes": shard_bytes(lora.adapters_of(state.params)),
+        "optimizer_state_bytes": shard_bytes(state.opt_state),
     }
 
 
@@ -562,12 +619,13 @@ def report(
         "jax": jax.__version__,
         "jaxlib": _version("jaxlib"),
         "libtpu": libtpu_version(),
-        "model": model_summary(c, prepared[1].params),
+        "model": model_summary(c, prepared[1].params, prepared[0].config.lora),
         "peak_formula": PEAK_FORMULA,
         "config": c.to_dict(),
         "sections": {},
     }
     programs = build(c, mesh, sections, prepared)
+    state = state_bytes(prepared[1])
     dump_root = os.path.join(workdir, "xla_dump") if keep_dump else tempfile.mkdtemp(prefix="jaxvlm-memory-")
     try:
         for section in sections:
@@ -579,6 +637,10 @@ def report(
             log(f"[memory] {section}: compiling for {topology} ...")
             try:
                 result["sections"][section] = analyse(program, os.path.join(dump_root, section))
+                # The train state's share of the arguments; the sampler takes the params alone.
+                result["sections"][section]["state"] = (
+                    dict(state) if section in TRAINING_SECTIONS else {"params_bytes": state["params_bytes"]}
+                )
             except SectionError as e:
                 result["sections"][section] = {
                     "shapes": program.shapes,
@@ -659,6 +721,8 @@ def table(result: dict) -> str:
         + f"; jax {result['jax']}"
         + (f", libtpu {result['libtpu']}" if result.get("libtpu") else ""),
     ]
+    if lora_label(m):
+        lines.append(lora_label(m))
     sections = result["sections"]
     names = list(sections)
     width = 16
@@ -676,6 +740,9 @@ def table(result: dict) -> str:
 
     row("arguments", lambda r: _size(r["memory"]["argument_bytes"]))
     row("  (from shapes and shardings)", lambda r: _size(r["expected_argument_bytes"]))
+    row("  params" + (" (base + adapters)" if m.get("lora") else ""), lambda r: _size(r["state"]["params_bytes"]))
+    row("  trainable params" + (" (adapters)" if m.get("lora") else ""), lambda r: _size(r["state"]["trainable_bytes"]))
+    row("  optimizer state (AdamW)", lambda r: _size(r["state"]["optimizer_state_bytes"]))
     row("outputs", lambda r: _size(r["memory"]["output_bytes"]))
     row("aliased (donated)", lambda r: _size(r["memory"]["alias_bytes"]))
     row("temporaries", lambda r: _size(r["memory"]["temp_bytes"]))

@@ -21,6 +21,13 @@ Before any timing the two sides must agree: SFT losses step by step on the same 
 gradient norm on the same rollout batch (the JAX sampler's rows scored by both); the harness records the
 differences (`parity`), and the test suite asserts them on the tiny config.
 
+LoRA (`config.model.lora.rank > 0`): the JAX side trains jaxvlm's adapters, the PyTorch side the same adapters
+(written with `lora.save_peft_adapter`, loaded with `peft.PeftModel.from_pretrained(..., is_trainable=True)`) on the
+same base checkpoint, each optimizer over the adapters alone; the parity checks hold as without LoRA. The SFT / GRPO
+FLOP counts are then `flops.lora_train_flops` (no weight gradients of the frozen base). The decode section decodes
+the merged model on both sides (adapters folded into the kernels: what is served; fresh adapters have B = 0, so it is
+the base model). `model` in bench.json gives the base's parameter count, the adapters' and the `lora` settings.
+
 Peak for MFU: on GPU the nominal dense bf16 FLOP/s of the device; elsewhere a jitted matmul measured in this run
 (and the bandwidth a jitted sum over 512 MiB reaches).
 Writes `<workdir>/bench.json` and prints the table (`table`).
@@ -28,6 +35,7 @@ Writes `<workdir>/bench.json` and prints the table (`table`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -41,7 +49,8 @@ import numpy as np
 
 from jaxvlm import configuration, models, runtime, train_steps
 from jaxvlm.bench import decode as decode_bench
-from jaxvlm.bench import flops, hardware, jax_side, workload
+from jaxvlm.bench import flops, hardware, jax_side, memory, workload
+from jaxvlm.models import lora
 
 SECTIONS = ("sft", "grpo", "decode")
 SPREAD = "min and max over a side's timed repeats (medians are the figures; ratios are of medians)"
@@ -114,24 +123,57 @@ def _model(c):
     return runtime.build_model(configuration.resolve_model(c.model), c.seed)
 
 
-def _torch_baseline(c, checkpoint):
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """What the PyTorch side loads: `model`, the base weights (transformers' format); `adapter`, the PEFT directory of
+    the JAX side's LoRA adapters (None without LoRA); `merged`, the weights with the adapters folded in (the decode
+    section's: `model` itself without adapters or while they are zero)."""
+
+    model: str
+    adapter: str | None
+    merged: str
+
+
+def write_checkpoint(model, params, directory: str) -> Checkpoint:
+    """The JAX side's very weights for the PyTorch side, under `directory`."""
+    base = os.path.join(directory, "model")
+    models.save_pretrained(model, lora.without_adapters(params), base)
+    if not lora.has_adapters(params):
+        return Checkpoint(base, None, base)
+    adapter = os.path.join(directory, "adapter")
+    lora.save_peft_adapter(model.config, params, adapter)
+    merged = base
+    if not lora.adapters_are_zero(params):  # e.g. adapters read from config.model.lora.path
+        merged = os.path.join(directory, "merged")
+        models.save_pretrained(model, params, merged)  # folds them in
+    return Checkpoint(base, adapter, merged)
+
+
+def _torch_baseline(c, checkpoint: Checkpoint):
     from jaxvlm.bench.torch_side import TorchBaseline
 
-    return TorchBaseline(checkpoint, c.model.dtype, c.optimizer)
+    return TorchBaseline(checkpoint.model, c.model.dtype, c.optimizer, adapter=checkpoint.adapter)
+
+
+def _train_flops(model, params, seq_lens, scored_tokens, grids) -> dict:
+    """The training step's model FLOPs: `flops.lora_train_flops` with adapters, else `flops.train_flops`."""
+    if lora.has_adapters(params):
+        return flops.lora_train_flops(model.config, params, seq_lens, scored_tokens, grids)
+    return flops.train_flops(model.config, seq_lens, scored_tokens, grids)
 
 
 def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(a), abs(b), 1e-12)
 
 
-def bench_sft(c, model, params, mesh, peak: dict, checkpoint: str | None) -> dict:
+def bench_sft(c, model, params, mesh, peak: dict, checkpoint: Checkpoint | None) -> dict:
     s = c.sft
     rows = workload.make_rows(
         model.config, s.batch_size, s.seq_len, s.completion_len, workload.image_hw(s.image_hw), c.seed
     )
     tokens = rows.num_rows * rows.seq_len
-    count = flops.train_flops(
-        model.config, [rows.seq_len] * rows.num_rows, rows.num_rows * s.completion_len, rows.image_grid_thw
+    count = _train_flops(
+        model, params, [rows.seq_len] * rows.num_rows, rows.num_rows * s.completion_len, rows.image_grid_thw
     )
     verl = flops.verl_lm_flops(model.config.text, [rows.seq_len] * rows.num_rows)
     devices = mesh.devices.size  # the devices the step runs on
@@ -146,18 +188,24 @@ def bench_sft(c, model, params, mesh, peak: dict, checkpoint: str | None) -> dic
             "mfu_lm_verl": flops.mfu(verl, r["step_s"], peak["flops"] * devices),
         }
 
-    # What the step executes: the jaxpr's matmuls (x3 for the backward). Above the model count where the
-    # implementation computes more than the model needs (e.g. padded windows), below where it skips work (causal
-    # attention blocks above the diagonal). None when a loop's trip count is data-dependent (the blockwise
-    # attention's causal loops over more than one block).
+    # What the step executes: the jaxpr's matmuls (x3 for the backward; with LoRA, the gradient's own jaxpr, what
+    # XLA keeps of it: no weight gradients of the frozen base). Above the model count where the implementation
+    # computes more than the model needs (e.g. padded windows, recomputation in a backward), below where it skips
+    # work (causal attention blocks above the diagonal). None when a loop's trip count is data-dependent (the
+    # blockwise attention's causal loops over more than one block).
     mb = workload.sft_microbatches(model.config, rows, s.micro_batches)
     one = jax.tree.map(lambda x: x[0], mb)
     try:
-        executed = (
-            3
-            * s.micro_batches
-            * flops.traced_matmul_flops(lambda p, b: train_steps.completion_logprobs(model, p, b), params, one)
-        )
+        if lora.has_adapters(params):
+            executed = s.micro_batches * flops.traced_matmul_flops(
+                lambda p, b: _adapter_gradient(model, p, b), params, one, dead_code=False
+            )
+        else:
+            executed = (
+                3
+                * s.micro_batches
+                * flops.traced_matmul_flops(lambda p, b: train_steps.completion_logprobs(model, p, b), params, one)
+            )
     except flops.DynamicLoopError:
         executed = None
     out = {
@@ -181,6 +229,7 @@ def bench_sft(c, model, params, mesh, peak: dict, checkpoint: str | None) -> dic
             sides["torch_compile"] = torch_side.Sft(
                 _torch_baseline(c, checkpoint), rows, micro_batches=s.micro_batches, compile=True
             )
+    out["trainable_params"] = _trainable_params(sides)
     timed, out["timeline"] = interleave(sides, s.steps, optional=("torch_compile",))
     for name, side in sides.items():
         out[name] = timed[name] if "error" in timed[name] else summary(timed[name], side)
@@ -194,13 +243,31 @@ def bench_sft(c, model, params, mesh, peak: dict, checkpoint: str | None) -> dic
     return out
 
 
-def bench_grpo(c, model, params, mesh, peak: dict, checkpoint: str | None) -> dict:
+def _adapter_gradient(model, params, batch):
+    """The LoRA adapters' gradient of the completion log-probs (what a LoRA step differentiates)."""
+    trainable, frozen = lora.split_trainable(params)
+    return jax.grad(lambda t: train_steps.completion_logprobs(model, lora.join(t, frozen), batch).sum())(trainable)
+
+
+def _trainable_params(sides: dict) -> dict:
+    """Parameters each side's optimizer updates, read from the sides' own state: the JAX side's train state (its
+    adapters with LoRA) and the PyTorch side's parameters left trainable (peft's adapters with LoRA)."""
+    out = {}
+    for name, side in sides.items():
+        if hasattr(side, "baseline"):
+            out[name] = side.baseline.trainable_params
+        else:
+            out[name] = int(sum(x.size for x in jax.tree.leaves(lora.split_trainable(side.state.params)[0])))
+    return out
+
+
+def bench_grpo(c, model, params, mesh, peak: dict, checkpoint: Checkpoint | None) -> dict:
     s = c.grpo
     rows = workload.make_rows(model.config, s.prompts, s.prompt_len, 0, workload.image_hw(s.image_hw), c.seed + 1)
     g, n = s.num_generations, s.max_new_tokens
     completions = rows.num_rows * g
     seq_lens = [rows.seq_len + n] * completions
-    update_flops = flops.train_flops(model.config, seq_lens, completions * n, workload.repeated_pixels(rows, g)[1])
+    update_flops = _train_flops(model, params, seq_lens, completions * n, workload.repeated_pixels(rows, g)[1])
     verl = flops.verl_lm_flops(model.config.text, seq_lens)
     devices = mesh.devices.size  # the devices the step runs on
     tokens = completions * (rows.seq_len + n)
@@ -239,6 +306,7 @@ def bench_grpo(c, model, params, mesh, peak: dict, checkpoint: str | None) -> di
         sides["torch"] = torch_side.Grpo(
             _torch_baseline(c, checkpoint), rows, parity_batch=lambda: jax_grpo.first["rows"], **kw
         )
+    out["trainable_params"] = _trainable_params(sides)
     timed, out["timeline"] = interleave(sides, s.steps)
     for name in sides:
         out[name] = summary(timed[name])
@@ -258,14 +326,21 @@ def bench_grpo(c, model, params, mesh, peak: dict, checkpoint: str | None) -> di
     return out
 
 
-def bench_decode(c, model, params, peak: dict, checkpoint: str | None) -> dict:
+def bench_decode(c, model, params, peak: dict, checkpoint: Checkpoint | None) -> dict:
     d = c.decode
     dtype = c.model.dtype
+    out = {"prompt_len": d.prompt_len, "new_tokens": d.new_tokens, "dtype": dtype, "repeats": d.repeats, "rows": []}
+    if lora.has_adapters(params):
+        # Both sides decode the merged model (what is served): the JAX side folds the adapters into the kernels of
+        # a model without LoRA, the PyTorch side loads the merged checkpoint (the base itself while B = 0).
+        zero = lora.adapters_are_zero(params)
+        params = lora.merged(params, model.config.lora)
+        model = models.build_model(model.config.replace(lora=None))
+        out["weights"] = "LoRA merged into the base" + (" (fresh adapters, B = 0: the base model)" if zero else "")
     # Decode reads weights in the compute dtype (what an inference engine holds), so the roofline is in that dtype.
     decode_params = jax.tree.map(lambda x: x.astype(dtype), params)
     bytes_per = jnp.dtype(dtype).itemsize
-    torch_model = decode_bench.load_torch(checkpoint, dtype) if checkpoint else None
-    out = {"prompt_len": d.prompt_len, "new_tokens": d.new_tokens, "dtype": dtype, "repeats": d.repeats, "rows": []}
+    torch_model = decode_bench.load_torch(checkpoint.merged, dtype) if checkpoint else None
     for b in d.batches:
         batch = decode_bench._prompts(int(b), d.prompt_len, model.config.text.vocab_size)
         sides = {"jax": decode_bench.JaxGenerate(model, decode_params, batch, d.new_tokens)}
@@ -292,7 +367,8 @@ def run(c, workdir: str) -> dict:
     """Run the configured sections; write `<workdir>/bench.json`; return the results."""
     load_start = hardware.load_average()
     os.makedirs(workdir, exist_ok=True)
-    unknown = set(c.sections) - set(SECTIONS)
+    sections = section_names(c.sections)
+    unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise ValueError(f"config.sections: unknown {sorted(unknown)}; known: {SECTIONS}")
     machine = hardware.describe()
@@ -302,22 +378,14 @@ def run(c, workdir: str) -> dict:
     model, params = _model(c)
     mesh = jax_side.default_mesh(c.mesh.shape)
     peak = hardware.peak(c.model.dtype, c.peak.matmul_size)
-    n_params = int(sum(x.size for x in jax.tree.leaves(params)))
-    n_vision = int(sum(x.size for x in jax.tree.leaves(params.get("visual", {}))))
     results = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": machine,
         "peak": peak,
         "load_average": {"start": load_start, "end": None, "cpus": machine["cpus"]},
         "spread": SPREAD,
-        "model": {
-            "preset": c.model.preset,
-            "params": n_params,
-            "vision_params": n_vision,
-            "dtype": c.model.dtype,
-            "param_dtype": c.model.param_dtype,
-            "remat": c.model.remat,
-        },
+        # params / vision_params: the base model's; adapter_params, trainable_params and the lora settings apart
+        "model": memory.model_summary(c, params, model.config.lora),
         "config": c.to_dict(),
     }
     if warning:
@@ -334,9 +402,8 @@ def run(c, workdir: str) -> dict:
         if c.torch.enabled and torch is not None:
             results["machine"]["torch"] = torch.__version__
             results["machine"]["torch_threads"] = torch.get_num_threads()
-            models.save_pretrained(model, params, tmp)  # the torch side loads the very same weights
-            checkpoint = tmp
-        for section in c.sections:
+            checkpoint = write_checkpoint(model, params, tmp)  # the torch side loads the very same weights
+        for section in sections:
             print(f"[bench] {section}: running ({c.model.preset}, {c.model.dtype})", flush=True)
             t0 = time.perf_counter()
             if section == "sft":
@@ -351,6 +418,13 @@ def run(c, workdir: str) -> dict:
     with open(os.path.join(workdir, "bench.json"), "w") as f:
         json.dump(results, f, indent=1, default=_json_default)
     return results
+
+
+def section_names(value) -> tuple[str, ...]:
+    """`config.sections` as names: a tuple, or what `--config.sections=sft,grpo` makes of it (the flag parser keeps
+    "sft,grpo" as one entry)."""
+    entries = [value] if isinstance(value, str) else list(value)
+    return tuple(name.strip() for entry in entries for name in str(entry).split(",") if name.strip())
 
 
 def _json_default(x):
@@ -393,6 +467,14 @@ def _load(values) -> str:
     return "n/a" if values is None else " ".join(f"{x:.2f}" for x in values)
 
 
+def _trainable_line(section: dict) -> str:
+    """The parameters each side trains, when they are not every weight (LoRA)."""
+    counts = section.get("trainable_params")
+    if not counts or not section.get("flops", {}).get("adapters"):
+        return ""
+    return "; trained params " + ", ".join(f"{name} {n / 1e6:,.2f}M" for name, n in counts.items())
+
+
 def table(results: dict) -> str:
     """Side by side: JAX, PyTorch eager, torch.compile, and JAX's speed-up over each (higher = JAX faster), from
     the medians of the sides' interleaved repeats; under each time, its spread (min–max over the repeats)."""
@@ -406,6 +488,8 @@ def table(results: dict) -> str:
         f"load average (1, 5, 15 min): {_load(load['start'])} at the start, {_load(load['end'])} at the end "
         f"({load['cpus']} CPUs)",
     ]
+    if memory.lora_label(mod):
+        head.append(memory.lora_label(mod) + " (the PyTorch side: the same adapters through peft)")
     if "load_warning" in results:
         head.append(results["load_warning"])
     if "torch_missing" in results:
@@ -454,6 +538,7 @@ def table(results: dict) -> str:
                 else f" executed matmuls {s['executed_matmul_flops'] / s['flops']['total']:.2f}x that;"
             )
             + f" {s['repeats']} repeats per side"
+            + _trainable_line(s)
         )
         for label, key, kind in (
             ("  step time (s)", "step_s", "time"),
@@ -478,6 +563,7 @@ def table(results: dict) -> str:
         lines.append(
             f"GRPO step: {g['prompts']} prompts x G {g['num_generations']}, prompt {g['prompt_len']} + "
             f"{g['max_new_tokens']} new tokens, image {g['image_hw']}; {g['repeats']} repeats per side"
+            + _trainable_line(g)
         )
         for label, key, kind in (
             ("  rollout prefill tokens/s", "prefill_tokens_per_s", "rate"),
@@ -502,7 +588,7 @@ def table(results: dict) -> str:
         d = results["decode"]
         lines.append(
             f"Decode (greedy, {d['dtype']}, prompt {d['prompt_len']}, {d['new_tokens']} new tokens; "
-            f"{d['repeats']} repeats per side)"
+            f"{d['repeats']} repeats per side)" + (f"; weights: {d['weights']}" if "weights" in d else "")
         )
         for r in d["rows"]:
             row(

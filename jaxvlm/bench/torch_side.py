@@ -11,9 +11,12 @@ What a TRL user runs, written out so both sides do the same work:
   sequences of per-sequence token means, / gradient-accumulation steps), AdamW.
 * Optionally the SFT step through `torch.compile(model)` (inductor), where it compiles.
 Mixed precision as on the JAX side: float32 master weights, `torch.autocast` to bfloat16 when the compute dtype is
-bfloat16. `Sft` and `Grpo` at the end are the sides the harness interleaves with the JAX side's (`prepare()`, then
-`repeat()` after `repeat()`). Only the benchmarks and the parity tests import this module (jaxvlm itself never
-needs torch).
+bfloat16. With LoRA (`adapter`: a PEFT adapter directory, the JAX side's very adapters written by
+`lora.save_peft_adapter`), the model is `peft.PeftModel.from_pretrained(model, adapter, is_trainable=True)`, as a TRL
+user's `peft_config` gives it, and AdamW and the clipping see the adapters alone (the parameters left trainable).
+`Sft` and `Grpo` at the end are the sides the harness interleaves with the JAX side's (`prepare()`, then `repeat()`
+after `repeat()`). Only the benchmarks and the parity tests import this module (jaxvlm itself never needs torch or
+peft).
 """
 
 from __future__ import annotations
@@ -62,17 +65,35 @@ def load_model(checkpoint: str, dtype: str = "float32"):
     return model_class(checkpoint).from_pretrained(checkpoint, dtype=getattr(_torch(), dtype))
 
 
+def load_peft(model, adapter: str):
+    """`model` with the PEFT LoRA adapter directory `adapter` on it, trainable (the base frozen)."""
+    import peft
+
+    return peft.PeftModel.from_pretrained(model, adapter, is_trainable=True)
+
+
 class TorchBaseline:
-    def __init__(self, checkpoint: str, dtype: str, opt, device: str | None = None):
+    """transformers' model of `checkpoint` in training mode and its AdamW; `adapter` (a PEFT directory) trains LoRA
+    adapters through peft instead of every weight."""
+
+    def __init__(self, checkpoint: str, dtype: str, opt, device: str | None = None, adapter: str | None = None):
         torch = _torch()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype
         self.model = load_model(checkpoint, "float32")  # float32 master weights; `_autocast` for bfloat16
+        if adapter:
+            self.model = load_peft(self.model, adapter)
         self.model.to(self.device).train()
+        # What the optimizer updates and the clipping measures: every weight, or with peft the adapters alone.
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.opt_cfg = opt
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=opt.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=opt.weight_decay
+            self.trainable, lr=opt.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=opt.weight_decay
         )
+
+    @property
+    def trainable_params(self) -> int:
+        return int(sum(p.numel() for p in self.trainable))
 
     # -- helpers ---------------------------------------------------------------------------------------------------
 
@@ -125,7 +146,7 @@ class TorchBaseline:
 
     def _apply_update(self) -> float:
         torch = _torch()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.opt_cfg.max_grad_norm or float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.opt_cfg.max_grad_norm or float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
