@@ -467,6 +467,12 @@ def _load(values) -> str:
     return "n/a" if values is None else " ".join(f"{x:.2f}" for x in values)
 
 
+VERL_LORA_NOTE = (
+    "  LoRA: MFU (model) counts flops.lora_train_flops; verl's count assumes full fine-tuning (6 x params per token), "
+    "so with LoRA it can pass 100%"
+)
+
+
 def _trainable_line(section: dict) -> str:
     """The parameters each side trains, when they are not every weight (LoRA)."""
     counts = section.get("trainable_params")
@@ -552,6 +558,8 @@ def table(results: dict) -> str:
                 spread(s, key)
         if "error" in s.get("torch_compile", {}):
             lines.append(f"  torch.compile: {s['torch_compile']['error']}")
+        if s["flops"].get("adapters"):
+            lines.append(VERL_LORA_NOTE)
         if "parity" in s:
             diffs = s["parity"]["loss_rel_diff"]
             lines.append(
@@ -578,6 +586,8 @@ def table(results: dict) -> str:
             row(label, get(g, "jax", key), get(g, "torch", key), None, kind)
             if kind == "time":
                 spread(g, key)
+        if g["flops"].get("adapters"):
+            lines.append(VERL_LORA_NOTE)
         if "parity" in g:
             q = g["parity"]
             lines.append(
