@@ -1,5 +1,5 @@
-"""`jaxvlm.models.fused`: the dense and gated-MLP layers with hand-written backwards equal plain autodiff, and the
-weights' cast to bfloat16 equals `astype` bit for bit (the TPU-side reason for it is tested in
+"""`jaxvlm.models.fused`: the dense, gated-MLP and LoRA low-rank layers with hand-written backwards equal plain
+autodiff, and the weights' cast to bfloat16 equals `astype` bit for bit (the TPU-side reason for it is tested in
 test_bench_memory.py::test_layer_weights_are_cast_inside_the_layer_loop)."""
 
 import jax
@@ -96,4 +96,21 @@ def test_gated_mlp_equals_autodiff(bias, act):
     got = vjp(lambda *a: fused.gated_mlp(act, *a))
     want = vjp(plain)
     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_low_rank_equals_autodiff():
+    """The LoRA branch (x a) b: values and the gradients of x, a and b equal autodiff's."""
+    x = jax.random.normal(jax.random.key(1), (2, 5, 12))
+    a = jax.random.normal(jax.random.key(2), (12, 3))
+    b = jax.random.normal(jax.random.key(3), (3, 20))
+    dy = jax.random.normal(jax.random.key(4), (2, 5, 20))
+
+    def vjp(f):
+        y, back = jax.vjp(f, x, a, b)
+        return y, back(dy)
+
+    got, want = vjp(fused.low_rank), vjp(lambda x, a, b: (x @ a) @ b)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.shape == r.shape
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)

@@ -66,6 +66,28 @@ def _dense_bwd(res, dy):
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
+@jax.custom_vjp
+def low_rank(x: Array, a: Array, b: Array) -> Array:
+    """(x @ a) @ b for a LoRA adapter: x [..., D_in], a [D_in, r], b [r, D_out] -> [..., D_out]. The backward forms
+    both weight gradients as plain dots that transpose the rank-wide operand (`weight_grad`), never a [rows, D]
+    activation; left to autodiff, XLA:CPU transposes the layer's input for dA."""
+    return (x @ a) @ b
+
+
+def _low_rank_fwd(x, a, b):
+    low = x @ a
+    return low @ b, (x, low, a, b)
+
+
+def _low_rank_bwd(res, dy):
+    x, low, a, b = res
+    d_low = dy @ b.T  # [..., r]
+    return d_low @ a.T, weight_grad(x, d_low).astype(a.dtype), weight_grad(low, dy).astype(b.dtype)
+
+
+low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
+
+
 def _affine(x, kernel, bias):
     y = x @ kernel
     return y if bias is None else y + bias

@@ -98,8 +98,9 @@ def _adapter_delta(module: nn.Module, x: Array, adapter: Adapter, dtype, lora: L
     if lora.dropout > 0 and module.has_rng("dropout"):
         keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - lora.dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - lora.dropout), jnp.zeros((), x.dtype)).astype(x.dtype)
-    low = x @ fused.cast(adapter.a, dtype)
-    return (low @ fused.cast(adapter.b, dtype)) * jnp.asarray(lora.scale, dtype)
+    return fused.low_rank(x, fused.cast(adapter.a, dtype), fused.cast(adapter.b, dtype)) * jnp.asarray(
+        lora.scale, dtype
+    )
 
 
 class LinearParams(nn.Module):
