@@ -449,8 +449,11 @@ def test_figures_are_medians_with_their_spread(smoke):
     # Ratios come from the medians.
     assert sft["jax"]["tokens_per_s"] == pytest.approx(sft["tokens"] / sft["jax"]["timings"]["step_s"]["median"])
     row = results["decode"]["rows"][0]
+    # decode_s = generate(N) - generate(1): on a tiny model under load the difference can come out <= 0, which the
+    # bench floors at 1e-9 s (decode.py) rather than dividing by it.
+    decode_s = max(row["torch"]["timings"]["decode_s"]["median"], 1e-9)
     assert row["torch"]["decode_tok_s"] == pytest.approx(
-        row["batch"] * (results["decode"]["new_tokens"] - 1) / row["torch"]["timings"]["decode_s"]["median"]
+        row["batch"] * (results["decode"]["new_tokens"] - 1) / decode_s
     )
     text = run.table(results)
     assert "min–max" in text and "medians" in text and f"{c.sft.steps} repeats per side" in text
@@ -468,7 +471,10 @@ def lora_smoke(tmp_path_factory):
     return run.run(c, str(workdir)), workdir
 
 
+# A bench run of its own with the torch side (~45 s on 2 cores): JAXVLM_FULL_TESTS=1. CI keeps the LoRA FLOP count,
+# config and optimizer-state checks; the peft parity of the adapters themselves is tests/test_lora_peft.py's.
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("JAXVLM_FULL_TESTS"), reason="full tier (JAXVLM_FULL_TESTS=1)")
 def test_lora_runs_on_both_sides_with_the_same_adapters(lora_smoke):
     """jaxvlm's adapters and peft's (the same ones, written by lora.save_peft_adapter) train alike: SFT losses step by
     step and the first gradient norm, and the GRPO loss and gradient norm on the JAX sampler's rollouts, agree; both
