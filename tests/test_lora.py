@@ -16,7 +16,7 @@ from jaxvlm.checkpoint import TrainCheckpointer, abstract_like
 from jaxvlm.models import lora
 from jaxvlm.models.config import LoraConfig
 from test_train_checkpoint import assert_trees_equal
-from test_train_steps import dyme_batch, policy_batch
+from test_train_steps import dyme_batch, policy_batch, run_steps_on_mesh
 
 CFG = models.preset("tiny")
 LORA = LoraConfig(rank=4, alpha=8.0)
@@ -220,32 +220,8 @@ def test_adapters_are_split_like_their_kernels():
 
 
 def lora_steps_on_mesh(shape):
-    """An SFT step then a GRPO step (μ = 2) with adapters on a mesh of `shape`: (params, metrics) on the host."""
-    mesh = sharding.make_mesh(shape, jax.devices()[: int(np.prod(shape))])
-    state, optimizer, schedule = make_state(lora_params(random_b=True))
-    state_sh = train_steps.state_shardings(state, mesh)
-    state = jax.device_put(state, state_sh)
-    out = {}
-    for step_fn, lead, batch in (
-        (train_steps.sft_step, 1, policy_batch((2,), 8, seed=5)),
-        (train_steps.grpo_step, 2, policy_batch((1, 2), 8, seed=6)),
-    ):
-        fn, batch_sh = train_steps.jit_step(
-            step_fn,
-            mesh,
-            state_sh,
-            batch,
-            lead,
-            model=MODEL,
-            optimizer=optimizer,
-            schedule=schedule,
-            cfg=train_steps.LossConfig(num_iterations=2),
-        )
-        state, metrics = fn(state, jax.device_put(batch, batch_sh))
-        out[step_fn.__name__] = jax.device_get(metrics)
-    adapter = state.params["language_model"]["layers"]["mlp"]["up_proj"]["lora_a"]
-    assert len(adapter.sharding.device_set) == int(np.prod(shape))
-    return jax.device_get(state.params), out
+    """test_train_steps' SFT then GRPO step (μ = 2) on a mesh of `shape`, with adapters: (params, metrics)."""
+    return run_steps_on_mesh(shape, make_state(lora_params(random_b=True)), MODEL, "lora_a")
 
 
 @pytest.mark.slow

@@ -271,8 +271,14 @@ def test_every_parameter_has_a_rule_and_splits_where_it_should():
 @functools.cache
 def steps_on_mesh(shape):
     """An SFT step then a GRPO step (μ = 2, two mini-batches) on a mesh of `shape`: (params, metrics) on the host."""
+    return run_steps_on_mesh(shape, make_state(), MODEL, "kernel")
+
+
+def run_steps_on_mesh(shape, state_optimizer_schedule, model, split_leaf: str):
+    """`steps_on_mesh` from a given (state, optimizer, schedule) and model; asserts that the up projection's
+    `split_leaf` (its kernel, or a LoRA adapter) ends up split over every device of the mesh."""
     mesh = sharding.make_mesh(shape, jax.devices()[: int(np.prod(shape))])
-    state, optimizer, schedule = make_state()
+    state, optimizer, schedule = state_optimizer_schedule
     state_sh = train_steps.state_shardings(state, mesh)
     state = jax.device_put(state, state_sh)
     out = {}
@@ -286,14 +292,14 @@ def steps_on_mesh(shape):
             state_sh,
             batch,
             lead,
-            model=MODEL,
+            model=model,
             optimizer=optimizer,
             schedule=schedule,
             cfg=train_steps.LossConfig(num_iterations=2),
         )
         state, metrics = fn(state, jax.device_put(batch, batch_sh))
         out[step_fn.__name__] = jax.device_get(metrics)
-    leaf = state.params["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]
+    leaf = state.params["language_model"]["layers"]["mlp"]["up_proj"][split_leaf]
     assert len(leaf.sharding.device_set) == int(np.prod(shape))
     return jax.device_get(state.params), out
 
